@@ -4,6 +4,7 @@ Kept deliberately small: each script still reads top to bottom on its own.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import platform
@@ -14,6 +15,14 @@ EXIT_BAD_INPUT = 2
 
 class UserError(Exception):
     """Bad input from the user: printed as one `error: ...` line, exit code 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one `error:` line with a hint instead of the usage block."""
+
+    def error(self, message):
+        print(f"error: {message}. HINT: run `{self.prog} --help` to see every flag", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
 
 
 def exit_on_user_error(main):

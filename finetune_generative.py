@@ -1,0 +1,1207 @@
+"""Fine-tune a causal language model (GPT-2 by default) on token files from prepare_data.py.
+
+    python prepare_data.py --input book.txt
+    python finetune_generative.py --model gpt2 --data-dir data --output-dir out
+
+The loop is hand-written and reads top to bottom: lr -> micro-steps -> clip -> step -> log
+-> eval -> checkpoint. Checkpoints are atomic and resume exactly (`--resume`); Ctrl-C or
+SIGTERM saves one before exiting. Multi-GPU: `torchrun --nproc_per_node=N finetune_generative.py ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import (ArgumentParser, UserError, autocast_context, exit_on_user_error, get_device, library_versions,
+                    resolve_precision)
+
+log = logging.getLogger("finetune")
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt")
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_FILE = "training_state.pt"
+STATE_FORMAT_VERSION = 1
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data
+    model: str = "gpt2"
+    """Hub name or local folder of the causal LM to fine-tune (weights + tokenizer)."""
+    data_dir: str = "data"
+    """Folder with train.bin, val.bin and meta.json written by prepare_data.py."""
+    output_dir: str = "out"
+    """Where checkpoints, best/, metrics.jsonl, loss.png and the final model go."""
+    block_size: int | None = None
+    """Tokens per training sequence; default: the model's context length, at most 1024."""
+    # --- schedule
+    epochs: int = 3
+    """Passes over the training blocks (ignored when --max-steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; overrides --epochs for the schedule length."""
+    batch_size: int = 8
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    # --- optimization
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to matrices only (not biases or LayerNorm)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int | None = None
+    """Linear warmup in optimizer steps; takes precedence over --warmup-ratio."""
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of the total optimizer steps (when --warmup-steps is not given)."""
+    scheduler: str = "linear"
+    """A transformers.get_scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    dropout: float | None = None
+    """Override the model's dropout probabilities (e.g. 0 for speed); default: the model's own."""
+    # --- runtime
+    precision: str = "auto"
+    """auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)."""
+    device: str = "auto"
+    """auto (CUDA, else MPS, else CPU) | cuda | mps | cpu."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+    seed: int = 1337
+    """Seeds the shuffle order and dropout."""
+    compile: bool = False
+    """torch.compile the model (pays off on longer runs; see README)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    # --- logging, evaluation, checkpoints
+    log_every: int = 10
+    """Optimizer steps between progress lines in metrics.jsonl."""
+    eval_every: int = 250
+    """Optimizer steps between evaluations (also at each epoch end and at the end); 0 = only those."""
+    eval_batches: int | None = None
+    """Limit each evaluation to this many validation batches; default: the full validation set."""
+    save_every: int = 500
+    """Optimizer steps between checkpoints (also at the end); 0 = only at the end."""
+    save_total_limit: int | None = 3
+    """Keep only the newest N checkpoint-* folders (best/ is always kept); 0 or None keeps all."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a new best validation loss."""
+    # --- samples during training
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts to sample from at each evaluation (or every --sample-every steps)."""
+    sample_every: int | None = None
+    """Optimizer steps between samples; default: at each evaluation."""
+    sample_max_new_tokens: int = 64
+    """Length of each training-time sample."""
+    # --- run control (not part of what a resume must match)
+    resume: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+
+
+# Settings that decide the data order and the schedule: a resume must keep them.
+RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
+                     "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
+                     "max_grad_norm", "dropout", "seed")
+
+
+def build_arg_parser(argument_default=None) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = ArgumentParser(
+        description="Fine-tune a causal LM on token files from prepare_data.py.",
+        argument_default=argument_default,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter if argument_default is None
+        else argparse.HelpFormatter,
+    )
+    def default(name):
+        return getattr(d, name) if argument_default is None else argparse.SUPPRESS
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=default("model"), help="hub name or local folder of the model")
+    g.add_argument("--data-dir", default=default("data_dir"), help="output of prepare_data.py")
+    g.add_argument("--output-dir", default=default("output_dir"), help="checkpoints and final model")
+    g.add_argument("--block-size", type=int, default=default("block_size"),
+                   help="tokens per sequence (default: model context, at most 1024)")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=default("epochs"))
+    g.add_argument("--max-steps", type=int, default=default("max_steps"),
+                   help="optimizer steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=default("grad_accum"),
+                   help="micro-batches per optimizer step")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=default("lr"))
+    g.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    g.add_argument("--beta1", type=float, default=default("beta1"))
+    g.add_argument("--beta2", type=float, default=default("beta2"))
+    g.add_argument("--warmup-steps", type=int, default=default("warmup_steps"))
+    g.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
+    g.add_argument("--scheduler", default=default("scheduler"), help="one of: " + ", ".join(SCHEDULERS))
+    g.add_argument("--max-grad-norm", type=float, default=default("max_grad_norm"), help="0 disables")
+    g.add_argument("--dropout", type=float, default=default("dropout"),
+                   help="override the model's dropout (default: keep it)")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--precision", default=default("precision"), choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=default("device"), choices=["auto", "cuda", "mps", "cpu"])
+    g.add_argument("--num-workers", type=int, default=default("num_workers"))
+    g.add_argument("--seed", type=int, default=default("seed"))
+    g.add_argument("--compile", action="store_true", default=default("compile"), help="torch.compile the model")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=default("gradient_checkpointing"))
+
+    g = p.add_argument_group("logging, evaluation and checkpoints")
+    g.add_argument("--log-every", type=int, default=default("log_every"))
+    g.add_argument("--eval-every", type=int, default=default("eval_every"), help="0 = epoch ends and end only")
+    g.add_argument("--eval-batches", type=int, default=default("eval_batches"), help="default: full pass")
+    g.add_argument("--save-every", type=int, default=default("save_every"), help="0 = at the end only")
+    g.add_argument("--save-total-limit", type=int, default=default("save_total_limit"),
+                   help="keep the newest N checkpoints (0 = all)")
+    g.add_argument("--early-stopping-patience", type=int, default=default("early_stopping_patience"))
+
+    g = p.add_argument_group("samples during training")
+    g.add_argument("--sample-prompt", dest="sample_prompts", action="append",
+                   default=[] if argument_default is None else argparse.SUPPRESS,
+                   help="prompt to sample from at each evaluation (repeatable)")
+    g.add_argument("--sample-every", type=int, default=default("sample_every"),
+                   help="steps between samples (default: at each evaluation)")
+    g.add_argument("--sample-max-new-tokens", type=int, default=default("sample_max_new_tokens"))
+
+    g = p.add_argument_group("run control")
+    g.add_argument("--resume", nargs="?", const="latest", default=default("resume"),
+                   help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT")
+    g.add_argument("--overwrite", action="store_true", default=default("overwrite"),
+                   help="replace an earlier run in --output-dir")
+    g.add_argument("--dry-run", action="store_true", default=default("dry_run"),
+                   help="print the plan (sizes, steps, memory) and exit")
+    return p
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
+    """The config, and the names of the flags given explicitly (a resume keeps the rest)."""
+    args = build_arg_parser().parse_args(argv)
+    explicit = set(vars(build_arg_parser(argparse.SUPPRESS).parse_args(argv)))
+    return TrainConfig(**vars(args)), explicit
+
+
+def validate_config(cfg: TrainConfig) -> list[str]:
+    """Every problem with the settings that can be seen before anything is loaded."""
+    problems = []
+    def positive(name, value, allow_none=False, allow_zero=False):
+        if value is None and allow_none:
+            return
+        if value is None or value < 0 or (value == 0 and not allow_zero):
+            problems.append(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("epochs", cfg.epochs)
+    positive("max_steps", cfg.max_steps, allow_none=True)
+    positive("batch_size", cfg.batch_size)
+    positive("grad_accum", cfg.grad_accum)
+    positive("block_size", cfg.block_size, allow_none=True)
+    positive("lr", cfg.lr)
+    positive("log_every", cfg.log_every)
+    positive("eval_every", cfg.eval_every, allow_zero=True)
+    positive("eval_batches", cfg.eval_batches, allow_none=True)
+    positive("save_every", cfg.save_every, allow_zero=True)
+    positive("save_total_limit", cfg.save_total_limit, allow_none=True, allow_zero=True)
+    positive("early_stopping_patience", cfg.early_stopping_patience, allow_none=True)
+    positive("sample_every", cfg.sample_every, allow_none=True)
+    positive("sample_max_new_tokens", cfg.sample_max_new_tokens)
+    positive("num_workers", cfg.num_workers, allow_zero=True)
+    positive("weight_decay", cfg.weight_decay, allow_zero=True)
+    positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
+    positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
+    if cfg.block_size is not None and cfg.block_size == 1:
+        problems.append("--block-size must be at least 2 (one token predicts the next)")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if any(not p.strip() for p in cfg.sample_prompts):
+        problems.append("--sample-prompt must not be empty")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
+    return problems
+
+
+def raise_if_problems(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        numbered = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        raise UserError(f"{len(problems)} problems with the settings: {numbered}")
+
+
+# -----------------------------------------------------------------------------
+# Distributed (torchrun) helpers: no-ops in a single process
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_request: str) -> DistInfo:
+    """Read torchrun's environment and join the process group (NCCL on CUDA, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    use_cuda = device_request in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def barrier(dist_info: DistInfo) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def all_reduce_sum(tensor, dist_info: DistInfo):
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# -----------------------------------------------------------------------------
+# Output directory: refuse to clobber, find checkpoints
+
+
+RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
+                 "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "train_config.json")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first. Temporary (unfinished) folders never match."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def earlier_run_artifacts(output_dir: Path) -> list[str]:
+    if not output_dir.is_dir():
+        return []
+    names = [p.name for p in output_dir.iterdir()
+             if p.name in RUN_ARTIFACTS or p.name == "best" or checkpoint_step(p) is not None]
+    return sorted(names)
+
+
+def prepare_output_dir(cfg: TrainConfig, dist_info: DistInfo) -> None:
+    """Create --output-dir; without --resume an earlier run there is refused unless --overwrite."""
+    output_dir = Path(cfg.output_dir)
+    earlier = earlier_run_artifacts(output_dir)
+    if earlier and not cfg.resume and not cfg.overwrite:
+        raise UserError(
+            f"{output_dir} already holds an earlier run ({', '.join(earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}). HINT: continue it with --resume, "
+            f"replace it with --overwrite, or choose another --output-dir")
+    if not dist_info.is_main:
+        return
+    if earlier and cfg.overwrite and not cfg.resume:
+        for name in earlier:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
+                        f"HINT: choose a writable folder") from None
+    # Unfinished checkpoints of a killed run: never complete, safe to delete.
+    for leftover in output_dir.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def resolve_resume_path(cfg: TrainConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not (path / TRAINING_STATE_FILE).is_file():
+            raise UserError(f"--resume {path}: not a checkpoint folder (no {TRAINING_STATE_FILE}). "
+                            f"HINT: pass a {CHECKPOINT_PREFIX}N folder, or --resume alone for the latest")
+        return path
+    checkpoints = list_checkpoints(Path(cfg.output_dir))
+    if not checkpoints:
+        raise UserError(f"--resume: no {CHECKPOINT_PREFIX}* folder in {cfg.output_dir}. "
+                        f"HINT: check --output-dir, or start a new run without --resume")
+    return checkpoints[-1]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written under a temporary name, flushed, then renamed
+
+
+def capture_rng_state() -> dict:
+    import torch
+
+    state = {
+        "python": random.getstate(),
+        "numpy": {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
+                  for k, v in zip(("kind", "keys", "pos", "has_gauss", "cached"), np.random.get_state())},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder` and the folder itself, so a rename publishes complete data."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_pretrained_files(model, tokenizer, folder: Path) -> None:
+    unwrapped = unwrap_model(model)
+    unwrapped.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp` so that a reader sees either the old or the new folder, whole."""
+    fsync_tree(tmp)
+    if final.exists():
+        trash = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def save_checkpoint(output_dir: Path, model, tokenizer, training_state: dict, dist_info: DistInfo) -> Path:
+    """Write checkpoint-{step}/ atomically: model, tokenizer, generation config, training state.
+
+    Every rank's RNG state goes into the one training-state file (gathered to rank 0).
+    """
+    import torch
+
+    rng_states = [capture_rng_state()]
+    if dist_info.enabled:
+        import torch.distributed as dist
+        gathered = [None] * dist_info.world_size
+        dist.all_gather_object(gathered, rng_states[0])
+        rng_states = gathered
+    final = output_dir / f"{CHECKPOINT_PREFIX}{training_state['step']}"
+    if dist_info.is_main:
+        tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_pretrained_files(model, tokenizer, tmp)
+            torch.save({**training_state, "rng": rng_states}, tmp / TRAINING_STATE_FILE)
+            publish_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    barrier(dist_info)
+    return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(checkpoint: Path) -> dict:
+    import torch
+
+    path = checkpoint / TRAINING_STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or garbled file: say which, never continue silently
+        raise UserError(f"checkpoint {checkpoint} is damaged: {TRAINING_STATE_FILE} cannot be read "
+                        f"({type(exc).__name__}). HINT: resume from an older one with --resume "
+                        f"{checkpoint.parent}/{CHECKPOINT_PREFIX}N") from None
+    if state.get("format_version") != STATE_FORMAT_VERSION:
+        raise UserError(f"{path} has format version {state.get('format_version')}, this script writes "
+                        f"{STATE_FORMAT_VERSION}. HINT: resume with the version that wrote it")
+    return state
+
+
+def check_resume_compatible(state: dict, cfg: TrainConfig, explicit: set[str], data_fp: str,
+                            tokenizer_fp: str, dist_info: DistInfo) -> list[str]:
+    """Reasons why this checkpoint cannot continue exactly with these settings."""
+    saved = state["config"]
+    problems = []
+    if state["data_fingerprint"] != data_fp:
+        problems.append(f"the data in {cfg.data_dir} differs from the data the checkpoint was trained on "
+                        f"(fingerprint {data_fp} vs {state['data_fingerprint']}); HINT: use the original "
+                        f"data, or start a new run")
+    if state["tokenizer_fingerprint"] != tokenizer_fp:
+        problems.append("the tokenizer differs from the checkpoint's; HINT: resume with the original --model")
+    for name in RESUME_MUST_MATCH:
+        if name in explicit and getattr(cfg, name) != saved[name]:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
+                            f"{saved[name]}; HINT: drop the flag to keep the checkpoint's value")
+    if state["world_size"] != dist_info.world_size:
+        problems.append(f"the checkpoint was written by {state['world_size']} process(es) and this run has "
+                        f"{dist_info.world_size}; the data order per process would change. HINT: resume "
+                        f"with --nproc_per_node={state['world_size']}")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Metrics and the loss plot
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """Metrics of an earlier run up to a checkpoint's step; later lines came after it and are dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    """loss.png: train and val loss against tokens seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["tokens"], m["loss"]) for m in metrics if m["kind"] == "train"]
+    val = [(m["tokens"], m["val_loss"]) for m in metrics if m["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-loss.png")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Model, data and optimizer
+
+
+def unwrap_model(model):
+    """The plain HF model under DistributedDataParallel and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def load_tokenizer_and_config(source: str):
+    """Tokenizer and model config only (cheap), so settings can be checked before the weights load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model/tokenizer {source!r}: {first_line}. HINT: offline? pass a local "
+                        f"folder with --model, or set HF_HUB_OFFLINE=1 after downloading it once") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; eos never appears mid-block
+    return tokenizer, model_config
+
+
+def model_context_length(model_config) -> int | None:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_model(source: str, cfg: TrainConfig, device, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)  # master weights in fp32
+    if cfg.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.dropout
+        for key, value in model.config.to_dict().items():
+            if ("pdrop" in key or "dropout" in key) and isinstance(value, float):
+                setattr(model.config, key, cfg.dropout)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel is one launch per step instead of a chain of per-tensor ops.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def ignore_signals_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C/SIGTERM to the main process, which saves before exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loaders(cfg: TrainConfig, meta: dict, block_size: int, device, dist_info: DistInfo):
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from dataset import EpochShuffleSampler, TextDataset, validation_blocks
+
+    train_set = TextDataset.from_data_dir(cfg.data_dir, "train", block_size, meta)
+    val_set = TextDataset.from_data_dir(cfg.data_dir, "val", block_size, meta)
+    sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
+                                  num_replicas=dist_info.world_size)
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=cfg.num_workers > 0,
+                  worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
+                  # A private generator: worker seeding must not consume the global RNG (dropout).
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
+    val_indices = validation_blocks(len(val_set), cfg.eval_batches, cfg.batch_size,
+                                    dist_info.rank, dist_info.world_size)
+    val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, **common)
+    return train_loader, sampler, val_loader, len(train_set), len(val_set)
+
+
+# -----------------------------------------------------------------------------
+# The plan: sizes and steps, shown by --dry-run and logged at start
+
+
+@dataclass
+class Plan:
+    block_size: int
+    train_blocks: int
+    val_blocks: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_step: int
+    epochs: float
+
+
+def make_plan(cfg: TrainConfig, meta: dict, block_size: int, world_size: int) -> Plan:
+    from dataset import steps_per_epoch
+
+    train_blocks = meta["splits"]["train"]["tokens"] // block_size
+    val_blocks = meta["splits"]["val"]["tokens"] // block_size
+    per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
+    total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    return Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
+                cfg.batch_size * cfg.grad_accum * world_size * block_size,
+                total / per_epoch if per_epoch else 0.0)
+
+
+def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, block_size: int, precision: str) -> float:
+    """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    tokens = cfg.batch_size * block_size
+    # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes.
+    per_layer = tokens * (34 * hidden + 5 * heads * block_size) * act_bytes / 2
+    if cfg.gradient_checkpointing:
+        per_layer = tokens * hidden * act_bytes
+    logits = tokens * model_config.vocab_size * (4 + 4 + act_bytes)  # fp32 upcast + its grad
+    return (16 * n_params + n_layer * per_layer + logits) / 2**30
+
+
+def count_parameters(model_config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory, no weights read
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
+                  device, precision: str, world_size: int) -> str:
+    lines = [
+        f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
+        f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
+        f"{meta['splits']['val']['tokens']:,} val tokens",
+        f"blocks           {plan.train_blocks:,} train, {plan.val_blocks:,} val, of {plan.block_size} tokens",
+        f"batch            {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} process(es) = "
+        f"{cfg.batch_size * cfg.grad_accum * world_size} sequences, {plan.tokens_per_step:,} tokens per step",
+        f"steps            {plan.steps_per_epoch:,} per epoch, {plan.total_steps:,} total "
+        f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
+        f"device           {device}, precision {precision}",
+        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
+    ]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
+    """Mean next-token loss over the validation blocks, summed exactly across processes."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+    with torch.no_grad():
+        for batch in val_loader:
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            with ctx:
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+            n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
+            totals[0] += loss.double() * n_predictions
+            totals[1] += n_predictions
+    all_reduce_sum(totals, dist_info)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Signals: finish the step, save, exit
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM: stop after the current optimizer step and save. Second: abort now."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> dict:
+        """Install the handlers; returns the previous ones so they can be put back."""
+        return {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step and saving a checkpoint (again to abort now)",
+                    signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class Progress:
+    """Where training stands: everything a resume needs besides weights and optimizer."""
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0  # this process's samples already consumed in `epoch`
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+
+
+def next_window(batches, grad_accum: int) -> list:
+    """Up to grad_accum micro-batches; fewer at the end of an epoch, none when it is over."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == grad_accum:
+            break
+    return window
+
+
+def train(cfg: TrainConfig, run) -> int:
+    """Run the loop with the signal handlers in place; returns the process exit code."""
+    stop = StopRequest()
+    previous_handlers = stop.install()
+    try:
+        return train_loop(cfg, run, stop)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def train_loop(cfg: TrainConfig, run, stop: StopRequest) -> int:
+    """The loop. `run` holds everything set up in main()."""
+    import torch
+    from tqdm import tqdm
+
+    model, optimizer, scheduler, scaler = run.model, run.optimizer, run.scheduler, run.scaler
+    progress, plan, device, ctx, dist_info = run.progress, run.plan, run.device, run.ctx, run.dist_info
+    model.train()
+
+    bar = tqdm(total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+               disable=not dist_info.is_main, file=sys.stderr)
+    # tokens/s counts time spent fetching data and stepping, not evaluating or saving.
+    log_losses, log_tokens, log_seconds = [], 0, 0.0
+    done = progress.step >= plan.total_steps
+    while not done:
+        run.sampler.set_epoch(progress.epoch)
+        run.sampler.set_start(progress.samples_in_epoch)
+        batches = iter(run.train_loader)
+        while not done:
+            step_start = time.perf_counter()
+            window = next_window(batches, cfg.grad_accum)
+            if not window:
+                break
+            # ---- forward/backward over the micro-batches of one optimizer step
+            lr = scheduler.get_last_lr()[0]
+            window_samples = sum(b["input_ids"].shape[0] for b in window)
+            window_predictions = window_samples * (plan.block_size - 1)
+            loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(window):
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                # Gradients are all-reduced only on the last micro-step.
+                sync = (contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1
+                        else model.no_sync())
+                with sync:
+                    with ctx:
+                        loss = model(input_ids=input_ids, labels=input_ids).loss
+                    # Weight each micro-batch by its share of the step's predictions, so a short
+                    # last micro-batch counts per token, not per batch.
+                    share = input_ids.shape[0] * (input_ids.shape[1] - 1) / window_predictions
+                    scaler.scale(loss * share).backward()
+                loss_sum += loss.detach() * share
+            # ---- clip, check, step
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            step_stats = torch.stack([loss_sum.float(), grad_norm.float().to(device),
+                                      torch.tensor(float(stop.requested), device=device)])
+            if dist_info.enabled:  # mean loss over processes; a signal on any rank stops them all
+                all_reduce_sum(step_stats, dist_info)
+                step_stats[:2] /= dist_info.world_size
+            step_loss, step_grad_norm, stop_votes = step_stats.tolist()  # the one host sync per step
+            if stop_votes and not stop.requested:
+                stop.signum = signal.SIGTERM
+            if not math.isfinite(step_loss) or (not scaler.is_enabled() and not math.isfinite(step_grad_norm)):
+                raise TrainingDiverged(
+                    f"{'loss' if not math.isfinite(step_loss) else 'gradient norm'} is "
+                    f"{step_loss if not math.isfinite(step_loss) else step_grad_norm} at step "
+                    f"{progress.step + 1} (lr {lr:.3g}); stopped before the optimizer step")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            # ---- bookkeeping
+            progress.step += 1
+            progress.samples_in_epoch += window_samples
+            progress.tokens_seen += window_samples * plan.block_size * dist_info.world_size
+            epoch_finished = progress.samples_in_epoch >= run.sampler.samples_per_replica()
+            if epoch_finished:
+                progress.epoch += 1
+                progress.samples_in_epoch = 0
+            last_step = progress.step >= plan.total_steps
+            log_losses.append(step_loss)
+            log_tokens += window_samples * plan.block_size * dist_info.world_size
+            log_seconds += time.perf_counter() - step_start
+            bar.update(1)
+            # ---- log
+            if progress.step % cfg.log_every == 0 or last_step:
+                record = {"kind": "train", "step": progress.step, "epoch": progress.epoch,
+                          "tokens": progress.tokens_seen, "loss": sum(log_losses) / len(log_losses),
+                          "lr": lr, "grad_norm": step_grad_norm,
+                          "tokens_per_s": log_tokens / log_seconds if log_seconds > 0 else None}
+                run.record(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{step_grad_norm:.2f}",
+                                tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
+                log_losses, log_tokens, log_seconds = [], 0, 0.0
+            # ---- evaluate (at --eval-every, each epoch end, and the end)
+            if last_step or epoch_finished or (cfg.eval_every and progress.step % cfg.eval_every == 0):
+                val_loss = run.evaluate_and_track()
+                if (cfg.early_stopping_patience
+                        and progress.evals_without_improvement >= cfg.early_stopping_patience):
+                    log.info("early stopping: %d evaluations without a better val loss",
+                             progress.evals_without_improvement)
+                    last_step = True
+                if cfg.sample_prompts and cfg.sample_every is None:
+                    run.write_samples(val_loss)
+            if cfg.sample_prompts and cfg.sample_every and (progress.step % cfg.sample_every == 0 or last_step):
+                run.write_samples(None)
+            # ---- checkpoint
+            if last_step or stop.requested or (cfg.save_every and progress.step % cfg.save_every == 0):
+                run.checkpoint()
+            if stop.requested:
+                bar.close()
+                if dist_info.is_main:
+                    log.warning("stopped at step %d; continue with:\n  %s", progress.step, run.resume_command())
+                return EXIT_SIGNAL[stop.signum]
+            done = last_step
+            if epoch_finished:
+                break
+    bar.close()
+    return 0
+
+
+class TrainingRun:
+    """What the loop works with, and the things it does besides stepping: record, evaluate, save."""
+
+    def __init__(self, cfg: TrainConfig, **parts):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.metrics: list[dict] = []
+        self.__dict__.update(parts)
+
+    # ---- metrics
+    def record(self, record: dict) -> None:
+        self.metrics.append(record)
+        if self.dist_info.is_main:
+            append_jsonl(self.output_dir / "metrics.jsonl", record)
+
+    # ---- evaluation, best/ and early-stopping bookkeeping
+    def evaluate_and_track(self) -> float:
+        progress = self.progress
+        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
+        improved = progress.step > 0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
+        if progress.step > 0:
+            if improved:
+                progress.best_val_loss = val_loss
+                progress.evals_without_improvement = 0
+            else:
+                progress.evals_without_improvement += 1
+        self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
+                     "tokens": progress.tokens_seen, "val_loss": val_loss,
+                     "val_perplexity": math.exp(min(val_loss, 50.0))})
+        if self.dist_info.is_main:
+            log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
+                     math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
+            if improved:
+                tmp = self.output_dir / f".tmp-best-{os.getpid()}"
+                save_pretrained_files(self.model, self.tokenizer, tmp)
+                publish_folder(tmp, self.output_dir / "best")
+            plot_losses(self.metrics, self.output_dir / "loss.png")
+        return val_loss
+
+    # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)
+    def write_samples(self, val_loss: float | None) -> None:
+        if not self.dist_info.is_main:
+            return
+        from generate import sample_during_training
+
+        texts = sample_during_training(
+            unwrap_model(self.model), self.tokenizer, self.cfg.sample_prompts,
+            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx)
+        for prompt, text in zip(self.cfg.sample_prompts, texts):
+            log.info("sample at step %d: %r", self.progress.step, text)
+            append_jsonl(self.output_dir / "samples.jsonl", {"step": self.progress.step, "val_loss": val_loss,
+                                                             "prompt": prompt, "text": text})
+
+    # ---- checkpoints
+    def training_state(self) -> dict:
+        p = self.progress
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "step": p.step, "epoch": p.epoch, "samples_in_epoch": p.samples_in_epoch,
+            "tokens_seen": p.tokens_seen, "best_val_loss": p.best_val_loss,
+            "evals_without_improvement": p.evals_without_improvement,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": dataclasses.asdict(self.cfg),
+            "data_fingerprint": self.data_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "world_size": self.dist_info.world_size,
+        }
+
+    def checkpoint(self) -> None:
+        path = save_checkpoint(self.output_dir, self.model, self.tokenizer, self.training_state(), self.dist_info)
+        if self.dist_info.is_main:
+            prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
+            log.info("saved %s", path)
+
+    def resume_command(self) -> str:
+        launcher = (f"torchrun --nproc_per_node={self.dist_info.world_size} " if self.dist_info.enabled
+                    else "python ")
+        return f"{launcher}finetune_generative.py --output-dir {self.cfg.output_dir} --resume"
+
+    def save_final_model(self) -> None:
+        """The final weights, tokenizer and generation config, directly in --output-dir."""
+        if not self.dist_info.is_main:
+            return
+        tmp = self.output_dir / f".tmp-final-{os.getpid()}"
+        save_pretrained_files(self.model, self.tokenizer, tmp)
+        fsync_tree(tmp)
+        for path in tmp.iterdir():
+            os.replace(path, self.output_dir / path.name)
+        tmp.rmdir()
+        fsync_dir(self.output_dir)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def merge_resumed_config(cfg: TrainConfig, saved: dict, explicit: set[str]) -> TrainConfig:
+    """On --resume, every flag not given on the command line keeps the checkpoint's value."""
+    run_control = {"resume", "overwrite", "dry_run"}
+    merged = {name: (getattr(cfg, name) if name in explicit or name in run_control else saved.get(name))
+              for name in (f.name for f in dataclasses.fields(TrainConfig))}
+    return TrainConfig(**merged)
+
+
+def setup_logging(dist_info: DistInfo) -> None:
+    from tqdm import tqdm
+
+    class TqdmHandler(logging.Handler):  # log lines print above the progress bar, not through it
+        def emit(self, record):
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if dist_info.is_main else logging.WARNING)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Writing model shards" bars at every save
+
+
+def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo, resume_path, state):
+    """Everything that can be checked from meta.json, the model config and the tokenizer.
+
+    Returns (meta, tokenizer, model_config, plan) or raises one UserError listing every problem.
+    """
+    from dataset import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
+
+    try:
+        meta = load_meta(cfg.data_dir)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
+    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer)
+    context = model_context_length(model_config)
+    block_size = cfg.block_size or min(context or 1024, 1024)
+    if context and block_size > context:
+        problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
+                        f"(HINT: use --block-size {context} or less)")
+    plan = make_plan(cfg, meta, block_size, dist_info.world_size)
+    if plan.train_blocks < dist_info.world_size or plan.train_blocks == 0:
+        problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
+                        f"{block_size} tokens per process (HINT: lower --block-size or add text)")
+    if plan.val_blocks == 0:
+        problems.append(f"the val split ({meta['splits']['val']['tokens']} tokens) holds no full block of "
+                        f"{block_size} tokens (HINT: lower --block-size or raise prepare_data.py --val-fraction)")
+    if state is not None:
+        problems += check_resume_compatible(state, cfg, explicit, data_fingerprint(meta),
+                                            tokenizer_fingerprint(tokenizer), dist_info)
+    raise_if_problems(problems)
+    return meta, tokenizer, model_config, plan
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    import torch
+    from transformers import get_scheduler
+
+    from dataset import data_fingerprint, tokenizer_fingerprint
+
+    cfg, explicit = parse_config(argv)
+    raise_if_problems(validate_config(cfg))
+    dist_info = setup_distributed(cfg.device)
+    setup_logging(dist_info)
+    resume_path = resolve_resume_path(cfg)
+    state = load_training_state(resume_path) if resume_path else None
+    if state is not None:
+        cfg = merge_resumed_config(cfg, state["config"], explicit)
+    meta, tokenizer, model_config, plan = check_before_loading(cfg, explicit, dist_info, resume_path, state)
+    device = get_device(cfg.device)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+
+    if cfg.dry_run:
+        n_params = count_parameters(model_config)
+        memory = estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision)
+        if dist_info.is_main:
+            print(describe_plan(plan, cfg, meta, n_params, memory, device, precision, dist_info.world_size))
+        return 0
+
+    prepare_output_dir(cfg, dist_info)
+    log.info("config %s", json.dumps(dataclasses.asdict(cfg)))
+    log.info("versions %s", json.dumps(library_versions()))
+    log.info("device %s, precision %s, %d process(es)%s", device, precision, dist_info.world_size,
+             f", resuming from {resume_path}" if resume_path else "")
+
+    # ---- model, optimizer, schedule: decided once, passed down
+    seed_everything(cfg.seed + dist_info.rank)
+    model = load_model(str(resume_path) if resume_path else cfg.model, cfg, device, tokenizer)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
+                              num_training_steps=plan.total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ctx = autocast_context(device, precision)
+    progress = Progress()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("plan\n%s", describe_plan(plan, cfg, meta, n_params,
+                                       estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision),
+                                       device, precision, dist_info.world_size))
+    train_loader, sampler, val_loader, _, _ = make_loaders(cfg, meta, plan.block_size, device, dist_info)
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    run = TrainingRun(cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, ctx=ctx, device=device, dist_info=dist_info, plan=plan, progress=progress,
+                      train_loader=train_loader, sampler=sampler, val_loader=val_loader,
+                      data_fingerprint=data_fingerprint(meta), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        for name in ("step", "epoch", "samples_in_epoch", "tokens_seen", "best_val_loss",
+                     "evals_without_improvement"):
+            setattr(progress, name, state[name])
+        run.metrics = read_metrics(run.output_dir / "metrics.jsonl", progress.step)
+        if dist_info.is_main:
+            rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
+        restore_rng_state(state["rng"][dist_info.rank])
+    else:
+        # Step 0: the base model's validation loss and samples, the "before" of the run.
+        val_loss = run.evaluate_and_track()
+        if cfg.sample_prompts:
+            run.write_samples(val_loss)
+
+    try:
+        exit_code = train(cfg, run)
+    except TrainingDiverged as exc:
+        checkpoints = list_checkpoints(run.output_dir)
+        kept = f"the last checkpoint, {checkpoints[-1]}, is untouched" if checkpoints else "no checkpoint was written"
+        print(f"error: {exc}; {kept}. HINT: lower --lr (now {cfg.lr:g}), raise --warmup-steps, "
+              f"or use --precision fp32", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
+              file=sys.stderr, flush=True)
+        return 130
+    if exit_code == 0:
+        run.save_final_model()
+        if dist_info.is_main:
+            log.info("done: final model in %s, best model in %s", run.output_dir, run.output_dir / "best")
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
