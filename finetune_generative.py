@@ -822,26 +822,28 @@ def next_window(batches, grad_accum: int) -> list:
 
 def train(cfg: TrainConfig, run) -> int:
     """Run the loop with the signal handlers in place; returns the process exit code."""
+    from tqdm import tqdm
+
     stop = StopRequest()
     previous_handlers = stop.install()
+    bar = tqdm(total=run.plan.total_steps, initial=run.progress.step, unit="step", dynamic_ncols=True,
+               disable=not run.dist_info.is_main, file=sys.stderr)
     try:
-        return train_loop(cfg, run, stop)
+        return train_loop(cfg, run, stop, bar)
     finally:
+        bar.close()  # before any error line, so it starts on a line of its own
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 
 
-def train_loop(cfg: TrainConfig, run, stop: StopRequest) -> int:
+def train_loop(cfg: TrainConfig, run, stop: StopRequest, bar) -> int:
     """The loop. `run` holds everything set up in main()."""
     import torch
-    from tqdm import tqdm
 
     model, optimizer, scheduler, scaler = run.model, run.optimizer, run.scheduler, run.scaler
     progress, plan, device, ctx, dist_info = run.progress, run.plan, run.device, run.ctx, run.dist_info
     model.train()
 
-    bar = tqdm(total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
-               disable=not dist_info.is_main, file=sys.stderr)
     # tokens/s counts time spent fetching data and stepping, not evaluating or saving.
     log_losses, log_tokens, log_seconds = [], 0, 0.0
     done = progress.step >= plan.total_steps
@@ -932,14 +934,12 @@ def train_loop(cfg: TrainConfig, run, stop: StopRequest) -> int:
             if last_step or stop.requested or (cfg.save_every and progress.step % cfg.save_every == 0):
                 run.checkpoint()
             if stop.requested:
-                bar.close()
                 if dist_info.is_main:
                     log.warning("stopped at step %d; continue with:\n  %s", progress.step, run.resume_command())
                 return EXIT_SIGNAL[stop.signum]
             done = last_step
             if epoch_finished:
                 break
-    bar.close()
     return 0
 
 

@@ -1,0 +1,261 @@
+"""End-to-end tests of finetune_generative.py on a tiny GPT-2, on CPU, in tmp_path.
+
+Most runs call main() in-process (fast); signals and the clobber/usage errors go through a
+subprocess, the way a user runs the script.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, assert_clean_error, run_script
+
+import finetune_generative as ft
+from dataset import load_meta
+
+BLOCK = 32
+
+
+def base_args(model_dir, data_dir, out_dir, *extra) -> list[str]:
+    return [
+        "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+        "--block-size", str(BLOCK), "--batch-size", "8", "--grad-accum", "2", "--epochs", "2",
+        "--lr", "3e-3", "--warmup-steps", "3", "--precision", "fp32", "--device", "cpu",
+        "--num-workers", "0", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+        "--save-total-limit", "0", "--seed", "11", *map(str, extra),
+    ]
+
+
+def train_records(out_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def expected_total_steps(data_dir: Path, batch: int, accum: int, epochs: int) -> int:
+    blocks = load_meta(data_dir)["splits"]["train"]["tokens"] // BLOCK
+    return math.ceil(blocks / (batch * accum)) * epochs
+
+
+# -----------------------------------------------------------------------------
+# The main run, shared by several tests (2 epochs, grad-accum 2, a checkpoint every 5 steps)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    out = tmp_path_factory.mktemp("full") / "out"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--save-every", "5")) == 0
+    return out
+
+
+def test_scheduler_total_and_step_count(full_run, tiny_data_dir):
+    total = expected_total_steps(tiny_data_dir, batch=8, accum=2, epochs=2)
+    records = train_records(full_run)
+    assert [r["step"] for r in records] == list(range(1, total + 1))
+    last_state = torch.load(full_run / f"checkpoint-{total}" / "training_state.pt", weights_only=True)
+    assert last_state["scheduler"]["last_epoch"] == total
+    # transformers' linear schedule: warmup from 0 over 3 steps, then linear decay towards 0.
+    lrs = [r["lr"] for r in records]
+    assert lrs[:4] == pytest.approx([0.0, 1e-3, 2e-3, 3e-3])
+    assert lrs[-1] == pytest.approx(3e-3 / (total - 3))
+    # The epoch ends exactly at half the steps.
+    assert [r["epoch"] for r in records].index(1) == total // 2 - 1
+
+
+def test_loss_falls(full_run):
+    evals = train_records(full_run, "eval")
+    assert evals[0]["step"] == 0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
+
+
+def test_checkpoint_contents_and_final_model(full_run, tiny_data_dir):
+    total = expected_total_steps(tiny_data_dir, batch=8, accum=2, epochs=2)
+    checkpoint = full_run / f"checkpoint-{total}"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json", "training_state.pt"]
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert state["step"] == total and state["epoch"] == 2 and state["samples_in_epoch"] == 0
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "data_fingerprint"} <= state.keys()
+    assert state["config"]["grad_accum"] == 2
+    # The final model at the output dir itself equals the last checkpoint's weights.
+    assert_same_weights(full_run, checkpoint)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "metrics.jsonl", "loss.png"):
+        assert (full_run / name).is_file(), name
+    assert (full_run / "best" / "model.safetensors").is_file()
+    assert not list(full_run.glob(".tmp-*"))
+
+
+def test_output_loads_with_from_pretrained_and_pipeline(full_run):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(full_run)
+    assert model.config.n_layer == 2
+    generator = pipeline("text-generation", model=str(full_run), device="cpu")
+    out = generator("The ship", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("The ship")
+
+
+def test_resume_equals_uninterrupted_across_epoch_boundary(full_run, tmp_path, tiny_model_dir, tiny_data_dir):
+    """Resume from a checkpoint in epoch 0 with grad-accum 2: same losses, lrs and final weights."""
+    total = expected_total_steps(tiny_data_dir, batch=8, accum=2, epochs=2)
+    resume_step = 5
+    assert resume_step < total // 2  # so the resumed run crosses the epoch boundary
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(full_run / f"checkpoint-{resume_step}", out / f"checkpoint-{resume_step}")
+    shutil.copy(full_run / "metrics.jsonl", out / "metrics.jsonl")  # lines past step 5 must be dropped
+    assert ft.main(["--output-dir", str(out), "--resume"]) == 0
+    original, resumed = train_records(full_run), train_records(out)
+    assert [r["step"] for r in resumed] == list(range(1, total + 1))
+    for a, b in zip(original, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+        assert a["lr"] == b["lr"] and a["epoch"] == b["epoch"] and a["tokens"] == b["tokens"]
+    assert_same_weights(full_run, out)
+
+
+def test_save_total_limit_keeps_newest(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "7", "--save-every", "2",
+                     "--save-total-limit", "2")
+    assert ft.main(args) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert (out / "best").is_dir()
+
+
+def test_max_steps_sets_schedule(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4")) == 0
+    records = train_records(out)
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-3, 2e-3, 3e-3])
+    assert records[-1]["epoch"] == 0  # 4 steps is less than one epoch
+    assert (out / "checkpoint-4").is_dir()
+
+
+def test_divergence_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--lr", "1e9", "--warmup-steps", "0",
+                     "--max-grad-norm", "0", "--save-every", "1", "--save-total-limit", "0")
+    assert ft.main(args) == ft.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    line = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(line) == 1 and "--lr" in line[0] and "stopped before the optimizer step" in line[0]
+    steps = sorted(ft.checkpoint_step(p) for p in out.glob("checkpoint-*"))
+    diverged_at = int(line[0].split(" at step ")[1].split()[0])
+    assert steps == list(range(1, diverged_at))
+    state = ft.load_training_state(out / f"checkpoint-{steps[-1]}")
+    assert state["step"] == steps[-1]
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run")) == 0
+    text = capsys.readouterr().out
+    total = expected_total_steps(tiny_data_dir, batch=8, accum=2, epochs=2)
+    assert f"{total // 2:,} per epoch, {total:,} total" in text
+    assert "3 warmup" in text and "512 tokens per step" in text and "GiB" in text
+    assert "cpu, precision fp32" in text
+    assert not out.exists()
+
+
+def test_refuses_to_clobber_an_earlier_run(full_run, tiny_model_dir, tiny_data_dir):
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, full_run))
+    assert_clean_error(result, "earlier run", "--resume", "--overwrite")
+    assert (full_run / "model.safetensors").is_file()
+
+
+def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(full_run / "checkpoint-5", out / "checkpoint-5")
+    result = run_script("finetune_generative.py", "--output-dir", out, "--resume", "--batch-size", "4")
+    assert_clean_error(result, "--batch-size 4 differs")
+    other_data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, other_data)
+    meta = json.loads((other_data / "meta.json").read_text())
+    meta["sources"][0]["sha256"] = "0" * 64
+    (other_data / "meta.json").write_text(json.dumps(meta))
+    result = run_script("finetune_generative.py", "--output-dir", out, "--resume", "--data-dir", other_data)
+    assert_clean_error(result, "data", "differs")
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
+    reference = tmp_path / "reference"
+    args = ["--epochs", "12", "--lr", "1e-4"]
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, reference, *args)) == 0
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "finetune_generative.py"),
+                             *base_args(tiny_model_dir, tiny_data_dir, out, *args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume" in err and "Traceback" not in err
+    (checkpoint,) = out.glob("checkpoint-*")
+    stopped_at = ft.checkpoint_step(checkpoint)
+    total = len(train_records(reference))
+    assert 0 < stopped_at < total, "SIGTERM arrived after the run finished; make the run longer"
+
+    assert ft.main(["--output-dir", str(out), "--resume"]) == 0
+    assert [r["loss"] for r in train_records(out)] == pytest.approx([r["loss"] for r in train_records(reference)],
+                                                                    abs=1e-6)
+    assert_same_weights(reference, out)
+
+
+BAD_ARGUMENTS = [
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--grad-accum", "-1"], "--grad-accum must be > 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)"),
+    (["--scheduler", "nope"], "--scheduler 'nope' is not one of"),
+    (["--block-size", "4096"], "longer than the model's context"),
+    (["--precision", "fp16"], "fp16 is not supported on cpu"),
+    (["--precision", "fp8"], "invalid choice"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--resume", "no/such/checkpoint"], "not a checkpoint folder"),
+    (["--lr", "0", "--batch-size", "0"], "2 problems"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out"), *extra)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tmp_path / "nodata", tmp_path / "o"))
+    assert_clean_error(result, "does not exist", "prepare_data.py")
+    result = run_script("finetune_generative.py", *base_args(tmp_path / "nomodel", tiny_data_dir, tmp_path / "o"))
+    assert_clean_error(result, "cannot load model", "local folder")
+    (tmp_path / "file").write_text("x")
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "file"))
+    assert_clean_error(result, "is a file")
