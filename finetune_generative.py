@@ -22,6 +22,8 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.pt"
 STATE_FORMAT_VERSION = 1
 EXIT_DIVERGED = 3
+# Exit codes: 0 done, 2 bad input (UserError), 3 diverged, 4 a checkpoint could not be written (disk full,
+# quota, read-only or failing disk: the environment, not the settings), 130/143 stopped by SIGINT/SIGTERM.
+EXIT_SAVE_FAILED = 4
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -117,6 +122,8 @@ class TrainConfig:
     """Length of each training-time sample."""
     # --- run control (not part of what a resume must match)
     resume: str | None = None
+    skip_damaged_checkpoints: bool = False
+    """On --resume, continue from the newest checkpoint that loads instead of stopping at a damaged one."""
     overwrite: bool = False
     dry_run: bool = False
 
@@ -193,6 +200,9 @@ def build_arg_parser(argument_default=None) -> argparse.ArgumentParser:
     g = p.add_argument_group("run control")
     g.add_argument("--resume", nargs="?", const="latest", default=default("resume"),
                    help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT")
+    g.add_argument("--skip-damaged-checkpoints", action="store_true", default=default("skip_damaged_checkpoints"),
+                   help="with --resume: if the newest checkpoint is damaged (truncated, missing files), say so "
+                        "and continue from the newest one that loads (default: stop with an error)")
     g.add_argument("--overwrite", action="store_true", default=default("overwrite"),
                    help="replace an earlier run in --output-dir")
     g.add_argument("--dry-run", action="store_true", default=default("dry_run"),
@@ -361,25 +371,68 @@ def prepare_output_dir(cfg: TrainConfig, dist_info: DistInfo) -> None:
     except OSError as exc:
         raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
                         f"HINT: choose a writable folder") from None
+    restore_interrupted_publish(output_dir)
     # Unfinished checkpoints of a killed run: never complete, safe to delete.
-    for leftover in output_dir.glob(".tmp-*"):
+    for leftover in [*output_dir.glob(".tmp-*"), *output_dir.glob(".write-test-*")]:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
-def resolve_resume_path(cfg: TrainConfig) -> Path | None:
+def restore_interrupted_publish(output_dir: Path) -> None:
+    """Put back a folder that a kill caught between the two renames of publish_folder.
+
+    There, `.tmp-old-NAME-PID` is the complete old NAME and NAME itself is gone; renaming it back
+    restores the state before that save (the new folder was a temporary and is discarded).
+    """
+    for trash in output_dir.glob(".tmp-old-*"):
+        match = re.fullmatch(r"\.tmp-old-(.+)-\d+", trash.name)
+        if match and trash.is_dir() and not (output_dir / match.group(1)).exists():
+            os.replace(trash, output_dir / match.group(1))
+
+
+def load_resume_checkpoint(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume continues from, validated, and its training state; (None, None) without --resume.
+
+    A damaged checkpoint stops the run with what is wrong with it; only --skip-damaged-checkpoints
+    falls back to the newest one that loads, and it says so.
+    """
     if not cfg.resume:
-        return None
+        return None, None
     if cfg.resume != "latest":
         path = Path(cfg.resume)
         if not (path / TRAINING_STATE_FILE).is_file():
             raise UserError(f"--resume {path}: not a checkpoint folder (no {TRAINING_STATE_FILE}). "
                             f"HINT: pass a {CHECKPOINT_PREFIX}N folder, or --resume alone for the latest")
-        return path
+        return path, load_training_state(path)
     checkpoints = list_checkpoints(Path(cfg.output_dir))
     if not checkpoints:
         raise UserError(f"--resume: no {CHECKPOINT_PREFIX}* folder in {cfg.output_dir}. "
                         f"HINT: check --output-dir, or start a new run without --resume")
-    return checkpoints[-1]
+    try:
+        return checkpoints[-1], read_checkpoint(checkpoints[-1])
+    except DamagedCheckpoint as exc:
+        problem = f"checkpoint {checkpoints[-1]} is damaged: {exc}"
+    if not cfg.skip_damaged_checkpoints:
+        good = newest_loadable(checkpoints[:-1], warn=False)
+        hint = (f"add --skip-damaged-checkpoints to continue from the newest good one, {good[0].name}" if good
+                else "no older checkpoint loads either; start again with --overwrite")
+        raise UserError(f"{problem}. HINT: {hint}")
+    log.warning("%s; skipping it (--skip-damaged-checkpoints)", problem)
+    good = newest_loadable(checkpoints[:-1], warn=True)
+    if good is None:
+        raise UserError(f"{problem}, and no older checkpoint in {cfg.output_dir} loads. "
+                        f"HINT: start again with --overwrite")
+    return good
+
+
+def newest_loadable(checkpoints: list[Path], warn: bool) -> tuple[Path, dict] | None:
+    """The newest of `checkpoints` that passes read_checkpoint, with its state; damaged ones are logged if `warn`."""
+    for path in reversed(checkpoints):
+        try:
+            return path, read_checkpoint(path)
+        except DamagedCheckpoint as exc:
+            if warn:
+                log.warning("checkpoint %s is damaged: %s; skipping it", path, exc)
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -387,28 +440,32 @@ def resolve_resume_path(cfg: TrainConfig) -> Path | None:
 
 
 def capture_rng_state() -> dict:
+    """Every RNG this process draws from, as plain bytes/ints (picklable across processes)."""
     import torch
 
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
-                  for k, v in zip(("kind", "keys", "pos", "has_gauss", "cached"), np.random.get_state())},
-        "torch": torch.get_rng_state(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
     return state
 
 
 def restore_rng_state(state: dict) -> None:
     import torch
 
+    def as_tensor(raw: bytes):
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
     random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(as_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
 
 
 def fsync_tree(folder: Path) -> None:
@@ -439,9 +496,13 @@ def publish_folder(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     if final.exists():
         trash = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
+        os.replace(final, trash)  # a kill from here to the next rename: restore_interrupted_publish
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(trash, final)  # keep the old folder rather than none
+            raise
+        shutil.rmtree(trash, ignore_errors=True)  # a leftover is deleted at the next start
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -464,13 +525,21 @@ def save_checkpoint(output_dir: Path, model, tokenizer, training_state: dict, di
     if dist_info.is_main:
         tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             save_pretrained_files(model, tokenizer, tmp)
-            torch.save({**training_state, "rng": rng_states}, tmp / TRAINING_STATE_FILE)
+            # safetensors has no checksum of its own: keep one, so a resume notices bytes changed on disk.
+            checksums = {"model.safetensors": file_crc32(tmp / "model.safetensors")}
+            # Through a Python file, so that a full disk shows up as the OSError behind torch's RuntimeError.
+            with open(tmp / TRAINING_STATE_FILE, "wb") as f:
+                torch.save({**training_state, "rng": rng_states, "file_crc32": checksums}, f)
             publish_folder(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            reason = write_failure(exc)
+            if reason is not None:
+                raise CheckpointSaveError(f"could not save checkpoint {final} ({reason}); the partial "
+                                          f"files were removed") from exc
             raise
     barrier(dist_info)
     return final
@@ -480,23 +549,107 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
     if not keep:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first, so that a kill during the delete leaves a .tmp-* leftover, not a half checkpoint.
+        doomed = old.with_name(f".tmp-pruned-{old.name}-{os.getpid()}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder that cannot be resumed from; the message says what is wrong with it."""
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written (disk full, quota, I/O error); the earlier ones are untouched."""
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", TRAINING_STATE_FILE)
+STATE_KEYS = ("step", "epoch", "samples_in_epoch", "tokens_seen", "best_val_loss", "evals_without_improvement",
+              "optimizer", "scheduler", "scaler", "config", "data_fingerprint", "tokenizer_fingerprint",
+              "world_size", "rng")
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The OS error behind a failed write ("No space left on device"), or None when it was something else.
+
+    torch.save and safetensors report a full disk as RuntimeError / SafetensorError: the OSError is
+    in the exception chain (torch, writing through a Python file) or "(os error N)" in the message.
+    """
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return f"{cause.strerror or cause}"
+        cause = cause.__cause__ or cause.__context__
+    match = re.search(r"os error (\d+)", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:160] if text else type(exc).__name__)
+
+
+def read_checkpoint(checkpoint: Path) -> dict:
+    """The training state of a checkpoint that can be resumed from; DamagedCheckpoint says what is wrong.
+
+    Checks the files are all there, config.json parses, model.safetensors' header and every tensor
+    read (a truncated file fails here), training_state.pt's zip checksums hold (torch.load does not
+    check them) and it loads with the keys a resume needs, and model.safetensors matches the
+    checksum saved with it (bytes changed in the middle of the file fail only here).
+    """
+    import torch
+    from safetensors import safe_open
+
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    if missing:
+        raise DamagedCheckpoint(f"{', '.join(missing)} missing")
+    try:
+        json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpoint(f"config.json is not readable JSON ({first_line(exc)})") from None
+    try:
+        with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    except Exception as exc:  # safetensors' own error type, for a short or garbled file
+        raise DamagedCheckpoint(f"model.safetensors cannot be read ({first_line(exc)})") from None
+    try:
+        with zipfile.ZipFile(checkpoint / TRAINING_STATE_FILE) as archive:  # torch.save writes a zip
+            corrupt = archive.testzip()
+        if corrupt is not None:
+            raise ValueError(f"checksum mismatch in {corrupt}")
+        state = torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or garbled file: zip, unpickling or tensor errors
+        raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} cannot be read ({type(exc).__name__}: "
+                                f"{first_line(exc)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in ("format_version", *STATE_KEYS)):
+        raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} lacks what a resume needs")
+    if state["format_version"] != STATE_FORMAT_VERSION:  # not damage: an older checkpoint would not help
+        raise UserError(f"{checkpoint / TRAINING_STATE_FILE} has format version {state['format_version']}, "
+                        f"this script writes {STATE_FORMAT_VERSION}. HINT: resume with the version that wrote it")
+    if checkpoint_step(checkpoint) not in (None, state["step"]):
+        raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} is for step {state['step']}, not {checkpoint_step(checkpoint)}")
+    for name, crc in state.get("file_crc32", {}).items():  # absent in checkpoints of earlier versions
+        if file_crc32(checkpoint / name) != crc:
+            raise DamagedCheckpoint(f"{name} does not match the checksum saved with it (changed on disk)")
+    return state
 
 
 def load_training_state(checkpoint: Path) -> dict:
-    import torch
-
-    path = checkpoint / TRAINING_STATE_FILE
+    """read_checkpoint, with damage reported as a UserError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or garbled file: say which, never continue silently
-        raise UserError(f"checkpoint {checkpoint} is damaged: {TRAINING_STATE_FILE} cannot be read "
-                        f"({type(exc).__name__}). HINT: resume from an older one with --resume "
-                        f"{checkpoint.parent}/{CHECKPOINT_PREFIX}N") from None
-    if state.get("format_version") != STATE_FORMAT_VERSION:
-        raise UserError(f"{path} has format version {state.get('format_version')}, this script writes "
-                        f"{STATE_FORMAT_VERSION}. HINT: resume with the version that wrote it")
-    return state
+        return read_checkpoint(checkpoint)
+    except DamagedCheckpoint as exc:
+        raise UserError(f"checkpoint {checkpoint} is damaged: {exc}. HINT: resume from an older one with "
+                        f"--resume {checkpoint.parent}/{CHECKPOINT_PREFIX}N") from None
 
 
 def check_resume_compatible(state: dict, cfg: TrainConfig, explicit: set[str], data_fp: str,
@@ -884,7 +1037,9 @@ def train_loop(cfg: TrainConfig, run, stop: StopRequest, bar) -> int:
                 all_reduce_sum(step_stats, dist_info)
                 step_stats[:2] /= dist_info.world_size
             step_loss, step_grad_norm, stop_votes = step_stats.tolist()  # the one host sync per step
-            if stop_votes and not stop.requested:
+            # Decided here, where all ranks agree: a signal arriving later waits for the next step.
+            stopping = stop_votes > 0
+            if stopping and not stop.requested:
                 stop.signum = signal.SIGTERM
             if not math.isfinite(step_loss) or (not scaler.is_enabled() and not math.isfinite(step_grad_norm)):
                 raise TrainingDiverged(
@@ -931,9 +1086,9 @@ def train_loop(cfg: TrainConfig, run, stop: StopRequest, bar) -> int:
             if cfg.sample_prompts and cfg.sample_every and (progress.step % cfg.sample_every == 0 or last_step):
                 run.write_samples(None)
             # ---- checkpoint
-            if last_step or stop.requested or (cfg.save_every and progress.step % cfg.save_every == 0):
+            if last_step or stopping or (cfg.save_every and progress.step % cfg.save_every == 0):
                 run.checkpoint()
-            if stop.requested:
+            if stopping:
                 if dist_info.is_main:
                     log.warning("stopped at step %d; continue with:\n  %s", progress.step, run.resume_command())
                 return EXIT_SIGNAL[stop.signum]
@@ -1043,7 +1198,7 @@ class TrainingRun:
 
 def merge_resumed_config(cfg: TrainConfig, saved: dict, explicit: set[str]) -> TrainConfig:
     """On --resume, every flag not given on the command line keeps the checkpoint's value."""
-    run_control = {"resume", "overwrite", "dry_run"}
+    run_control = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
     merged = {name: (getattr(cfg, name) if name in explicit or name in run_control else saved.get(name))
               for name in (f.name for f in dataclasses.fields(TrainConfig))}
     return TrainConfig(**merged)
@@ -1117,8 +1272,7 @@ def main(argv=None) -> int:
     raise_if_problems(validate_config(cfg))
     dist_info = setup_distributed(cfg.device)
     setup_logging(dist_info)
-    resume_path = resolve_resume_path(cfg)
-    state = load_training_state(resume_path) if resume_path else None
+    resume_path, state = load_resume_checkpoint(cfg)
     if state is not None:
         cfg = merge_resumed_config(cfg, state["config"], explicit)
     meta, tokenizer, model_config, plan = check_before_loading(cfg, explicit, dist_info, resume_path, state)
@@ -1189,6 +1343,16 @@ def main(argv=None) -> int:
         print(f"error: {exc}; {kept}. HINT: lower --lr (now {cfg.lr:g}), raise --warmup-steps, "
               f"or use --precision fp32", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except CheckpointSaveError as exc:
+        checkpoints = list_checkpoints(run.output_dir)
+        if checkpoints:
+            kept = f"the newest complete checkpoint, {checkpoints[-1]}, is intact"
+            then = f"continue with `{run.resume_command()}`"
+        else:
+            kept, then = "no complete checkpoint exists yet", "start again with --overwrite"
+        print(f"error: {exc}; {kept}. HINT: free disk space (or lower --save-total-limit), then {then}",
+              file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
     except KeyboardInterrupt:
         print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
               file=sys.stderr, flush=True)

@@ -207,13 +207,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_di
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "finetune_generative.py"),
                              *base_args(tiny_model_dir, tiny_data_dir, out, *args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 143, err
     assert "--resume" in err and "Traceback" not in err
     (checkpoint,) = out.glob("checkpoint-*")
