@@ -260,3 +260,19 @@ def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
     (tmp_path / "file").write_text("x")
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "file"))
     assert_clean_error(result, "is a file")
+
+
+def test_samples_during_training_do_not_change_training(tmp_path, tiny_model_dir, tiny_data_dir):
+    """Dropout is on (the tiny model's 0.1), so any RNG draw by the sampler would change the losses."""
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    common = ["--max-steps", "6", "--eval-every", "2"]
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, plain, *common)) == 0
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, sampled, *common, "--sample-prompt", "The ship",
+                             "--sample-prompt", "Quiet morning", "--sample-max-new-tokens", "8")) == 0
+    assert [r["loss"] for r in train_records(plain)] == [r["loss"] for r in train_records(sampled)]
+    assert_same_weights(plain, sampled)
+    samples = [json.loads(line) for line in (sampled / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [
+        (step, prompt) for step in (0, 2, 4, 6) for prompt in ("The ship", "Quiet morning")]
+    evals = {r["step"]: r["val_loss"] for r in train_records(sampled, "eval")}
+    assert all(s["val_loss"] == evals[s["step"]] and s["text"].startswith(s["prompt"]) for s in samples)

@@ -1,0 +1,307 @@
+"""generate.py: the command line end to end, its error messages, and sample_during_training.
+
+End-to-end cases run the script as a user does (a subprocess); cases that only compare the
+outputs of several settings call main() in-process, which saves a Python + torch start each.
+Everything runs on the CPU in fp32 so results do not depend on the machine's GPU or bf16 support.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, assert_clean_error, run_script
+
+CPU = ("--device", "cpu", "--precision", "fp32")
+HEADER = re.compile(r"^--- sample (\d+)/(\d+) \((.*)\) ---$", re.MULTILINE)
+# what transformers says when generate() is called without an attention mask or pad token
+WARNING_WORDS = ("attention mask", "attention_mask", "pad_token_id", "pad token", "warn", "Traceback")
+
+
+def generate(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run_script("generate.py", *CPU, *args, **kwargs)
+
+
+def headers(stdout: str) -> list[tuple[str, str, str]]:
+    return HEADER.findall(stdout)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_no_generate_warnings(stderr: str) -> None:
+    for words in WARNING_WORDS:
+        assert words.lower() not in stderr.lower(), stderr
+
+
+# -----------------------------------------------------------------------------
+# End to end, as a subprocess
+
+
+def test_same_seed_gives_same_text_and_streams_what_it_records(tiny_model_dir, tmp_path):
+    runs = [generate("--model", tiny_model_dir, "--prompt", "The old captain", "--seed", "7",
+                     "--max-new-tokens", "16", "--output", tmp_path / f"run{i}.jsonl") for i in range(2)]
+    for result in runs:
+        assert result.returncode == 0, result.stderr
+        assert_no_generate_warnings(result.stderr)
+    assert runs[0].stdout == runs[1].stdout
+    (record,) = read_jsonl(tmp_path / "run0.jsonl")
+    assert read_jsonl(tmp_path / "run1.jsonl") == [record]
+    # one prompt, one sample: streamed, and what was streamed is what was recorded
+    assert headers(runs[0].stdout) == [("1", "1", 'prompt: "The old captain"')]
+    assert record["text"] in runs[0].stdout
+    assert record["text"] == record["prompt"] + record["completion"]
+
+
+def test_num_samples_output_fields_and_max_new_tokens(tiny_model_dir, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    result = generate("--model", tiny_model_dir, "--prompt", "the river", "--num-samples", "3",
+                      "--max-new-tokens", "9", "--seed", "1", "--top-k", "50", "--top-p", "0.95",
+                      "--repetition-penalty", "1.2", "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert_no_generate_warnings(result.stderr)
+    assert [h[:2] for h in headers(result.stdout)] == [("1", "3"), ("2", "3"), ("3", "3")]
+
+    records = read_jsonl(out)
+    assert [r["sample_index"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert {"prompt", "prompt_index", "sample_index", "text", "completion", "new_tokens",
+                "finish_reason", "settings"} <= set(r)
+        assert r["prompt"] == "the river" and r["prompt_index"] == 0
+        assert r["text"] in result.stdout
+        assert 1 <= r["new_tokens"] <= 9
+        assert r["finish_reason"] in ("eos", "length")
+        assert r["settings"] | {"model": None} == {
+            "model": None, "greedy": False, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+            "repetition_penalty": 1.2, "max_new_tokens": 9, "seed": 1, "device": "cpu", "precision": "fp32"}
+
+
+def test_prompts_from_stdin_and_prompt_file(tiny_model_dir, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a small house\n\n   \nthe sea\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "generate.py"), *CPU, "--model", str(tiny_model_dir),
+         "--prompt", "-", "--prompt-file", str(prompt_file), "--max-new-tokens", "5", "--seed", "1"],
+        input="The old captain\n", capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [
+        ("1", "1", 'prompt 1/3: "The old captain"'),  # stdin's trailing newline is not part of the prompt
+        ("1", "1", 'prompt 2/3: "a small house"'),
+        ("1", "1", 'prompt 3/3: "the sea"'),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# Settings compared in-process
+
+
+def run_main(capsys, *args) -> list[str]:
+    """Texts printed by one in-process run (one per header)."""
+    import generate
+
+    assert generate.main([*CPU, *map(str, args)]) == 0
+    stdout = capsys.readouterr().out
+    return [block.strip("\n") for block in HEADER.split(stdout)[4::4]]
+
+
+def test_different_seed_gives_different_text(tiny_model_dir, capsys):
+    common = ("--model", tiny_model_dir, "--prompt", "the river", "--temperature", "1.0", "--max-new-tokens", "24")
+    first = run_main(capsys, *common, "--seed", "1")
+    assert run_main(capsys, *common, "--seed", "1") == first
+    assert run_main(capsys, *common, "--seed", "2") != first
+
+
+def test_greedy_is_deterministic_whatever_the_seed(tiny_model_dir, capsys):
+    common = ("--model", tiny_model_dir, "--prompt", "the river", "--greedy", "--max-new-tokens", "12")
+    first = run_main(capsys, *common, "--seed", "1")
+    # a temperature of 0 is fine with --greedy: it is only an error when sampling
+    assert run_main(capsys, *common, "--seed", "2", "--temperature", "0") == first
+    assert len(first) == 1 and first[0].startswith("the river")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) loaded in-process, for tests of generate.py's functions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_generate_gets_attention_mask_and_pad_token(tiny, monkeypatch):
+    import generate
+
+    model, tokenizer = tiny
+    assert tokenizer.pad_token is None  # like GPT-2's: eos has to stand in
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real_generate(**kw))
+    kwargs = generate.generation_kwargs(model, tokenizer, max_new_tokens=4)
+    with torch.inference_mode():
+        generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=2, seed=0, device="cpu")
+    (call,) = calls
+    assert call["attention_mask"].shape == call["input_ids"].shape
+    assert call["pad_token_id"] == tokenizer.eos_token_id
+    assert call["top_k"] == 0  # off unless asked for, not transformers' implicit 50
+
+
+def test_generation_stops_at_eos(tiny):
+    import generate
+
+    model, tokenizer = tiny
+    kwargs = generate.generation_kwargs(model, tokenizer, max_new_tokens=10, temperature=1.0)
+    enc = tokenizer("the river", return_tensors="pt")
+    with torch.inference_mode():
+        (free,) = generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
+                                            device="cpu")
+        assert (free.new_tokens, free.finish_reason) == (10, "length")
+        generate.seed_generators(0, torch.device("cpu"))
+        new_ids = model.generate(**enc, **kwargs)[0, enc["input_ids"].shape[1]:].tolist()
+        # declare a token sampled at a later step the end-of-text token: the same draws stop there
+        step = next(i for i in range(1, len(new_ids)) if new_ids[i] not in new_ids[:i])
+        kwargs["eos_token_id"] = new_ids[step]
+        (ended,) = generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
+                                             device="cpu")
+    assert (ended.new_tokens, ended.finish_reason) == (step + 1, "eos")
+    assert ended.text == tokenizer.decode(enc["input_ids"][0].tolist() + new_ids[:step])
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one `error: ... HINT: ...` line, exit code 2, no traceback
+
+
+@pytest.fixture
+def broken_models(tiny_model_dir, tmp_path):
+    """Model folders missing one piece each, as an interrupted save leaves them."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", config_only)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, no_tokenizer)
+    training_output = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, training_output / "best")
+    return {"config_only": config_only, "no_tokenizer": no_tokenizer, "training_output": training_output}
+
+
+BAD_SETTINGS = [
+    (["--prompt", "x", "--temperature", "0"], ["--temperature", "--greedy"]),
+    (["--prompt", "x", "--temperature", "-0.5"], ["--temperature", "--greedy"]),
+    (["--prompt", "x", "--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--prompt", "x", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+    (["--prompt", "x", "--top-k", "-1"], ["--top-k"]),
+    (["--prompt", "x", "--num-samples", "0"], ["--num-samples"]),
+    (["--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+    (["--prompt", "x", "--greedy", "--num-samples", "2"], ["--greedy", "--num-samples"]),
+    (["--prompt", "x", "--output", "no/such/folder/samples.jsonl"], ["--output", "does not exist"]),
+    (["--prompt", ""], ["prompt 1 is empty"]),
+    (["--prompt", "x", "--prompt", "   "], ["prompt 2 is empty"]),
+    ([], ["no prompt given", "--prompt"]),
+    (["--prompt-file", "no-such-prompts.txt"], ["no-such-prompts.txt", "does not exist"]),
+    (["--prompt", "-", "--prompt", "-"], ["stdin"]),
+]
+
+
+@pytest.mark.parametrize("args,fragments", BAD_SETTINGS, ids=[" ".join(a) or "no prompt" for a, _ in BAD_SETTINGS])
+def test_bad_settings(tiny_model_dir, args, fragments):
+    assert_clean_error(generate("--model", tiny_model_dir, *args), *fragments, "HINT")
+
+
+def test_blank_prompt_file(tiny_model_dir, tmp_path):
+    prompt_file = tmp_path / "blank.txt"
+    prompt_file.write_text("\n   \n\n", encoding="utf-8")
+    assert_clean_error(generate("--model", tiny_model_dir, "--prompt-file", prompt_file), "no prompts", "HINT")
+
+
+def test_missing_and_incomplete_model_folders(broken_models, tmp_path):
+    assert_clean_error(generate("--model", "./no-such-model", "--prompt", "x"), "does not exist", "HINT")
+    # the default, --model out, from a folder where nothing was trained yet
+    (tmp_path / "fresh").mkdir()
+    assert_clean_error(generate("--prompt", "x", cwd=tmp_path / "fresh"), "out does not exist", "HINT")
+    assert_clean_error(generate("--model", broken_models["config_only"], "--prompt", "x"), "no weights", "HINT")
+    assert_clean_error(generate("--model", broken_models["no_tokenizer"], "--prompt", "x"), "no tokenizer", "HINT")
+    # the training output folder itself, holding best/: point the user at it
+    assert_clean_error(generate("--model", broken_models["training_output"], "--prompt", "x"),
+                       "no config.json", "best", "HINT")
+
+
+def test_prompt_and_max_new_tokens_longer_than_context(tiny_model_dir):
+    # the tiny model's context is 128 tokens; the default --max-new-tokens is 200
+    assert_clean_error(generate("--model", tiny_model_dir, "--prompt", "the river"),
+                       "context of 128 tokens", "lower --max-new-tokens", "HINT")
+
+
+def main_error(capsys, *args) -> subprocess.CompletedProcess:
+    """main() in-process, its exit code and output packed as a subprocess result for assert_clean_error."""
+    import generate
+
+    with pytest.raises(SystemExit) as exc:
+        generate.main([*CPU, *map(str, args)])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exc.value.code, out.out, out.err)
+
+
+def test_prompt_alone_longer_than_context(tiny_model_dir, capsys):
+    long_prompt = "the river and the sea " * 40
+    result = main_error(capsys, "--model", tiny_model_dir, "--prompt", long_prompt, "--max-new-tokens", 4)
+    assert_clean_error(result, "context of 128 tokens", "shorten the prompt", "HINT")
+
+
+def test_truncated_weights(tiny_model_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_clean_error(main_error(capsys, "--model", damaged, "--prompt", "x", "--max-new-tokens", 4),
+                       "cannot load the weights", "HINT")
+
+
+def test_hub_name_that_is_not_cached(capsys):
+    # conftest sets HF_HUB_OFFLINE=1, so this fails without trying the network
+    assert_clean_error(main_error(capsys, "--model", "no-such-org/no-such-model", "--prompt", "x"),
+                       "no-such-org/no-such-model", "hugging face hub", "HF_HUB_OFFLINE",
+                       "HINT: pass a local model folder")
+
+
+# -----------------------------------------------------------------------------
+# Samples during training
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports use deprecated torch.jit
+def test_sample_during_training_leaves_training_untouched(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generate import sample_during_training
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # its own: this test changes its modes
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state must come back as it was, not as all-train
+    modes = [m.training for m in model.modules()]
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+
+    prompts = ["the river", "A ship"]
+    # as a training script may hold it: DataParallel (like DDP, the model under .module) around
+    # a compiled model (the model under ._orig_mod; never called here, so nothing is compiled)
+    wrapped = torch.nn.DataParallel(torch.compile(model))
+    first = sample_during_training(wrapped, tokenizer, prompts, max_new_tokens=12, seed=5, device="cpu")
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert [m.training for m in model.modules()] == modes
+
+    second = sample_during_training(model, tokenizer, prompts, max_new_tokens=12, seed=5, device="cpu")
+    assert first == second
+    assert len(first) == 2 and first[0].startswith("the river") and first[1].startswith("A ship")
+    assert sample_during_training(model, tokenizer, prompts, max_new_tokens=12, seed=6, device="cpu") != first
+    # more new tokens than the 128-token context holds: cut short, training goes on
+    (long,) = sample_during_training(model, tokenizer, ["the river"], max_new_tokens=500, seed=5, device="cpu")
+    assert long.startswith("the river")
+    assert torch.equal(torch.get_rng_state(), rng_before)
