@@ -52,80 +52,89 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run. Each field is one flag (`block_size` -> `--block-size`); the
+    docstring under a field is that flag's --help text."""
+
     # --- model and data
     model: str = "gpt2"
-    """Hub name or local folder of the causal LM to fine-tune (weights + tokenizer)."""
+    """hub name or local folder of the causal LM to fine-tune (weights + tokenizer)"""
     data_dir: str = "data"
-    """Folder with train.bin, val.bin and meta.json written by prepare_data.py."""
+    """folder with train.bin, val.bin and meta.json from prepare_data.py"""
     output_dir: str = "out"
-    """Where checkpoints, best/, metrics.jsonl, loss.png and the final model go."""
+    """where checkpoints, best/, metrics.jsonl, loss.png and the final model go"""
     block_size: int | None = None
-    """Tokens per training sequence; default: the model's context length, at most 1024."""
+    """tokens per training sequence (default: the model's context, at most 1024)"""
     # --- schedule
     epochs: int = 3
-    """Passes over the training blocks (ignored when --max-steps is set)."""
+    """passes over the training blocks"""
     max_steps: int | None = None
-    """Stop after this many optimizer steps; overrides --epochs for the schedule length."""
+    """total optimizer steps; overrides --epochs"""
     batch_size: int = 8
-    """Sequences per micro-batch (per process)."""
+    """sequences per micro-batch, per process"""
     grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    """micro-batches accumulated into one optimizer step"""
     # --- optimization
     lr: float = 5e-5
-    """Peak learning rate of AdamW."""
+    """peak learning rate (AdamW)"""
     weight_decay: float = 0.01
-    """AdamW weight decay, applied to matrices only (not biases or LayerNorm)."""
+    """AdamW weight decay, on weight matrices only (not biases or LayerNorm)"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.999
+    """AdamW beta2"""
     warmup_steps: int | None = None
-    """Linear warmup in optimizer steps; takes precedence over --warmup-ratio."""
+    """linear warmup in optimizer steps (takes precedence over --warmup-ratio)"""
     warmup_ratio: float = 0.05
-    """Warmup as a fraction of the total optimizer steps (when --warmup-steps is not given)."""
+    """warmup as a fraction of all optimizer steps"""
     scheduler: str = "linear"
-    """A transformers.get_scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    """learning-rate schedule (transformers.get_scheduler): linear, cosine, cosine_with_restarts,
+    polynomial, constant, constant_with_warmup or inverse_sqrt"""
     max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
+    """clip the global gradient norm to this; 0 disables clipping"""
     dropout: float | None = None
-    """Override the model's dropout probabilities (e.g. 0 for speed); default: the model's own."""
+    """override the model's dropout probability, e.g. 0 for speed (default: keep the model's)"""
     # --- runtime
     precision: str = "auto"
-    """auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32)."""
+    """auto (bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else fp32) | fp32 | bf16 | fp16"""
     device: str = "auto"
-    """auto (CUDA, else MPS, else CPU) | cuda | mps | cpu."""
+    """auto (CUDA, else Apple MPS, else CPU) | cuda | mps | cpu"""
     num_workers: int = 2
-    """DataLoader worker processes."""
+    """DataLoader worker processes"""
     seed: int = 1337
-    """Seeds the shuffle order and dropout."""
+    """seeds the shuffle order and dropout"""
     compile: bool = False
-    """torch.compile the model (pays off on longer runs; see README)."""
+    """torch.compile the model (pays off on longer runs; see README)"""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    """recompute activations in the backward pass: less memory, slower steps"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
-    """Optimizer steps between progress lines in metrics.jsonl."""
+    """optimizer steps between metrics.jsonl lines and progress-bar updates"""
     eval_every: int = 250
-    """Optimizer steps between evaluations (also at each epoch end and at the end); 0 = only those."""
+    """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
-    """Limit each evaluation to this many validation batches; default: the full validation set."""
+    """validation batches per evaluation (default: the whole validation split)"""
     save_every: int = 500
-    """Optimizer steps between checkpoints (also at the end); 0 = only at the end."""
+    """optimizer steps between checkpoints, besides the end; 0 = only at the end"""
     save_total_limit: int | None = 3
-    """Keep only the newest N checkpoint-* folders (best/ is always kept); 0 or None keeps all."""
+    """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
-    """Stop after this many evaluations without a new best validation loss."""
+    """stop after this many evaluations without a better validation loss"""
     # --- samples during training
     sample_prompts: list[str] = field(default_factory=list)
-    """Prompts to sample from at each evaluation (or every --sample-every steps)."""
+    """prompt to sample from at each evaluation (repeatable); written to samples.jsonl"""
     sample_every: int | None = None
-    """Optimizer steps between samples; default: at each evaluation."""
+    """optimizer steps between samples (default: at each evaluation)"""
     sample_max_new_tokens: int = 64
-    """Length of each training-time sample."""
+    """tokens per training-time sample"""
     # --- run control (not part of what a resume must match)
     resume: str | None = None
+    """continue from the newest checkpoint in --output-dir, or from the CHECKPOINT folder given"""
     skip_damaged_checkpoints: bool = False
-    """On --resume, continue from the newest checkpoint that loads instead of stopping at a damaged one."""
+    """with --resume: if the newest checkpoint is damaged, say so and continue from the newest one that loads"""
     overwrite: bool = False
+    """replace an earlier run in --output-dir"""
     dry_run: bool = False
+    """print the plan (sizes, steps, memory) and exit"""
 
 
 # Settings that decide the data order and the schedule: a resume must keep them.
@@ -133,87 +142,73 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
                      "max_grad_norm", "dropout", "seed")
 
+FLAG_GROUPS = {
+    "model and data": ("model", "data_dir", "output_dir", "block_size"),
+    "schedule": ("epochs", "max_steps", "batch_size", "grad_accum"),
+    "optimization": ("lr", "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
+                     "max_grad_norm", "dropout"),
+    "runtime": ("precision", "device", "num_workers", "seed", "compile", "gradient_checkpointing"),
+    "logging, evaluation and checkpoints": ("log_every", "eval_every", "eval_batches", "save_every",
+                                            "save_total_limit", "early_stopping_patience"),
+    "samples during training": ("sample_prompts", "sample_every", "sample_max_new_tokens"),
+    "run control": ("resume", "skip_damaged_checkpoints", "overwrite", "dry_run"),
+}
 
-def build_arg_parser(argument_default=None) -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = ArgumentParser(
-        description="Fine-tune a causal LM on token files from prepare_data.py.",
-        argument_default=argument_default,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if argument_default is None
-        else argparse.HelpFormatter,
-    )
-    def default(name):
-        return getattr(d, name) if argument_default is None else argparse.SUPPRESS
 
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=default("model"), help="hub name or local folder of the model")
-    g.add_argument("--data-dir", default=default("data_dir"), help="output of prepare_data.py")
-    g.add_argument("--output-dir", default=default("output_dir"), help="checkpoints and final model")
-    g.add_argument("--block-size", type=int, default=default("block_size"),
-                   help="tokens per sequence (default: model context, at most 1024)")
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (Python keeps none at run time, so read the source)."""
+    import ast
+    import inspect
 
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=default("epochs"))
-    g.add_argument("--max-steps", type=int, default=default("max_steps"),
-                   help="optimizer steps; overrides --epochs")
-    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=default("grad_accum"),
-                   help="micro-batches per optimizer step")
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = " ".join(ast.literal_eval(following.value).split())
+    return docs
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=default("lr"))
-    g.add_argument("--weight-decay", type=float, default=default("weight_decay"))
-    g.add_argument("--beta1", type=float, default=default("beta1"))
-    g.add_argument("--beta2", type=float, default=default("beta2"))
-    g.add_argument("--warmup-steps", type=int, default=default("warmup_steps"))
-    g.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
-    g.add_argument("--scheduler", default=default("scheduler"), help="one of: " + ", ".join(SCHEDULERS))
-    g.add_argument("--max-grad-norm", type=float, default=default("max_grad_norm"), help="0 disables")
-    g.add_argument("--dropout", type=float, default=default("dropout"),
-                   help="override the model's dropout (default: keep it)")
 
-    g = p.add_argument_group("runtime")
-    g.add_argument("--precision", default=default("precision"), choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--device", default=default("device"), choices=["auto", "cuda", "mps", "cpu"])
-    g.add_argument("--num-workers", type=int, default=default("num_workers"))
-    g.add_argument("--seed", type=int, default=default("seed"))
-    g.add_argument("--compile", action="store_true", default=default("compile"), help="torch.compile the model")
-    g.add_argument("--gradient-checkpointing", action="store_true", default=default("gradient_checkpointing"))
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where there is a default worth showing and the help doesn't say it."""
 
-    g = p.add_argument_group("logging, evaluation and checkpoints")
-    g.add_argument("--log-every", type=int, default=default("log_every"))
-    g.add_argument("--eval-every", type=int, default=default("eval_every"), help="0 = epoch ends and end only")
-    g.add_argument("--eval-batches", type=int, default=default("eval_batches"), help="default: full pass")
-    g.add_argument("--save-every", type=int, default=default("save_every"), help="0 = at the end only")
-    g.add_argument("--save-total-limit", type=int, default=default("save_total_limit"),
-                   help="keep the newest N checkpoints (0 = all)")
-    g.add_argument("--early-stopping-patience", type=int, default=default("early_stopping_patience"))
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
-    g = p.add_argument_group("samples during training")
-    g.add_argument("--sample-prompt", dest="sample_prompts", action="append",
-                   default=[] if argument_default is None else argparse.SUPPRESS,
-                   help="prompt to sample from at each evaluation (repeatable)")
-    g.add_argument("--sample-every", type=int, default=default("sample_every"),
-                   help="steps between samples (default: at each evaluation)")
-    g.add_argument("--sample-max-new-tokens", type=int, default=default("sample_max_new_tokens"))
 
-    g = p.add_argument_group("run control")
-    g.add_argument("--resume", nargs="?", const="latest", default=default("resume"),
-                   help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT")
-    g.add_argument("--skip-damaged-checkpoints", action="store_true", default=default("skip_damaged_checkpoints"),
-                   help="with --resume: if the newest checkpoint is damaged (truncated, missing files), say so "
-                        "and continue from the newest one that loads (default: stop with an error)")
-    g.add_argument("--overwrite", action="store_true", default=default("overwrite"),
-                   help="replace an earlier run in --output-dir")
-    g.add_argument("--dry-run", action="store_true", default=default("dry_run"),
-                   help="print the plan (sizes, steps, memory) and exit")
-    return p
+def build_arg_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """Flags from TrainConfig. With suppress_defaults, only flags given on the command line appear."""
+    defaults = TrainConfig()
+    docs = field_docs(TrainConfig)
+    parser = ArgumentParser(description="Fine-tune a causal LM on token files from prepare_data.py.",
+                            formatter_class=HelpFormatter)
+    for title, names in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            options = {"help": docs[name].replace("%", "%%"),
+                       "default": argparse.SUPPRESS if suppress_defaults else getattr(defaults, name)}
+            kind = TrainConfig.__dataclass_fields__[name].type
+            if kind == "bool":
+                options["action"] = "store_true"
+            elif name == "sample_prompts":
+                flag, options["action"], options["dest"], options["metavar"] = "--sample-prompt", "append", name, "TEXT"
+            elif name == "resume":
+                options.update(nargs="?", const="latest", metavar="CHECKPOINT")
+            elif name in ("precision", "device"):
+                options["choices"] = ["auto", "fp32", "bf16", "fp16"] if name == "precision" else \
+                    ["auto", "cuda", "mps", "cpu"]
+            else:
+                options["type"] = int if "int" in kind else float if "float" in kind else str
+            group.add_argument(flag, **options)
+    return parser
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     """The config, and the names of the flags given explicitly (a resume keeps the rest)."""
     args = build_arg_parser().parse_args(argv)
-    explicit = set(vars(build_arg_parser(argparse.SUPPRESS).parse_args(argv)))
+    explicit = set(vars(build_arg_parser(suppress_defaults=True).parse_args(argv)))
     return TrainConfig(**vars(args)), explicit
 
 
