@@ -142,3 +142,16 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     message = result.stderr.lower()
     for fragment in fragments:
         assert fragment.lower() in message, (fragment, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """train.bin/val.bin/meta.json made by prepare_data.py from a generated corpus with the tiny tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = root / "book.txt"
+    corpus.write_text(make_corpus(40_000, seed=7), encoding="utf-8")
+    result = run_script("prepare_data.py", "--input", corpus, "--tokenizer", tiny_model_dir,
+                        "--output-dir", root / "data", "--block-size", 32, "--seed", 0)
+    assert result.returncode == 0, result.stderr
+    return root / "data"
+

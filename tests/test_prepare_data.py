@@ -1,0 +1,582 @@
+"""prepare_data.py: exact tokens, safe cuts, the split, dtypes, atomic outputs and clean errors.
+
+End-to-end cases run the script as a user does (run_script); fine-grained ones import it.
+The reference for "exact tokens" is always AutoTokenizer(text, add_special_tokens=False) on a
+whole file, followed by one end-of-text token.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare_data as prep
+from conftest import REPO_ROOT, SHARED_GPT2_TOKENIZER, assert_clean_error, make_corpus, run_script
+from dataset import DataError, load_meta
+
+needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").is_file(),
+                                reason="GPT-2 tokenizer not present at ../shared/gpt2-tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Helpers and extra tokenizers
+
+
+def load(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def with_spec(path):
+    tok = load(path)
+    return tok, prep.tokenizer_spec(tok)
+
+
+def reference_ids(tok, text: str) -> list[int]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "longer than the model's maximum length" is expected here
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def text_of(path: Path) -> str:
+    return path.read_bytes().decode("utf-8")  # read_text() would turn \r\n into \n
+
+
+def read_split(out: Path, meta: dict, split: str) -> np.ndarray:
+    return np.fromfile(out / meta["splits"][split]["file"], dtype=meta["dtype"])
+
+
+def reassemble(out: Path) -> np.ndarray:
+    """Put the validation ranges back where meta.json says they came from."""
+    meta = load_meta(out)
+    train, val = read_split(out, meta, "train"), read_split(out, meta, "val")
+    parts, t = [], 0
+    for r in meta["split"]["val_ranges"]:
+        parts += [train[t:r["train_tokens_before"]], val[r["val_token_start"]:r["val_token_start"] + r["tokens"]]]
+        t = r["train_tokens_before"]
+    parts.append(train[t:])
+    return np.concatenate(parts)
+
+
+ADVERSARIAL = [
+    "the", "The", "whale", " ", "  ", "   ", "\n", "\n\n", " \n", "\n ", "\r\n", "\r", "\t", " \t", "\t\n",
+    "\u00a0", "\u3000", "\u2028", "\x1c", "\x85", "'s", "'", "'ll", "’", "don't", "I'LL", "123", "4.5",
+    "½", "²", "é", "e\u0301", "東京", "こんにちは", "🙂", "🚀", "👩‍👩‍👧",
+    ".", "...", "!?", "--", "(", ")",
+    "\"", "naïve", "über", "x" * 40, "<|endoftext|>",
+]
+
+
+def adversarial_text(n_chars: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        part = rng.choice(ADVERSARIAL)
+        parts.append(part)
+        size += len(part)
+    return "".join(parts)
+
+
+def chunked_ids(path: Path, tok, engine, chunk_chars: int, encoding="utf-8"):
+    cutter = prep.make_cutter(tok, prep.tokenizer_spec(tok), engine)
+    pieces = list(prep.Chunker([path], [{}], encoding, cutter, chunk_chars=chunk_chars))
+    ids = np.concatenate([engine.encode(p.text) for p in pieces])
+    return pieces, ids
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer_dir(tmp_path_factory) -> Path:
+    """A SentencePiece-style tokenizer (Metaspace pre-tokenizer): the GPT-2 cut proof does not apply."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    corpus = make_corpus(60_000, seed=123)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False)
+    tk.train_from_iterator([corpus[i:i + 1000] for i in range(0, len(corpus), 1000)], trainer)
+    out = tmp_path_factory.mktemp("metaspace_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def build_wordlevel(out: Path, words_high: bool) -> Path:
+    """A word-level tokenizer with more than 65,536 entries; the corpus words sit above or below 65,536."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for seed in (1, 2, 123) for w, _ in pre.pre_tokenize_str(make_corpus(100_000, seed=seed))})
+    fillers = [f"<filler{i}>" for i in range(66_000)]
+    ordered = ["<|endoftext|>", "[UNK]"] + (fillers + words if words_high else words + fillers)
+    vocab = {w: i for i, w in enumerate(ordered)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_tokenizer_dir):
+    """One end-to-end run over a folder of two documents (plus files that must be ignored)."""
+    root = tmp_path_factory.mktemp("prepared")
+    books = root / "books"
+    (books / "part2").mkdir(parents=True)
+    (books / "a.txt").write_text(make_corpus(30_000, seed=11), encoding="utf-8")
+    last_line = "\r\nLast line\twith tabs  "
+    (books / "part2" / "b.md").write_text(make_corpus(25_000, seed=12) + last_line, encoding="utf-8")
+    (books / ".hidden.txt").write_text("never read", encoding="utf-8")
+    (books / "notes.bin").write_bytes(b"\xff\xfe not text")
+    out = root / "data"
+    result = run_script("prepare_data.py", "--input", books, "--tokenizer", tiny_tokenizer_dir,
+                        "--output-dir", out, "--block-size", 64, "--num-workers", 1)
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "out": out, "docs": [books / "a.txt", books / "part2" / "b.md"], "result": result}
+
+
+# -----------------------------------------------------------------------------
+# End to end: exact tokens, round trip, split placement, summary
+
+
+def test_round_trip_reproduces_input(prepared, tiny_tokenizer_dir):
+    out, docs = prepared["out"], prepared["docs"]
+    meta = load_meta(out)
+    tok = load(tiny_tokenizer_dir)
+    texts = [text_of(p) for p in docs]
+    assert [s["path"] for s in meta["sources"]] == [str(p) for p in docs]  # sorted, hidden/.bin skipped
+    expected = [i for text in texts for i in reference_ids(tok, text) + [tok.eos_token_id]]
+    stream = reassemble(out)
+    assert stream.tolist() == expected
+    eos_at = np.flatnonzero(stream == tok.eos_token_id)
+    assert len(eos_at) == len(docs)
+    decoded = [tok.decode(stream[a + 1:b].tolist(), clean_up_tokenization_spaces=False)
+               for a, b in zip([-1, *eos_at[:-1]], eos_at)]
+    assert decoded == texts
+    assert meta["max_token_id"] == int(stream.max())
+    assert meta["eos_token_id"] == tok.eos_token_id and meta["vocab_size"] == len(tok)
+    for source, path in zip(meta["sources"], docs):
+        assert source["bytes"] == path.stat().st_size and len(source["sha256"]) == 64
+
+
+def test_validation_is_from_the_middle_and_summary_is_printed(prepared):
+    meta = load_meta(prepared["out"])
+    split = meta["split"]
+    total = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert split["policy"] == "val-ranges" and split["seed"] == 1337 and split["val_fraction"] == 0.1
+    first, last = split["val_ranges"][0], split["val_ranges"][-1]
+    assert first["train_tokens_before"] > 0  # not the head
+    assert last["train_tokens_before"] < meta["splits"]["train"]["tokens"]  # not the tail
+    assert 0.05 < meta["splits"]["val"]["tokens"] / total < 0.15
+    stdout = prepared["result"].stdout
+    for fragment in ("chars/token", "optimizer steps", "blocks", "train", "val"):
+        assert fragment in stdout
+    assert "tokenizing" in prepared["result"].stderr  # the progress bar
+
+
+def test_load_meta_catches_truncation_and_mismatch(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared["out"], out)
+    load_meta(out)
+    train = out / "train.bin"
+    original = train.read_bytes()
+    train.write_bytes(original[:-2])  # one token short
+    with pytest.raises(DataError, match="truncated"):
+        load_meta(out)
+    train.write_bytes(original)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["splits"]["val"]["tokens"] += 1
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError):
+        load_meta(out)
+    meta["splits"]["val"]["tokens"] -= 1
+    meta["dtype"] = "uint32"
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError):
+        load_meta(out)
+
+
+def test_val_input_and_determinism_and_overwrite(prepared, tiny_tokenizer_dir, tmp_path):
+    root, docs = prepared["root"], prepared["docs"]
+    args = ["--input", root / "books", "--tokenizer", tiny_tokenizer_dir, "--block-size", 64]
+    # Same seed, different number of threads: identical files.
+    same = tmp_path / "same"
+    result = run_script("prepare_data.py", *args, "--output-dir", same, "--num-workers", 2)
+    assert result.returncode == 0, result.stderr
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (same / name).read_bytes() == (prepared["out"] / name).read_bytes(), name
+    # Another seed over the same folder (with --overwrite): another split, same tokens overall.
+    result = run_script("prepare_data.py", *args, "--output-dir", same, "--seed", 7, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (same / "val.bin").read_bytes() != (prepared["out"] / "val.bin").read_bytes()
+    assert load_meta(same)["split"]["seed"] == 7
+    assert reassemble(same).tolist() == reassemble(prepared["out"]).tolist()
+    assert sorted(p.name for p in same.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # no temp files left
+    # An explicit validation file.
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(make_corpus(8_000, seed=99), encoding="utf-8")
+    explicit = tmp_path / "explicit"
+    result = run_script("prepare_data.py", "--input", docs[0], "--val-input", held_out, "--tokenizer",
+                        tiny_tokenizer_dir, "--output-dir", explicit, "--block-size", 64)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(explicit)
+    tok = load(tiny_tokenizer_dir)
+    assert meta["split"]["policy"] == "val-input"
+    assert [s["role"] for s in meta["sources"]] == ["input", "val-input"]
+    train, val = read_split(explicit, meta, "train"), read_split(explicit, meta, "val")
+    assert train.tolist() == reference_ids(tok, text_of(docs[0])) + [tok.eos_token_id]
+    assert val.tolist() == reference_ids(tok, text_of(held_out)) + [tok.eos_token_id]
+
+
+# -----------------------------------------------------------------------------
+# Safe cuts
+
+
+def test_safe_cuts_keep_gpt2_pre_tokens():
+    """For every position the rule accepts, GPT-2's pre-tokenization gives the same pieces cut or
+    whole (added tokens split off first, as Hugging Face does); and positions it rejects include
+    ones where a cut would change them, which is why the rule is this narrow."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    special = "<|endoftext|>"
+
+    def words(s):
+        segments = s.split(special)
+        out = [w for w, _ in pre.pre_tokenize_str(segments[0])]
+        for segment in segments[1:]:
+            out += [special] + [w for w, _ in pre.pre_tokenize_str(segment)]
+        return out
+
+    cutter = prep.Cutter(avoid="<")
+    rejected_but_different = 0
+    for seed in range(40):
+        text = adversarial_text(300, seed=seed)
+        whole = words(text)
+        for p in range(1, len(text)):
+            if special in text[max(0, p - len(special) + 1):p + len(special) - 1]:
+                continue  # a cut inside the added token itself: never a candidate (no whitespace in it)
+            same = words(text[:p]) + words(text[p:]) == whole
+            if cutter.is_safe(text, p):
+                assert same, (text[max(0, p - 10):p], text[p:p + 10])
+            elif text[p - 1] == "\n" and not same:
+                rejected_but_different += 1
+    assert rejected_but_different > 0  # "cut after any newline" would be wrong
+    assert words("a \nb") != words("a \n") + words("b")
+    assert words("a  b") != words("a  ") + words("b")
+    assert words("x\n\n" + special) != words("x\n") + words("\n" + special)  # why `avoid` exists
+
+
+@pytest.mark.parametrize("engine_name", ["hf", "tiktoken"])
+def test_chunked_equals_whole_on_adversarial_text_tiny(tmp_path, tiny_tokenizer_dir, engine_name):
+    check_chunked_equals_whole(tmp_path, load(tiny_tokenizer_dir), engine_name)
+
+
+@needs_gpt2
+@pytest.mark.parametrize("engine_name", ["hf", "tiktoken"])
+def test_chunked_equals_whole_on_adversarial_text_gpt2(tmp_path, engine_name):
+    check_chunked_equals_whole(tmp_path, load(SHARED_GPT2_TOKENIZER), engine_name)
+
+
+def check_chunked_equals_whole(tmp_path, tok, engine_name):
+    pytest.importorskip("tiktoken")
+    hf = prep.HFEngine(tok)
+    engine = hf if engine_name == "hf" else prep.TiktokenEngine(prep.tokenizer_spec(tok), hf)
+    text = adversarial_text(40_000, seed=3)
+    path = tmp_path / "adversarial.txt"
+    path.write_bytes(text.encode("utf-8"))  # no newline translation: \r\n stays
+    expected = reference_ids(tok, text)
+    for chunk_chars in (16, 1000):  # 16: a cut at nearly every candidate
+        pieces, ids = chunked_ids(path, tok, engine, chunk_chars)
+        assert "".join(p.text for p in pieces) == text
+        assert len(pieces) > len(text) // (4 * chunk_chars)
+        assert ids.tolist() == expected
+
+
+def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
+    """A 10 MB line (words and spaces, no newline) is cut at spaces; tokens equal the uncut encoding.
+
+    The whole-text reference is tiktoken's own encoding of the uncut text (AutoTokenizer would
+    take ~10 s here); tiktoken == AutoTokenizer is checked on the adversarial text above and
+    on a 1 MB slice of this line below.
+    """
+    pytest.importorskip("tiktoken")
+    tok = load(tiny_tokenizer_dir)
+    engine = prep.TiktokenEngine(prep.tokenizer_spec(tok), prep.HFEngine(tok))
+    base = make_corpus(1_000_000, seed=5).replace("\n", " ")
+    line = base * 10
+    path = tmp_path / "line.txt"
+    path.write_text(line, encoding="utf-8")
+    pieces, ids = chunked_ids(path, tok, engine, prep.CHUNK_CHARS)
+    assert len(pieces) >= 10 and all(p.text[0] == " " for p in pieces[1:])
+    assert np.array_equal(ids, engine.encode(line))
+    assert engine.encode(base).tolist() == reference_ids(tok, base)
+
+
+def test_text_without_any_whitespace_is_one_piece(tmp_path, tiny_tokenizer_dir):
+    tok = load(tiny_tokenizer_dir)
+    text = "abc.def,東京🙂" * 20_000
+    path = tmp_path / "blob.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
+    assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, text)
+
+
+def test_other_tokenizers_get_verified_cuts(tmp_path, metaspace_tokenizer_dir):
+    """Metaspace prepends "▁" to every piece, so a cut before a newline changes tokens:
+    verification must reject those cuts and keep the ones that are safe."""
+    tok = load(metaspace_tokenizer_dir)
+    assert prep.byte_level_regex_reason(prep.tokenizer_spec(tok))  # no proof for this tokenizer
+    hf = prep.HFEngine(tok)
+    text = make_corpus(20_000, seed=4)
+    path = tmp_path / "meta.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces, ids = chunked_ids(path, tok, hf, 64)
+    assert len(pieces) > 100
+    assert ids.tolist() == reference_ids(tok, text)
+    unverified, verified = prep.Cutter(), prep.Cutter(hf.encode)
+    newline_cut = next(i for i in range(1, len(text) - 1) if text[i] == "\n" and unverified.is_safe(text, i))
+    assert not verified.is_safe(text, newline_cut)  # "▁\nNext" would replace "\nNext"
+
+
+def test_engines_are_chosen_by_tokenizer(tiny_tokenizer_dir, metaspace_tokenizer_dir):
+    pytest.importorskip("tiktoken")
+    engine, why = prep.choose_engine(*with_spec(tiny_tokenizer_dir), "auto", "")
+    assert engine.name == "tiktoken", why
+    engine, why = prep.choose_engine(*with_spec(metaspace_tokenizer_dir), "auto", "")
+    assert engine.name == "hf" and "pre-tokenizer" in why
+    with pytest.raises(prep.UserError, match="--engine tiktoken"):
+        prep.choose_engine(*with_spec(metaspace_tokenizer_dir), "tiktoken", "")
+
+
+@needs_gpt2
+def test_tiktoken_fast_path_matches_gpt2_autotokenizer():
+    pytest.importorskip("tiktoken")
+    tok = load(SHARED_GPT2_TOKENIZER)
+    engine, why = prep.choose_engine(tok, prep.tokenizer_spec(tok), "auto", "")
+    assert engine.name == "tiktoken" and engine.rank_to_id is None, why  # GPT-2: ranks are ids
+    text = prep.probe_text(seed=1) + adversarial_text(50_000, seed=8) + make_corpus(50_000, seed=8)
+    assert engine.encode(text).tolist() == reference_ids(tok, text)
+
+
+# -----------------------------------------------------------------------------
+# Reading, the split, dtypes
+
+
+def test_reader_handles_characters_across_blocks_and_reports_byte_offsets(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 7)  # many multi-byte characters straddle a block edge
+    text = adversarial_text(3_000, seed=1)
+    good = tmp_path / "good.txt"
+    good.write_bytes(text.encode("utf-8"))
+    record = {}
+    assert "".join(t for t, _ in prep.read_text(good, "utf-8", record, 0)) == text
+    assert record["bytes"] == good.stat().st_size
+    raw = text.encode("utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(raw[:2000] + b"\xff" + raw[2000:])
+    with pytest.raises(prep.UserError, match=r"0xff at byte offset 2000"):
+        for _ in prep.read_text(bad, "utf-8", {}, 0):
+            pass
+
+
+def test_val_ranges_are_seeded_stratified_and_inside():
+    total = 1_000_000_000
+    ranges = prep.val_ranges(total, 0.1, seed=1)
+    assert len(ranges) > 10
+    assert ranges == prep.val_ranges(total, 0.1, seed=1) != prep.val_ranges(total, 0.1, seed=2)
+    assert 0 < ranges[0][0] and ranges[-1][1] < total
+    assert all(a < b <= c for (a, b), (c, _) in zip(ranges, ranges[1:]))
+    assert abs(sum(b - a for a, b in ranges) / total - 0.1) < 1e-6
+    assert len(prep.val_ranges(40_000, 0.5, seed=1)) == 1
+
+
+def test_chunker_moves_split_boundaries_to_safe_cuts(tmp_path):
+    text = make_corpus(20_000, seed=2)
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    cutter = prep.Cutter()
+    boundaries = [5_000, 9_000, 15_000, 15_010]
+    pieces = list(prep.Chunker([path], [{}], "utf-8", cutter, boundaries=boundaries, chunk_chars=700))
+    assert "".join(p.text for p in pieces) == text
+    switches = [(p.start, p.split) for a, p in zip(pieces, pieces[1:]) if a.split != p.split]
+    assert [split for _, split in switches] == ["val", "train", "val", "train"][:len(switches)]
+    assert len(switches) >= 2 and 5_000 <= switches[0][0] < 5_100 and 9_000 <= switches[1][0] < 9_100
+    chars = bytes_ = 0
+    for p in pieces:  # every cut is a safe one, and byte offsets add up
+        assert p.start == bytes_ and (chars == 0 or cutter.is_safe(text, chars))
+        chars, bytes_ = chars + len(p.text), bytes_ + p.nbytes
+    assert bytes_ == path.stat().st_size
+    assert pieces[-1].doc_end and not any(p.doc_end for p in pieces[:-1])
+
+
+def test_uint32_path_and_narrowing(tmp_path, corpus_file):
+    """> 65,536 entries: uint32 files. When no id >= 65,536 occurs the files are narrowed to uint16,
+    since dataset.load_meta wants dtype == token_dtype(max_token_id)."""
+    wide = build_wordlevel(tmp_path / "wide_tok", words_high=True)
+    narrow = build_wordlevel(tmp_path / "narrow_tok", words_high=False)
+    for tok_dir, dtype in ((wide, "uint32"), (narrow, "uint16")):
+        out = tmp_path / f"data_{dtype}"
+        args = ["--input", corpus_file, "--tokenizer", tok_dir, "--output-dir", out, "--block-size", 32]
+        if dtype == "uint32":
+            result = run_script("prepare_data.py", *args)
+            assert result.returncode == 0, result.stderr
+        else:
+            prep.main(list(map(str, args)))  # in-process: same code, no second interpreter start
+        meta = load_meta(out)  # dtype must equal token_dtype(max_token_id)
+        tok = load(tok_dir)
+        assert len(tok) > 2**16 and meta["dtype"] == dtype
+        stream = reassemble(out)
+        assert stream.tolist() == reference_ids(tok, text_of(corpus_file)) + [tok.eos_token_id]
+        assert (meta["max_token_id"] >= 2**16) == (dtype == "uint32")
+
+
+# -----------------------------------------------------------------------------
+# Atomic outputs
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_exception_after_writing_leaves_old_outputs(prepared, tmp_path, monkeypatch, tiny_tokenizer_dir, corpus_file):
+    out = tmp_path / "data"
+    shutil.copytree(prepared["out"], out)
+    before = snapshot(out)
+
+    def boom(*args):
+        raise RuntimeError("simulated crash after the token files were written")
+
+    monkeypatch.setattr(prep, "check_split_sizes", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prep.main(["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out),
+                   "--overwrite", "--block-size", "32"])
+    assert snapshot(out) == before
+
+
+def test_fast_path_disagreement_restarts_with_hf(tmp_path, monkeypatch, tiny_tokenizer_dir, corpus_file, capsys):
+    pytest.importorskip("tiktoken")
+
+    def disagree(self, piece):
+        raise prep.EngineMismatch("simulated disagreement", piece.source)
+
+    monkeypatch.setattr(prep.TiktokenEngine, "encode_piece", disagree)
+    out = tmp_path / "data"
+    prep.main(["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out),
+               "--block-size", "32"])
+    assert "starting over with --engine hf" in capsys.readouterr().err
+    tok = load(tiny_tokenizer_dir)
+    assert reassemble(out).tolist() == reference_ids(tok, text_of(corpus_file)) + [tok.eos_token_id]
+
+
+def test_sigterm_mid_run_leaves_old_outputs(prepared, tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / "data"
+    shutil.copytree(prepared["out"], out)
+    before = snapshot(out)
+    big = tmp_path / "big.txt"
+    big.write_text(make_corpus(400_000, seed=3) * 20, encoding="utf-8")  # ~8 MB: the hf engine needs seconds
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "prepare_data.py"), "--input", str(big),
+                                 "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out), "--overwrite",
+                                 "--engine", "hf", "--num-workers", "1"], stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 60
+        while not list(out.glob(".train.bin.tmp-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "finished before it could be interrupted"
+        time.sleep(0.3)  # let it write some tokens
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    assert "interrupted" in (tmp_path / "stderr.txt").read_text()
+    assert snapshot(out) == before  # old outputs intact, temporary files gone
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing written
+
+
+def assert_error_with_hint(result, *fragments: str) -> None:
+    """assert_clean_error, and the error line says how to fix it."""
+    assert_clean_error(result, *fragments)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert "HINT:" in line, line
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text(" \n\t\r\n   \u3000\n", encoding="utf-8")
+    (tmp_path / "no_text").mkdir()
+    (tmp_path / "no_text" / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "no_text" / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--input", "missing.txt"], ["missing.txt", "does not exist"]),
+    (["--input", "empty.txt"], ["empty.txt", "empty", "hint"]),
+    (["--input", "blank.txt"], ["whitespace only", "hint"]),
+    (["--input", "no_text"], ["no_text", "no text files", ".txt", "hidden"]),
+    (["--input", "book.txt", "--val-fraction", "0"], ["--val-fraction", "between 0 and 1"]),
+    (["--input", "book.txt", "--val-fraction", "1"], ["--val-fraction"]),
+    (["--input", "book.txt", "--val-fraction", "-0.2"], ["--val-fraction"]),
+    (["--input", "book.txt", "--val-fraction", "0.1", "--val-input", "book.txt"], ["exclude each other"]),
+    (["--input", "book.txt", "--output-dir", "a_file"], ["a_file", "is a file"]),
+    (["--input", "book.txt", "--encoding", "klingon"], ["--encoding", "klingon"]),
+    (["--input", "book.txt", "--block-size", "1"], ["--block-size"]),
+])
+def test_bad_input_fails_cleanly(bad_inputs, corpus_file, args, fragments):
+    assert corpus_file.parent == bad_inputs  # book.txt sits beside the bad inputs
+    before = sorted(p.name for p in bad_inputs.iterdir())
+    result = run_script("prepare_data.py", *args, "--tokenizer", "unused", cwd=bad_inputs)
+    assert_error_with_hint(result, *fragments)
+    assert sorted(p.name for p in bad_inputs.iterdir()) == before  # nothing written (no data/ folder)
+
+
+def test_existing_outputs_need_overwrite(prepared, tmp_path, tiny_tokenizer_dir, corpus_file):
+    out = tmp_path / "data"
+    shutil.copytree(prepared["out"], out)
+    before = snapshot(out)
+    result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
+                        "--output-dir", out)
+    assert_error_with_hint(result, "already holds", "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_undecodable_bytes_name_file_and_offset(tmp_path, tiny_tokenizer_dir):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(("Plain text first. " * 100).encode() + "Caf\u00e9 au lait.".encode("latin-1"))
+    out = tmp_path / "data"
+    result = run_script("prepare_data.py", "--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out)
+    assert_error_with_hint(result, "latin1.txt", "not valid utf-8", "offset 1803", "--encoding")
+    assert not out.exists()
+
+
+def test_tokenizer_that_cannot_be_loaded(tmp_path, corpus_file):
+    out = tmp_path / "data"
+    result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tmp_path / "no_such_tokenizer",
+                        "--output-dir", out)
+    assert_error_with_hint(result, "could not load tokenizer", "no_such_tokenizer", "local folder")
+    started = time.time()
+    result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", "someone/not-a-real-model-xyz",
+                        "--output-dir", out, env={"HF_HUB_OFFLINE": "1"})
+    assert_error_with_hint(result, "could not load tokenizer", "HF_HUB_OFFLINE")
+    assert time.time() - started < 30  # offline: no retries
+    assert not out.exists()
+
+
+def test_split_too_small_says_how_to_fix(tmp_path, corpus_file, tiny_tokenizer_dir):
+    out = tmp_path / "data"
+    result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
+                        "--output-dir", out, "--val-fraction", "0.01")
+    assert_error_with_hint(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
+    assert not out.exists()
