@@ -51,7 +51,7 @@ from typing import Iterator
 
 import numpy as np
 
-from common import UserError, exit_on_user_error
+from common import ArgumentParser, UserError, exit_on_user_error
 
 # Which files a directory contributes (hidden files and folders are skipped).
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".text")
@@ -80,7 +80,7 @@ def default_workers() -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Tokenize text into train.bin / val.bin / meta.json for fine-tuning "
                     "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file).",
         epilog="example: python prepare_data.py --input books/ --tokenizer gpt2 --output-dir data",
