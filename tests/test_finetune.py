@@ -276,3 +276,17 @@ def test_samples_during_training_do_not_change_training(tmp_path, tiny_model_dir
         (step, prompt) for step in (0, 2, 4, 6) for prompt in ("The ship", "Quiet morning")]
     evals = {r["step"]: r["val_loss"] for r in train_records(sampled, "eval")}
     assert all(s["val_loss"] == evals[s["step"]] and s["text"].startswith(s["prompt"]) for s in samples)
+
+
+def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    # A learning rate this high makes the validation loss worse after the first evaluations.
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--lr", "0.5", "--warmup-steps", "0", "--max-steps", "60",
+                     "--eval-every", "2", "--early-stopping-patience", "2", "--scheduler", "constant")
+    assert ft.main(args) == 0
+    evals = [r for r in train_records(out, "eval") if r["step"] > 0]
+    best = min(range(len(evals)), key=lambda i: evals[i]["val_loss"])
+    assert len(evals) == best + 1 + 2, evals  # stopped right after 2 evaluations without improvement
+    last_step = evals[-1]["step"]
+    assert last_step < 60 and train_records(out)[-1]["step"] == last_step
+    assert (out / f"checkpoint-{last_step}").is_dir() and (out / "model.safetensors").is_file()
