@@ -595,14 +595,9 @@ def first_line(exc: BaseException) -> str:
 def read_checkpoint(checkpoint: Path) -> dict:
     """The training state of a checkpoint that can be resumed from; DamagedCheckpoint says what is wrong.
 
-    Checks the files are all there, config.json parses, model.safetensors' header and every tensor
-    read (a truncated file fails here), training_state.pt's zip checksums hold (torch.load does not
-    check them) and it loads with the keys a resume needs, and model.safetensors matches the
-    checksum saved with it (bytes changed in the middle of the file fail only here).
+    Checks the files are all there, config.json parses, model.safetensors and training_state.pt
+    read whole and match their checksums, and the state holds what a resume needs.
     """
-    import torch
-    from safetensors import safe_open
-
     missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
     if missing:
         raise DamagedCheckpoint(f"{', '.join(missing)} missing")
@@ -610,31 +605,46 @@ def read_checkpoint(checkpoint: Path) -> dict:
         json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedCheckpoint(f"config.json is not readable JSON ({first_line(exc)})") from None
-    try:
-        with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
-            for name in f.keys():
-                f.get_tensor(name)
-    except Exception as exc:  # safetensors' own error type, for a short or garbled file
-        raise DamagedCheckpoint(f"model.safetensors cannot be read ({first_line(exc)})") from None
-    try:
-        with zipfile.ZipFile(checkpoint / TRAINING_STATE_FILE) as archive:  # torch.save writes a zip
-            corrupt = archive.testzip()
-        if corrupt is not None:
-            raise ValueError(f"checksum mismatch in {corrupt}")
-        state = torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or garbled file: zip, unpickling or tensor errors
-        raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} cannot be read ({type(exc).__name__}: "
-                                f"{first_line(exc)})") from None
-    if not isinstance(state, dict) or any(key not in state for key in ("format_version", *STATE_KEYS)):
-        raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} lacks what a resume needs")
+    check_weights_file(checkpoint / "model.safetensors")
+    state = read_state_file(checkpoint / TRAINING_STATE_FILE)
     if state["format_version"] != STATE_FORMAT_VERSION:  # not damage: an older checkpoint would not help
         raise UserError(f"{checkpoint / TRAINING_STATE_FILE} has format version {state['format_version']}, "
                         f"this script writes {STATE_FORMAT_VERSION}. HINT: resume with the version that wrote it")
     if checkpoint_step(checkpoint) not in (None, state["step"]):
         raise DamagedCheckpoint(f"{TRAINING_STATE_FILE} is for step {state['step']}, not {checkpoint_step(checkpoint)}")
-    for name, crc in state.get("file_crc32", {}).items():  # absent in checkpoints of earlier versions
+    # safetensors has no checksum of its own; save_checkpoint keeps one (absent in earlier versions).
+    for name, crc in state.get("file_crc32", {}).items():
         if file_crc32(checkpoint / name) != crc:
             raise DamagedCheckpoint(f"{name} does not match the checksum saved with it (changed on disk)")
+    return state
+
+
+def check_weights_file(path: Path) -> None:
+    """The header parses and covers the file exactly (so a truncated file fails), and every tensor reads."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    except Exception as exc:  # safetensors' own error type, for a short or garbled file
+        raise DamagedCheckpoint(f"{path.name} cannot be read ({first_line(exc)})") from None
+
+
+def read_state_file(path: Path) -> dict:
+    """torch.load of training_state.pt, after checking the zip's CRCs, which torch.load does not check."""
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save writes a zip
+            corrupt = archive.testzip()
+        state = torch.load(path, map_location="cpu", weights_only=True) if corrupt is None else None
+    except Exception as exc:  # a truncated or garbled file: zip, unpickling or tensor errors
+        raise DamagedCheckpoint(f"{path.name} cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
+    if corrupt is not None:
+        raise DamagedCheckpoint(f"{path.name} does not match the checksums saved in it (changed on disk)")
+    if not isinstance(state, dict) or any(key not in state for key in ("format_version", *STATE_KEYS)):
+        raise DamagedCheckpoint(f"{path.name} lacks what a resume needs")
     return state
 
 
@@ -1219,7 +1229,7 @@ def setup_logging(dist_info: DistInfo) -> None:
 def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo, resume_path, state):
     """Everything that can be checked from meta.json, the model config and the tokenizer.
 
-    Returns (meta, tokenizer, model_config, plan) or raises one UserError listing every problem.
+    Returns (meta, tokenizer, model_config, plan, data_fp) or raises one UserError listing every problem.
     """
     from dataset import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
 
@@ -1241,11 +1251,12 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if plan.val_blocks == 0:
         problems.append(f"the val split ({meta['splits']['val']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens (HINT: lower --block-size or raise prepare_data.py --val-fraction)")
+    data_fp = data_fingerprint(meta, cfg.data_dir)
     if state is not None:
-        problems += check_resume_compatible(state, cfg, explicit, data_fingerprint(meta),
-                                            tokenizer_fingerprint(tokenizer), dist_info)
+        problems += check_resume_compatible(state, cfg, explicit, data_fp, tokenizer_fingerprint(tokenizer),
+                                            dist_info)
     raise_if_problems(problems)
-    return meta, tokenizer, model_config, plan
+    return meta, tokenizer, model_config, plan, data_fp
 
 
 def seed_everything(seed: int) -> None:
@@ -1261,7 +1272,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import get_scheduler
 
-    from dataset import data_fingerprint, tokenizer_fingerprint
+    from dataset import tokenizer_fingerprint
 
     cfg, explicit = parse_config(argv)
     raise_if_problems(validate_config(cfg))
@@ -1270,7 +1281,7 @@ def main(argv=None) -> int:
     resume_path, state = load_resume_checkpoint(cfg)
     if state is not None:
         cfg = merge_resumed_config(cfg, state["config"], explicit)
-    meta, tokenizer, model_config, plan = check_before_loading(cfg, explicit, dist_info, resume_path, state)
+    meta, tokenizer, model_config, plan, data_fp = check_before_loading(cfg, explicit, dist_info, resume_path, state)
     device = get_device(cfg.device)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
@@ -1312,7 +1323,7 @@ def main(argv=None) -> int:
     run = TrainingRun(cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       scaler=scaler, ctx=ctx, device=device, dist_info=dist_info, plan=plan, progress=progress,
                       train_loader=train_loader, sampler=sampler, val_loader=val_loader,
-                      data_fingerprint=data_fingerprint(meta), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+                      data_fingerprint=data_fp, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

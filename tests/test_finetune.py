@@ -201,7 +201,7 @@ def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_d
 
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
     reference = tmp_path / "reference"
-    args = ["--epochs", "12", "--lr", "1e-4"]
+    args = ["--epochs", "6", "--lr", "1e-4"]
     assert ft.main(base_args(tiny_model_dir, tiny_data_dir, reference, *args)) == 0
 
     out = tmp_path / "out"
