@@ -531,10 +531,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, training_state: dict, di
             publish_folder(tmp, final)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = write_failure(exc)
-            if reason is not None:
-                raise CheckpointSaveError(f"could not save checkpoint {final} ({reason}); the partial "
-                                          f"files were removed") from exc
+            raise_if_write_failure(exc, f"checkpoint {final}")
             raise
     barrier(dist_info)
     return final
@@ -562,6 +559,13 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json",
 STATE_KEYS = ("step", "epoch", "samples_in_epoch", "tokens_seen", "best_val_loss", "evals_without_improvement",
               "optimizer", "scheduler", "scaler", "config", "data_fingerprint", "tokenizer_fingerprint",
               "world_size", "rng")
+
+
+def raise_if_write_failure(exc: BaseException, what: str) -> None:
+    """Turn a failed write (disk full, quota, I/O error) into a CheckpointSaveError naming `what`."""
+    reason = write_failure(exc)
+    if reason is not None:
+        raise CheckpointSaveError(f"could not save {what} ({reason}); the partial files were removed") from exc
 
 
 def write_failure(exc: BaseException) -> str | None:
@@ -1137,8 +1141,13 @@ class TrainingRun:
                      math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
             if improved:
                 tmp = self.output_dir / f".tmp-best-{os.getpid()}"
-                save_pretrained_files(self.model, self.tokenizer, tmp)
-                publish_folder(tmp, self.output_dir / "best")
+                try:
+                    save_pretrained_files(self.model, self.tokenizer, tmp)
+                    publish_folder(tmp, self.output_dir / "best")
+                except BaseException as exc:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise_if_write_failure(exc, f"the best model {self.output_dir / 'best'}")
+                    raise
             plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
 
@@ -1189,8 +1198,13 @@ class TrainingRun:
         if not self.dist_info.is_main:
             return
         tmp = self.output_dir / f".tmp-final-{os.getpid()}"
-        save_pretrained_files(self.model, self.tokenizer, tmp)
-        fsync_tree(tmp)
+        try:
+            save_pretrained_files(self.model, self.tokenizer, tmp)
+            fsync_tree(tmp)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_write_failure(exc, f"the final model in {self.output_dir}")
+            raise
         for path in tmp.iterdir():
             os.replace(path, self.output_dir / path.name)
         tmp.rmdir()
@@ -1335,14 +1349,16 @@ def main(argv=None) -> int:
         if dist_info.is_main:
             rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
         restore_rng_state(state["rng"][dist_info.rank])
-    else:
-        # Step 0: the base model's validation loss and samples, the "before" of the run.
-        val_loss = run.evaluate_and_track()
-        if cfg.sample_prompts:
-            run.write_samples(val_loss)
 
     try:
+        if state is None:
+            # Step 0: the base model's validation loss and samples, the "before" of the run.
+            val_loss = run.evaluate_and_track()
+            if cfg.sample_prompts:
+                run.write_samples(val_loss)
         exit_code = train(cfg, run)
+        if exit_code == 0:
+            run.save_final_model()
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)
         kept = f"the last checkpoint, {checkpoints[-1]}, is untouched" if checkpoints else "no checkpoint was written"
@@ -1364,7 +1380,6 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 130
     if exit_code == 0:
-        run.save_final_model()
         if dist_info.is_main:
             log.info("done: final model in %s, best model in %s", run.output_dir, run.output_dir / "best")
     if dist_info.enabled:
