@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -783,12 +784,29 @@ def load_model(source: str, cfg: TrainConfig, device, tokenizer):
         for key, value in model.config.to_dict().items():
             if ("pdrop" in key or "dropout" in key) and isinstance(value, float):
                 setattr(model.config, key, cfg.dropout)
+    fuse_tanh_gelu(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model.to(device)
+
+
+def fuse_tanh_gelu(model) -> int:
+    """GPT-2's "gelu_new" runs as a chain of ~8 element-wise ops; torch's GELU(approximate="tanh") is the
+    same formula in one kernel (equal up to rounding). Swapped in memory only: the saved config keeps
+    "gelu_new", so the saved model is unchanged for every other tool."""
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
 
 
 def make_optimizer(model, cfg: TrainConfig, device):
@@ -904,6 +922,62 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
 
 
 # -----------------------------------------------------------------------------
+# Loss: next-token cross-entropy without the whole batch's fp32 logits
+
+
+def next_token_loss(logits, input_ids, rows_per_chunk: int = 64):
+    """Mean cross-entropy of logits[:, t] against input_ids[:, t + 1], over all B x (T - 1) predictions.
+
+    The same value as transformers' ForCausalLMLoss (fp32 log-softmax of the same logits). In training
+    it avoids that function's fp32 copy of the (batch, seq, vocab) logits and its fp32 log-probabilities
+    kept for the backward pass (2 x 206 MB for GPT-2 at 4 x 256): see chunked_loss_function().
+    """
+    import torch
+
+    if not logits.requires_grad:  # evaluation: nothing is kept for a backward pass
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        return torch.nn.functional.cross_entropy(flat, input_ids[:, 1:].reshape(-1))
+    return chunked_loss_function().apply(logits, input_ids, rows_per_chunk)
+
+
+@functools.cache
+def chunked_loss_function():
+    """The autograd Function, built on first use (torch is imported lazily so --help and errors are fast)."""
+    import torch
+
+    class ChunkedNextTokenLoss(torch.autograd.Function):
+        """Forward computes, chunk by chunk in fp32, the loss *and* its gradient (softmax - one_hot) / n,
+        stored in the logits' own dtype (what autograd would cast it to); backward only scales it."""
+
+        @staticmethod
+        def forward(ctx, logits, input_ids, rows_per_chunk):
+            batch, seq, _ = logits.shape
+            n = batch * (seq - 1)  # every position but the last predicts the next token; no padding here
+            targets = input_ids[:, 1:]
+            grad = torch.empty_like(logits)
+            grad[:, -1].zero_()
+            total = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for b in range(batch):
+                for start in range(0, seq - 1, rows_per_chunk):
+                    end = min(start + rows_per_chunk, seq - 1)
+                    target = targets[b, start:end, None]
+                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+                    total -= log_probs.gather(1, target).sum(dtype=torch.float64)
+                    probs = log_probs.exp_()
+                    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                    grad[b, start:end] = probs.div_(n)
+            ctx.save_for_backward(grad)
+            return (total / n).float()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None, None
+
+    return ChunkedNextTokenLoss
+
+
+# -----------------------------------------------------------------------------
 # Evaluation
 
 
@@ -918,7 +992,7 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
         for batch in val_loader:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             with ctx:
-                loss = model(input_ids=input_ids, labels=input_ids).loss
+                loss = next_token_loss(model(input_ids=input_ids).logits, input_ids)
             n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
             totals[0] += loss.double() * n_predictions
             totals[1] += n_predictions
@@ -1030,7 +1104,7 @@ def train_loop(cfg: TrainConfig, run, stop: StopRequest, bar) -> int:
                         else model.no_sync())
                 with sync:
                     with ctx:
-                        loss = model(input_ids=input_ids, labels=input_ids).loss
+                        loss = next_token_loss(model(input_ids=input_ids).logits, input_ids)
                     # Weight each micro-batch by its share of the step's predictions, so a short
                     # last micro-batch counts per token, not per batch.
                     share = input_ids.shape[0] * (input_ids.shape[1] - 1) / window_predictions
