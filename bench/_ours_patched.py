@@ -75,16 +75,10 @@ def install_hwm_log(path: str) -> None:
 
 
 def swap_gelu(model) -> int:
-    import torch
-    from transformers.activations import NewGELUActivation
+    """Now part of finetune_generative.load_model (a no-op there after the first swap); kept for A/B runs."""
+    from finetune_generative import fuse_tanh_gelu
 
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-                swapped += 1
-    return swapped
+    return fuse_tanh_gelu(model)
 
 
 def wrap_forward_with_chunked_loss(model) -> None:
