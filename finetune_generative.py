@@ -992,7 +992,7 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
         for batch in val_loader:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             with ctx:
-                loss = next_token_loss(model(input_ids=input_ids).logits, input_ids)
+                loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
             n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
             totals[0] += loss.double() * n_predictions
             totals[1] += n_predictions
@@ -1103,8 +1103,8 @@ def train_loop(cfg: TrainConfig, run, stop: StopRequest, bar) -> int:
                 sync = (contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1
                         else model.no_sync())
                 with sync:
-                    with ctx:
-                        loss = next_token_loss(model(input_ids=input_ids).logits, input_ids)
+                    with ctx:  # use_cache=False: GPT-2's config asks for a key/value cache training never reads
+                        loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
                     # Weight each micro-batch by its share of the step's predictions, so a short
                     # last micro-batch counts per token, not per batch.
                     share = input_ids.shape[0] * (input_ids.shape[1] - 1) / window_predictions

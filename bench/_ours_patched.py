@@ -10,7 +10,9 @@ Patches (comma-separated in BENCH_PATCHES; none = the unmodified script):
                transformers' ForCausalLMLoss, which upcasts the whole (batch, seq, 50k) logits to fp32 and
                keeps fp32 log-probabilities for the backward pass. Same values (fp32 log-softmax of the same
                logits, mean over the same predictions); evaluation keeps the model's own loss.
-  sdpa_math    (diagnostic) nothing; kept so a run can be labelled.
+  no_cache     pass use_cache=False to the training forward: transformers otherwise builds a DynamicCache
+               of every layer's keys/values on each training step (GPT-2's config has use_cache=true),
+               which torch.compile guards on per layer (recompiles, then gives up at its limit).
 Other environment variables:
   BENCH_THREADS / BENCH_INTEROP_THREADS   torch.set_num_threads / set_num_interop_threads
   BENCH_HWM_LOG=path                      append the process's RSS high-water mark (VmHWM, MiB) after
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PATCHES = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
-KNOWN = {"gelu_tanh", "chunked_ce", "sdpa_math"}
+KNOWN = {"gelu_tanh", "chunked_ce", "no_cache"}
 
 
 def install_first_step_probe(path: str) -> None:
@@ -81,7 +83,8 @@ def swap_gelu(model) -> int:
     return fuse_tanh_gelu(model)
 
 
-def wrap_forward_with_chunked_loss(model) -> None:
+def wrap_forward(model, chunked_loss: bool, no_cache: bool) -> None:
+    """In training (grad enabled): no KV cache (no_cache) and/or the loss by causal_lm_loss (chunked_loss)."""
     import torch
 
     from _losses import causal_lm_loss
@@ -89,7 +92,11 @@ def wrap_forward_with_chunked_loss(model) -> None:
     original = model.forward
 
     def forward(*args, labels=None, **kwargs):
-        if labels is None or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return original(*args, labels=labels, **kwargs)
+        if no_cache:
+            kwargs.setdefault("use_cache", False)
+        if not chunked_loss or labels is None:
             return original(*args, labels=labels, **kwargs)
         out = original(*args, **kwargs)
         out.loss = causal_lm_loss(out.logits, labels)
@@ -121,9 +128,10 @@ def main() -> int:
         model = original_load_model(*args, **kwargs)
         if "gelu_tanh" in PATCHES:
             print(f"bench patch: {swap_gelu(model)} gelu_new -> GELU(tanh) modules", file=sys.stderr)
-        if "chunked_ce" in PATCHES:
-            wrap_forward_with_chunked_loss(model)
-            print("bench patch: chunked cross-entropy for the training loss", file=sys.stderr)
+        if "chunked_ce" in PATCHES or "no_cache" in PATCHES:
+            wrap_forward(model, "chunked_ce" in PATCHES, "no_cache" in PATCHES)
+            print(f"bench patch: training forward with chunked loss={'chunked_ce' in PATCHES}, "
+                  f"use_cache=False: {'no_cache' in PATCHES}", file=sys.stderr)
         return model
 
     fg.load_model = load_model
