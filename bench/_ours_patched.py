@@ -10,7 +10,7 @@ Patches (comma-separated in BENCH_PATCHES; none = the unmodified script):
                transformers' ForCausalLMLoss, which upcasts the whole (batch, seq, 50k) logits to fp32 and
                keeps fp32 log-probabilities for the backward pass. Same values (fp32 log-softmax of the same
                logits, mean over the same predictions); evaluation keeps the model's own loss.
-  no_cache     pass use_cache=False to the training forward: transformers otherwise builds a DynamicCache
+  no_cache     pass use_cache=False to the training/evaluation forward: transformers otherwise builds a DynamicCache
                of every layer's keys/values on each training step (GPT-2's config has use_cache=true),
                which torch.compile guards on per layer (recompiles, then gives up at its limit).
 Other environment variables:
@@ -84,22 +84,26 @@ def swap_gelu(model) -> int:
 
 
 def wrap_forward(model, chunked_loss: bool, no_cache: bool) -> None:
-    """In training (grad enabled): no KV cache (no_cache) and/or the loss by causal_lm_loss (chunked_loss)."""
+    """Calls with labels (training and evaluation; generation passes none): use_cache=False (no_cache),
+    and in training (grad enabled) the loss from causal_lm_loss (chunked_loss)."""
     import torch
 
     from _losses import causal_lm_loss
 
     original = model.forward
+    # Under --compile the loss stays outside the compiled graph, as it would if train_loop computed it
+    # from the logits itself.
+    loss_fn = torch.compiler.disable(causal_lm_loss)
 
     def forward(*args, labels=None, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(*args, labels=labels, **kwargs)
+        if labels is None:
+            return original(*args, **kwargs)
         if no_cache:
             kwargs.setdefault("use_cache", False)
-        if not chunked_loss or labels is None:
+        if not chunked_loss or not torch.is_grad_enabled():
             return original(*args, labels=labels, **kwargs)
         out = original(*args, **kwargs)
-        out.loss = causal_lm_loss(out.logits, labels)
+        out.loss = loss_fn(out.logits, labels)
         return out
 
     model.forward = forward
