@@ -248,8 +248,9 @@ def validation_blocks(num_blocks: int, max_batches: int | None, batch_size: int,
                       rank: int = 0, world_size: int = 1) -> list[int]:
     """Deterministic, non-overlapping validation blocks for this rank (all of them by default).
 
-    With `max_batches`, the first max_batches x batch_size x world_size blocks are used, so
-    the partial pass is the same subset at every evaluation.
+    With `max_batches`, max_batches x batch_size x world_size blocks spread evenly over the split are
+    used, so a partial pass covers the whole validation text and is the same subset at every evaluation.
     """
     limit = num_blocks if max_batches is None else min(num_blocks, max_batches * batch_size * world_size)
-    return list(range(rank, limit, world_size))
+    chosen = range(num_blocks) if limit == num_blocks else [i * num_blocks // limit for i in range(limit)]
+    return list(chosen[rank::world_size])

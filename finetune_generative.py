@@ -104,7 +104,10 @@ class TrainConfig:
     seed: int = 1337
     """seeds the shuffle order and dropout"""
     compile: bool = False
-    """torch.compile the model (pays off on longer runs; see README)"""
+    """torch.compile the model (on the 2-core CPU it was measured on it made steps slower; see README)"""
+    torch_dropout: bool = False
+    """on CPU, draw dropout masks with torch's own (slower) kernels instead of the faster generator of
+    cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, slower steps"""
     # --- logging, evaluation, checkpoints
@@ -113,7 +116,8 @@ class TrainConfig:
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
-    """validation batches per evaluation (default: the whole validation split)"""
+    """validation batches per evaluation, spread over the split (default: the whole split, but at most
+    a tenth of the micro-batches trained between two evaluations, so evaluating costs a few percent)"""
     save_every: int = 500
     """optimizer steps between checkpoints, besides the end; 0 = only at the end"""
     save_total_limit: int | None = 3
@@ -148,7 +152,8 @@ FLAG_GROUPS = {
     "schedule": ("epochs", "max_steps", "batch_size", "grad_accum"),
     "optimization": ("lr", "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
                      "max_grad_norm", "dropout"),
-    "runtime": ("precision", "device", "num_workers", "seed", "compile", "gradient_checkpointing"),
+    "runtime": ("precision", "device", "num_workers", "seed", "compile", "torch_dropout",
+                "gradient_checkpointing"),
     "logging, evaluation and checkpoints": ("log_every", "eval_every", "eval_batches", "save_every",
                                             "save_total_limit", "early_stopping_patience"),
     "samples during training": ("sample_prompts", "sample_every", "sample_max_new_tokens"),
@@ -785,6 +790,10 @@ def load_model(source: str, cfg: TrainConfig, device, tokenizer):
             if ("pdrop" in key or "dropout" in key) and isinstance(value, float):
                 setattr(model.config, key, cfg.dropout)
     fuse_tanh_gelu(model)
+    if device.type == "cpu" and not cfg.torch_dropout:
+        from cpu_dropout import use_fast_cpu_dropout
+
+        use_fast_cpu_dropout(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
@@ -829,14 +838,24 @@ def ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loaders(cfg: TrainConfig, meta: dict, block_size: int, device, dist_info: DistInfo):
+def eval_batches_per_process(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    """--eval-batches, or by default a tenth of the micro-batches trained between two evaluations (at
+    least 8; evaluations come every --eval-every steps and at each epoch end). A forward pass costs about
+    a third of a training micro-step, so evaluating stays near 3 % of the run whatever the split's size."""
+    if cfg.eval_batches is not None:
+        return cfg.eval_batches
+    interval = min(cfg.eval_every, steps_per_epoch) if cfg.eval_every else steps_per_epoch
+    return max(8, interval * cfg.grad_accum // 10)
+
+
+def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: DistInfo):
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from dataset import EpochShuffleSampler, TextDataset, validation_blocks
 
-    train_set = TextDataset.from_data_dir(cfg.data_dir, "train", block_size, meta)
-    val_set = TextDataset.from_data_dir(cfg.data_dir, "val", block_size, meta)
+    train_set = TextDataset.from_data_dir(cfg.data_dir, "train", plan.block_size, meta)
+    val_set = TextDataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
     sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
                                   num_replicas=dist_info.world_size)
     common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
@@ -845,8 +864,8 @@ def make_loaders(cfg: TrainConfig, meta: dict, block_size: int, device, dist_inf
                   # A private generator: worker seeding must not consume the global RNG (dropout).
                   generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
-    val_indices = validation_blocks(len(val_set), cfg.eval_batches, cfg.batch_size,
-                                    dist_info.rank, dist_info.world_size)
+    val_batches = eval_batches_per_process(cfg, plan.steps_per_epoch)
+    val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, **common)
     return train_loader, sampler, val_loader, len(train_set), len(val_set)
 
@@ -904,6 +923,13 @@ def count_parameters(model_config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def eval_description(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
+    batches = eval_batches_per_process(cfg, plan.steps_per_epoch)
+    blocks = min(plan.val_blocks, batches * cfg.batch_size * world_size)
+    when = f"every {cfg.eval_every:,} steps, " if cfg.eval_every else ""
+    return f"{blocks:,} of {plan.val_blocks:,} val blocks, at step 0, {when}each epoch end and the end"
+
+
 def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int) -> str:
     lines = [
@@ -915,6 +941,7 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
         f"{cfg.batch_size * cfg.grad_accum * world_size} sequences, {plan.tokens_per_step:,} tokens per step",
         f"steps            {plan.steps_per_epoch:,} per epoch, {plan.total_steps:,} total "
         f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
+        f"evaluation       {eval_description(plan, cfg, world_size)}",
         f"device           {device}, precision {precision}",
         f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
     ]
@@ -1401,7 +1428,7 @@ def main(argv=None) -> int:
     log.info("plan\n%s", describe_plan(plan, cfg, meta, n_params,
                                        estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision),
                                        device, precision, dist_info.world_size))
-    train_loader, sampler, val_loader, _, _ = make_loaders(cfg, meta, plan.block_size, device, dist_info)
+    train_loader, sampler, val_loader, _, _ = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
     if dist_info.enabled:

@@ -1,18 +1,23 @@
-"""finetune_generative.py with prototype speed-ups applied by monkeypatching, for measurement only.
+"""finetune_generative.py with speed levers toggled by monkeypatching, for measurement only.
 
-    BENCH_PATCHES=gelu_tanh,chunked_ce python bench/_ours_patched.py <finetune_generative.py flags>
+    BENCH_PATCHES=old_gelu,hf_loss python bench/_ours_patched.py <finetune_generative.py flags>
 
-Patches (comma-separated in BENCH_PATCHES; none = the unmodified script):
-  gelu_tanh    replace transformers' NewGELUActivation modules ("gelu_new": a chain of ~8 element-wise
-               ops) by torch.nn.GELU(approximate="tanh"): the same tanh formula in one kernel. The model's
-               saved config is not touched. Values agree to rounding (the fused kernel rounds once).
-  chunked_ce   training loss from the logits by a chunked cross-entropy (bench/_losses.py) instead of
-               transformers' ForCausalLMLoss, which upcasts the whole (batch, seq, 50k) logits to fp32 and
-               keeps fp32 log-probabilities for the backward pass. Same values (fp32 log-softmax of the same
-               logits, mean over the same predictions); evaluation keeps the model's own loss.
-  no_cache     pass use_cache=False to the training/evaluation forward: transformers otherwise builds a DynamicCache
-               of every layer's keys/values on each training step (GPT-2's config has use_cache=true),
-               which torch.compile guards on per layer (recompiles, then gives up at its limit).
+Runs the script's own main() with the named changes; no patch = the script as it is. The patches turn
+levers the script already pulls back OFF (to measure what each one buys), or try new ones:
+
+  old_gelu     keep transformers' NewGELUActivation ("gelu_new": a chain of ~8 element-wise ops)
+               instead of the script's fuse_tanh_gelu() swap to torch.nn.GELU(approximate="tanh").
+  hf_loss      training loss by transformers' ForCausalLMLoss (fp32 copy of the whole batch's logits,
+               fp32 log-probabilities kept for backward) instead of the script's chunked next_token_loss.
+  with_cache   let the training forward build transformers' DynamicCache (GPT-2's config has
+               use_cache=true) instead of the script's use_cache=False.
+  loop_adamw   AdamW without fused=True (on CPU: the per-tensor loop, as the Trainer's adamw_torch).
+  eager_attn   load the model with attn_implementation="eager" instead of SDPA (with dropout > 0 the
+               CPU SDPA falls back to its math path).
+  lazy_plot    no loss.png at step 0 (one point; matplotlib import + render) - start-up lever.
+  val_inline   the validation DataLoader without worker processes (the val pass is short; its 2
+               persistent workers cost start-up time and memory) - start-up lever.
+
 Other environment variables:
   BENCH_THREADS / BENCH_INTEROP_THREADS   torch.set_num_threads / set_num_interop_threads
   BENCH_HWM_LOG=path                      append the process's RSS high-water mark (VmHWM, MiB) after
@@ -33,12 +38,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PATCHES = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
-KNOWN = {"gelu_tanh", "chunked_ce", "no_cache"}
+KNOWN = {"old_gelu", "hf_loss", "with_cache", "loop_adamw", "eager_attn", "lazy_plot", "val_inline"}
 
 
 def install_first_step_probe(path: str) -> None:
     import psutil
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     def hook(optimizer, args, kwargs):
         Path(path).write_text(json.dumps({"kind": "ours", "process_start": psutil.Process().create_time(),
@@ -47,7 +52,6 @@ def install_first_step_probe(path: str) -> None:
             child.kill()
         os._exit(0)
 
-    from torch.optim.optimizer import register_optimizer_step_post_hook
     register_optimizer_step_post_hook(hook)
 
 
@@ -62,7 +66,7 @@ def vm_hwm_mib() -> float:
 def install_hwm_log(path: str) -> None:
     import atexit
 
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     counter = {"step": 0}
 
@@ -71,42 +75,78 @@ def install_hwm_log(path: str) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"after_step": counter["step"], "hwm_mib": vm_hwm_mib()}) + "\n")
 
-    from torch.optim.optimizer import register_optimizer_step_post_hook
     register_optimizer_step_post_hook(hook)
     atexit.register(lambda: open(path, "a").write(json.dumps({"at_exit": True, "hwm_mib": vm_hwm_mib()}) + "\n"))
 
 
-def swap_gelu(model) -> int:
-    """Now part of finetune_generative.load_model (a no-op there after the first swap); kept for A/B runs."""
-    from finetune_generative import fuse_tanh_gelu
-
-    return fuse_tanh_gelu(model)
-
-
-def wrap_forward(model, chunked_loss: bool, no_cache: bool) -> None:
-    """Calls with labels (training and evaluation; generation passes none): use_cache=False (no_cache),
-    and in training (grad enabled) the loss from causal_lm_loss (chunked_loss)."""
+def apply_patches(fg) -> None:
     import torch
 
-    from _losses import causal_lm_loss
+    if "old_gelu" in PATCHES:
+        fg.fuse_tanh_gelu = lambda model: 0
+    if "hf_loss" in PATCHES:
+        from transformers.loss.loss_utils import ForCausalLMLoss
 
-    original = model.forward
-    # Under --compile the loss stays outside the compiled graph, as it would if train_loop computed it
-    # from the logits itself.
-    loss_fn = torch.compiler.disable(causal_lm_loss)
+        def hf_next_token_loss(logits, input_ids, rows_per_chunk=64):
+            return ForCausalLMLoss(logits, input_ids, vocab_size=logits.shape[-1])
 
-    def forward(*args, labels=None, **kwargs):
-        if labels is None:
-            return original(*args, **kwargs)
-        if no_cache:
-            kwargs.setdefault("use_cache", False)
-        if not chunked_loss or not torch.is_grad_enabled():
-            return original(*args, labels=labels, **kwargs)
-        out = original(*args, **kwargs)
-        out.loss = loss_fn(out.logits, labels)
-        return out
+        fg.next_token_loss = hf_next_token_loss
+    if "loop_adamw" in PATCHES:
+        original_make_optimizer = fg.make_optimizer
 
-    model.forward = forward
+        def make_optimizer(model, cfg, device):
+            opt = original_make_optimizer(model, cfg, device)
+            return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                     foreach=False)
+
+        fg.make_optimizer = make_optimizer
+    if "eager_attn" in PATCHES:
+        from transformers import AutoModelForCausalLM
+
+        original_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+        def from_pretrained(*args, **kwargs):
+            kwargs.setdefault("attn_implementation", "eager")
+            return original_from_pretrained(*args, **kwargs)
+
+        AutoModelForCausalLM.from_pretrained = from_pretrained
+    if "with_cache" in PATCHES:
+        original_load_model = fg.load_model
+
+        def load_model(*args, **kwargs):
+            model = original_load_model(*args, **kwargs)
+            forward = model.forward
+
+            def cached_forward(*a, **kw):
+                if torch.is_grad_enabled():
+                    kw["use_cache"] = True
+                return forward(*a, **kw)
+
+            model.forward = cached_forward
+            return model
+
+        fg.load_model = load_model
+    if "lazy_plot" in PATCHES:
+        original_plot = fg.plot_losses
+
+        def plot_losses(metrics, path):
+            if any(m.get("kind") == "train" for m in metrics):
+                original_plot(metrics, path)
+
+        fg.plot_losses = plot_losses
+    if "val_inline" in PATCHES:
+        original_make_loaders = fg.make_loaders
+
+        def make_loaders(cfg, meta, plan, device, dist_info):
+            from torch.utils.data import DataLoader
+
+            train_loader, sampler, val_loader, n_train, n_val = original_make_loaders(
+                cfg, meta, plan, device, dist_info)
+            val_loader = DataLoader(val_loader.dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0,
+                                    pin_memory=device.type == "cuda")
+            return train_loader, sampler, val_loader, n_train, n_val
+
+        fg.make_loaders = make_loaders
 
 
 def main() -> int:
@@ -126,19 +166,9 @@ def main() -> int:
 
     import finetune_generative as fg
 
-    original_load_model = fg.load_model
-
-    def load_model(*args, **kwargs):
-        model = original_load_model(*args, **kwargs)
-        if "gelu_tanh" in PATCHES:
-            print(f"bench patch: {swap_gelu(model)} gelu_new -> GELU(tanh) modules", file=sys.stderr)
-        if "chunked_ce" in PATCHES or "no_cache" in PATCHES:
-            wrap_forward(model, "chunked_ce" in PATCHES, "no_cache" in PATCHES)
-            print(f"bench patch: training forward with chunked loss={'chunked_ce' in PATCHES}, "
-                  f"use_cache=False: {'no_cache' in PATCHES}", file=sys.stderr)
-        return model
-
-    fg.load_model = load_model
+    apply_patches(fg)
+    if PATCHES:
+        print(f"bench patches: {', '.join(PATCHES)}", file=sys.stderr)
     return fg.main(sys.argv[1:])
 
 

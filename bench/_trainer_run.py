@@ -4,7 +4,7 @@
         --precision bf16|fp32 --result out.json
 
 Same model folder, the same token blocks (dataset.TextDataset), batch, steps, optimizer settings as
-finetune_generative.py's defaults (AdamW torch, lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 0.01,
+finetune_generative.py's defaults (the Trainer's default AdamW, lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 0.01,
 linear schedule with ceil(5% of steps) warmup, clip 1.0). No evaluation, no saving, logging_steps huge.
 A callback stamps the end of every optimizer step; the result JSON holds the per-step seconds.
 `--exit-after-first-step` stops the process right after the first optimizer step (start-up benchmark).
@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16", "default"], default="default",
                    help="default = the Trainer's own default (fp32)")
-    p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim")
+    p.add_argument("--optim", default=None,
+                   help="TrainingArguments.optim (default: the Trainer's own, adamw_torch_fused in transformers 5)")
     p.add_argument("--workers", type=int, default=0, help="dataloader_num_workers (Trainer default 0)")
     p.add_argument("--dropout", type=float, default=None, help="override the model's dropout (default: keep)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -89,7 +90,7 @@ def main() -> int:
         max_steps=args.steps,
         learning_rate=5e-5, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         lr_scheduler_type="linear", warmup_steps=math.ceil(0.05 * args.steps), max_grad_norm=1.0,
-        optim=args.optim,
+        **({"optim": args.optim} if args.optim else {}),
         bf16=args.precision == "bf16",
         use_cpu=args.device == "cpu",
         logging_steps=10**9, eval_strategy="no", save_strategy="no", report_to="none",

@@ -4,7 +4,7 @@
     python bench/train_throughput.py --precision fp32        # fp32 vs fp32
     python bench/train_throughput.py --precision defaults    # ours with no flag (auto) vs Trainer defaults
     python bench/train_throughput.py --model small --steps 100
-    python bench/train_throughput.py --contenders ours,trainer,patched --patches gelu_tanh,chunked_ce
+    python bench/train_throughput.py --contenders ours,patched --patches old_gelu   # what one lever buys
 
 Each contender runs as its own subprocess (so its peak memory is its own), and the contenders ALTERNATE
 (ours, trainer, ours, trainer, ...) so that drift in the machine's speed hits both alike. Everything is
@@ -17,9 +17,10 @@ and the model's own dropout (unless --dropout).
             (time to fetch the batch, forward, backward, clip, step; evaluation and saving excluded).
             It still evaluates at step 0 and at the end and saves at the end: the val split is tiny
             (8 blocks) and the wall time column includes all of it.
-  trainer   bench/_trainer_run.py: transformers.Trainer, optim adamw_torch, bf16=True or fp32, no eval,
+  trainer   bench/_trainer_run.py: transformers.Trainer with its default optimizer (adamw_torch_fused),
+            bf16=True or fp32, no eval,
             no save, logging_steps huge; a callback stamps the end of each optimizer step.
-  patched   bench/_ours_patched.py: ours plus the prototype speed-ups named by --patches.
+  patched   bench/_ours_patched.py: ours with the levers named by --patches switched (see that file).
 
 Steady-state tokens/s = batch x block x (measured steps) / (their summed seconds), the first --skip
 steps (warm-up, torch.compile) left out. MFU = tokens/s x training FLOPs per token / the matmul peak this
@@ -72,13 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--contenders", default="ours,trainer",
                    help="comma list of ours, trainer, patched (patched = ours + --patches)")
-    p.add_argument("--patches", default="gelu_tanh,chunked_ce",
+    p.add_argument("--patches", default="",
                    help="prototype speed-ups for the 'patched' contender (see bench/_ours_patched.py)")
     p.add_argument("--ours-args", default="",
                    help="extra flags for finetune_generative.py (ours and patched), e.g. '--compile'")
     p.add_argument("--num-workers", type=int, default=None,
                    help="ours' --num-workers (default: the script's default)")
-    p.add_argument("--trainer-optim", default="adamw_torch", help="TrainingArguments.optim")
+    p.add_argument("--trainer-optim", default=None,
+                   help="TrainingArguments.optim (default: the Trainer's own default, adamw_torch_fused)")
     p.add_argument("--trainer-workers", type=int, default=0, help="Trainer dataloader_num_workers")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every contender (default: torch's choice = cores)")
@@ -123,7 +125,8 @@ def trainer_command(args, model_dir, data_dir, out_dir, result) -> list[str]:
     cmd = [sys.executable, str(REPO / "bench" / "_trainer_run.py"), "--model", str(model_dir),
            "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
-           "--precision", PRECISIONS[args.precision][1], "--optim", args.trainer_optim,
+           "--precision", PRECISIONS[args.precision][1],
+           *(["--optim", args.trainer_optim] if args.trainer_optim else []),
            "--workers", str(args.trainer_workers), "--device", args.device, "--result", str(result)]
     if args.dropout is not None:
         cmd += ["--dropout", str(args.dropout)]

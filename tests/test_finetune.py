@@ -290,3 +290,18 @@ def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model_dir, tin
     last_step = evals[-1]["step"]
     assert last_step < 60 and train_records(out)[-1]["step"] == last_step
     assert (out / f"checkpoint-{last_step}").is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model_dir, tiny_data_dir):
+    """Without dropout the fast CPU path and --torch-dropout train identically; with dropout they draw
+    different masks (cpu_dropout.py's distribution tests show the masks mean the same)."""
+    losses = {}
+    for name, extra in {"fast0": ["--dropout", "0"], "torch0": ["--dropout", "0", "--torch-dropout"],
+                        "fast": ["--dropout", "0.1"], "torch": ["--dropout", "0.1", "--torch-dropout"]}.items():
+        out = tmp_path / name
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "3", *extra)) == 0
+        losses[name] = [r["loss"] for r in train_records(out)]
+        assert len(losses[name]) == 3
+    assert losses["fast0"] == losses["torch0"]
+    assert_same_weights(tmp_path / "fast0", tmp_path / "torch0")
+    assert losses["fast"][0] != losses["torch"][0]

@@ -1,0 +1,122 @@
+"""Dropout on CPU from a faster random source: the same keep-probability, the same 1 / (1 - p) scaling.
+
+Why: torch's CPU dropout draws its mask with a serial Bernoulli kernel (an MKL path exists only on
+Intel CPUs). GPT-2 124M at batch 4 x 256 draws ~57M mask elements per training step (37M of them for
+the attention probabilities), and that kernel alone took 13 % of a bf16 step on the 2-core AMD CPU this
+was measured on. Here each 64-bit draw of torch's default generator yields two 32-bit uniform integers,
+and an element is kept when its integer is at or above a threshold: P(keep) = 1 - p to within 2^-32
+(torch's own float uniforms have 24 bits). Same distribution, different random stream: with the same
+seed the masks differ from torch's, so `--torch-dropout` switches this off for runs that must draw
+exactly the masks transformers.Trainer draws.
+
+With attention dropout > 0, torch's scaled_dot_product_attention on CPU falls back to its "math" path
+(fp32 matmuls, softmax, dropout). `attention_with_cpu_dropout` computes the same thing in fp32 with the
+mask above; every other call (no dropout, evaluation, padding masks, GPUs, grouped-query attention)
+goes to transformers' own SDPA function unchanged.
+
+Only modules marked by `use_fast_cpu_dropout(model)` take these paths, so other models in the same
+process keep stock behaviour. The model's config and saved files are not touched.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+# P(int32 uniform >= threshold) = (2^31 - threshold) / 2^32 = 1 - p.
+INT32_RANGE = 2**32
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Bool tensor of `shape`, each element True with probability 1 - p, from torch's default generator."""
+    n = math.prod(shape)
+    threshold = round(p * INT32_RANGE) - 2**31
+    # randint over (almost) the whole int64 range: 64 uniform bits per draw, two int32 per draw.
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    return bits.view(torch.int32)[:n].view(shape) >= threshold
+
+
+class _MaskedScale(torch.autograd.Function):
+    """y = x * keep / (1 - p); the bool mask (1 byte per element) is all that is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = keep_mask(x.shape, p, device=x.device)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout with the fast mask (0 < p < 1)."""
+    return _MaskedScale.apply(x, p)
+
+
+class CPUDropout(torch.nn.Dropout):
+    """nn.Dropout whose training-mode mask on CPU comes from keep_mask(); elsewhere it is nn.Dropout."""
+
+    def forward(self, x):
+        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return dropout(x, self.p)
+
+
+@functools.cache
+def causal_mask(length: int, device_str: str) -> torch.Tensor:
+    """True above the diagonal: the future positions a query may not attend to."""
+    return torch.ones(length, length, dtype=torch.bool, device=device_str).triu_(1)
+
+
+def attention_with_cpu_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
+                               scaling: float | None = None, **kwargs):
+    """transformers' attention-function signature. Causal self-attention with attention dropout on CPU
+    is computed here in fp32 (as torch's math path does); everything else goes to the stock SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    ours = (getattr(module, "fast_cpu_dropout", False) and module.training and 0.0 < dropout < 1.0
+            and query.device.type == "cpu" and attention_mask is None and is_causal
+            and query.shape[-2] == key.shape[-2] and query.shape[1] == key.shape[1]
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+    if not ours:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
+    scores.masked_fill_(  # in place: matmul's backward needs its inputs, not its output
+        causal_mask(query.shape[-2], str(query.device)), float("-inf"))
+    probs = _MaskedScale.apply(torch.softmax(scores, dim=-1), dropout)
+    output = torch.matmul(probs, value.float()).to(query.dtype)
+    return output.transpose(1, 2).contiguous(), None  # (batch, seq, heads, head_dim), as SDPA returns
+
+
+def use_fast_cpu_dropout(model) -> int:
+    """Swap the model's nn.Dropout modules for CPUDropout and mark its attention modules for
+    attention_with_cpu_dropout (installed in place of transformers' "sdpa" function, which it calls for
+    every unmarked module). Returns the number of dropout modules swapped."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, CPUDropout(child.p, child.inplace))
+                swapped += 1
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        install_attention_function()
+        for module in model.modules():
+            if hasattr(module, "is_causal") and any(isinstance(c, CPUDropout) for c in module.children()):
+                module.fast_cpu_dropout = True
+    return swapped
+
+
+@functools.cache
+def install_attention_function() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa", attention_with_cpu_dropout)
