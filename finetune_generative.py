@@ -116,8 +116,8 @@ class TrainConfig:
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
-    """validation batches per evaluation, spread over the split (default: the whole split, but at most
-    a tenth of the micro-batches trained between two evaluations, so evaluating costs a few percent)"""
+    """validation batches per evaluation, spread over the split (default: all of them, but the run's
+    evaluations together at most 1/20 of the batches it trains, at least 8 each: a few % of the run)"""
     save_every: int = 500
     """optimizer steps between checkpoints, besides the end; 0 = only at the end"""
     save_total_limit: int | None = 3
@@ -838,14 +838,24 @@ def ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def eval_batches_per_process(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
-    """--eval-batches, or by default a tenth of the micro-batches trained between two evaluations (at
-    least 8; evaluations come every --eval-every steps and at each epoch end). A forward pass costs about
-    a third of a training micro-step, so evaluating stays near 3 % of the run whatever the split's size."""
+def evaluation_steps(cfg: TrainConfig, plan: Plan) -> list[int]:
+    """The steps the loop evaluates at: 0, every --eval-every, each epoch end, the last step."""
+    steps = {plan.total_steps}
+    if cfg.eval_every:
+        steps.update(range(cfg.eval_every, plan.total_steps + 1, cfg.eval_every))
+    if plan.steps_per_epoch:
+        steps.update(range(plan.steps_per_epoch, plan.total_steps + 1, plan.steps_per_epoch))
+    return [0, *sorted(steps)]
+
+
+def eval_batches_per_process(cfg: TrainConfig, plan: Plan) -> int:
+    """--eval-batches, or by default the run's evaluations together get at most 1/20 of the micro-batches
+    it trains (at least 8 each). A forward pass costs about half a training micro-step here (measured with
+    bench/overhead.py), so evaluating stays near 3 % of the run whatever the size of the split."""
     if cfg.eval_batches is not None:
         return cfg.eval_batches
-    interval = min(cfg.eval_every, steps_per_epoch) if cfg.eval_every else steps_per_epoch
-    return max(8, interval * cfg.grad_accum // 10)
+    n_evals = len(evaluation_steps(cfg, plan))
+    return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
 def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: DistInfo):
@@ -864,7 +874,7 @@ def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: Di
                   # A private generator: worker seeding must not consume the global RNG (dropout).
                   generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
-    val_batches = eval_batches_per_process(cfg, plan.steps_per_epoch)
+    val_batches = eval_batches_per_process(cfg, plan)
     val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, **common)
     return train_loader, sampler, val_loader, len(train_set), len(val_set)
@@ -924,10 +934,10 @@ def count_parameters(model_config) -> int:
 
 
 def eval_description(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
-    batches = eval_batches_per_process(cfg, plan.steps_per_epoch)
-    blocks = min(plan.val_blocks, batches * cfg.batch_size * world_size)
-    when = f"every {cfg.eval_every:,} steps, " if cfg.eval_every else ""
-    return f"{blocks:,} of {plan.val_blocks:,} val blocks, at step 0, {when}each epoch end and the end"
+    blocks = min(plan.val_blocks, eval_batches_per_process(cfg, plan) * cfg.batch_size * world_size)
+    steps = evaluation_steps(cfg, plan)
+    shown = ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
+    return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
 
 
 def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
@@ -961,9 +971,15 @@ def next_token_loss(logits, input_ids, rows_per_chunk: int = 64):
     """
     import torch
 
-    if not logits.requires_grad:  # evaluation: nothing is kept for a backward pass
-        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return torch.nn.functional.cross_entropy(flat, input_ids[:, 1:].reshape(-1))
+    if not logits.requires_grad:  # evaluation: the same chunks, nothing kept for a backward pass
+        batch, seq, vocab = logits.shape
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, seq - 1, rows_per_chunk * 4):
+            end = min(start + rows_per_chunk * 4, seq - 1)
+            chunk = logits[:, start:end].reshape(-1, vocab).float()
+            total += torch.nn.functional.cross_entropy(chunk, input_ids[:, start + 1:end + 1].reshape(-1),
+                                                       reduction="sum").double()
+        return (total / (batch * (seq - 1))).float()
     return chunked_loss_function().apply(logits, input_ids, rows_per_chunk)
 
 

@@ -80,8 +80,8 @@ common=(--device "$DEVICE" --model "$MODEL" --precision bf16 --steps "$STEPS" --
         --tokenizer-dir "$TOK" --work-dir "$WORK" --timeout 240)
 left() { echo $((DEADLINE - SECONDS)); }
 
-contenders=ours,patched
-[[ $TRAINER == 1 ]] && contenders=ours,trainer,patched
+contenders=ours
+[[ $TRAINER == 1 ]] && contenders=ours,trainer
 echo; echo "== bf16, eager (no --compile): $contenders"
 timeout "$(left)" "$PY" bench/train_throughput.py "${common[@]}" --contenders "$contenders" \
   --json "$WORK/gpu-eager.json" || echo "(eager run failed or timed out: rc $?)"
@@ -89,7 +89,7 @@ if [[ $COMPILE == 1 ]]; then
   if (( $(left) < 60 )); then
     echo "not enough time left for the --compile runs ($(left) s)"; exit 1
   fi
-  echo; echo "== bf16, --compile: ours, patched"
-  timeout "$(left)" "$PY" bench/train_throughput.py "${common[@]}" --contenders ours,patched \
+  echo; echo "== bf16, --compile: ours"
+  timeout "$(left)" "$PY" bench/train_throughput.py "${common[@]}" --contenders ours \
     --ours-args "--compile" --json "$WORK/gpu-compile.json" || echo "(compile run failed or timed out: rc $?)"
 fi
