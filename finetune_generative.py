@@ -100,7 +100,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA, else Apple MPS, else CPU) | cuda | mps | cpu"""
     num_workers: int = 2
-    """DataLoader worker processes"""
+    """training DataLoader worker processes (validation reads its few blocks in the main process)"""
     seed: int = 1337
     """seeds the shuffle order and dropout"""
     compile: bool = False
@@ -868,15 +868,17 @@ def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: Di
     val_set = TextDataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
     sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
                                   num_replicas=dist_info.world_size)
-    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                  persistent_workers=cfg.num_workers > 0,
-                  worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
-                  # A private generator: worker seeding must not consume the global RNG (dropout).
-                  generator=torch.Generator().manual_seed(cfg.seed))
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **common)
+    pin = device.type == "cuda"
+    # Private generators: seeding workers and iterators must not consume the global RNG (dropout).
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                              pin_memory=pin, persistent_workers=cfg.num_workers > 0,
+                              worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     val_batches = eval_batches_per_process(cfg, plan)
     val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
-    val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, **common)
+    # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
+    val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(cfg.seed))
     return train_loader, sampler, val_loader, len(train_set), len(val_set)
 
 
@@ -1265,7 +1267,8 @@ class TrainingRun:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise_if_write_failure(exc, f"the best model {self.output_dir / 'best'}")
                     raise
-            plot_losses(self.metrics, self.output_dir / "loss.png")
+            if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
+                plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
 
     # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)

@@ -5,6 +5,8 @@
 Runs the script's own main() with the named changes; no patch = the script as it is. The patches turn
 levers the script already pulls back OFF (to measure what each one buys), or try new ones:
 
+  torch_dropout
+               run with --torch-dropout (torch's own CPU dropout masks and SDPA's math path).
   old_gelu     keep transformers' NewGELUActivation ("gelu_new": a chain of ~8 element-wise ops)
                instead of the script's fuse_tanh_gelu() swap to torch.nn.GELU(approximate="tanh").
   hf_loss      training loss by transformers' ForCausalLMLoss (fp32 copy of the whole batch's logits,
@@ -14,9 +16,7 @@ levers the script already pulls back OFF (to measure what each one buys), or try
   loop_adamw   AdamW without fused=True (on CPU: the per-tensor loop, as the Trainer's adamw_torch).
   eager_attn   load the model with attn_implementation="eager" instead of SDPA (with dropout > 0 the
                CPU SDPA falls back to its math path).
-  lazy_plot    no loss.png at step 0 (one point; matplotlib import + render) - start-up lever.
-  val_inline   the validation DataLoader without worker processes (the val pass is short; its 2
-               persistent workers cost start-up time and memory) - start-up lever.
+  no_eval0     skip the step-0 evaluation of the base model - start-up lever.
 
 Other environment variables:
   BENCH_THREADS / BENCH_INTEROP_THREADS   torch.set_num_threads / set_num_interop_threads
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PATCHES = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
-KNOWN = {"old_gelu", "hf_loss", "with_cache", "loop_adamw", "eager_attn", "lazy_plot", "val_inline"}
+KNOWN = {"torch_dropout", "old_gelu", "hf_loss", "with_cache", "loop_adamw", "eager_attn", "no_eval0"}
 
 
 def install_first_step_probe(path: str) -> None:
@@ -126,27 +126,13 @@ def apply_patches(fg) -> None:
             return model
 
         fg.load_model = load_model
-    if "lazy_plot" in PATCHES:
-        original_plot = fg.plot_losses
+    if "no_eval0" in PATCHES:
+        original_evaluate = fg.TrainingRun.evaluate_and_track
 
-        def plot_losses(metrics, path):
-            if any(m.get("kind") == "train" for m in metrics):
-                original_plot(metrics, path)
+        def evaluate_and_track(self):
+            return float("nan") if self.progress.step == 0 else original_evaluate(self)
 
-        fg.plot_losses = plot_losses
-    if "val_inline" in PATCHES:
-        original_make_loaders = fg.make_loaders
-
-        def make_loaders(cfg, meta, plan, device, dist_info):
-            from torch.utils.data import DataLoader
-
-            train_loader, sampler, val_loader, n_train, n_val = original_make_loaders(
-                cfg, meta, plan, device, dist_info)
-            val_loader = DataLoader(val_loader.dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0,
-                                    pin_memory=device.type == "cuda")
-            return train_loader, sampler, val_loader, n_train, n_val
-
-        fg.make_loaders = make_loaders
+        fg.TrainingRun.evaluate_and_track = evaluate_and_track
 
 
 def main() -> int:
@@ -169,7 +155,7 @@ def main() -> int:
     apply_patches(fg)
     if PATCHES:
         print(f"bench patches: {', '.join(PATCHES)}", file=sys.stderr)
-    return fg.main(sys.argv[1:])
+    return fg.main(sys.argv[1:] + (["--torch-dropout"] if "torch_dropout" in PATCHES else []))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ours-args", default="", help="extra flags for finetune_generative.py, e.g. '--compile'")
+    p.add_argument("--ours-patches", default="",
+                   help="BENCH_PATCHES for ours, e.g. no_eval0 to time it without the step-0 evaluation")
     p.add_argument("--full", action="store_true", help="also time complete --max-steps 1 runs")
     p.add_argument("--tokenizer-dir", default=str(DEFAULT_TOKENIZER_DIR))
     p.add_argument("--work-dir", default="/tmp/finetune-bench")
@@ -68,7 +70,7 @@ def commands(args, name, model_dir, data_dir, out_dir, probe: Path | None):
             cmd += ["--precision", args.precision]
         if probe:
             env["BENCH_FIRST_STEP_RESULT"] = str(probe)
-            env.pop("BENCH_PATCHES", None)
+            env["BENCH_PATCHES"] = args.ours_patches
     else:
         cmd = [sys.executable, str(REPO / "bench" / "_trainer_run.py"), "--model", str(model_dir),
                "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--steps", "1",
