@@ -974,13 +974,13 @@ def next_token_loss(logits, input_ids, rows_per_chunk: int = 64):
     import torch
 
     if not logits.requires_grad:  # evaluation: the same chunks, nothing kept for a backward pass
-        batch, seq, vocab = logits.shape
+        batch, seq, _ = logits.shape
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start in range(0, seq - 1, rows_per_chunk * 4):
-            end = min(start + rows_per_chunk * 4, seq - 1)
-            chunk = logits[:, start:end].reshape(-1, vocab).float()
-            total += torch.nn.functional.cross_entropy(chunk, input_ids[:, start + 1:end + 1].reshape(-1),
-                                                       reduction="sum").double()
+        for b in range(batch):
+            for start in range(0, seq - 1, rows_per_chunk * 4):
+                end = min(start + rows_per_chunk * 4, seq - 1)
+                total += torch.nn.functional.cross_entropy(
+                    logits[b, start:end].float(), input_ids[b, start + 1:end + 1], reduction="sum").double()
         return (total / (batch * (seq - 1))).float()
     return chunked_loss_function().apply(logits, input_ids, rows_per_chunk)
 

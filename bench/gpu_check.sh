@@ -91,5 +91,5 @@ if [[ $COMPILE == 1 ]]; then
   fi
   echo; echo "== bf16, --compile: ours"
   timeout "$(left)" "$PY" bench/train_throughput.py "${common[@]}" --contenders ours \
-    --ours-args "--compile" --json "$WORK/gpu-compile.json" || echo "(compile run failed or timed out: rc $?)"
+    --ours-args=--compile --json "$WORK/gpu-compile.json" || echo "(compile run failed or timed out: rc $?)"
 fi

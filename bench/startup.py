@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--ours-args", default="", help="extra flags for finetune_generative.py, e.g. '--compile'")
+    p.add_argument("--ours-args", default="", help="extra flags for finetune_generative.py; write --ours-args=--compile")
     p.add_argument("--ours-patches", default="",
                    help="BENCH_PATCHES for ours, e.g. no_eval0 to time it without the step-0 evaluation")
     p.add_argument("--full", action="store_true", help="also time complete --max-steps 1 runs")

@@ -74,9 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--contenders", default="ours,trainer",
                    help="comma list of ours, trainer, patched (patched = ours + --patches)")
     p.add_argument("--patches", default="",
-                   help="prototype speed-ups for the 'patched' contender (see bench/_ours_patched.py)")
+                   help="levers switched for the 'patched' contender (see bench/_ours_patched.py)")
     p.add_argument("--ours-args", default="",
-                   help="extra flags for finetune_generative.py (ours and patched), e.g. '--compile'")
+                   help="extra flags for finetune_generative.py (ours and patched); write --ours-args=--compile")
     p.add_argument("--num-workers", type=int, default=None,
                    help="ours' --num-workers (default: the script's default)")
     p.add_argument("--trainer-optim", default=None,

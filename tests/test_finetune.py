@@ -305,3 +305,36 @@ def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model
     assert losses["fast0"] == losses["torch0"]
     assert_same_weights(tmp_path / "fast0", tmp_path / "torch0")
     assert losses["fast"][0] != losses["torch"][0]
+
+
+def test_evaluations_happen_at_the_planned_steps_on_a_bounded_subset(tmp_path, tiny_model_dir, tiny_data_dir):
+    args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--eval-every", "3")
+    assert ft.main(args) == 0
+    cfg, _ = ft.parse_config(args)
+    meta = load_meta(tiny_data_dir)
+    plan = ft.make_plan(cfg, meta, BLOCK, world_size=1)
+    steps = ft.evaluation_steps(cfg, plan)
+    assert [r["step"] for r in train_records(tmp_path / "out", "eval")] == steps
+    assert steps[0] == 0 and steps[-1] == plan.total_steps and plan.steps_per_epoch in steps
+
+
+def test_default_evaluation_size_follows_the_budget():
+    from dataclasses import replace
+
+    from dataset import validation_blocks
+
+    plan = ft.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
+                   warmup_steps=30, tokens_per_step=1024, epochs=3.0)
+    cfg = ft.TrainConfig(batch_size=4)
+    assert ft.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
+    assert ft.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8
+    long_plan = replace(plan, steps_per_epoch=5000, total_steps=10_000)
+    assert len(ft.evaluation_steps(cfg, long_plan)) == 41
+    assert ft.eval_batches_per_process(cfg, long_plan) == 10_000 // (20 * 41)
+    assert ft.eval_batches_per_process(replace(cfg, grad_accum=4), long_plan) == 4 * 10_000 // (20 * 41)
+    assert ft.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
+    # A partial pass is spread over the whole split, the same blocks every time, disjoint across ranks.
+    assert validation_blocks(100, 2, 5) == list(range(0, 100, 10))
+    ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(0, 100, 5)) and not set(ranks[0]) & set(ranks[1])
+    assert validation_blocks(7, None, 4) == list(range(7))
