@@ -9,6 +9,10 @@ import contextlib
 import logging
 import platform
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily so that --help and usage errors stay fast
+    import torch
 
 EXIT_BAD_INPUT = 2
 
@@ -70,7 +74,7 @@ def library_versions() -> dict[str, str]:
 # Device and precision
 
 
-def get_device(requested: str = "auto") -> "torch.device":
+def get_device(requested: str = "auto") -> torch.device:
     """CUDA, else Apple MPS, else CPU; an explicit request must be available."""
     import torch
 
@@ -109,7 +113,7 @@ def _cpu_flag(*flags: str) -> bool:
     return any(flag in text.split() for flag in flags)
 
 
-def resolve_precision(requested: str, device: "torch.device") -> str:
+def resolve_precision(requested: str, device: torch.device) -> str:
     """Map --precision auto|fp32|bf16|fp16 to what runs on this device.
 
     auto: bf16 on CUDA that supports it, fp16 (with a GradScaler when training) on older
@@ -133,7 +137,7 @@ def resolve_precision(requested: str, device: "torch.device") -> str:
     return requested
 
 
-def autocast_context(device: "torch.device", precision: str):
+def autocast_context(device: torch.device, precision: str):
     """The autocast context for the forward pass; master weights stay fp32."""
     import torch
 

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, count_params, loadavg,  # noqa: E402
+from _common import (REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, count_params,  # noqa: E402
                      matmul_peak, model_gemm_peak, run_polled, steady_tokens_per_s, tail,
                      training_flops_per_token, wait_for_quiet, write_data_dir)
 
