@@ -797,7 +797,9 @@ def load_model(source: str, cfg: TrainConfig, device, tokenizer):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Renamed in recent transformers 5.x releases; the old name warns there.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model.to(device)
 

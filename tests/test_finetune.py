@@ -338,3 +338,19 @@ def test_default_evaluation_size_follows_the_budget():
     ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == list(range(0, 100, 5)) and not set(ranks[0]) & set(ranks[1])
     assert validation_blocks(7, None, 4) == list(range(7))
+
+
+def test_gradient_checkpointing_trains_the_same_with_dropout(tmp_path, tiny_model_dir, tiny_data_dir):
+    """Recomputed activations must draw the same dropout masks (fast CPU dropout included), so the run
+    with --gradient-checkpointing matches the one without, step for step."""
+    losses = {}
+    for name, extra in {"plain": [], "checkpointed": ["--gradient-checkpointing"]}.items():
+        out = tmp_path / name
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4", "--dropout", "0.2",
+                                 *extra)) == 0
+        losses[name] = [r["loss"] for r in train_records(out)]
+    assert len(losses["plain"]) == 4
+    assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6, abs=1e-6)
+    wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
