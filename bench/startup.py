@@ -9,14 +9,14 @@ the start is the process's creation time from the kernel (psutil), so interprete
 count. Runs alternate (ours, trainer, ours, ...).
 
 What each side does before its first step:
-  ours     `finetune_generative.main()` (via bench/_ours_patched.py with no patches, which only adds the
-           hook): parse + validate flags, read meta.json, tokenizer and config, load the weights, build
-           AdamW + schedule, open the DataLoader (2 worker processes by default), write the plan, and
-           evaluate the base model on the validation split (step 0: here 8 blocks; on real data this
-           is the whole val split unless --eval-batches), then one training step.
-  trainer  bench/_trainer_run.py: import transformers.Trainer, build TrainingArguments + Trainer
-           (accelerate state), load the same weights, then trainer.train() up to its first step.
-           No evaluation before training.
+  ours     `finetune_generative.main()` (via bench/_ours_patched.py, which adds the hook; --ours-patches
+           no_eval0 leaves out the step-0 evaluation): parse + validate flags, read meta.json, tokenizer
+           and config, load the weights, build AdamW + schedule, open the training DataLoader (2 worker
+           processes by default), write the plan, evaluate the base model on the validation blocks (step
+           0: here all 8; on real data the evaluation subset the plan prints), then one training step.
+  trainer  bench/_trainer_run.py: import transformers.Trainer, load the tokenizer (as every Trainer script
+           does) and the same weights, build TrainingArguments + Trainer (accelerate state), then
+           trainer.train() up to its first step. No evaluation before training.
 
 With --full, also the wall time of a complete `--max-steps 1` run of each, which adds for ours the
 final evaluation and the writing of checkpoint-1/, best/ and the final model (~1.5 GB for 124M), and for
