@@ -7,6 +7,7 @@ levers the script already pulls back OFF (to measure what each one buys), or try
 
   torch_dropout
                run with --torch-dropout (torch's own CPU dropout masks and SDPA's math path).
+  grad_ckpt    run with --gradient-checkpointing (the memory/speed trade-off, side by side).
   old_gelu     keep transformers' NewGELUActivation ("gelu_new": a chain of ~8 element-wise ops)
                instead of the script's fuse_tanh_gelu() swap to torch.nn.GELU(approximate="tanh").
   hf_loss      training loss by transformers' ForCausalLMLoss (fp32 copy of the whole batch's logits,
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PATCHES = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
-KNOWN = {"torch_dropout", "old_gelu", "hf_loss", "with_cache", "loop_adamw", "eager_attn", "no_eval0"}
+KNOWN = {"torch_dropout", "grad_ckpt", "old_gelu", "hf_loss", "with_cache", "loop_adamw", "eager_attn", "no_eval0"}
 
 
 def install_first_step_probe(path: str) -> None:
@@ -155,7 +156,8 @@ def main() -> int:
     apply_patches(fg)
     if PATCHES:
         print(f"bench patches: {', '.join(PATCHES)}", file=sys.stderr)
-    return fg.main(sys.argv[1:] + (["--torch-dropout"] if "torch_dropout" in PATCHES else []))
+    flags = {"torch_dropout": "--torch-dropout", "grad_ckpt": "--gradient-checkpointing"}
+    return fg.main(sys.argv[1:] + [flag for patch, flag in flags.items() if patch in PATCHES])
 
 
 if __name__ == "__main__":
