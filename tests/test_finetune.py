@@ -333,6 +333,7 @@ def test_default_evaluation_size_follows_the_budget():
     assert ft.eval_batches_per_process(cfg, long_plan) == 10_000 // (20 * 41)
     assert ft.eval_batches_per_process(replace(cfg, grad_accum=4), long_plan) == 4 * 10_000 // (20 * 41)
     assert ft.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
+    assert ft.eval_batches_per_process(replace(cfg, eval_batches=0), long_plan) is None  # the whole split
     # A partial pass is spread over the whole split, the same blocks every time, disjoint across ranks.
     assert validation_blocks(100, 2, 5) == list(range(0, 100, 10))
     ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]
