@@ -24,14 +24,11 @@ import math
 
 import torch
 
-# P(int32 uniform >= threshold) = (2^31 - threshold) / 2^32 = 1 - p.
-INT32_RANGE = 2**32
-
-
 def keep_mask(shape, p: float, device=None) -> torch.Tensor:
     """Bool tensor of `shape`, each element True with probability 1 - p, from torch's default generator."""
     n = math.prod(shape)
-    threshold = round(p * INT32_RANGE) - 2**31
+    # P(int32 uniform >= threshold) = (2^31 - threshold) / 2^32 = 1 - p, to 2^-32.
+    threshold = round(p * 2**32) - 2**31
     # randint over (almost) the whole int64 range: 64 uniform bits per draw, two int32 per draw.
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
     return bits.view(torch.int32)[:n].view(shape) >= threshold

@@ -925,7 +925,8 @@ def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, block_siz
     per_layer = tokens * (34 * hidden + 5 * heads * block_size) * act_bytes / 2
     if cfg.gradient_checkpointing:
         per_layer = tokens * hidden * act_bytes
-    logits = tokens * model_config.vocab_size * (4 + 4 + act_bytes)  # fp32 upcast + its grad
+    # The logits and the gradient next_token_loss stores for them, both in the autocast dtype.
+    logits = tokens * model_config.vocab_size * 2 * act_bytes
     return (16 * n_params + n_layer * per_layer + logits) / 2**30
 
 
