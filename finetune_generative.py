@@ -260,6 +260,25 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         problems.append("--sample-prompt must not be empty")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
+    problems += output_dir_overlaps(cfg)
+    return problems
+
+
+def output_dir_overlaps(cfg: TrainConfig) -> list[str]:
+    """--output-dir must not be, contain or lie inside the --model folder or the --data-dir: --overwrite
+    (and the run's own writes) would delete or replace the very files the run reads."""
+    output = Path(cfg.output_dir).resolve()
+    problems = []
+    for flag, value in (("--model", cfg.model), ("--data-dir", cfg.data_dir)):
+        source = Path(value).expanduser()
+        if not source.exists():
+            continue  # a hub name, or missing data (reported later)
+        source = source.resolve()
+        if output == source or source in output.parents or output in source.parents:
+            relation = ("is" if output == source else "lies inside" if source in output.parents else "contains")
+            problems.append(f"--output-dir {cfg.output_dir} {relation} the {flag} folder {value}, whose files "
+                            f"the run reads (and --overwrite would delete); HINT: choose an --output-dir "
+                            f"outside {value}, e.g. {source.name}-finetuned next to it")
     return problems
 
 
@@ -349,6 +368,12 @@ def earlier_run_artifacts(output_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def written_by_us(output_dir: Path) -> bool:
+    """An earlier run of this script left its marks here (so --overwrite may remove its files)."""
+    return ((output_dir / "train_config.json").is_file() or (output_dir / "metrics.jsonl").is_file()
+            or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
+
+
 def prepare_output_dir(cfg: TrainConfig, dist_info: DistInfo) -> None:
     """Create --output-dir; without --resume an earlier run there is refused unless --overwrite."""
     output_dir = Path(cfg.output_dir)
@@ -358,6 +383,12 @@ def prepare_output_dir(cfg: TrainConfig, dist_info: DistInfo) -> None:
             f"{output_dir} already holds an earlier run ({', '.join(earlier[:4])}"
             f"{', ...' if len(earlier) > 4 else ''}). HINT: continue it with --resume, "
             f"replace it with --overwrite, or choose another --output-dir")
+    if earlier and cfg.overwrite and not cfg.resume and not written_by_us(output_dir):
+        raise UserError(
+            f"--overwrite: {output_dir} holds {', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''} but "
+            f"no sign of a run of this script (train_config.json, metrics.jsonl or a checkpoint-N with "
+            f"{TRAINING_STATE_FILE}), and --overwrite only removes what a run of ours wrote. HINT: choose "
+            f"another --output-dir, or move those files away yourself")
     if not dist_info.is_main:
         return
     if earlier and cfg.overwrite and not cfg.resume:
@@ -714,8 +745,13 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    rewrite_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def rewrite_text(path: Path, text: str) -> None:
+    """Replace a small file whole: readers see the old or the new text, never a mix."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -1434,6 +1470,8 @@ def main(argv=None) -> int:
         return 0
 
     prepare_output_dir(cfg, dist_info)
+    if dist_info.is_main:  # marks the folder as a run of ours (what --overwrite may remove later)
+        rewrite_text(Path(cfg.output_dir) / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     log.info("config %s", json.dumps(dataclasses.asdict(cfg)))
     log.info("versions %s", json.dumps(library_versions()))
     log.info("device %s, precision %s, %d process(es)%s", device, precision, dist_info.world_size,

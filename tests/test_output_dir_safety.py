@@ -1,0 +1,75 @@
+"""--output-dir never deletes what the run reads or what it did not write (issue: defects #1)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error, run_script
+from test_finetune import base_args
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def my_model(tmp_path, tiny_model_dir) -> Path:
+    model = tmp_path / "mymodel"
+    shutil.copytree(tiny_model_dir, model)
+    return model
+
+
+def test_fine_tuning_in_place_with_overwrite_is_refused_and_keeps_the_base_model(my_model, tiny_data_dir):
+    before = snapshot(my_model)
+    result = run_script("finetune_generative.py", *base_args(my_model, tiny_data_dir, my_model), "--overwrite")
+    assert_clean_error(result, "--output-dir", "is the --model folder", "HINT: choose an --output-dir outside")
+    assert "--overwrite" not in result.stderr.split("HINT:")[1]  # the hint never leads to deleting it
+    assert snapshot(my_model) == before
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_output_dir_inside_or_around_the_model_is_refused(my_model, tiny_data_dir, where):
+    output = my_model / "finetuned" if where == "inside" else my_model.parent
+    before = snapshot(my_model)
+    result = run_script("finetune_generative.py", *base_args(my_model, tiny_data_dir, output), "--overwrite")
+    assert_clean_error(result, "lies inside" if where == "inside" else "contains", "--model folder")
+    assert snapshot(my_model) == before
+    assert not (my_model / "finetuned").exists()
+
+
+def test_output_dir_that_is_the_data_dir_is_refused(tmp_path, tiny_model_dir, tiny_data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    before = snapshot(data)
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, data, data), "--overwrite")
+    assert_clean_error(result, "is the --data-dir folder")
+    assert snapshot(data) == before
+
+
+def test_overwrite_refuses_a_folder_no_run_of_ours_wrote(tmp_path, tiny_model_dir, tiny_data_dir):
+    other = tmp_path / "someone-elses-model"
+    shutil.copytree(tiny_model_dir, other)
+    before = snapshot(other)
+    result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, other), "--overwrite")
+    assert_clean_error(result, "--overwrite", "no sign of a run of this script")
+    assert snapshot(other) == before
+
+
+def test_overwrite_removes_only_what_our_run_wrote(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2")
+    assert run_script("finetune_generative.py", *args).returncode == 0
+    assert (out / "train_config.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    (out / "extra" / "keep.txt").write_text("mine too")
+    result = run_script("finetune_generative.py", *args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "extra" / "keep.txt").read_text() == "mine too"
+    assert (out / "model.safetensors").is_file()
