@@ -20,8 +20,7 @@ instructions, fp16 on older GPUs, else fp32.
 Output. Samples go to stdout, each under a `--- sample i/n (prompt: "...") ---` header; log lines
 go to stderr. With one prompt and one sample the text is streamed as it is generated.
 
-Also defines sample_during_training(), which the training script calls to show samples at
-evaluation time without disturbing training (RNG state and train/eval mode are restored).
+The sampling code itself lives in finetune/sampling.py, shared with the training-time samples.
 """
 from __future__ import annotations
 
@@ -30,22 +29,22 @@ import contextlib
 import json
 import logging
 import math
-import os
-import re
 import secrets
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from common import ArgumentParser, UserError, exit_on_user_error, get_device, resolve_precision, setup_logging
+from finetune.checkpoints import CHECKPOINT_NAME
+from finetune.console import setup_logging
+from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.models import TOKENIZER_FILES, WEIGHT_FILES, load_config, load_tokenizer, load_weights, \
+    model_context_length
+from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
+from finetune.sampling import generate_samples, generation_kwargs
 
 log = logging.getLogger("generate")
 
 DEFAULT_MODEL = "out"
 DEFAULT_TEMPERATURE = 0.8
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 HEADER_PROMPT_CHARS = 40
 
 # -----------------------------------------------------------------------------
@@ -58,9 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                        help="a saved model folder: the training output, or a checkpoint-*/ or best/ folder "
                             "inside it; or a Hugging Face Hub name (default: out)")
-    group.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    group.add_argument("--device", default="auto", choices=DEVICES,
                        help="default: auto (CUDA, else Apple MPS, else CPU)")
-    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="dtype the weights are loaded in (default: auto: bf16 where the GPU/CPU supports "
                             "it natively, fp16 on older GPUs, else fp32)")
 
@@ -102,34 +101,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_settings(args: argparse.Namespace) -> None:
+    """Every problem with the flags, in one error."""
+    problems = []
     if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}. HINT: try 200")
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}. HINT: try 200")
     if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}. HINT: try 1 or 3")
+        problems.append(f"--num-samples must be at least 1, got {args.num_samples}. HINT: try 1 or 3")
     if args.greedy and args.num_samples > 1:
-        raise UserError(f"--greedy gives the same text every time, so --num-samples {args.num_samples} would "
+        problems.append(f"--greedy gives the same text every time, so --num-samples {args.num_samples} would "
                         "repeat it. HINT: drop --greedy to sample, or drop --num-samples")
     if not args.greedy and not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise UserError(
-            f"--temperature must be above 0 when sampling, got {args.temperature}. "
-            "HINT: use --greedy for deterministic most-likely-token decoding, or a temperature such as 0.8"
-        )
+        problems.append(f"--temperature must be above 0 when sampling, got {args.temperature}. "
+                        "HINT: use --greedy for deterministic most-likely-token decoding, or a temperature such as 0.8")
     if args.top_k is not None and args.top_k < 0:
-        raise UserError(f"--top-k must be 0 (off) or more, got {args.top_k}. HINT: try 50, or leave it out")
+        problems.append(f"--top-k must be 0 (off) or more, got {args.top_k}. HINT: try 50, or leave it out")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}. HINT: try 0.9, or leave it out")
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}. HINT: try 0.9, or leave it out")
     if args.repetition_penalty is not None and not (math.isfinite(args.repetition_penalty)
                                                     and args.repetition_penalty > 0):
-        raise UserError(f"--repetition-penalty must be above 0, got {args.repetition_penalty}. "
+        problems.append(f"--repetition-penalty must be above 0, got {args.repetition_penalty}. "
                         "HINT: 1.0 is off; try 1.1 to 1.3 against loops")
     if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}. HINT: try --seed 1")
+        problems.append(f"--seed must be in [0, 2**63), got {args.seed}. HINT: try --seed 1")
     if args.output is not None:
         out = Path(args.output)
         if out.is_dir():
-            raise UserError(f"--output {out} is a folder. HINT: pass a file name such as samples.jsonl")
-        if not out.parent.is_dir():
-            raise UserError(f"the folder of --output {out} does not exist. HINT: create {out.parent} first")
+            problems.append(f"--output {out} is a folder. HINT: pass a file name such as samples.jsonl")
+        elif not out.parent.is_dir():
+            problems.append(f"the folder of --output {out} does not exist. HINT: create {out.parent} first")
+    raise_if_problems(problems)
 
 
 def looks_local(name: str) -> bool:
@@ -140,7 +140,7 @@ def looks_local(name: str) -> bool:
     if len(parts) > 2 or Path(parts[0]).expanduser().exists():
         return True
     # the training script's own folder names; no Hub repo is called that
-    return re.fullmatch(r"checkpoint-\d+|best", parts[-1]) is not None
+    return parts[-1] == "best" or CHECKPOINT_NAME.fullmatch(parts[-1]) is not None
 
 
 def check_model_folder(path: Path) -> None:
@@ -169,7 +169,7 @@ def saved_models_inside(path: Path) -> list[Path]:
     found = [d for d in path.iterdir() if d.is_dir() and (d / "config.json").is_file()]
 
     def rank(d: Path):
-        step = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        step = CHECKPOINT_NAME.fullmatch(d.name)
         return (d.name != "best", -int(step.group(1)) if step else 0, d.name)
 
     return sorted(found, key=rank)
@@ -230,60 +230,12 @@ def read_prompt_file(path: Path) -> list[str]:
 # Loading the model
 
 
-def load_config_and_tokenizer(source: str, is_local: bool):
-    """The light part of a model, enough to check the prompts before the weights are read."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    if is_local:
-        # nothing to download, so the "Loading weights" bar is just noise between our log lines
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot load this", said below
-        if is_local:
-            raise UserError(f"cannot read {source}/config.json ({first_line(exc)}). "
-                            "HINT: the folder is damaged; pass another checkpoint") from None
-        offline = bool(os.environ.get("HF_HUB_OFFLINE"))
-        raise UserError(
-            f"cannot load {source!r}: there is no local folder of that name, and as a Hugging Face Hub name it is "
-            f"{'not in the local cache (HF_HUB_OFFLINE is set)' if offline else 'neither reachable nor cached'} "
-            f"({first_line(exc)}). HINT: pass a local model folder such as --model out/best, or download the "
-            "model once while online" + ("" if offline else "; HF_HUB_OFFLINE=1 skips the network look-up")
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot load the tokenizer of {source} ({first_line(exc)}). "
-                        "HINT: re-save it with tokenizer.save_pretrained()") from None
-    return config, tokenizer
 
 
-def load_model(source: str, device, precision: str):
-    """Weights in the dtype of --precision (see the top of the file), in eval mode, on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - a truncated or mismatched weights file is bad input
-        raise UserError(f"cannot load the weights of {source} ({type(exc).__name__}: {first_line(exc)}). "
-                        "HINT: the file may be truncated; pass another checkpoint") from None
-    return model.to(device).eval()
 
 
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
-def context_length(config) -> int | None:
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_prompt_lengths(prompts: list[str], tokenizer, n_ctx: int | None, max_new_tokens: int) -> None:
@@ -307,153 +259,24 @@ def check_prompt_lengths(prompts: list[str], tokenizer, n_ctx: int | None, max_n
 # Generation (shared by the command line and the training script)
 
 
-@dataclass
-class Sample:
-    text: str           # prompt + completion, as printed
-    completion: str     # the generated part only
-    new_tokens: int     # tokens generated, the end-of-text token included
-    finish_reason: str  # "eos" (the model ended the text) or "length" (hit --max-new-tokens)
 
 
-def generation_kwargs(model, tokenizer, *, max_new_tokens: int, greedy: bool = False, temperature: float = 0.8,
-                      top_k: int | None = None, top_p: float | None = None,
-                      repetition_penalty: float | None = None) -> dict:
-    """Arguments for model.generate(), all explicit so the model's generation_config.json cannot
-    slip in its own defaults (transformers applies top_k=50 when top_k is left unset)."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    # GPT-2 has no pad token; generate() pads finished rows with it, and eos is the usual stand-in.
-    # Setting it (with an attention mask from the tokenizer) also keeps generate() from warning.
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    if pad is None:
-        pad = 0  # no eos either: nothing ends early, so no row is ever padded
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                  repetition_penalty=repetition_penalty or 1.0, use_cache=True)
-    if greedy:
-        # the sampling flags are left out: transformers warns when they are set without sampling
-        return dict(kwargs, do_sample=False)
-    return dict(kwargs, do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
 
 
-def generate_samples(model, tokenizer, prompt: str, gen_kwargs: dict, *, num_samples: int, seed: int,
-                     device, ctx=None, streamer=None) -> list[Sample]:
-    """num_samples continuations of one prompt, the RNG seeded with `seed` first."""
-    import torch
-
-    enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids and attention_mask
-    seed_generators(seed, torch.device(device))
-    with ctx or contextlib.nullcontext():
-        out = model.generate(**enc, **gen_kwargs, num_return_sequences=num_samples, streamer=streamer)
-    eos = gen_kwargs["eos_token_id"]
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    prompt_ids = enc["input_ids"][0].tolist()
-    return [decode_sample(tokenizer, prompt_ids, row[len(prompt_ids):].tolist(), eos_ids) for row in out]
 
 
-def decode_sample(tokenizer, prompt_ids: list[int], new_ids: list[int], eos_ids: set) -> Sample:
-    # rows that ended early are padded up to the longest one; the text stops at the first eos
-    end = next((i for i, t in enumerate(new_ids) if t in eos_ids), None)
-    kept = new_ids if end is None else new_ids[:end]
-    # decode prompt and continuation together: a character can span the boundary between them
-    text = tokenizer.decode(prompt_ids + kept, skip_special_tokens=True)
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    completion = text[len(prompt_text):] if text.startswith(prompt_text) else tokenizer.decode(
-        kept, skip_special_tokens=True)
-    return Sample(text=text, completion=completion, new_tokens=len(kept) + (end is not None),
-                  finish_reason="eos" if end is not None else "length")
 
 
-def seed_generators(seed: int, device) -> None:
-    """Seed the CPU generator and the one of `device` only (torch.manual_seed touches every GPU)."""
-    import torch
-
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
-    elif device.type == "mps":
-        torch.mps.manual_seed(seed)
 
 
 # -----------------------------------------------------------------------------
 # Samples during training
 
 
-def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device,
-                           temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                           ctx=None) -> list[str]:
-    """One sample (prompt + continuation) per prompt, for the training log. Training is not disturbed:
-    the RNG states it uses and every module's train/eval mode are put back as they were.
-
-    `model` may be wrapped by DistributedDataParallel (.module) or torch.compile (._orig_mod); the
-    plain model underneath is used, so a compiled graph is not recompiled for generation shapes.
-    `ctx` is the training autocast context, if any. No collective ops: calling it on one rank is fine.
-    A sample is cut short where it would run past the model's context, rather than crash training.
-    """
-    import torch
-
-    if not temperature > 0:
-        raise ValueError(f"temperature must be above 0, got {temperature}")
-    model = unwrap_model(model)
-    device = torch.device(device)
-    gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p)
-    n_ctx = context_length(model.config)
-    modes = [(m, m.training) for m in model.modules()]
-    samples = []
-    # no_grad, not inference_mode: buffers a model creates lazily inside inference_mode (rotary
-    # caches, for one) would be unusable by the backward pass of the next training step
-    with preserved_rng(device), torch.no_grad():
-        try:
-            model.eval()  # dropout off, as in real use
-            for prompt in prompts:
-                room = n_ctx - len(tokenizer(prompt)["input_ids"]) if n_ctx else max_new_tokens
-                if room < 1:
-                    samples.append(f"{prompt} [no sample: the prompt fills the model's {n_ctx}-token context]")
-                    continue
-                kwargs = dict(gen_kwargs, max_new_tokens=min(max_new_tokens, room))
-                (sample,) = generate_samples(model, tokenizer, prompt, kwargs, num_samples=1, seed=seed,
-                                             device=device, ctx=ctx)
-                samples.append(sample.text)
-        finally:
-            for module, was_training in modes:
-                module.training = was_training
-    return samples
 
 
-def unwrap_model(model):
-    """The model under DDP / DataParallel / DeepSpeed (.module) and torch.compile (._orig_mod)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif not hasattr(model, "generate") and hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
 
 
-@contextlib.contextmanager
-def preserved_rng(device):
-    """Put back the CPU RNG and the RNG of `device` (the ones seed_generators touches)."""
-    import torch
-
-    cpu_state = torch.get_rng_state()
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        device_state = torch.cuda.get_rng_state(index)
-    elif device.type == "mps":
-        device_state = torch.mps.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(device_state, index)
-        elif device.type == "mps":
-            torch.mps.set_rng_state(device_state)
 
 
 # -----------------------------------------------------------------------------
@@ -479,7 +302,7 @@ def settings_record(args: argparse.Namespace, seed: int, device, precision: str)
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging("generate")
     # cheap checks first: a typo should not cost a model load
     check_settings(args)
     source, is_local = resolve_model(args.model)
@@ -488,15 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.greedy and any(sampling_flags):
         log.info("--greedy ignores --temperature, --top-k and --top-p")
 
+    import torch
+
     device = get_device(args.device)
     precision = resolve_precision(args.precision, device)
-    config, tokenizer = load_config_and_tokenizer(source, is_local)
-    check_prompt_lengths(prompts, tokenizer, context_length(config), args.max_new_tokens)
+    config, tokenizer = load_config(source), load_tokenizer(source)
+    check_prompt_lengths(prompts, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
     log.info(f"loading {source} on {device} ({precision})")
-    model = load_model(source, device, precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = load_weights(source, dtype).to(device).eval()
 
     gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -38,10 +38,8 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
-import urllib.parse
 from collections import deque
 from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +49,7 @@ from typing import Iterator
 
 import numpy as np
 
-from common import ArgumentParser, UserError, exit_on_user_error
+from finetune.errors import ArgumentParser, UserError, exit_on_user_error
 
 # Which files a directory contributes (hidden files and folders are skipped).
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".text")
@@ -226,43 +224,9 @@ def make_output_dir(out: Path) -> list[Path]:
 
 def load_tokenizer(name_or_path: str):
     """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub."""
-    hint = ("HINT: pass --tokenizer a local folder holding tokenizer.json (e.g. saved with save_pretrained) "
-            "or a model name already in your Hugging Face cache; offline, set HF_HUB_OFFLINE=1 so lookups fail fast")
-    path = Path(name_or_path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--tokenizer {name_or_path} is a file; it must be a folder or a model name. {hint}")
-    if not path.exists() and (path.is_absolute() or name_or_path.startswith((".", "~"))):
-        raise UserError(f"could not load tokenizer {name_or_path!r}: no such folder. {hint}")
-    from transformers import AutoTokenizer  # heavy (imports torch): only after the cheap checks
+    from finetune.models import load_tokenizer as load  # heavy (imports transformers): after the cheap checks
 
-    name = str(path) if path.is_dir() else name_or_path
-    try:  # the local cache first: fast, and no network needed
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except Exception as exc:  # transformers raises OSError, ValueError, hub errors...: all mean "not loadable"
-        error = exc
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not path.is_dir() and not offline:
-        if not hub_reachable():  # else huggingface_hub retries for about a minute
-            raise UserError(f"could not load tokenizer {name_or_path!r}: it is not in the Hugging Face cache and "
-                            f"the hub is not reachable (no network?). {hint}")
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except Exception as exc:
-            error = exc
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise UserError(f"could not load tokenizer {name_or_path!r} ({reason[:300]}). {hint}")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can we open a connection to the Hugging Face hub? (Assume yes behind a proxy.)"""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return load(name_or_path, flag="--tokenizer")
 
 
 def tokenizer_spec(tokenizer) -> dict | None:

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import cpu_dropout
-from cpu_dropout import CPUDropout, attention_with_cpu_dropout, keep_mask, use_fast_cpu_dropout
+from finetune import cpu_dropout
+from finetune.cpu_dropout import CPUDropout, attention_with_cpu_dropout, keep_mask, use_fast_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -119,9 +119,19 @@ def test_swapped_model_keeps_eval_outputs_and_leaves_other_models_alone(tiny_mod
     assert all(getattr(a, "fast_cpu_dropout", False) for a in (blk.attn for blk in fast.transformer.h))
     # Evaluation is bit-identical; so is training with every dropout at 0.
     assert torch.equal(fast.eval()(input_ids=x).logits, stock.eval()(input_ids=x).logits)
-    # A model that was not swapped keeps torch's own masks even though "sdpa" is now our function.
+    # Our attention is selected for the swapped model only: "sdpa" stays transformers' own, so a model that
+    # was not swapped, or is loaded later, keeps torch's own masks.
+    from transformers import AttentionInterface
+
+    assert fast.config._attn_implementation == cpu_dropout.ATTENTION_NAME
+    assert stock.config._attn_implementation == "sdpa"
+    assert AttentionInterface()["sdpa"] is sdpa_attention_forward
     torch.manual_seed(6)
     assert torch.equal(stock.train()(input_ids=x).logits, stock_train_before)
+    later = load_tiny(tiny_model_dir, 0.1)
+    assert later.config._attn_implementation == "sdpa"
+    torch.manual_seed(6)
+    assert torch.equal(later.train()(input_ids=x).logits, stock_train_before)
     # The saved config and weights are the stock ones.
     fast.save_pretrained(tmp_path / "fast")
     stock.save_pretrained(tmp_path / "stock")

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, run_script, assert_clean_error
 from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
+from finetune import checkpoints as ckpt
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -101,8 +102,8 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_
     err = (tmp_path / "stderr.txt").read_text()
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, err[-2000:]
-    step = ft.checkpoint_step(checkpoints[0])
+    step = ckpt.checkpoint_step(checkpoints[0])
     assert step == train_records(out)[-1]["step"] < 30 * 11
     assert "--resume" in err
-    state = ft.load_training_state(checkpoints[0])
+    state = ckpt.load_training_state(checkpoints[0])
     assert state["step"] == step and len(state["rng"]) == 2

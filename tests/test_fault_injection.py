@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_generative as ft
+from finetune import checkpoints as ckpt
+from finetune.fsio import remove_leftovers
 from conftest import REPO_ROOT, assert_clean_error
 from test_finetune import assert_same_weights, base_args, train_records
 
@@ -49,7 +51,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def checkpoint_names(out: Path) -> list[str]:
-    return [p.name for p in ft.list_checkpoints(out)]
+    return [p.name for p in ckpt.list_checkpoints(out)]
 
 
 def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
@@ -57,8 +59,8 @@ def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
     assert sorted(p.name for p in checkpoint.iterdir()) == CHECKPOINT_FILES, checkpoint
     assert "transformer.wte.weight" in load_file(checkpoint / "model.safetensors")
     state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-    assert state["step"] == ft.checkpoint_step(checkpoint)
-    assert ft.read_checkpoint(checkpoint)["step"] == state["step"]  # our own validation agrees
+    assert state["step"] == ckpt.checkpoint_step(checkpoint)
+    assert ckpt.read_checkpoint(checkpoint)["step"] == state["step"]  # our own validation agrees
     if full:
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -79,8 +81,8 @@ def start(args: list, log: Path) -> subprocess.Popen:
 
 
 def newest_step(out: Path) -> int:
-    checkpoints = ft.list_checkpoints(out)
-    return ft.checkpoint_step(checkpoints[-1]) if checkpoints else 0
+    checkpoints = ckpt.list_checkpoints(out)
+    return ckpt.checkpoint_step(checkpoints[-1]) if checkpoints else 0
 
 
 def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> bool:
@@ -129,7 +131,7 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
             left_by = {int(p.name.rsplit("-", 1)[1]) for p in out.glob(".tmp-*-*") if p.name[-1].isdigit()}
             assert not left_by & earlier_pids, sorted(p.name for p in out.glob(".tmp-*"))
         earlier_pids.add(proc.pid)
-        checkpoints = ft.list_checkpoints(out)
+        checkpoints = ckpt.list_checkpoints(out)
         assert len(checkpoints) <= 3 + 1  # the limit, plus at most one written before the prune
         for checkpoint in checkpoints:
             assert_checkpoint_loads(checkpoint, full=checkpoint == checkpoints[-1])
@@ -331,7 +333,7 @@ def test_kill_between_the_renames_of_a_replace_restores_the_old_folder(tmp_path,
     shutil.copytree(out / "checkpoint-4", out / ".tmp-checkpoint-6-4242")  # the unpublished new folder
     (out / ".tmp-pruned-checkpoint-2-4242").mkdir()  # a prune cut short
     assert checkpoint_names(out) == ["checkpoint-4"]  # a reader sees no half checkpoint
-    ft.prepare_output_dir(ft.TrainConfig(output_dir=str(out), resume="latest"), ft.DistInfo())
+    remove_leftovers(out)  # what a new run (or a resume) does first
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "checkpoint-6", "metrics.jsonl"]
     assert_same_weights(six_steps / "checkpoint-6", out / "checkpoint-6")
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT, assert_clean_error, run_script
 
 import finetune_generative as ft
+from finetune import checkpoints as ckpt
+from finetune import plan as plan_module
 from dataset import load_meta
 
 BLOCK = 32
@@ -160,10 +162,10 @@ def test_divergence_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, ti
     err = capsys.readouterr().err
     line = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(line) == 1 and "--lr" in line[0] and "stopped before the optimizer step" in line[0]
-    steps = sorted(ft.checkpoint_step(p) for p in out.glob("checkpoint-*"))
+    steps = sorted(ckpt.checkpoint_step(p) for p in out.glob("checkpoint-*"))
     diverged_at = int(line[0].split(" at step ")[1].split()[0])
     assert steps == list(range(1, diverged_at))
-    state = ft.load_training_state(out / f"checkpoint-{steps[-1]}")
+    state = ckpt.load_training_state(out / f"checkpoint-{steps[-1]}")
     assert state["step"] == steps[-1]
 
 
@@ -218,7 +220,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_di
     assert proc.returncode == 143, err
     assert "--resume" in err and "Traceback" not in err
     (checkpoint,) = out.glob("checkpoint-*")
-    stopped_at = ft.checkpoint_step(checkpoint)
+    stopped_at = ckpt.checkpoint_step(checkpoint)
     total = len(train_records(reference))
     assert 0 < stopped_at < total, "SIGTERM arrived after the run finished; make the run longer"
 
@@ -313,7 +315,7 @@ def test_evaluations_happen_at_the_planned_steps_on_a_bounded_subset(tmp_path, t
     cfg, _ = ft.parse_config(args)
     meta = load_meta(tiny_data_dir)
     plan = ft.make_plan(cfg, meta, BLOCK, world_size=1)
-    steps = ft.evaluation_steps(cfg, plan)
+    steps = plan_module.evaluation_steps(cfg, plan)
     assert [r["step"] for r in train_records(tmp_path / "out", "eval")] == steps
     assert steps[0] == 0 and steps[-1] == plan.total_steps and plan.steps_per_epoch in steps
 
@@ -323,17 +325,17 @@ def test_default_evaluation_size_follows_the_budget():
 
     from dataset import validation_blocks
 
-    plan = ft.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
+    plan = plan_module.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
                    warmup_steps=30, tokens_per_step=1024, epochs=3.0)
     cfg = ft.TrainConfig(batch_size=4)
-    assert ft.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
-    assert ft.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8
+    assert plan_module.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
+    assert plan_module.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8
     long_plan = replace(plan, steps_per_epoch=5000, total_steps=10_000)
-    assert len(ft.evaluation_steps(cfg, long_plan)) == 41
-    assert ft.eval_batches_per_process(cfg, long_plan) == 10_000 // (20 * 41)
-    assert ft.eval_batches_per_process(replace(cfg, grad_accum=4), long_plan) == 4 * 10_000 // (20 * 41)
-    assert ft.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
-    assert ft.eval_batches_per_process(replace(cfg, eval_batches=0), long_plan) is None  # the whole split
+    assert len(plan_module.evaluation_steps(cfg, long_plan)) == 41
+    assert plan_module.eval_batches_per_process(cfg, long_plan) == 10_000 // (20 * 41)
+    assert plan_module.eval_batches_per_process(replace(cfg, grad_accum=4), long_plan) == 4 * 10_000 // (20 * 41)
+    assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
+    assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=0), long_plan) is None  # the whole split
     # A partial pass is spread over the whole split, the same blocks every time, disjoint across ranks.
     assert validation_blocks(100, 2, 5) == list(range(0, 100, 10))
     ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]

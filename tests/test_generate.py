@@ -136,16 +136,16 @@ def tiny(tiny_model_dir):
 
 
 def test_generate_gets_attention_mask_and_pad_token(tiny, monkeypatch):
-    import generate
+    from finetune import sampling
 
     model, tokenizer = tiny
     assert tokenizer.pad_token is None  # like GPT-2's: eos has to stand in
     calls = []
     real_generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real_generate(**kw))
-    kwargs = generate.generation_kwargs(model, tokenizer, max_new_tokens=4)
+    kwargs = sampling.generation_kwargs(model, tokenizer, max_new_tokens=4)
     with torch.inference_mode():
-        generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=2, seed=0, device="cpu")
+        sampling.generate_samples(model, tokenizer, "the river", kwargs, num_samples=2, seed=0, device="cpu")
     (call,) = calls
     assert call["attention_mask"].shape == call["input_ids"].shape
     assert call["pad_token_id"] == tokenizer.eos_token_id
@@ -153,21 +153,21 @@ def test_generate_gets_attention_mask_and_pad_token(tiny, monkeypatch):
 
 
 def test_generation_stops_at_eos(tiny):
-    import generate
+    from finetune import sampling
 
     model, tokenizer = tiny
-    kwargs = generate.generation_kwargs(model, tokenizer, max_new_tokens=10, temperature=1.0)
+    kwargs = sampling.generation_kwargs(model, tokenizer, max_new_tokens=10, temperature=1.0)
     enc = tokenizer("the river", return_tensors="pt")
     with torch.inference_mode():
-        (free,) = generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
+        (free,) = sampling.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
                                             device="cpu")
         assert (free.new_tokens, free.finish_reason) == (10, "length")
-        generate.seed_generators(0, torch.device("cpu"))
+        sampling.seed_generators(0, torch.device("cpu"))
         new_ids = model.generate(**enc, **kwargs)[0, enc["input_ids"].shape[1]:].tolist()
         # declare a token sampled at a later step the end-of-text token: the same draws stop there
         step = next(i for i in range(1, len(new_ids)) if new_ids[i] not in new_ids[:i])
         kwargs["eos_token_id"] = new_ids[step]
-        (ended,) = generate.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
+        (ended,) = sampling.generate_samples(model, tokenizer, "the river", kwargs, num_samples=1, seed=0,
                                              device="cpu")
     assert (ended.new_tokens, ended.finish_reason) == (step + 1, "eos")
     assert ended.text == tokenizer.decode(enc["input_ids"][0].tolist() + new_ids[:step])
@@ -279,7 +279,7 @@ def test_hub_name_that_is_not_cached(capsys):
 def test_sample_during_training_leaves_training_untouched(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generate import sample_during_training
+    from finetune.sampling import sample_during_training
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # its own: this test changes its modes

@@ -565,11 +565,11 @@ def test_tokenizer_that_cannot_be_loaded(tmp_path, corpus_file):
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tmp_path / "no_such_tokenizer",
                         "--output-dir", out)
-    assert_error_with_hint(result, "could not load tokenizer", "no_such_tokenizer", "local folder")
+    assert_error_with_hint(result, "cannot load tokenizer", "no_such_tokenizer", "local tokenizer folder")
     started = time.time()
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", "someone/not-a-real-model-xyz",
                         "--output-dir", out, env={"HF_HUB_OFFLINE": "1"})
-    assert_error_with_hint(result, "could not load tokenizer", "HF_HUB_OFFLINE")
+    assert_error_with_hint(result, "cannot load tokenizer", "HF_HUB_OFFLINE")
     assert time.time() - started < 30  # offline: no retries
     assert not out.exists()
 

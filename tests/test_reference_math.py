@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_generative as ft
+from finetune.models import make_optimizer
 from dataset import EpochShuffleSampler, TextDataset
 from test_finetune import BLOCK, base_args, train_records
 
@@ -84,7 +85,8 @@ def test_weight_decay_groups_and_optimizer_match_trainer(tiny_model_dir, tmp_pat
     model = reference_model(tiny_model_dir)
     names = {id(p): n for n, p in model.named_parameters()}
     cfg = ft.TrainConfig(**HYPER)
-    ours = ft.make_optimizer(model, cfg, torch.device("cpu"))
+    ours = make_optimizer(model, torch.device("cpu"), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          betas=(cfg.beta1, cfg.beta2))
     trainer = Trainer(model=model, args=trainer_args(tmp_path, batch_size=8, grad_accum=1))
     theirs = trainer.create_optimizer()
 

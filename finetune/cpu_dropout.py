@@ -14,8 +14,9 @@ With attention dropout > 0, torch's scaled_dot_product_attention on CPU falls ba
 mask above; every other call (no dropout, evaluation, padding masks, GPUs, grouped-query attention)
 goes to transformers' own SDPA function unchanged.
 
-Only modules marked by `use_fast_cpu_dropout(model)` take these paths, so other models in the same
-process keep stock behaviour. The model's config and saved files are not touched.
+Only a model passed to `use_fast_cpu_dropout(model)` uses them: its attention function is selected by
+name ("sdpa_cpu_dropout", registered beside transformers' "sdpa"), so other models in the same process
+keep stock behaviour. The model's saved files are not touched.
 """
 from __future__ import annotations
 
@@ -94,10 +95,14 @@ def attention_with_cpu_dropout(module, query, key, value, attention_mask, dropou
     return output.transpose(1, 2).contiguous(), None  # (batch, seq, heads, head_dim), as SDPA returns
 
 
+ATTENTION_NAME = "sdpa_cpu_dropout"  # registered beside transformers' own "sdpa", never in its place
+
+
 def use_fast_cpu_dropout(model) -> int:
-    """Swap the model's nn.Dropout modules for CPUDropout and mark its attention modules for
-    attention_with_cpu_dropout (installed in place of transformers' "sdpa" function, which it calls for
-    every unmarked module). Returns the number of dropout modules swapped."""
+    """Swap the model's nn.Dropout modules for CPUDropout and, when the model runs transformers' "sdpa"
+    attention, select attention_with_cpu_dropout for this model only (registered under its own name;
+    other models, loaded before or after, keep stock "sdpa"). The saved config.json does not record the
+    attention function, so saved models are unchanged. Returns the number of dropout modules swapped."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -105,7 +110,8 @@ def use_fast_cpu_dropout(model) -> int:
                 setattr(module, name, CPUDropout(child.p, child.inplace))
                 swapped += 1
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        install_attention_function()
+        register_attention_function()
+        model.set_attn_implementation(ATTENTION_NAME)
         for module in model.modules():
             if hasattr(module, "is_causal") and any(isinstance(c, CPUDropout) for c in module.children()):
                 module.fast_cpu_dropout = True
@@ -113,7 +119,7 @@ def use_fast_cpu_dropout(model) -> int:
 
 
 @functools.cache
-def install_attention_function() -> None:
+def register_attention_function() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register("sdpa", attention_with_cpu_dropout)
+    AttentionInterface.register(ATTENTION_NAME, attention_with_cpu_dropout)

@@ -1,0 +1,21 @@
+"""Support code of the three scripts (prepare_data.py, finetune_generative.py, generate.py), one room
+per concern. Scripts import the package; the package never imports a script. Inside, a module imports
+only the ones listed before it:
+
+    errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
+    fsio          atomic writes of folders and files, fsync, CRC32
+    distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
+    runtime       device, precision, autocast, seeds, library versions
+    console       the logging setup every script uses
+    cli           flags generated from a config dataclass
+    plan          steps, evaluation schedule, memory estimate (--dry-run)
+    data          token files (meta.json, memmap dataset, resumable sampler); dataset.py re-exports it
+    loss          next-token loss, validation loss
+    metrics       metrics.jsonl, loss.png
+    models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer
+    cpu_dropout   faster dropout masks on CPU
+    sampling      text generation, shared by generate.py and training-time samples
+    checkpoints   the training state; checkpoint folders written, validated, pruned
+    rundir        the output folder: lock, clobber and overlap refusal, resume command
+    training      the run object the loop works with (record, evaluate, sample, save)
+"""

@@ -1,0 +1,66 @@
+"""torchrun helpers: no-ops in a single process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_request: str) -> DistInfo:
+    """Read torchrun's environment and join the process group (NCCL on CUDA, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    use_cuda = device_request in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def barrier(dist_info: DistInfo) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def all_reduce_sum(tensor, dist_info: DistInfo):
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj, dist_info: DistInfo) -> list:
+    """`obj` of every rank, in rank order (a list of one in a single process)."""
+    if not dist_info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shutdown(dist_info: DistInfo) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Next-token cross-entropy without the whole batch's fp32 logits, and the validation loss."""
+from __future__ import annotations
+
+import functools
+
+from .distributed import DistInfo, all_reduce_sum
+
+
+def next_token_loss(logits, input_ids, rows_per_chunk: int = 64):
+    """Mean cross-entropy of logits[:, t] against input_ids[:, t + 1], over all B x (T - 1) predictions.
+
+    The same value as transformers' ForCausalLMLoss (fp32 log-softmax of the same logits). In training
+    it avoids that function's fp32 copy of the (batch, seq, vocab) logits and its fp32 log-probabilities
+    kept for the backward pass (2 x 206 MB for GPT-2 at 4 x 256): see chunked_loss_function().
+    """
+    import torch
+
+    if not logits.requires_grad:  # evaluation: the same chunks, nothing kept for a backward pass
+        batch, seq, _ = logits.shape
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for b in range(batch):
+            for start in range(0, seq - 1, rows_per_chunk * 4):
+                end = min(start + rows_per_chunk * 4, seq - 1)
+                total += torch.nn.functional.cross_entropy(
+                    logits[b, start:end].float(), input_ids[b, start + 1:end + 1], reduction="sum").double()
+        return (total / (batch * (seq - 1))).float()
+    return chunked_loss_function().apply(logits, input_ids, rows_per_chunk)
+
+
+@functools.cache
+def chunked_loss_function():
+    """The autograd Function, built on first use (torch is imported lazily so --help and errors are fast)."""
+    import torch
+
+    class ChunkedNextTokenLoss(torch.autograd.Function):
+        """Forward computes, chunk by chunk in fp32, the loss *and* its gradient (softmax - one_hot) / n,
+        stored in the logits' own dtype (what autograd would cast it to); backward only scales it."""
+
+        @staticmethod
+        def forward(ctx, logits, input_ids, rows_per_chunk):
+            batch, seq, _ = logits.shape
+            n = batch * (seq - 1)  # every position but the last predicts the next token; no padding here
+            targets = input_ids[:, 1:]
+            grad = torch.empty_like(logits)
+            grad[:, -1].zero_()
+            total = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for b in range(batch):
+                for start in range(0, seq - 1, rows_per_chunk):
+                    end = min(start + rows_per_chunk, seq - 1)
+                    target = targets[b, start:end, None]
+                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+                    total -= log_probs.gather(1, target).sum(dtype=torch.float64)
+                    probs = log_probs.exp_()
+                    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                    grad[b, start:end] = probs.div_(n)
+            ctx.save_for_backward(grad)
+            return (total / n).float()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None, None
+
+    return ChunkedNextTokenLoss
+
+
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
+    """Mean next-token loss over the validation blocks, summed exactly across processes."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+    with torch.no_grad():
+        for batch in val_loader:
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            with ctx:
+                loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+            n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
+            totals[0] += loss.double() * n_predictions
+            totals[1] += n_predictions
+    all_reduce_sum(totals, dist_info)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")

@@ -1,0 +1,234 @@
+"""The one loader of tokenizers, configs and models for all three scripts, and what is done to a model
+before training: dropout override, GELU fusion, the optimizer.
+
+Loading strategy, the same everywhere: a local folder is read as it is; a hub name is looked up in the
+local Hugging Face cache first (fast, no network), and only then on the hub, and only when the hub is
+reachable and HF_HUB_OFFLINE is not set (otherwise huggingface_hub retries for about a minute).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+from .errors import UserError, first_line
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+# -----------------------------------------------------------------------------
+# Loading from a folder, the cache or the hub
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the Hugging Face hub? (Assume yes behind a proxy.)"""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or len(name.split("/")) > 2
+
+
+def from_folder_or_hub(load, source: str, what: str, flag: str):
+    """`load(name, **kwargs)` (a from_pretrained) on a local folder, else on a hub name, cache first.
+    Every failure is one UserError whose HINT fits the case."""
+    path = Path(source).expanduser()
+    noun = "tokenizer" if flag == "--tokenizer" else "model"
+    local_hint = f"pass a local {noun} folder with {flag} (any local folder written by save_pretrained)"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {source} is a file, not a folder. HINT: pass the folder that holds it")
+    if path.is_dir():
+        try:
+            return load(str(path))
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ...: all mean "cannot load this"
+            raise UserError(f"cannot load {what} {source!r} ({first_line(exc)}). HINT: "
+                            f"{folder_hint(path, what)}") from None
+    if looks_like_path(source):
+        raise UserError(f"cannot load {what} {source!r}: no such folder. HINT: check the path (relative paths "
+                        f"start at {Path.cwd()}), or {local_hint}")
+    try:
+        return load(source, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - not in the cache (or not a valid repo name)
+        error = exc
+    where = "there is no folder of that name, and as a Hugging Face Hub name it is not in the local cache"
+    if hub_offline():
+        raise UserError(f"cannot load {what} {source!r}: {where} (HF_HUB_OFFLINE is set, so the hub was not "
+                        f"asked). HINT: {local_hint}, or unset HF_HUB_OFFLINE once to download it")
+    if not hub_reachable():
+        raise UserError(f"cannot load {what} {source!r}: {where}, and the hub is not reachable (no network?). "
+                        f"HINT: {local_hint}, or download it once on a machine with network")
+    try:
+        return load(source)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    raise UserError(f"cannot load {what} {source!r} ({first_line(error)}). HINT: check the name on the hub, "
+                    f"or {local_hint}")
+
+
+def folder_hint(path: Path, what: str) -> str:
+    if what == "model" and not (path / "config.json").is_file():
+        return (f"{path} has no config.json, so it is not a saved model; pass the folder that holds "
+                f"config.json and the weights")
+    if what == "tokenizer" and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); save them "
+                f"there with tokenizer.save_pretrained()")
+    return "the folder is damaged or incomplete; save it again, or pass another one"
+
+
+def load_tokenizer(source: str, flag: str = "--model"):
+    """AutoTokenizer, with pad = eos when the tokenizer has no pad token (batching needs a pad id; in
+    training blocks eos never appears as padding, and generate() pads finished rows with it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_folder_or_hub(AutoTokenizer.from_pretrained, source, "tokenizer", flag)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(source: str, flag: str = "--model"):
+    from transformers import AutoConfig
+
+    return from_folder_or_hub(AutoConfig.from_pretrained, source, "model", flag)
+
+
+def load_tokenizer_and_config(source: str, flag: str = "--model"):
+    """Tokenizer and model config only (cheap), so settings can be checked before the weights load."""
+    config = load_config(source, flag)  # first: a folder that is not a model at all is said so
+    return load_tokenizer(source, flag), config
+
+
+def load_weights(source: str, dtype, **kwargs):
+    """AutoModelForCausalLM.from_pretrained, its failures as one UserError. A pickle weights file that
+    torch's safe loader refuses is reported as unsafe, never with torch's advice to load it unsafely."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a truncated, mismatched or unsafe weights file is bad input
+        text = str(exc)
+        if "weights_only" in text or "Unpickl" in type(exc).__name__ or "Unsupported global" in text:
+            raise UserError(f"the weights of {source} are a pickle file that is not a safe weights file (it asks to "
+                            f"run code while loading, which is refused). HINT: use a model saved as "
+                            f"model.safetensors (save_pretrained(..., safe_serialization=True)) from a source "
+                            f"you trust") from None
+        raise UserError(f"cannot load the weights of {source} ({type(exc).__name__}: {first_line(exc)}). "
+                        f"HINT: the weights file is damaged or does not match config.json; pass another "
+                        f"checkpoint or save the model again") from None
+
+
+def model_context_length(model_config) -> int | None:
+    """Longest sequence the model has positions for (None when its config does not say)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def unwrap_model(model):
+    """The plain model under DDP / DataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif not hasattr(model, "generate") and hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+def save_pretrained_files(model, tokenizer, folder: Path) -> None:
+    unwrap_model(model).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def count_parameters(model_config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory, no weights read
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Preparing a model for training
+
+
+def load_model_for_training(source: str, device, tokenizer, *, dropout: float | None = None,
+                            fast_cpu_dropout: bool = True, gradient_checkpointing: bool = False):
+    """fp32 master weights on `device`, with the in-memory speed-ups (none of them changes the saved files)."""
+    import torch
+
+    model = load_weights(source, torch.float32)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    fuse_tanh_gelu(model)
+    if device.type == "cpu" and fast_cpu_dropout:
+        from .cpu_dropout import use_fast_cpu_dropout
+
+        use_fast_cpu_dropout(model)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        # Renamed in recent transformers 5.x releases; the old name warns there.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def set_dropout(model, p: float) -> None:
+    """Every dropout module, and the config's dropout fields (so the saved config says what was trained)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for key, value in model.config.to_dict().items():
+        if ("pdrop" in key or "dropout" in key) and isinstance(value, float):
+            setattr(model.config, key, p)
+
+
+def fuse_tanh_gelu(model) -> int:
+    """GPT-2's "gelu_new" runs as a chain of ~8 element-wise ops; torch's GELU(approximate="tanh") is the
+    same formula in one kernel (equal up to rounding). Swapped in memory only: the saved config keeps
+    "gelu_new", so the saved model is unchanged for every other tool."""
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
+def make_optimizer(model, device, *, lr: float, weight_decay: float, betas: tuple[float, float]):
+    """AdamW over the trainable parameters, weight decay on matrices only (not biases or LayerNorm gains)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel is one launch per step instead of a chain of per-tensor ops.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)

@@ -1,0 +1,125 @@
+"""The plan of a run: sizes, steps, the evaluation schedule and a memory estimate.
+
+Shown by --dry-run and logged at start; the training loop asks it when to evaluate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# `cfg` below is the training script's config (any object with its field names): the plan reads it,
+# never imports it.
+
+
+def steps_per_epoch(num_blocks: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch; the last step of an epoch may see fewer micro-batches."""
+    per_rank = num_blocks // world_size
+    micro_batches = math.ceil(per_rank / batch_size)
+    return math.ceil(micro_batches / grad_accum)
+
+
+@dataclass
+class Plan:
+    block_size: int
+    train_blocks: int
+    val_blocks: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_step: int
+    epochs: float
+    eval_steps: frozenset[int] = field(default_factory=frozenset)  # evaluation_steps(): 0 and later steps
+    save_steps: frozenset[int] = field(default_factory=frozenset)  # checkpoints besides a stop's
+
+    def evaluates_at(self, step: int) -> bool:
+        return step in self.eval_steps
+
+    def saves_at(self, step: int) -> bool:
+        return step in self.save_steps
+
+
+def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
+    train_blocks = meta["splits"]["train"]["tokens"] // block_size
+    val_blocks = meta["splits"]["val"]["tokens"] // block_size
+    per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
+    total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    plan = Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
+                cfg.batch_size * cfg.grad_accum * world_size * block_size,
+                total / per_epoch if per_epoch else 0.0)
+    plan.eval_steps = frozenset(evaluation_steps(cfg, plan))
+    saves = set(range(cfg.save_every, total + 1, cfg.save_every)) if cfg.save_every else set()
+    plan.save_steps = frozenset(saves | {total})
+    return plan
+
+
+def evaluation_steps(cfg, plan: Plan) -> list[int]:
+    """The steps the loop evaluates at: 0, every --eval-every, each epoch end, the last step."""
+    steps = {plan.total_steps}
+    if cfg.eval_every:
+        steps.update(range(cfg.eval_every, plan.total_steps + 1, cfg.eval_every))
+    if plan.steps_per_epoch:
+        steps.update(range(plan.steps_per_epoch, plan.total_steps + 1, plan.steps_per_epoch))
+    return [0, *sorted(steps)]
+
+
+def eval_batches_per_process(cfg, plan: Plan) -> int | None:
+    """--eval-batches (0 = all, returned as None), or by default the run's evaluations together get at
+    most 1/20 of the micro-batches it trains (at least 8 each). A forward pass costs about half a training
+    micro-step here (measured with bench/overhead.py), so evaluating stays near 3 % of the run whatever
+    the size of the split, which a full pass at every evaluation would not (9 % in that benchmark)."""
+    if cfg.eval_batches is not None:
+        return cfg.eval_batches or None
+    n_evals = len(evaluation_steps(cfg, plan))
+    return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
+
+
+def estimate_memory_gib(model_config, n_params: int, cfg, block_size: int, precision: str) -> float:
+    """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    tokens = cfg.batch_size * block_size
+    # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes.
+    per_layer = tokens * (34 * hidden + 5 * heads * block_size) * act_bytes / 2
+    if cfg.gradient_checkpointing:
+        per_layer = tokens * hidden * act_bytes
+    # The logits and the gradient next_token_loss stores for them, both in the autocast dtype.
+    logits = tokens * model_config.vocab_size * 2 * act_bytes
+    return (16 * n_params + n_layer * per_layer + logits) / 2**30
+
+
+def count_parameters(model_config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory, no weights read
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def eval_description(plan: Plan, cfg, world_size: int) -> str:
+    batches = eval_batches_per_process(cfg, plan)
+    blocks = plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size * world_size)
+    steps = evaluation_steps(cfg, plan)
+    shown = ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
+    return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
+
+
+def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
+                  device, precision: str, world_size: int) -> str:
+    lines = [
+        f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
+        f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
+        f"{meta['splits']['val']['tokens']:,} val tokens",
+        f"blocks           {plan.train_blocks:,} train, {plan.val_blocks:,} val, of {plan.block_size} tokens",
+        f"batch            {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} process(es) = "
+        f"{cfg.batch_size * cfg.grad_accum * world_size} sequences, {plan.tokens_per_step:,} tokens per step",
+        f"steps            {plan.steps_per_epoch:,} per epoch, {plan.total_steps:,} total "
+        f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
+        f"evaluation       {eval_description(plan, cfg, world_size)}",
+        f"device           {device}, precision {precision}",
+        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
+    ]
+    return "\n".join(lines)

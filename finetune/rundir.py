@@ -1,0 +1,125 @@
+"""The output folder of a training run: one run at a time, never clobbered, never overlapping its inputs.
+
+What only the training script knows (its config) comes in as arguments; this module reads no flags itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
+from .errors import UserError
+from .fsio import remove_leftovers, rewrite_text
+
+CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
+LOCK_FILE = ".lock"
+# What a run of ours writes directly in --output-dir (besides best/ and checkpoint-N/): all --overwrite removes.
+RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
+                 "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE)
+
+
+def output_dir_overlaps(output_dir: str, sources: dict[str, str]) -> list[str]:
+    """--output-dir must not be, contain or lie inside a folder the run reads (`sources`: flag -> path):
+    --overwrite, and the run's own writes, would delete or replace the files it reads."""
+    output = Path(output_dir).resolve()
+    problems = []
+    for flag, value in sources.items():
+        source = Path(value).expanduser()
+        if not source.exists():
+            continue  # a hub name, or missing data (reported later)
+        source = source.resolve()
+        if output == source or source in output.parents or output in source.parents:
+            relation = ("is" if output == source else "lies inside" if source in output.parents else "contains")
+            problems.append(f"--output-dir {output_dir} {relation} the {flag} folder {value}, whose files "
+                            f"the run reads (and --overwrite would delete); HINT: choose an --output-dir "
+                            f"outside {value}, e.g. {source.name}-finetuned next to it")
+    return problems
+
+
+def earlier_run_artifacts(output_dir: Path) -> list[str]:
+    if not output_dir.is_dir():
+        return []
+    names = [p.name for p in output_dir.iterdir()
+             if p.name in RUN_ARTIFACTS or p.name == "best" or checkpoint_step(p) is not None]
+    return sorted(names)
+
+
+def written_by_us(output_dir: Path) -> bool:
+    """An earlier run of this script left its marks here (so --overwrite may remove its files)."""
+    return ((output_dir / CONFIG_FILE).is_file() or (output_dir / "metrics.jsonl").is_file()
+            or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Without --resume an earlier run in `output_dir` is refused, and --overwrite only replaces one of ours."""
+    earlier = earlier_run_artifacts(output_dir)
+    if not earlier or resume:
+        return
+    shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+    if not overwrite:
+        raise UserError(f"{output_dir} already holds an earlier run ({shown}). HINT: continue it with --resume, "
+                        f"replace it with --overwrite, or choose another --output-dir")
+    if not written_by_us(output_dir):
+        raise UserError(
+            f"--overwrite: {output_dir} holds {shown} but no sign of a run of this script ({CONFIG_FILE}, "
+            f"metrics.jsonl or a checkpoint-N with {TRAINING_STATE_FILE}), and --overwrite only removes what a "
+            f"run of ours wrote. HINT: choose another --output-dir, or move those files away yourself")
+
+
+@contextlib.contextmanager
+def locked_output_dir(output_dir: Path, script: str):
+    """Create `output_dir` and hold an advisory lock on it while the block runs (the kernel drops it when
+    the process dies, kill -9 included, so it never goes stale). A second run into the same folder is
+    refused with the PID that holds it."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
+                        f"HINT: choose a writable folder") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
+                        f"HINT: wait for it to finish, stop it, or choose another --output-dir") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()  # releases the lock
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> None:
+    """On the main process, after lock_output_dir and check_output_dir: remove an earlier run of ours when
+    --overwrite says so, clean what a killed run left, and write the run's config (the folder's mark)."""
+    if overwrite:
+        for name in earlier_run_artifacts(output_dir):
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_leftovers(output_dir)
+    try:
+        rewrite_text(output_dir / CONFIG_FILE, config_json)
+    except OSError as exc:
+        raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
+                        f"HINT: choose a writable folder") from None
+
+
+def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
+    """A command that continues the run from any working directory (the checkpoint keeps absolute paths)."""
+    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return (f"{launcher} {shlex.quote(str(script.resolve()))} --output-dir {shlex.quote(str(output_dir.resolve()))}"
+            f" --resume")

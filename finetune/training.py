@@ -1,0 +1,203 @@
+"""What the training loop works with besides the step itself: stop requests, the data loaders, and the run
+object that records metrics, evaluates, samples and saves (each a one-line call from the loop).
+
+`cfg` is the training script's config; this module reads its fields and never imports the script.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import Progress, prune_checkpoints, save_checkpoint, training_state
+from .distributed import DistInfo
+from .fsio import atomic_folder
+from .loss import evaluate
+from .metrics import append_jsonl, plot_losses
+from .models import save_pretrained_files
+from .plan import Plan, eval_batches_per_process
+from .rundir import resume_command
+from .sampling import sample_during_training
+
+log = logging.getLogger("finetune")
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM: stop after the current optimizer step and save. Second: abort now."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> dict:
+        """Install the handlers; returns the previous ones so they can be put back."""
+        return {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step and saving a checkpoint (again to abort now)",
+                    signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+class ModelFiles:
+    """How a run writes its model: checkpoints (what a resume reads) and releases (best/ and the final model,
+    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def write_checkpoint(self, model, folder: Path) -> None:
+        save_pretrained_files(model, self.tokenizer, folder)
+
+    def write_release(self, model, folder: Path) -> None:
+        save_pretrained_files(model, self.tokenizer, folder)
+
+
+# -----------------------------------------------------------------------------
+# Data loaders
+
+
+def ignore_signals_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C/SIGTERM to the main process, which saves before exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
+    """(train loader, its resumable sampler, validation loader over the plan's evaluation blocks)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import EpochShuffleSampler, TextDataset, validation_blocks
+
+    train_set = TextDataset.from_data_dir(cfg.data_dir, "train", plan.block_size, meta)
+    val_set = TextDataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
+    sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
+                                  num_replicas=dist_info.world_size)
+    pin = device.type == "cuda"
+    # Private generators: seeding workers and iterators must not consume the global RNG (dropout).
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                              pin_memory=pin, persistent_workers=cfg.num_workers > 0,
+                              worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    val_batches = eval_batches_per_process(cfg, plan)
+    val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
+    # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
+    val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    return train_loader, sampler, val_loader
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainingRun:
+    """Everything main() sets up, and what the loop does besides stepping: record, evaluate, sample, save."""
+    cfg: Any                   # the training script's TrainConfig
+    script: Path               # the training script, for the printed resume command
+    model: Any                 # as trained: possibly wrapped by DDP / torch.compile
+    model_files: ModelFiles
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any                # torch.amp.GradScaler, enabled for fp16 only
+    ctx: Any                   # the autocast context of the forward pass
+    device: Any
+    dist_info: DistInfo
+    plan: Plan
+    train_loader: Any
+    sampler: Any               # data.EpochShuffleSampler
+    val_loader: Any
+    fingerprints: dict         # data, tokenizer (and base model) fingerprints a resume is checked against
+    progress: Progress = field(default_factory=Progress)
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    # ---- metrics
+    def record(self, record: dict) -> None:
+        self.metrics.append(record)
+        if self.dist_info.is_main:
+            append_jsonl(self.output_dir / "metrics.jsonl", record)
+
+    # ---- evaluation, best/ and early-stopping bookkeeping
+    def evaluate_and_track(self) -> float:
+        progress = self.progress
+        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
+        improved = progress.step > 0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
+        if progress.step > 0:
+            if improved:
+                progress.best_val_loss = val_loss
+                progress.evals_without_improvement = 0
+            else:
+                progress.evals_without_improvement += 1
+        self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
+                     "tokens": progress.tokens_seen, "val_loss": val_loss,
+                     "val_perplexity": math.exp(min(val_loss, 50.0))})
+        if self.dist_info.is_main:
+            log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
+                     math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
+            if improved:
+                best = self.output_dir / "best"
+                with atomic_folder(best, f"the best model {best}") as tmp:
+                    self.model_files.write_release(self.model, tmp)
+            if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
+                plot_losses(self.metrics, self.output_dir / "loss.png")
+        return val_loss
+
+    def should_stop_early(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        if patience and self.progress.evals_without_improvement >= patience:
+            log.info("early stopping: %d evaluations without a better val loss",
+                     self.progress.evals_without_improvement)
+            return True
+        return False
+
+    # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)
+    def write_samples(self, val_loss: float | None) -> None:
+        if not self.dist_info.is_main:
+            return
+        texts = sample_during_training(
+            self.model, self.tokenizer, self.cfg.sample_prompts,
+            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx)
+        for prompt, text in zip(self.cfg.sample_prompts, texts):
+            log.info("sample at step %d: %r", self.progress.step, text)
+            append_jsonl(self.output_dir / "samples.jsonl", {"step": self.progress.step, "val_loss": val_loss,
+                                                             "prompt": prompt, "text": text})
+
+    # ---- checkpoints and the final model
+    def checkpoint(self) -> None:
+        state = training_state(self.progress, self.optimizer, self.scheduler, self.scaler,
+                               dataclasses.asdict(self.cfg), world_size=self.dist_info.world_size,
+                               **self.fingerprints)
+        path = save_checkpoint(self.output_dir, lambda folder: self.model_files.write_checkpoint(self.model, folder),
+                               state, self.dist_info)
+        if self.dist_info.is_main:
+            prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
+            log.info("saved %s", path)
+
+    def resume_command(self) -> str:
+        return resume_command(self.script, self.output_dir, self.dist_info.world_size)
+
+    def save_final_model(self) -> None:
+        """The final weights, tokenizer and generation config, directly in --output-dir."""
+        if self.dist_info.is_main:
+            with atomic_folder(self.output_dir, f"the final model in {self.output_dir}", into=True) as tmp:
+                self.model_files.write_release(self.model, tmp)
