@@ -59,7 +59,7 @@ def read_records(path: Path, fmt: str, text_field: str, encoding: str, stats: Re
     else:
         objects = jsonl_objects(path, encoding, record, hasher) if fmt == "jsonl" else \
             json_objects(path, encoding, record, hasher)
-        values = json_values(objects, path, text_field)
+        values = json_values(objects, path, text_field, stats)
     for offset, value in values:
         text = take_text(value, stats)
         if text is not None:
@@ -112,12 +112,13 @@ def json_type(value) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def json_values(objects, path: Path, text_field: str) -> Iterator[tuple[int, object]]:
+def json_values(objects, path: Path, text_field: str, stats: RecordStats) -> Iterator[tuple[int, object]]:
     for offset, where, obj in objects:
         if not isinstance(obj, dict):
             raise UserError(f"{path} {where}: the record is a JSON {json_type(obj)}, not an object. "
                             f"HINT: each record must be an object such as {{\"{text_field}\": \"...\"}}")
         if text_field not in obj:
+            stats.see_fields(obj)
             yield offset, MISSING
             continue
         value = obj[text_field]
