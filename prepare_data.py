@@ -871,7 +871,9 @@ class Outputs:
 
     def write(self, split: str, ids: np.ndarray) -> None:
         with self.writing():
-            ids.astype(self.dtype, copy=False).tofile(self.files[split])
+            # file.write, not ndarray.tofile: a full disk then raises ENOSPC ("No space left on device"),
+            # where tofile says only "N requested and M written"
+            self.files[split].write(np.ascontiguousarray(ids.astype(self.dtype, copy=False)))
 
     def close(self) -> None:
         with self.writing():
@@ -892,7 +894,7 @@ class Outputs:
             wide = np.memmap(src, dtype="<u4", mode="r") if src.stat().st_size else np.zeros(0, "<u4")
             with open(dst, "wb") as f:
                 for i in range(0, len(wide), 1 << 24):
-                    wide[i:i + (1 << 24)].astype("<u2").tofile(f)
+                    f.write(wide[i:i + (1 << 24)].astype("<u2"))
                 _sync(f)
             del wide
             os.replace(dst, src)
