@@ -1,7 +1,9 @@
-"""Tokenize text files into train.bin / val.bin / meta.json for fine-tuning.
+"""Tokenize text files or records into train.bin / val.bin / meta.json for fine-tuning.
 
     python prepare_data.py --input book.txt --tokenizer gpt2
     python prepare_data.py --input corpus/ --val-input held_out.txt --output-dir data/corpus
+    python prepare_data.py --input chats.jsonl export.csv --text-field body
+    python prepare_data.py --sample-book            # writes book.txt (Python's docs) for a first run
 
 Output (nanoGPT-compatible): train.bin and val.bin hold raw little-endian token ids with
 no header (uint16 when the vocabulary fits, else uint32); meta.json says how to read them
@@ -19,13 +21,17 @@ How it works, in the order the code runs:
   seeded random place inside it (never touching the start of the first slot or the end of
   the last). Range edges move forward to the next safe cut. meta.json records where each
   range sits, in bytes and in tokens, so train + val can be put back together.
+- Record files (.jsonl, .json, .csv/.tsv, .parquet; finetune/records.py reads them as a
+  stream) give one document per record with text in --text-field, an end-of-text token after
+  each; the split takes whole records (see "Record inputs").
 - Token ids equal `AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)`
-  for each whole file. GPT-2-style byte-level BPE tokenizers take a fast path through
+  for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
   tokenizer before the run and on samples during it; any other tokenizer uses the
   Hugging Face `tokenizers` library.
 - Outputs are written under hidden temporary names and renamed at the very end, meta.json
-  last, so an interrupted run never leaves a train.bin that looks valid.
+  last, so an interrupted run never leaves a train.bin that looks valid. The run holds a lock
+  on --output-dir (a second run into it is refused); a full disk is one error line, exit 4.
 """
 from __future__ import annotations
 
