@@ -159,7 +159,7 @@ def jsonl_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[t
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {number}: malformed JSON ({exc.msg}, column {exc.colno}). "
+                raise UserError(f"{path} line {number}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}). "
                                 "HINT: each line of a .jsonl file must be one complete JSON object") from None
             yield start, f"line {number}", obj
 
