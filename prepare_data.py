@@ -756,7 +756,7 @@ def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_ch
                   first_index: int) -> Iterator[Piece]:
     """The pieces of `files` in order, one byte stream: runs of text files through a Chunker, record
     files record by record; the split alternates at `boundaries` (stream byte offsets), from `first`."""
-    base, i, index = 0, 0, 0
+    base, i, index, step = 0, 0, 0, 0
     while i < len(files):
         j = i + 1
         if record_format(files[i]):
@@ -769,7 +769,14 @@ def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_ch
                                      [b - base for b in boundaries if b > base], split_at(base, boundaries, first),
                                      chunk_chars, first_index + i), base)
         for piece in pieces:
-            piece.index, index = index, index + 1
+            # Piece indices pace the fast path's spot checks (every CHECK_EVERY-th index is checked). A
+            # record is often a small piece: count in steps of at least half a CHUNK_CHARS of text, so
+            # records are checked as often per character as text is; pieces inside a step get -1.
+            if index == 0 or step >= CHUNK_CHARS // 2:
+                piece.index, index, step = index, index + 1, 0
+            else:
+                piece.index = -1
+            step += len(piece.text)
             yield piece
         base += sum(records[k]["bytes"] for k in range(i, j))
         i = j
