@@ -177,7 +177,8 @@ def find_text_files(paths: list[str], flag: str, problems: list[str]) -> list[Pa
     """Files named directly, plus the text and record files found (recursively, sorted) in named folders.
 
     A folder contributes regular files only: a link to a device or a FIFO would be read forever, so
-    such entries are skipped and named in a note. Problems are added to `problems`.
+    such entries are skipped and named in a note (as is a meta.json of ours, beside its train.bin).
+    Problems are added to `problems`.
     """
     files: list[Path] = []
     for name in paths:
@@ -190,7 +191,7 @@ def find_text_files(paths: list[str], flag: str, problems: list[str]) -> list[Pa
             if skipped:
                 shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
                 print(f"note: {flag} folder {path}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'}"
-                      f" that are not regular files: {shown}", file=sys.stderr)
+                      f" that are not regular text or record files: {shown}", file=sys.stderr)
             if not found:
                 problems.append(
                     f"{flag} folder {path} holds no text files ({', '.join(TEXT_EXTENSIONS)}) or record files "
@@ -223,7 +224,8 @@ def _walk_text_files(folder: Path, skipped: list[str]) -> Iterator[Path]:
             if name.startswith(".") or not name.lower().endswith(TEXT_EXTENSIONS + RECORD_EXTENSIONS):
                 continue
             path = Path(root) / name
-            why = not_regular(path)
+            why = not_regular(path) or ("an output of prepare_data.py" if name == "meta.json" and
+                                        (path.parent / "train.bin").is_file() else "")
             if why:
                 skipped.append(f"{path} ({why})")
             else:

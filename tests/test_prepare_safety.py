@@ -61,6 +61,9 @@ def test_folder_walk_takes_regular_files_only(tmp_path, tiny_tokenizer_dir, caps
     (folder / "z.txt").symlink_to(tmp_path / "missing.txt")
     (tmp_path / "elsewhere").mkdir()
     (folder / "linked_dir").symlink_to(tmp_path / "elsewhere")
+    (folder / "data").mkdir()  # an earlier output inside the folder: its meta.json is no record file
+    (folder / "data" / "meta.json").write_text("{}", encoding="utf-8")
+    (folder / "data" / "train.bin").write_bytes(b"")
     out = tmp_path / "out"
     signal.alarm(120)  # reading /dev/zero or the FIFO would never end
     try:
@@ -75,8 +78,8 @@ def test_folder_walk_takes_regular_files_only(tmp_path, tiny_tokenizer_dir, caps
     expected = reference_ids(tok, text) + [tok.eos_token_id] + reference_ids(tok, "Linked text.") + [tok.eos_token_id]
     assert reassemble(out).tolist() == expected
     note = next(line for line in stderr.splitlines() if line.startswith("note:"))
-    assert "skipped 4 entries" in note
-    for fragment in ("x.txt (a link to character device, not a regular file)", "y.txt (a FIFO, not a regular file)",
+    assert "skipped 5 entries" in note
+    for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to character device, not a regular file)", "y.txt (a FIFO, not a regular file)",
                      "z.txt (a broken link)", "linked_dir (a link to a folder, not followed)"):
         assert fragment in note, note
 
