@@ -448,6 +448,16 @@ def resume_run(run: TrainingRun, state: dict) -> None:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
 
 
+def stop_agreed(run: TrainingRun, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop; all of them agree (one all-reduce), so all stop together."""
+    import torch
+
+    votes = all_reduce_sum(torch.tensor(float(stop.requested), device=run.device), run.dist_info).item()
+    if votes > 0 and not stop.requested:
+        stop.signum = signal.SIGTERM
+    return votes > 0
+
+
 def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> int:
     """Step 0 (a new run), the loop, the final model; each way of stopping gets its line and exit code."""
     cfg = run.cfg
@@ -456,7 +466,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
             val_loss = run.evaluate_and_track()
             if cfg.sample_prompts:
                 run.write_samples(val_loss)
-            if stop.requested:
+            if stop_agreed(run, stop):
                 log.warning("stopped before the first training step: nothing was trained and there is nothing "
                             "to resume; start the run again")
                 return EXIT_SIGNAL[stop.signum]
