@@ -243,7 +243,7 @@ def not_regular(path: Path) -> str:
     kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
              (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
     kind = next((what for test, what in kinds if test(mode)), "not a regular file")
-    return f"{'a link to ' + kind.split(' ', 1)[1] if path.is_symlink() else kind}, not a regular file"
+    return f"{'a link to ' + kind if path.is_symlink() else kind}, not a regular file"
 
 
 def check_has_text(files: list[Path], encoding: str, flag: str) -> str | None:

@@ -79,7 +79,7 @@ def test_folder_walk_takes_regular_files_only(tmp_path, tiny_tokenizer_dir, caps
     assert reassemble(out).tolist() == expected
     note = next(line for line in stderr.splitlines() if line.startswith("note:"))
     assert "skipped 5 entries" in note
-    for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to character device, not a regular file)", "y.txt (a FIFO, not a regular file)",
+    for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to a character device, not a regular file)", "y.txt (a FIFO, not a regular file)",
                      "z.txt (a broken link)", "linked_dir (a link to a folder, not followed)"):
         assert fragment in note, note
 
