@@ -95,8 +95,9 @@ def default_workers() -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
-        description="Tokenize text into train.bin / val.bin / meta.json for fine-tuning "
-                    "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file).",
+        description="Tokenize text or records into train.bin / val.bin / meta.json for fine-tuning "
+                    "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file "
+                    "and each record).",
         epilog="example: python prepare_data.py --input books/ --tokenizer gpt2 --output-dir data",
     )
     io = parser.add_argument_group("input and output")
