@@ -1209,16 +1209,23 @@ def resolve_inputs(args) -> tuple[list[Path], list[Path]]:
 
 
 def write_sample_book(path: Path) -> None:
-    """--sample-book: the Python documentation that ships with CPython, as one text file."""
-    if path.exists():
-        raise UserError(f"--sample-book: {path} already exists. HINT: use it (python prepare_data.py --input "
-                        f"{path}), or give --sample-book another path")
+    """--sample-book: the Python documentation that ships with CPython, as one text file.
+
+    Run again (the Quickstart line twice) it finds its own sample and succeeds; any other file there
+    is never replaced."""
     try:
         import pydoc_data.topics as topics
     except ImportError:
         raise UserError("--sample-book: this Python has no pydoc_data module (some distributions ship it "
                         "separately). HINT: use any text file of your own as --input") from None
     text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and \
+            path.read_text(encoding="utf-8") == text:
+        print(f"{path} already holds the sample text. Next: python prepare_data.py --input {path}")
+        return
+    if path.exists():
+        raise UserError(f"--sample-book: {path} already exists (and is not the sample). HINT: use it (python "
+                        f"prepare_data.py --input {path}), or give --sample-book another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

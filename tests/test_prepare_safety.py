@@ -154,8 +154,12 @@ def test_sample_book_makes_the_quickstart_work(tmp_path, tiny_tokenizer_dir, cap
     expected = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     assert (tmp_path / "book.txt").read_text(encoding="utf-8") == expected and len(expected) > 100_000
     assert "python prepare_data.py --input book.txt" in stdout
-    code, _, stderr = run(["--sample-book"], capsys)
-    assert_one_line_error(code, stderr, "book.txt already exists")
+    code, stdout, stderr = run(["--sample-book"], capsys)  # the Quickstart line run twice
+    assert code == 0 and "book.txt already holds the sample text" in stdout, stderr
+    (tmp_path / "mine.txt").write_text("my own book", encoding="utf-8")
+    code, _, stderr = run(["--sample-book", "mine.txt"], capsys)
+    assert_one_line_error(code, stderr, "mine.txt already exists (and is not the sample)")
+    assert (tmp_path / "mine.txt").read_text(encoding="utf-8") == "my own book"
     code, _, stderr = run(["--input", "book.txt", "--tokenizer", tiny_tokenizer_dir], capsys)
     assert code == 0, stderr
     assert load_meta(tmp_path / "data")["sources"][0]["bytes"] == len(expected.encode())
