@@ -14,6 +14,7 @@ later with `wandb sync`), trackio keeps its SQLite files in $TRACKIO_DIR (defaul
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -243,6 +244,8 @@ class Trackers:
             except Exception as exc:  # a tracker's own errors (disk, database, server) must not stop training
                 self.active.remove(tracker)
                 self.saved[tracker.name] = tracker.state()  # a resume continues its run (TensorBoard: purged)
+                with contextlib.suppress(Exception):  # keep what it holds so far, if it still can
+                    tracker.close()
                 log.warning("--report-to %s: %s failed (%s: %s); reporting to it stops here, training and "
                             "metrics.jsonl go on", tracker.name, what, type(exc).__name__, exc)
 
