@@ -29,8 +29,6 @@ from conftest import REPO_ROOT
 from test_fault_injection import error_lines, run_main
 from test_finetune import base_args
 
-pytest.importorskip("tensorboard")
-
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--eval-every", "10"]
 
 
@@ -73,6 +71,7 @@ def tracker_state(checkpoint: Path) -> dict:
 
 def test_tensorboard_and_mlflow_continue_across_sigterm_and_resume(tmp_path, tiny_model_dir, tiny_data_dir,
                                                                    capsys):
+    pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     out = tmp_path / "out"
     stderr_file = tmp_path / "stderr.txt"
@@ -130,6 +129,7 @@ def test_wandb_offline_resume_continues_the_same_run(tmp_path, tiny_model_dir, t
 
 
 def test_a_failing_tracker_does_not_stop_training(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
     log_scalars = trackers.TensorBoard.log
 
     def failing_log(self, record):
