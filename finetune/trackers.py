@@ -78,7 +78,7 @@ class TensorBoard:
     def __init__(self, output_dir: Path, config: dict, step: int, saved: dict | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(saved["log_dir"]) if saved else output_dir / "tensorboard"
+        self.log_dir = output_dir / "tensorboard"  # the same after a resume, even if the folder was moved
         # purge_step: TensorBoard drops the events at or after it that were written before (by an interrupted
         # run after its checkpoint; all of them if this tracker is new, as the run's history is replayed).
         self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1 if saved else 0)
@@ -95,7 +95,7 @@ class TensorBoard:
         self.writer.add_text("samples", text, step)
 
     def state(self) -> dict:
-        return {"log_dir": str(self.log_dir)}
+        return {"log_dir": self.log_dir.name}  # inside --output-dir
 
     def flush(self) -> None:
         self.writer.flush()
@@ -120,10 +120,9 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "Creating initial MLflow database tables"
-        uri = (saved or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") \
-            or f"sqlite:///{output_dir / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
+        # A store of the user's (MLFLOW_TRACKING_URI) is kept in the state; ours is found in --output-dir.
+        self.uri = saved["tracking_uri"] if saved else os.environ.get("MLFLOW_TRACKING_URI")
+        self.client = MlflowClient(tracking_uri=self.uri or f"sqlite:///{output_dir / 'mlflow.db'}")
         if saved:
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
