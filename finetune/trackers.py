@@ -68,6 +68,11 @@ def flat_params(config: dict) -> dict[str, str | int | float | bool]:
             for key, value in config.items()}
 
 
+def samples_text(samples: list[dict]) -> str:
+    """The samples of one step as plain text (each text starts with its prompt), a blank line apart."""
+    return "\n\n".join(sample["text"] for sample in samples)
+
+
 # -----------------------------------------------------------------------------
 # One class per tracker: open (new or resumed), log a record, log samples, state, close.
 
@@ -91,8 +96,7 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, record["step"])
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
-        text = "\n\n".join(f"**{s['prompt']}** {s['text']}" for s in samples)
-        self.writer.add_text("samples", text, step)
+        self.writer.add_text("samples", "```\n" + samples_text(samples) + "\n```", step)
 
     def state(self) -> dict:
         return {"log_dir": self.log_dir.name}  # inside --output-dir
@@ -148,8 +152,7 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
-        self.client.log_text(self.run_id, "\n\n".join(f"{s['prompt']}{s['text']}" for s in samples),
-                             f"samples/step-{step:06d}.txt")
+        self.client.log_text(self.run_id, samples_text(samples), f"samples/step-{step:06d}.txt")
 
     def state(self) -> dict:
         return {"run_id": self.run_id, "tracking_uri": self.uri}

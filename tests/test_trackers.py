@@ -29,7 +29,8 @@ from conftest import REPO_ROOT
 from test_fault_injection import error_lines, run_main
 from test_finetune import base_args
 
-TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4"]
+TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
+           "--sample-max-new-tokens", "8"]
 
 
 def metrics_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -47,6 +48,15 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tensorboard_samples(log_dir: Path) -> list[tuple[int, str]]:
+    """The text as TensorBoard's server reads it (the plugin accumulator purges text too; the other does not)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("samples/text_summary")]
 
 
 def mlflow_scalars(out: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -111,6 +121,13 @@ def test_tensorboard_and_mlflow_continue_across_sigterm_and_resume(tmp_path, tin
     assert ft.main(["--output-dir", str(out), "--resume", str(out / "checkpoint-15")]) == 0
     assert_same_scalars(tensorboard_scalars(out / "tensorboard"), metrics_scalars(out), rel=1e-6)
     assert "MLflow run " + run_id + " already holds 5 train/loss point(s) after step 15" in capsys.readouterr().err
+    # The samples as text: TensorBoard (once per step) and MLflow artifacts, as in samples.jsonl.
+    samples = {r["step"]: r["text"] for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())}
+    assert tensorboard_samples(out / "tensorboard") == [(step, f"```\n{samples[step]}\n```") for step in (0, 20)]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    downloaded = client.download_artifacts(run_id, "samples/step-000020.txt", str(tmp_path))
+    assert Path(downloaded).read_text() == samples[20]
 
 
 def test_wandb_offline_resume_continues_the_same_run(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
