@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger("finetune")
@@ -144,8 +145,6 @@ class MLflow:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in flat_params(config).items()])
 
     def log(self, record: dict) -> None:
-        import time
-
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         metrics = [Metric(key, value, now, record["step"]) for key, value in scalars(record).items()]
@@ -171,7 +170,7 @@ class Trackio:
         os.environ.setdefault("TRACKIO_DIR", str(output_dir / "trackio"))  # read when trackio is imported
         import trackio
 
-        self.run_name = saved["run_name"] if saved else output_dir.name
+        self.run_name = saved["run_name"] if saved else f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run = trackio.init(project=PROJECT, name=self.run_name, config=None if saved else config,
                                 resume="must" if saved else "never", embed=False, auto_log_gpu=False,
                                 auto_log_cpu=False)

@@ -5,6 +5,7 @@
   metrics.jsonl step for step, each step once (MLflow cannot delete points: after the resume from the earlier
   checkpoint it is told to warn instead);
 - its stderr, a file, holds plain progress lines and no carriage return;
+- trackio: every record at its step, read back from its SQLite store; a resume continues the same run;
 - W&B offline: a resume continues the same run id;
 - a tracker that fails mid-run is switched off with one warning; training and metrics.jsonl go on;
 - asking for a tracker whose package is missing (or that does not exist) is one error line, nothing written.
@@ -144,6 +145,30 @@ def test_wandb_offline_resume_continues_the_same_run(tmp_path, tiny_model_dir, t
     assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs)  # `wandb sync` joins them
     for run in runs:  # wandb 0.31 has no Python reader of its .wandb log; the metric names are in it
         assert b"train/loss" in next(run.glob("*.wandb")).read_bytes()
+
+
+def test_trackio_gets_every_record_and_a_resume_continues_its_run(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                  monkeypatch):
+    pytest.importorskip("trackio")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "6", "--save-every", "3",
+                             "--report-to", "trackio")) == 0
+    run_name = tracker_state(out / "checkpoint-3")["trackio"]["run_name"]
+    assert ft.main(["--output-dir", str(out), "--resume", str(out / "checkpoint-3")]) == 0
+    assert tracker_state(out / "checkpoint-6") == {"trackio": {"run_name": run_name}}
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert SQLiteStorage.get_runs("finetune").count(run_name) == 1  # continued, not a second run
+    logged = [(row["step"], {k: v for k, v in row.items() if "/" in k}) for row in
+              SQLiteStorage.get_logs("finetune", run_name)]
+    records = [(r["step"], trackers.scalars(r)) for r in
+               map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    # Every record at its step. trackio cannot delete points: steps 4..6 of the run resumed from stay (README).
+    assert [step for step, _ in logged] == [0, 1, 2, 3, 4, 5, 6, 6] + [4, 5, 6, 6]
+    assert logged[:4] + logged[8:] == records
 
 
 def test_a_failing_tracker_does_not_stop_training(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
