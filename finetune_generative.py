@@ -24,7 +24,7 @@ from pathlib import Path
 
 from finetune import cli
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
-from finetune.console import setup_logging
+from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
 from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
                              exit_on_user_error, raise_if_problems)
@@ -32,6 +32,7 @@ from finetune.loss import next_token_loss
 from finetune.plan import Plan, make_plan
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
+from finetune.trackers import check_report_to
 from finetune.training import StopRequest, TrainingDiverged, TrainingRun
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -105,7 +106,11 @@ class TrainConfig:
     """recompute activations in the backward pass: less memory, slower steps"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
-    """optimizer steps between metrics.jsonl lines and progress-bar updates"""
+    """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
+    line every --log-every steps or 30 s, whichever is rarer)"""
+    report_to: str = "none"
+    """experiment trackers that get what metrics.jsonl gets, comma-separated: none, tensorboard, mlflow,
+    trackio, wandb (all local, under --output-dir; each an optional pip package; see README, "Tracking runs")"""
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
@@ -144,13 +149,14 @@ FLAG_GROUPS = {
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
                 "--gradient-checkpointing"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
-                                            "--save-total-limit", "--early-stopping-patience"),
+                                            "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
     "--resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
+    "--report-to": dict(metavar="NAME[,NAME]"),
     "--precision": dict(choices=PRECISIONS),
     "--device": dict(choices=DEVICES),
 }
@@ -226,6 +232,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
+    problems += check_report_to(cfg.report_to)
     return problems
 
 
@@ -235,10 +242,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
 
 def train(run: TrainingRun, stop: StopRequest) -> int:
     """The loop, with a progress bar; returns the process exit code (0 done, 130/143 stopped by a signal)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=run.plan.total_steps, initial=run.progress.step, unit="step", dynamic_ncols=True,
-               disable=not run.dist_info.is_main, file=sys.stderr)
+    bar = progress_display(run.plan.total_steps, run.progress.step, run.dist_info.is_main, log)
     try:
         return train_loop(run, stop, bar)
     finally:
@@ -549,6 +553,7 @@ def main(argv=None) -> int:
                         precision, dist_info)
         if state is not None:
             resume_run(run, state)
+        run.start_trackers(state)
         stop = StopRequest()
         previous_handlers = stop.install()
         try:
@@ -556,6 +561,7 @@ def main(argv=None) -> int:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+            run.trackers.close()
             shutdown(dist_info)
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ only the ones listed before it:
     data          token files (meta.json, memmap dataset, resumable sampler); dataset.py re-exports it
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
+    trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)
     models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer
     cpu_dropout   faster dropout masks on CPU
     sampling      text generation, shared by generate.py and training-time samples

@@ -12,12 +12,13 @@ from pathlib import Path
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
 from .fsio import locked_folder, remove_leftovers, rewrite_text
+from .trackers import TRACKER_FILES
 
 CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
 # What a run of ours writes directly in --output-dir (besides best/ and checkpoint-N/): all --overwrite removes.
 RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
                  "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE)
+                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES)
 
 
 def output_dir_overlaps(output_dir: str, sources: dict[str, str]) -> list[str]:
