@@ -29,7 +29,7 @@ from finetune.distributed import DistInfo, all_reduce_sum, setup_distributed, sh
 from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
                              exit_on_user_error, raise_if_problems)
 from finetune.loss import next_token_loss
-from finetune.plan import Plan, make_plan
+from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
 from finetune.training import StopRequest, TrainingDiverged, TrainingRun
@@ -410,8 +410,6 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
               device, precision: str, dist_info: DistInfo) -> TrainingRun:
     """Model, optimizer, schedule, precision and data: decided once here, passed down in the run."""
     import torch
-    from transformers import get_scheduler
-
     from finetune.models import load_model_for_training, make_optimizer
     from finetune.runtime import autocast_context, seed_everything
     from finetune.training import ModelFiles, make_loaders
@@ -422,8 +420,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                                     gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
-                              num_training_steps=plan.total_steps)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
@@ -463,7 +460,9 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            log.info("done: final model in %s, best model in %s", run.output_dir, run.output_dir / "best")
+            best = run.output_dir / "best"
+            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
+                     "and no best/: no evaluation beat the base model's val loss at step 0")
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)

@@ -1,9 +1,10 @@
-"""The plan of a run: sizes, steps, the evaluation schedule and a memory estimate.
+"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules and a memory estimate.
 
 Shown by --dry-run and logged at start; the training loop asks it when to evaluate.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,29 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
     saves = set(range(cfg.save_every, total + 1, cfg.save_every)) if cfg.save_every else set()
     plan.save_steps = frozenset(saves | {total})
     return plan
+
+
+def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    """transformers.get_scheduler's schedule `name`, except that no optimizer step runs at lr 0.
+
+    Its warmup gives the optimizer step taken after `s` scheduler steps peak x s / W, so the first step
+    of every run (s = 0) would train nothing. Here warmup step k of W (k = 1..W) uses peak x k / W, as
+    nanoGPT does; from step W + 1 on the schedule is transformers' own (so step W + 1 is at the peak too,
+    and the decay ends where it did). Resuming stays exact: the factor is a pure function of the step.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    # transformers' factor function, taken from a scheduler built on a throwaway one-group optimizer.
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    (factor,) = get_scheduler(name, scratch, num_warmup_steps=warmup_steps, num_training_steps=total_steps).lr_lambdas
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(warmup_from_step_one, schedule=factor, warmup_steps=warmup_steps))
+
+
+def warmup_from_step_one(steps_done: int, schedule, warmup_steps: int) -> float:
+    """The lr factor of the optimizer step taken after `steps_done` steps: the warmup one step ahead."""
+    return schedule(steps_done + 1 if steps_done < warmup_steps else steps_done)
 
 
 def evaluation_steps(cfg, plan: Plan) -> list[int]:
