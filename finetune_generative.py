@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -400,9 +401,14 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
 def changed_settings(cfg: TrainConfig) -> str:
     """The settings that differ from the defaults, one `--flag value` per line (the full config is in
     train_config.json in --output-dir)."""
-    defaults = TrainConfig()
-    changed = [f"  --{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    defaults, changed = TrainConfig(), []
+    flags = {cli.field_of(flag, FLAG_OPTIONS): flag for flags in FLAG_GROUPS.values() for flag in flags}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(defaults, f.name):
+            values = value if isinstance(value, list) else [value]  # --sample-prompt: one line per prompt
+            changed += [f"  {flags[f.name]}" + ("" if v is True else f" {shlex.quote(v) if isinstance(v, str) else v}")
+                        for v in values]
     return "\n".join(changed) or "  (all defaults)"
 
 
@@ -511,7 +517,7 @@ def main(argv=None) -> int:
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision),
+                              estimate_memory_gib(model_config, n_params, cfg, plan, precision),
                               device, precision, dist_info.world_size)
     if cfg.dry_run:
         if dist_info.is_main:
