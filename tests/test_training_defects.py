@@ -4,23 +4,41 @@ logged config, unsafe or damaged files, unhelpful hints, a lock on --output-dir,
 signals during step 0."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import math
+import os
+import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import finetune_generative as ft
+from conftest import assert_clean_error
 from finetune import plan as plan_module
+from finetune.errors import first_line
+from test_fault_injection import run_main
 from test_finetune import BLOCK, base_args, train_records, weights
+from test_generate import main_error as generate_main
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, str]:
+    """A run of --max-steps 1 (base_args: lr 3e-3, 3 warmup steps), and what it printed on stderr."""
+    out = tmp_path_factory.mktemp("one_step") / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1")) == 0
+    return out, err.getvalue()
 
 # -----------------------------------------------------------------------------
 # #10: no optimizer step at lr 0; best/ only when the base model is beaten
 
 
-def test_one_step_changes_the_weights_and_logs_readable_settings(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
-    out = tmp_path / "out"
-    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1")) == 0
+def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_model_dir, tiny_data_dir):
+    out, err = one_step
     (record,) = train_records(out)
     assert record["lr"] == pytest.approx(3e-3)  # the warmup (3 steps, cut to the 1 step run) ends at the peak
     base, trained = weights(tiny_model_dir), weights(out)
@@ -32,7 +50,6 @@ def test_one_step_changes_the_weights_and_logs_readable_settings(tmp_path, tiny_
     for name in base:
         assert torch.equal(weights(out / "best")[name], trained[name])
     # #13: the settings not at their defaults, one per line; the whole config in train_config.json
-    err = capsys.readouterr().err
     assert "settings (not at their defaults; all of them in" in err
     lines = err.splitlines()
     start = next(i for i, line in enumerate(lines) if "settings (not at their defaults" in line)
@@ -85,3 +102,93 @@ def test_plan_and_memory_for_a_batch_larger_than_the_train_split(tiny_model_dir)
     assert (plan.batch_size, plan.grad_accum, plan.tokens_per_step) == (2, 3, 2 * 5 * BLOCK)
     assert "--grad-accum 8 cut to what runs: the train split holds 5 blocks per process" in \
         plan_module.describe_plan(plan, ft.TrainConfig(batch_size=2, grad_accum=8), meta, 1, 0.0, "cpu", "fp32", 2)
+
+
+# -----------------------------------------------------------------------------
+# #6: a malicious pickle is refused in our words; a damaged training state is described, not relayed
+
+
+class RunsCodeWhenUnpickled:
+    """What an attacker puts in a pickle: unpickling calls open(marker, "w"), creating the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def assert_refused_unsafely_loadable(result, marker: Path, *fragments: str) -> None:
+    assert_clean_error(result, *fragments)
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert "weights_only" not in result.stderr and "Re-running" not in result.stderr  # torch's advice, not relayed
+    assert not marker.exists()  # the payload never ran
+
+
+def test_malicious_pickle_weights_are_refused_by_training_and_generate(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                        capsys):
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_model_dir, evil)
+    state = weights(evil)
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "payload": RunsCodeWhenUnpickled(marker)}, evil / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):  # what torch itself says (and advises)
+        torch.load(evil / "pytorch_model.bin", weights_only=True)
+
+    result = run_main(base_args(evil, tiny_data_dir, tmp_path / "out"), capsys)
+    assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "HINT: use a model saved as "
+                                     "model.safetensors")
+    result = generate_main(capsys, "--model", evil, "--prompt", "x", "--max-new-tokens", 2)
+    assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "safetensors")
+
+
+def test_tampered_training_state_is_refused_without_relaying_torch(one_step, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(one_step[0], out)
+    state_file = out / "checkpoint-1" / "training_state.pt"
+    marker = tmp_path / "payload-ran"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "rng": RunsCodeWhenUnpickled(marker)}, state_file)  # a valid zip: its CRCs match
+    result = run_main(["--output-dir", out, "--resume"], capsys)
+    assert_refused_unsafely_loadable(result, marker, f"checkpoint {out}/checkpoint-1 is damaged: training_state.pt "
+                                     "names Python functions to call while loading")
+
+
+def test_first_line_cuts_long_messages_at_a_word():
+    message = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+               "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` "
+               "will likely succeed.\nmore")
+    line = first_line(pickle.UnpicklingError(message))
+    assert line.endswith(" ...") and len(line) <= 164
+    kept = line[: -len(" ...")]
+    assert message.startswith(kept) and message[len(kept)] == " "  # whole words only
+    assert first_line(ValueError("short. ")) == "short" and first_line(ValueError("")) == "ValueError"
+
+
+# -----------------------------------------------------------------------------
+# #9: each HINT fits its case
+
+
+def test_data_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir / "meta.json", tmp_path / "out"), capsys)
+    assert_clean_error(result, f"{tiny_data_dir}/meta.json is a file, not a folder",
+                       f"HINT: pass the folder prepare_data.py wrote (train.bin, val.bin and meta.json): {tiny_data_dir}")
+    assert "--output-dir" not in result.stderr.split("HINT:")[1]  # never: prepare_data --output-dir <that file>
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_config_json(tmp_path, tiny_tokenizer_dir, tiny_data_dir, capsys):
+    result = run_main(base_args(tiny_tokenizer_dir, tiny_data_dir, tmp_path / "out"), capsys)
+    assert_clean_error(result, "has no config.json, so it is not a saved model",
+                       "HINT: pass the folder that holds config.json and the weights")
+    assert "offline" not in result.stderr.lower() and "HF_HUB_OFFLINE" not in result.stderr
+    assert "model_type" not in result.stderr  # transformers' reading of a config.json that is not there
+
+
+def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsys):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest
+    result = run_main(base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
+    assert_clean_error(result, "HF_HUB_OFFLINE is set, so the hub was not asked",
+                       "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it")
+    assert "set HF_HUB_OFFLINE=1" not in result.stderr
