@@ -456,12 +456,15 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
     cfg = run.cfg
     try:
         if from_scratch:  # step 0: the base model's validation loss and samples, the "before" of the run
-            val_loss = run.evaluate_and_track()
-            if cfg.sample_prompts:
-                run.write_samples(val_loss)
+            if not stop.requested:  # a signal while the model loaded: no need to evaluate it
+                val_loss = run.evaluate_and_track()
+                if cfg.sample_prompts:
+                    run.write_samples(val_loss)
             if stop.requested:
-                log.warning("stopped before the first training step: nothing was trained and there is nothing "
-                            "to resume; start the run again")
+                if run.dist_info.is_main:
+                    log.warning("%s: stopped before the first training step, so nothing was trained and there is "
+                                "nothing to resume; start the run again with --overwrite (it removes only what "
+                                "this run wrote)", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:
@@ -526,7 +529,8 @@ def main(argv=None) -> int:
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite)
+    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite,
+                     script=SCRIPT.name if dist_info.is_main else None)
     with locked_output_dir(output_dir, SCRIPT.name) if dist_info.is_main else contextlib.nullcontext():
         if dist_info.is_main:
             prepare_output_dir(output_dir, cfg.overwrite and state is None,
@@ -538,14 +542,15 @@ def main(argv=None) -> int:
                  f", resuming from {resume_path}" if resume_path else "")
         log.info("plan\n%s", plan_text)
 
-        # ---- model, optimizer, data; then step 0, the loop and the final model
-        run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
-                        precision, dist_info)
-        if state is not None:
-            resume_run(run, state)
+        # ---- model, optimizer, data; then step 0, the loop and the final model. A signal from here on
+        # (the model loading, step 0 included) stops the run with its own message, not a traceback.
         stop = StopRequest()
         previous_handlers = stop.install()
         try:
+            run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
+                            precision, dist_info)
+            if state is not None:
+                resume_run(run, state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:
             for signum, handler in previous_handlers.items():

@@ -56,8 +56,13 @@ def written_by_us(output_dir: Path) -> bool:
             or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Without --resume an earlier run in `output_dir` is refused, and --overwrite only replaces one of ours."""
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: str | None = None) -> None:
+    """With `script` (the main process only: the others would see its own lock), a run of it still writing
+    to `output_dir` is refused with its PID. Without --resume an earlier run is refused, and --overwrite
+    only replaces one of ours."""
+    holder = lock_holder(output_dir) if script else None
+    if holder is not None:
+        raise in_use(output_dir, script, holder)
     earlier = earlier_run_artifacts(output_dir)
     if not earlier or resume:
         return
@@ -89,10 +94,9 @@ def locked_output_dir(output_dir: Path, script: str):
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
         lock.seek(0)
-        holder = lock.read().strip() or "another process"
+        holder = lock.read().strip() or "unknown"
         lock.close()
-        raise UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
-                        f"HINT: wait for it to finish, stop it, or choose another --output-dir") from None
+        raise in_use(output_dir, script, holder) from None
     try:
         lock.seek(0)
         lock.truncate()
@@ -101,6 +105,28 @@ def locked_output_dir(output_dir: Path, script: str):
         yield
     finally:
         lock.close()  # releases the lock
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """The PID of the run holding `output_dir`'s lock, or None when no run holds it (a lock file left by a
+    killed run holds nothing: the kernel dropped its lock)."""
+    try:
+        lock = open(output_dir / LOCK_FILE)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return lock.read().strip() or "unknown"
+        return None  # closing the file drops the shared lock again
+
+
+def in_use(output_dir: Path, script: str, holder: str) -> UserError:
+    return UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
+                     f"HINT: wait for it to finish, stop it, or choose another --output-dir")
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> None:

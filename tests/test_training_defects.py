@@ -9,15 +9,22 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import finetune_generative as ft
-from conftest import assert_clean_error
+from conftest import REPO_ROOT, assert_clean_error
+from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
+from finetune.rundir import lock_holder
 from finetune.errors import first_line
 from test_fault_injection import run_main
 from test_finetune import BLOCK, base_args, train_records, weights
@@ -192,3 +199,139 @@ def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsy
     assert_clean_error(result, "HF_HUB_OFFLINE is set, so the hub was not asked",
                        "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it")
     assert "set HF_HUB_OFFLINE=1" not in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# #2: one run at a time in an --output-dir; #7: the printed resume command works as printed, from anywhere;
+# #8: a signal during step 0 says what happened
+
+
+def start_script(args: list, log: Path, cwd: Path | None = None, script: str | None = None) -> subprocess.Popen:
+    """finetune_generative.py (or the Python source `script`, given the same argv) in a process of its own."""
+    command = [sys.executable, str(REPO_ROOT / "finetune_generative.py")] if script is None else \
+        [sys.executable, "-c", script]
+    with open(log, "w") as stderr:
+        return subprocess.Popen([*command, *map(str, args)], cwd=cwd or REPO_ROOT, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+
+
+def wait_for(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Has process `pid` installed a handler for `signum` (Linux: the SigCgt mask in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_two_runs_started_together_into_one_output_dir(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "3")
+    runs = {p.pid: p for p in (start_script(args, tmp_path / "a.txt"), start_script(args, tmp_path / "b.txt"))}
+    logs = dict(zip(runs, (tmp_path / "a.txt", tmp_path / "b.txt")))
+
+    def holder() -> int | None:
+        text = (out / ".lock").read_text().strip() if (out / ".lock").is_file() else ""
+        return int(text) if text.isdigit() and lock_holder(out) == text else None
+
+    wait_for(lambda: holder() in runs, "one run to take the lock")
+    first = holder()
+    (second,) = set(runs) - {first}
+    os.kill(first, signal.SIGSTOP)  # however slow the second run starts, the first still holds the folder then
+    try:
+        assert runs[second].wait(timeout=180) == 2
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert runs[first].wait(timeout=180) == 0, logs[first].read_text()
+    refused = logs[second].read_text()
+    assert refused.splitlines()[-1] == (
+        f"error: --output-dir {out} is in use by another run of finetune_generative.py (PID {first}). "
+        f"HINT: wait for it to finish, stop it, or choose another --output-dir")
+    assert [l for l in refused.splitlines() if l.startswith("error:")] == [refused.splitlines()[-1]]
+    assert [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]  # each line once: one run wrote it
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_path, tiny_model_dir, tiny_data_dir):
+    """--output-dir with a space and a quote, --data-dir and --model relative to the working directory."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_data_dir, work / "data")
+    out_name = "it's my run"
+    args = base_args(os.path.relpath(tiny_model_dir, work), "data", out_name, "--max-steps", "20",
+                     "--save-every", "2")
+    out = work / out_name
+
+    killed = start_script(args, tmp_path / "killed.txt", cwd=work)
+    wait_for(lambda: (out / "checkpoint-2").is_dir() or killed.poll() is not None, "checkpoint-2")
+    killed.kill()  # kill -9
+    killed.wait(timeout=60)
+    assert (out / ".lock").read_text().strip() == str(killed.pid)  # the file stays; its lock died with the run
+    assert lock_holder(out) is None
+
+    resumed = start_script(["--output-dir", out_name, "--resume"], tmp_path / "resumed.txt", cwd=work)
+    wait_for(lambda: catches(resumed.pid, signal.SIGTERM) or resumed.poll() is not None, "the SIGTERM handler")
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=180) == 143, (tmp_path / "resumed.txt").read_text()
+    err = (tmp_path / "resumed.txt").read_text()
+    assert "in use" not in err  # the killed run's lock file did not block it
+    command = err.split("continue with:\n")[1].splitlines()[0].strip()
+    assert command == (f"python {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} --output-dir "
+                       f"{shlex.quote(str(out))} --resume")
+    stopped_at = ckpt.checkpoint_step(ckpt.list_checkpoints(out)[-1])
+    assert 2 < stopped_at < 20, "the run ended before SIGTERM; make it longer"
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in train_records(out)] == list(range(1, 21))
+    assert (out / "checkpoint-20").is_dir() and (out / "model.safetensors").is_file()
+    assert not list(elsewhere.iterdir())  # nothing written where the command ran
+
+
+SLOW_STEP0 = f"""
+import sys, time
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import finetune.training as training
+evaluate = training.evaluate
+def slow_evaluate(*args, **kwargs):  # room for a signal to arrive during the step-0 evaluation
+    print("evaluating", file=sys.stderr, flush=True)
+    time.sleep(3)
+    return evaluate(*args, **kwargs)
+training.evaluate = slow_evaluate
+import finetune_generative
+sys.exit(finetune_generative.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_model_dir, tiny_data_dir):
+    runs = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / signum.name, "--max-steps", "2")
+        runs[signum] = (start_script(args, tmp_path / f"{signum.name}.txt", script=SLOW_STEP0), args)
+    for signum, (proc, _) in runs.items():
+        log = tmp_path / f"{signum.name}.txt"
+        wait_for(lambda: "evaluating" in log.read_text() or proc.poll() is not None, "the step-0 evaluation")
+        proc.send_signal(signum)
+    for signum, (proc, args) in runs.items():
+        code = proc.wait(timeout=180)
+        err = (tmp_path / f"{signum.name}.txt").read_text()
+        assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], err
+        assert "Traceback" not in err and "aborted by a second interrupt" not in err
+        assert (f"{signum.name}: stopped before the first training step, so nothing was trained and there is "
+                f"nothing to resume; start the run again with --overwrite") in err
+        out = tmp_path / signum.name
+        assert not list(out.glob("checkpoint-*")) and train_records(out) == []
+    # the HINT works: the same command with --overwrite
+    assert ft.main([*runs[signal.SIGTERM][1], "--overwrite"]) == 0
+    assert [r["step"] for r in train_records(tmp_path / "SIGTERM")] == [1, 2]
