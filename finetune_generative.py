@@ -117,7 +117,7 @@ class TrainConfig:
     save_total_limit: int | None = 3
     """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
-    """stop after this many evaluations without a better validation loss"""
+    """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
     # --- samples during training
     sample_prompts: list[str] = field(default_factory=list)
     """prompt to sample from at each evaluation (repeatable); written to samples.jsonl"""
@@ -405,10 +405,11 @@ def changed_settings(cfg: TrainConfig) -> str:
     flags = {cli.field_of(flag, FLAG_OPTIONS): flag for flags in FLAG_GROUPS.values() for flag in flags}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value != getattr(defaults, f.name):
-            values = value if isinstance(value, list) else [value]  # --sample-prompt: one line per prompt
-            changed += [f"  {flags[f.name]}" + ("" if v is True else f" {shlex.quote(v) if isinstance(v, str) else v}")
-                        for v in values]
+        if value == getattr(defaults, f.name):
+            continue
+        for v in value if isinstance(value, list) else [value]:  # --sample-prompt: one line per prompt
+            shown = "" if v is True else f" {shlex.quote(v)}" if isinstance(v, str) else f" {v}"
+            changed.append(f"  {flags[f.name]}{shown}")
     return "\n".join(changed) or "  (all defaults)"
 
 
@@ -416,6 +417,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
               device, precision: str, dist_info: DistInfo) -> TrainingRun:
     """Model, optimizer, schedule, precision and data: decided once here, passed down in the run."""
     import torch
+
     from finetune.models import load_model_for_training, make_optimizer
     from finetune.runtime import autocast_context, seed_everything
     from finetune.training import ModelFiles, make_loaders
