@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distri
 from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
                              exit_on_user_error, raise_if_problems)
 from finetune.loss import next_token_loss
-from finetune.plan import Plan, make_plan
+from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
 from finetune.trackers import check_report_to
@@ -121,7 +122,7 @@ class TrainConfig:
     save_total_limit: int | None = 3
     """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
-    """stop after this many evaluations without a better validation loss"""
+    """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
     # --- samples during training
     sample_prompts: list[str] = field(default_factory=list)
     """prompt to sample from at each evaluation (repeatable); written to samples.jsonl"""
@@ -404,9 +405,15 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
 def changed_settings(cfg: TrainConfig) -> str:
     """The settings that differ from the defaults, one `--flag value` per line (the full config is in
     train_config.json in --output-dir)."""
-    defaults = TrainConfig()
-    changed = [f"  --{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    defaults, changed = TrainConfig(), []
+    flags = {cli.field_of(flag, FLAG_OPTIONS): flag for flags in FLAG_GROUPS.values() for flag in flags}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        for v in value if isinstance(value, list) else [value]:  # --sample-prompt: one line per prompt
+            shown = "" if v is True else f" {shlex.quote(v)}" if isinstance(v, str) else f" {v}"
+            changed.append(f"  {flags[f.name]}{shown}")
     return "\n".join(changed) or "  (all defaults)"
 
 
@@ -414,7 +421,6 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
               device, precision: str, dist_info: DistInfo) -> TrainingRun:
     """Model, optimizer, schedule, precision and data: decided once here, passed down in the run."""
     import torch
-    from transformers import get_scheduler
 
     from finetune.models import load_model_for_training, make_optimizer
     from finetune.runtime import autocast_context, seed_everything
@@ -426,8 +432,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                                     gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
-                              num_training_steps=plan.total_steps)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
@@ -467,17 +472,22 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
     cfg = run.cfg
     try:
         if from_scratch:  # step 0: the base model's validation loss and samples, the "before" of the run
-            val_loss = run.evaluate_and_track()
-            if cfg.sample_prompts:
-                run.write_samples(val_loss)
-            if stop_agreed(run, stop):
-                log.warning("stopped before the first training step: nothing was trained and there is nothing "
-                            "to resume; start the run again")
+            if not stop.requested:  # a signal while the model loaded: no need to evaluate it
+                val_loss = run.evaluate_and_track()
+                if cfg.sample_prompts:
+                    run.write_samples(val_loss)
+            if stop_agreed(run, stop):  # every process stops here, or none
+                if run.dist_info.is_main:
+                    log.warning("%s: stopped before the first training step, so nothing was trained and there is "
+                                "nothing to resume; start the run again with --overwrite (it removes only what "
+                                "this run wrote)", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            log.info("done: final model in %s, best model in %s", run.output_dir, run.output_dir / "best")
+            best = run.output_dir / "best"
+            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
+                     "and no best/: no evaluation beat the base model's val loss at step 0")
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)
@@ -499,6 +509,8 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
         print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
               file=sys.stderr, flush=True)
         return EXIT_SIGNAL[signal.SIGINT]
+    finally:
+        run.trackers.close()
 
 
 # -----------------------------------------------------------------------------
@@ -526,7 +538,7 @@ def main(argv=None) -> int:
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision),
+                              estimate_memory_gib(model_config, n_params, cfg, plan, precision),
                               device, precision, dist_info.world_size)
     if cfg.dry_run:
         if dist_info.is_main:
@@ -535,7 +547,8 @@ def main(argv=None) -> int:
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite)
+    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite,
+                     script=SCRIPT.name if dist_info.is_main else None)
     barrier(dist_info)  # every rank has checked before rank 0 writes there
     with locked_output_dir(output_dir, SCRIPT.name) if dist_info.is_main else contextlib.nullcontext():
         if dist_info.is_main:
@@ -548,20 +561,20 @@ def main(argv=None) -> int:
                  f", resuming from {resume_path}" if resume_path else "")
         log.info("plan\n%s", plan_text)
 
-        # ---- model, optimizer, data; then step 0, the loop and the final model
-        run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
-                        precision, dist_info)
-        if state is not None:
-            resume_run(run, state)
-        run.start_trackers(state)
+        # ---- model, optimizer, data; then step 0, the loop and the final model. A signal from here on
+        # (the model loading, step 0 included) stops the run with its own message, not a traceback.
         stop = StopRequest()
         previous_handlers = stop.install()
         try:
+            run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
+                            precision, dist_info)
+            if state is not None:
+                resume_run(run, state)
+            run.start_trackers(state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            run.trackers.close()
             shutdown(dist_info)
 
 if __name__ == "__main__":

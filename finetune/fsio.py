@@ -134,10 +134,9 @@ def locked_folder(folder: Path, script: str, remove_at_exit: bool = False):
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             lock.seek(0)
-            holder = lock.read().strip() or "another process"
+            holder = lock.read().strip() or "unknown"
             lock.close()
-            raise UserError(f"--output-dir {folder} is in use by another run of {script} (PID {holder}). "
-                            f"HINT: wait for it to finish, stop it, or choose another --output-dir") from None
+            raise folder_in_use(folder, script, holder) from None
         if _same_file(path, lock):
             break
         lock.close()  # the holder removed it between our open and flock: lock the current one
@@ -158,3 +157,25 @@ def _same_file(path: Path, f) -> bool:
         return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
     except FileNotFoundError:
         return False
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """The PID of the run holding `output_dir`'s lock (locked_folder), or None when no run holds it (a lock file left by a
+    killed run holds nothing: the kernel dropped its lock)."""
+    try:
+        lock = open(output_dir / LOCK_FILE)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return lock.read().strip() or "unknown"
+        return None  # closing the file drops the shared lock again
+
+
+def folder_in_use(output_dir: Path, script: str, holder: str) -> UserError:
+    return UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
+                     f"HINT: wait for it to finish, stop it, or choose another --output-dir")

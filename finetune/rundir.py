@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
-from .fsio import locked_folder, remove_leftovers, rewrite_text
+from .fsio import folder_in_use, lock_holder, locked_folder, remove_leftovers, rewrite_text
 from .trackers import TRACKER_FILES
 
 CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
@@ -53,8 +53,13 @@ def written_by_us(output_dir: Path) -> bool:
             or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Without --resume an earlier run in `output_dir` is refused, and --overwrite only replaces one of ours."""
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: str | None = None) -> None:
+    """With `script` (the main process only: the others would see its own lock), a run of it still writing
+    to `output_dir` is refused with its PID. Without --resume an earlier run is refused, and --overwrite
+    only replaces one of ours."""
+    holder = lock_holder(output_dir) if script else None
+    if holder is not None:
+        raise folder_in_use(output_dir, script, holder)
     earlier = earlier_run_artifacts(output_dir)
     if not earlier or resume:
         return

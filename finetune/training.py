@@ -152,13 +152,12 @@ class TrainingRun:
     def evaluate_and_track(self) -> float:
         progress = self.progress
         val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
-        improved = progress.step > 0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
+        # The base model's loss (step 0) is the first "best": best/ only holds a model that beats it.
+        improved = progress.best_val_loss is not None and val_loss < progress.best_val_loss
+        if progress.best_val_loss is None or improved:
+            progress.best_val_loss = val_loss
         if progress.step > 0:
-            if improved:
-                progress.best_val_loss = val_loss
-                progress.evals_without_improvement = 0
-            else:
-                progress.evals_without_improvement += 1
+            progress.evals_without_improvement = 0 if improved else progress.evals_without_improvement + 1
         self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
                      "tokens": progress.tokens_seen, "val_loss": val_loss,
                      "val_perplexity": math.exp(min(val_loss, 50.0))})
