@@ -760,7 +760,7 @@ class Tally:
 
 def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutter, out_dir: Path) -> dict:
     """Tokenize everything into temporary files in out_dir, then commit; return meta."""
-    from dataset import token_dtype
+    from finetune.tokenfiles import token_dtype
 
     sources = [{"path": str(p), "role": "input", "chars": 0, "tokens": 0} for p in inputs]
     sources += [{"path": str(p), "role": "val-input", "chars": 0, "tokens": 0} for p in val_inputs]
@@ -807,7 +807,7 @@ def write_tokens(pieces, engine, workers: int, eos: int, outputs: Outputs, tally
 
 
 def build_meta(args, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict) -> dict:
-    from dataset import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
+    from finetune.tokenfiles import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
 
     return {
         "format": META_FORMAT,
@@ -861,7 +861,7 @@ def check_split_sizes(tally: Tally, args) -> None:
 
 
 def print_summary(meta: dict, args, out_dir: Path, seconds: float, tokenize_seconds: float) -> None:
-    from dataset import steps_per_epoch
+    from finetune.plan import steps_per_epoch
 
     tokens = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
     chars = {s: meta["splits"][s]["chars"] for s in ("train", "val")}
