@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 from collections import deque
-from contextlib import closing
+from contextlib import closing, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,10 +223,41 @@ def make_output_dir(out: Path) -> list[Path]:
 
 
 def load_tokenizer(name_or_path: str):
-    """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub."""
-    from finetune.models import load_tokenizer as load  # heavy (imports transformers): after the cheap checks
+    """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub; or, when
+    this tokenizer was checked and recorded by an earlier run, the same tokenizer without transformers
+    (finetune.models.load_recorded_tokenizer: ~0.15 s instead of ~3 s of start-up)."""
+    from finetune.models import load_recorded_tokenizer, load_tokenizer as load, remember_tokenizer
 
-    return load(name_or_path, flag="--tokenizer")
+    tokenizer = load_recorded_tokenizer(name_or_path)
+    if tokenizer is None:
+        tokenizer = load(name_or_path, flag="--tokenizer")  # heavy (imports transformers)
+        with quiet_transformers():
+            remember_tokenizer(name_or_path, tokenizer, probe_text() + added_tokens_text(tokenizer))
+    return tokenizer
+
+
+def tokenizer_class(tokenizer) -> str:
+    return getattr(tokenizer, "class_name", type(tokenizer).__name__)  # a RecordedTokenizer says whose
+
+
+def added_tokens_text(tokenizer) -> str:
+    return " ".join(tokenizer.get_added_vocab())
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence "sequence longer than the model's maximum" while we only tokenize (no-op without transformers)."""
+    if "transformers" not in sys.modules:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def tokenizer_spec(tokenizer) -> dict | None:
@@ -416,14 +447,8 @@ def tiktoken_engine(tokenizer, spec: dict | None, hf: HFEngine, sample: str):
         return None, f"its BPE cannot be expressed in tiktoken: {exc}"
     specials = " ".join(added["content"] for added in spec.get("added_tokens", []))
     text = probe_text() + specials + sample
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we only tokenize
-    try:
-        reference = tokenizer(text, add_special_tokens=False)["input_ids"]  # AutoTokenizer itself is the judge
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        reference = tokenizer(text, add_special_tokens=False)["input_ids"]  # AutoTokenizer (or its record) judges
     if not np.array_equal(engine.encode(text), np.asarray(reference, dtype=np.uint32)):
         return None, "tiktoken disagreed with the Hugging Face tokenizer on a test sample"
     return engine, ""
@@ -816,8 +841,9 @@ def build_meta(args, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dic
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "max_token_id": tally.max_id,
-        "tokenizer": {"name_or_path": args.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer),
-                      "class": type(tokenizer).__name__, "add_special_tokens": False},
+        "tokenizer": {"name_or_path": args.tokenizer,
+                      "fingerprint": getattr(tokenizer, "fingerprint", None) or tokenizer_fingerprint(tokenizer),
+                      "class": tokenizer_class(tokenizer), "add_special_tokens": False},
         "splits": {split_name: {"file": SPLIT_FILES[split_name], "tokens": tally.tokens[split_name],
                                 "chars": tally.chars[split_name]} for split_name in ("train", "val")},
         "sources": sources,
@@ -946,7 +972,7 @@ def main(argv=None):
     spec = tokenizer_spec(tokenizer)
     engine, why = choose_engine(tokenizer, spec, args.engine, read_sample(inputs[0], args.encoding))
     cutter = make_cutter(tokenizer, spec, engine)
-    print(f"tokenizer {args.tokenizer} ({type(tokenizer).__name__}, {len(tokenizer):,} entries); "
+    print(f"tokenizer {args.tokenizer} ({tokenizer_class(tokenizer)}, {len(tokenizer):,} entries); "
           f"engine: {why}; {args.num_workers} worker thread(s)", file=sys.stderr)
 
     out_dir = Path(args.output_dir)
