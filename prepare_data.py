@@ -37,9 +37,11 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
+import unicodedata
 from collections import deque
 from contextlib import closing, contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -484,19 +486,56 @@ def tiktoken_engine(tokenizer, spec: dict | None, hf: HFEngine, sample: str):
 # cut before the second newline gives "\n" + "\n". Hence no cut right before a character that
 # can start an added token.
 #
+# Text without whitespace (a one-line JSON blob, CJK text, base64) gets a second rule: cut at p
+# when text[p-1] and text[p] are both visible and belong to different classes of the regex,
+# letter (\p{L}), number (\p{N}) or other (neither, nor whitespace), text[p-1] is not an
+# apostrophe, and no added token occurs across p.
+#
+# Why that is safe: every alternative of GPT2_PATTERN that can match a visible character is a
+# contraction ('s 't 're 've 'm 'll 'd) or a run of one class with an optional leading space.
+# A run of text[p-1]'s class stops before text[p]; a contraction holds two classes only as an
+# apostrophe followed by a letter, which is excluded. So the pre-token holding text[p-1] ends
+# at p. The left piece is matched as before: each match in it ended at a character of a
+# different class (or at p) and is found again when the string ends at p; no alternative that
+# failed before can succeed now (contractions are fixed strings; the one lookahead,
+# `\s+(?!\S)`, sees the same visible character before p). The right piece is matched from p
+# exactly as the whole text is, since the regex never looks back. An added token across p
+# would be broken in two; one that ends or starts at p splits the text there anyway.
+#
+# Python's Unicode tables can be older than the regex engine's: a code point Python does not
+# know (category Cn) may be a letter to the regex, so no cut touches one. Whitespace cuts come
+# first; this rule is used only where no whitespace cut lies within WHITESPACE_REACH characters.
+#
 # Other tokenizers (normalizers, Metaspace, other regexes) get the same candidate cuts but
 # each cut is checked: tokens of a window around it must equal the tokens of its two halves.
+#
+# A text with neither (one letter repeated, a DNA sequence on one line) is one pre-token and
+# has no safe cut at all: it is held whole, and a validation range inside it cannot be placed.
+
+WHITESPACE_REACH = 256
+CHANGE_CANDIDATES = re.compile(r"\b|(?<=\d)(?=[^\W\d_])|(?<=[^\W\d_])(?=\d)")  # a superset, mostly
+
+
+def regex_class(ch: str) -> str | None:
+    """GPT2_PATTERN's class of a visible character: "L", "N" or "P" (other); None for whitespace
+    and for code points Python's Unicode tables do not know."""
+    category = unicodedata.category(ch)
+    if ch.isspace() or category in ("Cn", "Cs"):
+        return None
+    return category[0] if category[0] in "LN" else "P"
 
 
 class Cutter:
     """Finds cut positions that cannot change the tokens."""
 
-    def __init__(self, verify=None, avoid: str = ""):
-        self.verify = verify  # encode(text) -> ids, for tokenizers without a proof of the rule
-        self.avoid = frozenset(avoid)  # first characters of added tokens
+    def __init__(self, verify=None, added=()):
+        self.verify = verify  # encode(text) -> ids, for tokenizers without a proof of the rules
+        self.added = tuple(t for t in added if t)  # added tokens: never cut across one
+        self.avoid = frozenset(t[0] for t in self.added)  # ... nor right before one after whitespace
+        self.reach = max([2, *map(len, self.added)])  # is_safe looks at most this far past p
 
     def is_safe(self, text: str, p: int) -> bool:
-        if not 0 < p < len(text) - 1 or text[p] not in " \n" or text[p + 1].isspace() or text[p + 1] in self.avoid:
+        if not self.is_candidate(text, p):
             return False
         if self.verify is None:
             return True
@@ -504,8 +543,35 @@ class Cutter:
         whole = self.verify(left + right)
         return np.array_equal(whole, np.concatenate([self.verify(left), self.verify(right)]))
 
+    def is_candidate(self, text: str, p: int) -> bool:
+        """One of the two rules holds at p (see "Safe cuts"); text must go `reach` characters past p."""
+        if not 0 < p <= len(text) - self.reach:
+            return False
+        if text[p] in " \n":
+            return not text[p + 1].isspace() and text[p + 1] not in self.avoid
+        a, b = regex_class(text[p - 1]), regex_class(text[p])
+        if a is None or b is None or a == b or text[p - 1] == "'":
+            return False
+        return not any(text.find(t, max(0, p - len(t) + 1), p + len(t) - 1) >= 0 for t in self.added)
+
     def last(self, text: str, lo: int, hi: int) -> int | None:
-        """The largest safe cut in [lo, hi)."""
+        """The largest safe cut in [lo, hi): at whitespace, else at a change of class close to hi."""
+        cut = self.last_at_whitespace(text, lo, hi)
+        if cut is None or hi - cut > WHITESPACE_REACH:
+            near = self.last_at_change(text, lo if cut is None else cut + 1, hi)
+            cut = near if near is not None else cut
+        return cut
+
+    def first(self, text: str, lo: int, hi: int) -> int | None:
+        """The smallest safe cut in [lo, hi): at whitespace, else at a change of class close to lo."""
+        cut = self.first_at_whitespace(text, lo, hi)
+        end = hi if cut is None else cut
+        if end - lo > WHITESPACE_REACH:
+            near = self.first_at_change(text, lo, end)
+            cut = near if near is not None else cut
+        return cut
+
+    def last_at_whitespace(self, text: str, lo: int, hi: int) -> int | None:
         space, newline = text.rfind(" ", lo, hi), text.rfind("\n", lo, hi)
         while max(space, newline) >= max(lo, 1):
             p = max(space, newline)
@@ -517,8 +583,7 @@ class Cutter:
                 newline = text.rfind("\n", lo, p)
         return None
 
-    def first(self, text: str, lo: int, hi: int) -> int | None:
-        """The smallest safe cut in [lo, hi)."""
+    def first_at_whitespace(self, text: str, lo: int, hi: int) -> int | None:
         lo = max(lo, 1)
         space, newline = text.find(" ", lo, hi), text.find("\n", lo, hi)
         while space >= 0 or newline >= 0:
@@ -531,12 +596,29 @@ class Cutter:
                 newline = text.find("\n", p + 1, hi)
         return None
 
+    def first_at_change(self, text: str, lo: int, hi: int) -> int | None:
+        for match in CHANGE_CANDIDATES.finditer(text, max(lo, 1), hi):
+            p = match.start()
+            if p < hi and text[p] not in " \n" and self.is_safe(text, p):
+                return p
+        return None
+
+    def last_at_change(self, text: str, lo: int, hi: int) -> int | None:
+        window = 1024
+        while hi > lo:  # backwards in growing windows: the regex only searches forwards
+            start = max(lo, hi - window)
+            found = [m.start() for m in CHANGE_CANDIDATES.finditer(text, max(start, 1), hi) if m.start() < hi]
+            for p in reversed(found):
+                if text[p] not in " \n" and self.is_safe(text, p):
+                    return p
+            hi, window = start, 4 * window
+        return None
+
 
 def make_cutter(tokenizer, spec: dict | None, engine) -> Cutter:
     """The GPT-2 rule as is where it is proven for this tokenizer, else with every cut verified."""
     proven = not byte_level_regex_reason(spec)
-    starts = "".join(token[:1] for token in tokenizer.get_added_vocab())
-    return Cutter(None if proven else engine.encode, avoid=starts)
+    return Cutter(None if proven else engine.encode, added=tokenizer.get_added_vocab())
 
 
 # -----------------------------------------------------------------------------
@@ -621,6 +703,7 @@ class Chunker:
         self.files, self.records, self.encoding, self.cutter = files, records, encoding, cutter
         self.boundaries, self.first, self.chunk_chars = list(boundaries), first, chunk_chars
         self.first_index = first_index
+        self.moved = 0  # the farthest a boundary had to move to a safe cut, in bytes
 
     def split(self, j: int) -> str:
         return self.first if j % 2 == 0 else ("val" if self.first == "train" else "train")
@@ -636,19 +719,21 @@ class Chunker:
                     target = self.boundaries[j] if j < len(self.boundaries) else None
                     cut = self.next_cut(pending, start, end, target, resume)
                     if cut is None:
-                        resume = max(0, len(pending) - 1)  # searched up to here; text[-1] needs a successor
+                        resume = max(0, len(pending) - self.cutter.reach)  # searched up to here
                         break
                     piece, pending, resume = pending[:cut], pending[cut:], 0
                     nbytes = len(encoder.encode(piece))
                     yield Piece(piece, self.split(j), self.first_index + source, start, nbytes, False, index)
                     index, start = index + 1, start + nbytes
                     while j < len(self.boundaries) and self.boundaries[j] <= start:
+                        self.moved = max(self.moved, start - self.boundaries[j])
                         j += 1
             stream += record["bytes"]
             if record["bytes"]:  # empty files add nothing, not even an end-of-text token
                 yield Piece(pending, self.split(j), self.first_index + source, start, stream - start, True, index)
                 index += 1
             while j < len(self.boundaries) and self.boundaries[j] <= stream:
+                self.moved = max(self.moved, stream - self.boundaries[j])
                 j += 1  # boundaries in an uncuttable tail move to the end of the file
 
     def next_cut(self, pending: str, start: int, end: int, target: int | None, resume: int) -> int | None:
@@ -803,7 +888,7 @@ def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutte
     outputs = Outputs(out_dir, dtype)
     try:
         write_tokens(pieces, engine, args.num_workers, tokenizer.eos_token_id, outputs, tally, total_bytes)
-        check_split_sizes(tally, args)
+        check_split_sizes(tally, args, ranges, streams[0].moved)
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
         for source, record in zip(sources, records):
@@ -866,12 +951,19 @@ def split_policy(args, ranges, tally: Tally) -> dict:
     }
 
 
-def check_split_sizes(tally: Tally, args) -> None:
+def check_split_sizes(tally: Tally, args, ranges=(), moved: int = 0) -> None:
     """Each split must hold at least one training block."""
     for split in ("train", "val"):
         n = tally.tokens[split]
         if n >= args.block_size:
             continue
+        if ranges and moved >= min(b - a for a, b in ranges) / 2:
+            raise UserError(
+                f"the {split} split holds {n} tokens, less than one block of --block-size {args.block_size}, "
+                f"because the text cannot be cut where the validation ranges go without changing its tokens "
+                f"(a range edge moved {human_bytes(moved)}: a stretch with no whitespace and no change between "
+                "letters, digits and other characters, such as one letter repeated). HINT: give the validation "
+                "text as a separate file with --val-input")
         if args.val_input:
             fix = "add text to " + ("--input" if split == "train" else "--val-input")
         elif split == "val":

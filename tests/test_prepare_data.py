@@ -77,11 +77,23 @@ ADVERSARIAL = [
 ]
 
 
-def adversarial_text(n_chars: int, seed: int = 0) -> str:
+# Visible characters only (the class-change rule): JSON, contractions next to apostrophes and
+# punctuation, digits of other kinds, combining marks, a letter Python 3.11 does not know yet
+# (U+11F04, Kawi, Unicode 15), an unassigned code point, the added token.
+NO_WHITESPACE = [
+    *(s for s in ADVERSARIAL if not any(ch.isspace() for ch in s)),
+    '{"', '":', '",', '":"', "[1,2]", "{}", "null", "true", "-0.5e+10", "\\u00e9", "\\n", "_", "x_1", "__init__",
+    "'s", "''", "'re", "'ve", "'d", "'m", "'t", "'S", "’s", "'1", "'東", "a'", "1'", "!'", "ll", "re", "s",
+    "٣٤", "①", "Ⅻ", "x²", "3½", "a\u0301", "\u200b", "\u180e", "\U00011f04", "\U0001fae8", "\U000e0001",
+    "。", "，", "東京タワー", "дом", "<|endoftext|>", "<|", "|>", "<", "endoftext",
+]
+
+
+def adversarial_text(n_chars: int, seed: int = 0, parts_from=ADVERSARIAL) -> str:
     rng = random.Random(seed)
     parts, size = [], 0
     while size < n_chars:
-        part = rng.choice(ADVERSARIAL)
+        part = rng.choice(parts_from)
         parts.append(part)
         size += len(part)
     return "".join(parts)
@@ -258,20 +270,23 @@ def test_safe_cuts_keep_gpt2_pre_tokens():
             out += [special] + [w for w, _ in pre.pre_tokenize_str(segment)]
         return out
 
-    cutter = prep.Cutter(avoid="<")
-    rejected_but_different = 0
-    for seed in range(40):
-        text = adversarial_text(300, seed=seed)
+    cutter = prep.Cutter(added=[special])
+    rejected_but_different, accepted_without_whitespace = 0, 0
+    for seed in range(80):
+        visible_only = seed % 2 == 1
+        text = adversarial_text(300, seed=seed, parts_from=NO_WHITESPACE if visible_only else ADVERSARIAL)
         whole = words(text)
         for p in range(1, len(text)):
-            if special in text[max(0, p - len(special) + 1):p + len(special) - 1]:
-                continue  # a cut inside the added token itself: never a candidate (no whitespace in it)
             same = words(text[:p]) + words(text[p:]) == whole
             if cutter.is_safe(text, p):
                 assert same, (text[max(0, p - 10):p], text[p:p + 10])
+                accepted_without_whitespace += visible_only
             elif text[p - 1] == "\n" and not same:
                 rejected_but_different += 1
     assert rejected_but_different > 0  # "cut after any newline" would be wrong
+    assert accepted_without_whitespace > 40 * 30  # the class-change rule finds cuts in visible-only text
+    assert words("x's") != words("x'") + words("s")  # why no cut after an apostrophe
+    assert words("<|endoftext|>") != words("<|") + words("endoftext|>")  # why not across an added token
     assert words("a \nb") != words("a \n") + words("b")
     assert words("a  b") != words("a  ") + words("b")
     assert words("x\n\n" + special) != words("x\n") + words("\n" + special)  # why `avoid` exists
@@ -292,15 +307,16 @@ def check_chunked_equals_whole(tmp_path, tok, engine_name):
     pytest.importorskip("tiktoken")
     hf = prep.HFEngine(tok)
     engine = hf if engine_name == "hf" else prep.TiktokenEngine(prep.tokenizer_spec(tok), hf)
-    text = adversarial_text(40_000, seed=3)
-    path = tmp_path / "adversarial.txt"
-    path.write_bytes(text.encode("utf-8"))  # no newline translation: \r\n stays
-    expected = reference_ids(tok, text)
-    for chunk_chars in (16, 1000):  # 16: a cut at nearly every candidate
-        pieces, ids = chunked_ids(path, tok, engine, chunk_chars)
-        assert "".join(p.text for p in pieces) == text
-        assert len(pieces) > len(text) // (4 * chunk_chars)
-        assert ids.tolist() == expected
+    for name, parts in (("adversarial", ADVERSARIAL), ("visible_only", NO_WHITESPACE)):
+        text = adversarial_text(40_000, seed=3, parts_from=parts)
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(text.encode("utf-8"))  # no newline translation: \r\n stays
+        expected = reference_ids(tok, text)
+        for chunk_chars in (16, 1000):  # 16: a cut at nearly every candidate
+            pieces, ids = chunked_ids(path, tok, engine, chunk_chars)
+            assert "".join(p.text for p in pieces) == text
+            assert len(pieces) > len(text) // (4 * chunk_chars), name
+            assert ids.tolist() == expected, name
 
 
 def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
@@ -323,13 +339,19 @@ def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
     assert engine.encode(base).tolist() == reference_ids(tok, base)
 
 
-def test_text_without_any_whitespace_is_one_piece(tmp_path, tiny_tokenizer_dir):
+def test_text_without_whitespace_is_cut_where_the_class_changes(tmp_path, tiny_tokenizer_dir):
+    """No whitespace at all: cut between letters, digits and punctuation, in pieces of the chunk size."""
     tok = load(tiny_tokenizer_dir)
     text = "abc.def,東京🙂" * 20_000
     path = tmp_path / "blob.txt"
     path.write_text(text, encoding="utf-8")
     pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
-    assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, text)
+    assert len(pieces) > len(text) // 1000 and max(len(p.text) for p in pieces) <= 1000
+    assert ids.tolist() == reference_ids(tok, text)
+    # One letter repeated is a single pre-token: no safe cut anywhere, so it stays whole.
+    path.write_text("a" * 5000, encoding="utf-8")
+    pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
+    assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, "a" * 5000)
 
 
 def test_other_tokenizers_get_verified_cuts(tmp_path, metaspace_tokenizer_dir):
