@@ -602,3 +602,71 @@ def test_split_too_small_says_how_to_fix(tmp_path, corpus_file, tiny_tokenizer_d
                         "--output-dir", out, "--val-fraction", "0.01")
     assert_error_with_hint(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# Text without whitespace, end to end (#15.4); pieces of 16K characters so small files need many
+
+
+def json_blob(n_chars: int) -> str:
+    """A one-line JSON array without any whitespace, like a minified export."""
+    words = make_corpus(n_chars, seed=21).split()
+    records, size = [], 0
+    for i in range(0, len(words), 7):
+        record = {"id": i, "text": "_".join(words[i:i + 7]), "score": i / 7, "ok": i % 2 == 0}
+        records.append(record)
+        size += len(record["text"]) + 40
+        if size > n_chars:
+            break
+    return json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+
+
+def run_main(argv, capsys) -> subprocess.CompletedProcess:
+    """prep.main in this process, its exit and output as a CompletedProcess (for assert_error_with_hint)."""
+    try:
+        code = 0 if prep.main([str(a) for a in argv]) is not None else 1
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    text = json_blob(300_000)
+    assert not any(ch.isspace() for ch in text) and len(text) > 10 * (16 << 10)
+    blob = tmp_path / "blob.txt"
+    blob.write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    result = run_main(["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                       "--block-size", 64, "--val-fraction", 0.2], capsys)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(out)
+    tok = load(tiny_tokenizer_dir)
+    assert reassemble(out).tolist() == reference_ids(tok, text) + [tok.eos_token_id]
+    val, train = meta["splits"]["val"]["tokens"], meta["splits"]["train"]["tokens"]
+    assert 0.15 < val / (val + train) < 0.25
+    (r,) = meta["split"]["val_ranges"]  # where it was asked for, give or take a few characters
+    (a, b), = meta["split"]["requested_ranges"]
+    assert 0 <= r["stream_bytes"][0] - a < 100 and 0 <= r["stream_bytes"][1] - b < 100
+
+
+def test_text_that_cannot_be_cut_says_so_and_names_val_input(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    letters = tmp_path / "letters.txt"
+    letters.write_text("a" * 100_000, encoding="utf-8")
+    out = tmp_path / "data"
+    for fraction in ("0.1", "0.9"):  # raising --val-fraction cannot help, and the message does not say so
+        result = run_main(["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--block-size", 64, "--val-fraction", fraction], capsys)
+        assert_error_with_hint(result, "cannot be cut", "one letter repeated", "--val-input")
+        assert "--val-fraction" not in result.stderr
+        assert not out.exists()
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("b" * 20_000, encoding="utf-8")
+    result = run_main(["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
+                       "--output-dir", out, "--block-size", 64], capsys)
+    assert result.returncode == 0, result.stderr
+    tok = load(tiny_tokenizer_dir)
+    meta = load_meta(out)
+    assert read_split(out, meta, "val").tolist() == reference_ids(tok, "b" * 20_000) + [tok.eos_token_id]
