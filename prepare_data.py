@@ -62,7 +62,7 @@ CHUNK_CHARS = 1 << 20         # target size of one tokenized piece (the tiktoken
 VAL_RANGE_BYTES = 4 << 20     # aim for validation ranges of about this size (at most MAX_VAL_RANGES)
 MAX_VAL_RANGES = 64
 VERIFY_WINDOW = 512           # characters each side of a cut checked for tokenizers without a proof
-SAMPLE_BYTES = 64 << 10       # input sample the fast path is checked on before the run
+SAMPLE_BYTES = 16 << 10       # input sample the fast path is checked on before the run
 CHECK_EVERY = 8               # during the run, check every 8th piece's start against Hugging Face
 CHECK_CHARS = 16 << 10
 

@@ -7,6 +7,7 @@ whole file, followed by one end-of-text token.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -272,8 +273,8 @@ def test_safe_cuts_keep_gpt2_pre_tokens():
 
     cutter = prep.Cutter(added=[special])
     rejected_but_different, accepted_without_whitespace = 0, 0
-    for seed in range(80):
-        visible_only = seed % 2 == 1
+    for seed in range(60):
+        visible_only = seed >= 40  # the first 40: text with whitespace, as before the class-change rule
         text = adversarial_text(300, seed=seed, parts_from=NO_WHITESPACE if visible_only else ADVERSARIAL)
         whole = words(text)
         for p in range(1, len(text)):
@@ -284,7 +285,7 @@ def test_safe_cuts_keep_gpt2_pre_tokens():
             elif text[p - 1] == "\n" and not same:
                 rejected_but_different += 1
     assert rejected_but_different > 0  # "cut after any newline" would be wrong
-    assert accepted_without_whitespace > 40 * 30  # the class-change rule finds cuts in visible-only text
+    assert accepted_without_whitespace > 20 * 30  # the class-change rule finds cuts in visible-only text
     assert words("x's") != words("x'") + words("s")  # why no cut after an apostrophe
     assert words("<|endoftext|>") != words("<|") + words("endoftext|>")  # why not across an added token
     assert words("a \nb") != words("a \n") + words("b")
@@ -670,3 +671,60 @@ def test_text_that_cannot_be_cut_says_so_and_names_val_input(tmp_path, tiny_toke
     tok = load(tiny_tokenizer_dir)
     meta = load_meta(out)
     assert read_split(out, meta, "val").tolist() == reference_ids(tok, "b" * 20_000) + [tok.eos_token_id]
+
+
+# -----------------------------------------------------------------------------
+# Start-up: a tokenizer recorded once is loaded without transformers
+
+
+def test_recorded_tokenizer_skips_transformers_and_torch_with_identical_output(
+        tmp_path, tiny_tokenizer_dir, corpus_file, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    args = ["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--block-size", "32"]
+    prep.main([*args, "--output-dir", str(tmp_path / "first")])  # AutoTokenizer, checked, then recorded
+    assert len(list((cache / "finetune" / "tokenizers").glob("*.json"))) == 1
+    code = ("import sys, prepare_data; prepare_data.main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code, *args, "--output-dir", str(tmp_path / "second")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"  # neither was imported
+    assert snapshot(tmp_path / "second") == snapshot(tmp_path / "first")
+
+
+def test_tokenizer_record_follows_the_files(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from finetune import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    assert models.load_recorded_tokenizer(str(folder)) is None  # never recorded
+    tok = load(folder)
+    assert models.remember_tokenizer(str(folder), tok, prep.probe_text())
+    recorded = models.load_recorded_tokenizer(str(folder))
+    text = adversarial_text(5_000, seed=2)
+    assert recorded(text)["input_ids"] == reference_ids(tok, text)
+    assert (len(recorded), recorded.eos_token_id, recorded.get_vocab()) == (len(tok), tok.eos_token_id, tok.get_vocab())
+    with open(folder / "tokenizer_config.json", "a", encoding="utf-8") as f:
+        f.write(" ")  # any change to a file the tokenizer is built from: a new check
+    assert models.load_recorded_tokenizer(str(folder)) is None
+
+
+@needs_gpt2
+def test_tokenizer_whose_config_changes_its_pipeline_is_not_recorded(tmp_path, corpus_file, monkeypatch):
+    """GPT-2 with add_prefix_space in tokenizer_config.json: AutoTokenizer adds the space, tokenizer.json
+    alone does not; the record would change the ids, so it is refused and every run loads AutoTokenizer."""
+    from finetune import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "gpt2_prefix_space"
+    shutil.copytree(SHARED_GPT2_TOKENIZER, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": True}))
+    tok = load(folder)
+    assert not models.remember_tokenizer(str(folder), tok, prep.probe_text())
+    out = tmp_path / "data"
+    prep.main(["--input", str(corpus_file), "--tokenizer", str(folder), "--output-dir", str(out), "--block-size", "32"])
+    assert not (tmp_path / "cache").exists()
+    assert reassemble(out).tolist() == reference_ids(tok, text_of(corpus_file)) + [tok.eos_token_id]
