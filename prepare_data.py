@@ -11,8 +11,8 @@ How it works, in the order the code runs:
 - The text is streamed: read in 1 MB blocks, decoded incrementally, cut into pieces
   (~1M characters; 64K for the Hugging Face engine) *only where a cut cannot change the
   tokens* (see "Safe cuts"), tokenized by a pool of threads and written in order. Memory
-  does not grow with the input (~400 MB RSS, most of it torch and transformers); only a
-  stretch of text without any whitespace (nowhere to cut) is held whole.
+  does not grow with the input; only a stretch with no whitespace and no change between
+  letters, digits and other characters (one letter repeated) is held whole.
 - Validation is not the head or the tail of the text: the byte stream of all inputs is
   divided into k equal slots (k = validation bytes / 4 MB, between 1 and 64) and each
   slot gives one contiguous validation range at a
@@ -23,7 +23,9 @@ How it works, in the order the code runs:
   for each whole file. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
   tokenizer before the run and on samples during it; any other tokenizer uses the
-  Hugging Face `tokenizers` library.
+  Hugging Face `tokenizers` library. A tokenizer that an earlier run found to be exactly
+  its tokenizer.json is loaded without transformers (finetune.models.remember_tokenizer,
+  load_recorded_tokenizer), which saves seconds of start-up.
 - Outputs are written under hidden temporary names and renamed at the very end, meta.json
   last, so an interrupted run never leaves a train.bin that looks valid.
 """
