@@ -15,7 +15,7 @@ shared the machine's load (the load average is printed before and after):
    child's own peak RSS (os.wait4).
 3. tiktoken's one-core encode of the same text: the same vocabulary and regex, encode_to_numpy
    over ~1 MB pieces cut at safe places (its fastest one-core way here; reading the text and
-   building the encoding are not timed), in this process.
+   building the encoding are not timed), in its own process.
 4. A 1 MB book (the corpus' first MB): prepare_data.py end to end with the tokenizer recorded
    by an earlier run (what every run after the first does) and with an empty record cache (a
    first run), against a bare `import transformers` + AutoTokenizer.from_pretrained in a
@@ -193,10 +193,26 @@ def tiktoken_encoding(tokenizer: str):
                              special_tokens=special), list(special)
 
 
-def run_tiktoken(encoding, pieces: list[str]) -> dict:
+def run_tiktoken(text_path: Path, tokenizer: str, ids_path: Path) -> dict:
+    """The baseline in its own process (so this one stays small and the children's peak RSS is theirs)."""
+    cmd = [sys.executable, __file__, "--tiktoken-child", str(ids_path), str(text_path), "--tokenizer", tokenizer]
+    result = run_child(cmd)
+    if result["returncode"] != 0:
+        sys.exit(f"tiktoken baseline failed:\n{result['stderr']}")
+    return {**result, "seconds": float(result["stdout"].split()[-1])}
+
+
+def tiktoken_child(ids_path: str, text_path: str, tokenizer: str) -> None:
+    """Prints the seconds of the timed part only: encoding the pieces, one after the other, one core."""
+    text = Path(text_path).read_bytes().decode("utf-8")
+    encoding, added = tiktoken_encoding(tokenizer)
+    pieces = safe_pieces(text, added)
+    del text
     started = time.perf_counter()
     ids = [encoding.encode_to_numpy(piece, allowed_special="all") for piece in pieces]
-    return {"seconds": time.perf_counter() - started, "ids": np.concatenate(ids)}
+    seconds = time.perf_counter() - started
+    np.save(ids_path, np.concatenate(ids))
+    print(seconds)
 
 
 def autotokenizer_ids(tokenizer: str, text: str, added: list[str]) -> np.ndarray:
@@ -225,7 +241,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="a local GPT-2-like tokenizer folder")
     parser.add_argument("--seed", type=int, default=0, help="text generator seed (--corpus generated)")
     parser.add_argument("--workdir", default=None, help="keep the text and outputs here (default: a temp dir)")
+    parser.add_argument("--tiktoken-child", nargs=2, metavar=("IDS", "TEXT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()  # anything else goes to prepare_data.py, e.g. --num-workers 1
+    if args.tiktoken_child:
+        return tiktoken_child(*args.tiktoken_child, args.tokenizer)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -236,12 +255,9 @@ def main() -> None:
                 generate_text(text_path, int(args.mb * 1e6), args.seed)
             else:
                 print(f"{python_source(text_path, int(args.mb * 1e6))} .py files")
-        raw = text_path.read_bytes()
-        text = raw.decode("utf-8")
-        book.write_bytes(raw[:1_000_000].decode("utf-8", errors="ignore").encode("utf-8"))
-        mb = len(raw) / 1e6
-        encoding, added = tiktoken_encoding(args.tokenizer)
-        pieces = safe_pieces(text, added)
+        with open(text_path, "rb") as f:
+            book.write_bytes(f.read(1_000_000).decode("utf-8", errors="ignore").encode("utf-8"))
+        mb = text_path.stat().st_size / 1e6
         warm, cold = work / "record-cache", work / "empty-cache"
         run_prepare(book, work / "warmup", args.tokenizer, [], warm)  # records the tokenizer (a first run)
 
@@ -249,15 +265,19 @@ def main() -> None:
         rows = {"prepare": [], "tiktoken": [], "book": [], "book_first_run": [], "transformers": []}
         for _ in range(args.rounds):
             rows["prepare"].append(run_prepare(text_path, work / "data", args.tokenizer, extra, warm))
-            rows["tiktoken"].append(run_tiktoken(encoding, pieces))
+            rows["tiktoken"].append(run_tiktoken(text_path, args.tokenizer, work / "tiktoken_ids.npy"))
             rows["transformers"].append(bare_transformers(args.tokenizer))
             rows["book"].append(run_prepare(book, work / "book", args.tokenizer, extra, warm))
             shutil.rmtree(cold, ignore_errors=True)
             rows["book_first_run"].append(run_prepare(book, work / "book", args.tokenizer, extra, cold))
         print(load_line("after: "))
         prepared = reassemble(work / "data")
-        same_tiktoken = np.array_equal(prepared[:-1], rows["tiktoken"][-1]["ids"])  # [-1]: the end-of-text token
+        baseline = np.load(work / "tiktoken_ids.npy", mmap_mode="r")
+        same_tiktoken = np.array_equal(prepared[:-1], baseline)  # [-1]: the end-of-text token after the file
         n = int(args.check_mb * 1e6)
+        with open(text_path, "rb") as f:
+            text = f.read(n + 4).decode("utf-8", errors="ignore")
+        added = tiktoken_encoding(args.tokenizer)[1]
         checked = text[:prepare_data.Cutter(added=added).last(text, n // 2, n) or n]  # ends at a safe cut
         reference = autotokenizer_ids(args.tokenizer, checked, added)
         same_hf = np.array_equal(prepared[:len(reference)], reference)
