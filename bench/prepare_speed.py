@@ -145,7 +145,7 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
         out.seek(0)
         err.seek(0)
         return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
-                "stdout": out.read(), "stderr": err.read()}
+                "cpu_seconds": usage.ru_utime + usage.ru_stime, "stdout": out.read(), "stderr": err.read()}
 
 
 def bare_transformers(tokenizer: str) -> dict:
@@ -199,7 +199,8 @@ def run_tiktoken(text_path: Path, tokenizer: str, ids_path: Path) -> dict:
     result = run_child(cmd)
     if result["returncode"] != 0:
         sys.exit(f"tiktoken baseline failed:\n{result['stderr']}")
-    return {**result, "seconds": float(result["stdout"].split()[-1])}
+    seconds, cpu_seconds = map(float, result["stdout"].split()[-2:])
+    return {**result, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def tiktoken_child(ids_path: str, text_path: str, tokenizer: str) -> None:
@@ -208,11 +209,11 @@ def tiktoken_child(ids_path: str, text_path: str, tokenizer: str) -> None:
     encoding, added = tiktoken_encoding(tokenizer)
     pieces = safe_pieces(text, added)
     del text
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ids = [encoding.encode_to_numpy(piece, allowed_special="all") for piece in pieces]
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     np.save(ids_path, np.concatenate(ids))
-    print(seconds)
+    print(seconds, cpu_seconds)
 
 
 def autotokenizer_ids(tokenizer: str, text: str, added: list[str]) -> np.ndarray:
@@ -305,6 +306,10 @@ def report(args, extra, mb, rows, same_tiktoken, same_hf, checked_mb) -> None:
     print(f"tiktoken encode_to_numpy, ~1 MB pieces, one core: {tik:.2f}s ({listed('tiktoken')}) = "
           f"{mb / tik:.1f} MB/s")
     print(f"  ratio end to end / tiktoken one core: {tik / prep:.2f}x")
+    prep_cpu = median([r["cpu_seconds"] for r in rows["prepare"]])
+    tik_cpu = median([r["cpu_seconds"] for r in rows["tiktoken"]])
+    print(f"  CPU seconds: prepare_data.py {prep_cpu:.1f} (all of it, start-up included; {prep_cpu / prep:.2f} cores "
+          f"busy on average), tiktoken {tik_cpu:.1f} (the timed encode)")
     print(f"1 MB book, prepare_data.py end to end: {book:.2f}s ({listed('book')}), peak RSS "
           f"{max(r['peak_mb'] for r in rows['book']):.0f} MB; first run (no record yet): {first:.2f}s "
           f"({listed('book_first_run')})")
