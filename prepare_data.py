@@ -510,6 +510,8 @@ def tiktoken_engine(tokenizer, spec: dict | None, hf: HFEngine, sample: str):
 #
 # Other tokenizers (normalizers, Metaspace, other regexes) get the same candidate cuts but
 # each cut is checked: tokens of a window around it must equal the tokens of its two halves.
+# That check is local, not a proof: in a word longer than the window (text without any
+# whitespace, for a pre-tokenizer that splits only at spaces) it sees the window only.
 #
 # A text with neither (one letter repeated, a DNA sequence on one line) is one pre-token and
 # has no safe cut at all: it is held whole, and a validation range inside it cannot be placed.
