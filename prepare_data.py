@@ -13,8 +13,8 @@ How it works, in the order the code runs:
 - The text is streamed: read in 1 MB blocks, decoded incrementally, cut into pieces
   (~1M characters; 64K for the Hugging Face engine) *only where a cut cannot change the
   tokens* (see "Safe cuts"), tokenized by a pool of threads and written in order. Memory
-  does not grow with the input (~400 MB RSS, most of it torch and transformers); only a
-  stretch of text without any whitespace (nowhere to cut) is held whole.
+  does not grow with the input; only a stretch with no whitespace and no change between
+  letters, digits and other characters (one letter repeated) is held whole.
 - Validation is not the head or the tail of the text: the byte stream of all inputs is
   divided into k equal slots (k = validation bytes / 4 MB, between 1 and 64) and each
   slot gives one contiguous validation range at a
@@ -28,7 +28,9 @@ How it works, in the order the code runs:
   for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
   tokenizer before the run and on samples during it; any other tokenizer uses the
-  Hugging Face `tokenizers` library.
+  Hugging Face `tokenizers` library. A tokenizer that an earlier run found to be exactly
+  its tokenizer.json is loaded without transformers (finetune.models.remember_tokenizer,
+  load_recorded_tokenizer), which saves seconds of start-up.
 - Outputs are written under hidden temporary names and renamed at the very end, meta.json
   last, so an interrupted run never leaves a train.bin that looks valid. The run holds a lock
   on --output-dir (a second run into it is refused); a full disk is one error line, exit 4.
@@ -45,12 +47,14 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import stat
 import sys
 import time
+import unicodedata
 from collections import deque
-from contextlib import closing
+from contextlib import closing, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +80,7 @@ RECORD_VAL_RANGE_BYTES = 16 << 10  # with records: smaller ranges, so whole reco
 MAX_RECORD_VAL_RANGES = 1024
 SAMPLE_BOOK = "book.txt"
 VERIFY_WINDOW = 512           # characters each side of a cut checked for tokenizers without a proof
-SAMPLE_BYTES = 64 << 10       # input sample the fast path is checked on before the run
+SAMPLE_BYTES = 16 << 10       # input sample the fast path is checked on before the run
 CHECK_EVERY = 8               # during the run, check every 8th piece's start against Hugging Face
 CHECK_CHARS = 16 << 10
 
@@ -312,10 +316,41 @@ def claimed_output_dir(out: Path, overwrite: bool):
 
 
 def load_tokenizer(name_or_path: str):
-    """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub."""
-    from finetune.models import load_tokenizer as load  # heavy (imports transformers): after the cheap checks
+    """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub; or, when
+    this tokenizer was checked and recorded by an earlier run, the same tokenizer without transformers
+    (finetune.models.load_recorded_tokenizer: ~0.15 s instead of ~3 s of start-up)."""
+    from finetune.models import load_recorded_tokenizer, load_tokenizer as load, remember_tokenizer
 
-    return load(name_or_path, flag="--tokenizer")
+    tokenizer = load_recorded_tokenizer(name_or_path)
+    if tokenizer is None:
+        tokenizer = load(name_or_path, flag="--tokenizer")  # heavy (imports transformers)
+        with quiet_transformers():
+            remember_tokenizer(name_or_path, tokenizer, probe_text() + added_tokens_text(tokenizer))
+    return tokenizer
+
+
+def tokenizer_class(tokenizer) -> str:
+    return getattr(tokenizer, "class_name", type(tokenizer).__name__)  # a RecordedTokenizer says whose
+
+
+def added_tokens_text(tokenizer) -> str:
+    return " ".join(tokenizer.get_added_vocab())
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence "sequence longer than the model's maximum" while we only tokenize (no-op without transformers)."""
+    if "transformers" not in sys.modules:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def tokenizer_spec(tokenizer) -> dict | None:
@@ -505,14 +540,8 @@ def tiktoken_engine(tokenizer, spec: dict | None, hf: HFEngine, sample: str):
         return None, f"its BPE cannot be expressed in tiktoken: {exc}"
     specials = " ".join(added["content"] for added in spec.get("added_tokens", []))
     text = probe_text() + specials + sample
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we only tokenize
-    try:
-        reference = tokenizer(text, add_special_tokens=False)["input_ids"]  # AutoTokenizer itself is the judge
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        reference = tokenizer(text, add_special_tokens=False)["input_ids"]  # AutoTokenizer (or its record) judges
     if not np.array_equal(engine.encode(text), np.asarray(reference, dtype=np.uint32)):
         return None, "tiktoken disagreed with the Hugging Face tokenizer on a test sample"
     return engine, ""
@@ -548,19 +577,58 @@ def tiktoken_engine(tokenizer, spec: dict | None, hf: HFEngine, sample: str):
 # cut before the second newline gives "\n" + "\n". Hence no cut right before a character that
 # can start an added token.
 #
+# Text without whitespace (a one-line JSON blob, CJK text, base64) gets a second rule: cut at p
+# when text[p-1] and text[p] are both visible and belong to different classes of the regex,
+# letter (\p{L}), number (\p{N}) or other (neither, nor whitespace), text[p-1] is not an
+# apostrophe, and no added token occurs across p.
+#
+# Why that is safe: every alternative of GPT2_PATTERN that can match a visible character is a
+# contraction ('s 't 're 've 'm 'll 'd) or a run of one class with an optional leading space.
+# A run of text[p-1]'s class stops before text[p]; a contraction holds two classes only as an
+# apostrophe followed by a letter, which is excluded. So the pre-token holding text[p-1] ends
+# at p. The left piece is matched as before: each match in it ended at a character of a
+# different class (or at p) and is found again when the string ends at p; no alternative that
+# failed before can succeed now (contractions are fixed strings; the one lookahead,
+# `\s+(?!\S)`, sees the same visible character before p). The right piece is matched from p
+# exactly as the whole text is, since the regex never looks back. An added token across p
+# would be broken in two; one that ends or starts at p splits the text there anyway.
+#
+# Python's Unicode tables can be older than the regex engine's: a code point Python does not
+# know (category Cn) may be a letter to the regex, so no cut touches one. Whitespace cuts come
+# first; this rule is used only where no whitespace cut lies within WHITESPACE_REACH characters.
+#
 # Other tokenizers (normalizers, Metaspace, other regexes) get the same candidate cuts but
 # each cut is checked: tokens of a window around it must equal the tokens of its two halves.
+# That check is local, not a proof: in a word longer than the window (text without any
+# whitespace, for a pre-tokenizer that splits only at spaces) it sees the window only.
+#
+# A text with neither (one letter repeated, a DNA sequence on one line) is one pre-token and
+# has no safe cut at all: it is held whole, and a validation range inside it cannot be placed.
+
+WHITESPACE_REACH = 256
+CHANGE_CANDIDATES = re.compile(r"\b|(?<=\d)(?=[^\W\d_])|(?<=[^\W\d_])(?=\d)")  # a superset, mostly
+
+
+def regex_class(ch: str) -> str | None:
+    """GPT2_PATTERN's class of a visible character: "L", "N" or "P" (other); None for whitespace
+    and for code points Python's Unicode tables do not know."""
+    category = unicodedata.category(ch)
+    if ch.isspace() or category in ("Cn", "Cs"):
+        return None
+    return category[0] if category[0] in "LN" else "P"
 
 
 class Cutter:
     """Finds cut positions that cannot change the tokens."""
 
-    def __init__(self, verify=None, avoid: str = ""):
-        self.verify = verify  # encode(text) -> ids, for tokenizers without a proof of the rule
-        self.avoid = frozenset(avoid)  # first characters of added tokens
+    def __init__(self, verify=None, added=()):
+        self.verify = verify  # encode(text) -> ids, for tokenizers without a proof of the rules
+        self.added = tuple(t for t in added if t)  # added tokens: never cut across one
+        self.avoid = frozenset(t[0] for t in self.added)  # ... nor right before one after whitespace
+        self.reach = max([2, *map(len, self.added)])  # is_safe looks at most this far past p
 
     def is_safe(self, text: str, p: int) -> bool:
-        if not 0 < p < len(text) - 1 or text[p] not in " \n" or text[p + 1].isspace() or text[p + 1] in self.avoid:
+        if not self.is_candidate(text, p):
             return False
         if self.verify is None:
             return True
@@ -568,8 +636,35 @@ class Cutter:
         whole = self.verify(left + right)
         return np.array_equal(whole, np.concatenate([self.verify(left), self.verify(right)]))
 
+    def is_candidate(self, text: str, p: int) -> bool:
+        """One of the two rules holds at p (see "Safe cuts"); text must go `reach` characters past p."""
+        if not 0 < p <= len(text) - self.reach:
+            return False
+        if text[p] in " \n":
+            return not text[p + 1].isspace() and text[p + 1] not in self.avoid
+        a, b = regex_class(text[p - 1]), regex_class(text[p])
+        if a is None or b is None or a == b or text[p - 1] == "'":
+            return False
+        return not any(text.find(t, max(0, p - len(t) + 1), p + len(t) - 1) >= 0 for t in self.added)
+
     def last(self, text: str, lo: int, hi: int) -> int | None:
-        """The largest safe cut in [lo, hi)."""
+        """The largest safe cut in [lo, hi): at whitespace, else at a change of class close to hi."""
+        cut = self.last_at_whitespace(text, lo, hi)
+        if cut is None or hi - cut > WHITESPACE_REACH:
+            near = self.last_at_change(text, lo if cut is None else cut + 1, hi)
+            cut = near if near is not None else cut
+        return cut
+
+    def first(self, text: str, lo: int, hi: int) -> int | None:
+        """The smallest safe cut in [lo, hi): at whitespace, else at a change of class close to lo."""
+        cut = self.first_at_whitespace(text, lo, hi)
+        end = hi if cut is None else cut
+        if end - lo > WHITESPACE_REACH:
+            near = self.first_at_change(text, lo, end)
+            cut = near if near is not None else cut
+        return cut
+
+    def last_at_whitespace(self, text: str, lo: int, hi: int) -> int | None:
         space, newline = text.rfind(" ", lo, hi), text.rfind("\n", lo, hi)
         while max(space, newline) >= max(lo, 1):
             p = max(space, newline)
@@ -581,8 +676,7 @@ class Cutter:
                 newline = text.rfind("\n", lo, p)
         return None
 
-    def first(self, text: str, lo: int, hi: int) -> int | None:
-        """The smallest safe cut in [lo, hi)."""
+    def first_at_whitespace(self, text: str, lo: int, hi: int) -> int | None:
         lo = max(lo, 1)
         space, newline = text.find(" ", lo, hi), text.find("\n", lo, hi)
         while space >= 0 or newline >= 0:
@@ -595,12 +689,29 @@ class Cutter:
                 newline = text.find("\n", p + 1, hi)
         return None
 
+    def first_at_change(self, text: str, lo: int, hi: int) -> int | None:
+        for match in CHANGE_CANDIDATES.finditer(text, max(lo, 1), hi):
+            p = match.start()
+            if p < hi and text[p] not in " \n" and self.is_safe(text, p):
+                return p
+        return None
+
+    def last_at_change(self, text: str, lo: int, hi: int) -> int | None:
+        window = 1024
+        while hi > lo:  # backwards in growing windows: the regex only searches forwards
+            start = max(lo, hi - window)
+            found = [m.start() for m in CHANGE_CANDIDATES.finditer(text, max(start, 1), hi) if m.start() < hi]
+            for p in reversed(found):
+                if text[p] not in " \n" and self.is_safe(text, p):
+                    return p
+            hi, window = start, 4 * window
+        return None
+
 
 def make_cutter(tokenizer, spec: dict | None, engine) -> Cutter:
     """The GPT-2 rule as is where it is proven for this tokenizer, else with every cut verified."""
     proven = not byte_level_regex_reason(spec)
-    starts = "".join(token[:1] for token in tokenizer.get_added_vocab())
-    return Cutter(None if proven else engine.encode, avoid=starts)
+    return Cutter(None if proven else engine.encode, added=tokenizer.get_added_vocab())
 
 
 # -----------------------------------------------------------------------------
@@ -697,6 +808,7 @@ class Chunker:
         self.files, self.records, self.encoding, self.cutter = files, records, encoding, cutter
         self.boundaries, self.first, self.chunk_chars = list(boundaries), first, chunk_chars
         self.first_index = first_index
+        self.moved = 0  # the farthest a boundary had to move to a safe cut, in bytes
 
     def split(self, j: int) -> str:
         return self.first if j % 2 == 0 else ("val" if self.first == "train" else "train")
@@ -712,19 +824,21 @@ class Chunker:
                     target = self.boundaries[j] if j < len(self.boundaries) else None
                     cut = self.next_cut(pending, start, end, target, resume)
                     if cut is None:
-                        resume = max(0, len(pending) - 1)  # searched up to here; text[-1] needs a successor
+                        resume = max(0, len(pending) - self.cutter.reach)  # searched up to here
                         break
                     piece, pending, resume = pending[:cut], pending[cut:], 0
                     nbytes = len(encoder.encode(piece))
                     yield Piece(piece, self.split(j), self.first_index + source, start, nbytes, False, index)
                     index, start = index + 1, start + nbytes
                     while j < len(self.boundaries) and self.boundaries[j] <= start:
+                        self.moved = max(self.moved, start - self.boundaries[j])
                         j += 1
             stream += record["bytes"]
             if record["bytes"]:  # empty files add nothing, not even an end-of-text token
                 yield Piece(pending, self.split(j), self.first_index + source, start, stream - start, True, index)
                 index += 1
             while j < len(self.boundaries) and self.boundaries[j] <= stream:
+                self.moved = max(self.moved, stream - self.boundaries[j])
                 j += 1  # boundaries in an uncuttable tail move to the end of the file
 
     def next_cut(self, pending: str, start: int, end: int, target: int | None, resume: int) -> int | None:
@@ -756,9 +870,10 @@ class Chunker:
 
 
 def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_chars: int,
-                  first_index: int) -> Iterator[Piece]:
+                  first_index: int, moved: list[int] | None = None) -> Iterator[Piece]:
     """The pieces of `files` in order, one byte stream: runs of text files through a Chunker, record
-    files record by record; the split alternates at `boundaries` (stream byte offsets), from `first`."""
+    files record by record; the split alternates at `boundaries` (stream byte offsets), from `first`.
+    `moved[0]` becomes the farthest a boundary had to move to a safe cut (Chunker.moved), in bytes."""
     base, i, index, step = 0, 0, 0, 0
     while i < len(files):
         j = i + 1
@@ -768,9 +883,10 @@ def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_ch
         else:
             while j < len(files) and not record_format(files[j]):
                 j += 1
-            pieces = shifted(Chunker(files[i:j], records[i:j], args.encoding, cutter,
-                                     [b - base for b in boundaries if b > base], split_at(base, boundaries, first),
-                                     chunk_chars, first_index + i), base)
+            chunker = Chunker(files[i:j], records[i:j], args.encoding, cutter,
+                              [b - base for b in boundaries if b > base], split_at(base, boundaries, first),
+                              chunk_chars, first_index + i)
+            pieces = shifted(chunker, base)
         for piece in pieces:
             # Piece indices pace the fast path's spot checks (every CHECK_EVERY-th index is checked). A
             # record is often a small piece: count in steps of at least half a CHUNK_CHARS of text, so
@@ -781,6 +897,8 @@ def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_ch
                 piece.index = -1
             step += len(piece.text)
             yield piece
+        if moved is not None and not record_format(files[i]):
+            moved[0] = max(moved[0], chunker.moved)
         base += sum(records[k]["bytes"] for k in range(i, j))
         i = j
 
@@ -976,7 +1094,7 @@ class Tally:
 
 def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutter, out_dir: Path) -> dict:
     """Tokenize everything into temporary files in out_dir, then commit; return meta."""
-    from dataset import token_dtype
+    from finetune.tokenfiles import token_dtype
 
     sources = [{"path": str(p), "role": "input", "format": record_format(p) or "text", "chars": 0, "tokens": 0}
                for p in inputs]
@@ -986,7 +1104,8 @@ def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutte
     ranges = [] if val_inputs else val_ranges(sum(p.stat().st_size for p in inputs), args.val_fraction, args.seed,
                                               *range_sizes(inputs))
     boundaries, size = [b for r in ranges for b in r], engine.piece_chars
-    streams = [stream_pieces(inputs, records[:len(inputs)], args, cutter, boundaries, "train", size, 0),
+    moved = [0]
+    streams = [stream_pieces(inputs, records[:len(inputs)], args, cutter, boundaries, "train", size, 0, moved),
                stream_pieces(val_inputs, records[len(inputs):], args, cutter, (), "val", size, len(inputs))]
     pieces = (piece for stream in streams for piece in stream)
     total_bytes = sum(p.stat().st_size for p in [*inputs, *val_inputs])
@@ -1000,7 +1119,7 @@ def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutte
         for source, record in zip(sources, records):
             source.update(record)
         check_some_text(sources, args)
-        check_split_sizes(tally, args)
+        check_split_sizes(tally, args, ranges, moved[0])
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
         meta = build_meta(args, tokenizer, outputs.dtype, tally, sources, split_policy(args, ranges, tally))
@@ -1027,7 +1146,7 @@ def write_tokens(pieces, engine, workers: int, eos: int, outputs: Outputs, tally
 
 
 def build_meta(args, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict) -> dict:
-    from dataset import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
+    from finetune.tokenfiles import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
 
     return {
         "format": META_FORMAT,
@@ -1036,8 +1155,9 @@ def build_meta(args, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dic
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "max_token_id": tally.max_id,
-        "tokenizer": {"name_or_path": args.tokenizer, "fingerprint": tokenizer_fingerprint(tokenizer),
-                      "class": type(tokenizer).__name__, "add_special_tokens": False},
+        "tokenizer": {"name_or_path": args.tokenizer,
+                      "fingerprint": getattr(tokenizer, "fingerprint", None) or tokenizer_fingerprint(tokenizer),
+                      "class": tokenizer_class(tokenizer), "add_special_tokens": False},
         "splits": {split_name: {"file": SPLIT_FILES[split_name], "tokens": tally.tokens[split_name],
                                 "chars": tally.chars[split_name]} for split_name in ("train", "val")},
         "sources": sources,
@@ -1089,12 +1209,19 @@ def check_some_text(sources: list[dict], args) -> None:
                             f"{args.text_field!r})")
 
 
-def check_split_sizes(tally: Tally, args) -> None:
+def check_split_sizes(tally: Tally, args, ranges=(), moved: int = 0) -> None:
     """Each split must hold at least one training block."""
     for split in ("train", "val"):
         n = tally.tokens[split]
         if n >= args.block_size:
             continue
+        if ranges and moved >= min(b - a for a, b in ranges) / 2:
+            raise UserError(
+                f"the {split} split holds {n} tokens, less than one block of --block-size {args.block_size}, "
+                f"because the text cannot be cut where the validation ranges go without changing its tokens "
+                f"(a range edge moved {human_bytes(moved)}: a stretch with no whitespace and no change between "
+                "letters, digits and other characters, such as one letter repeated). HINT: give the validation "
+                "text as a separate file with --val-input")
         if args.val_input:
             fix = "add text to " + ("--input" if split == "train" else "--val-input")
         elif split == "val":
@@ -1110,7 +1237,7 @@ def check_split_sizes(tally: Tally, args) -> None:
 
 
 def print_summary(meta: dict, args, out_dir: Path, seconds: float, tokenize_seconds: float) -> None:
-    from dataset import steps_per_epoch
+    from finetune.plan import steps_per_epoch
 
     tokens = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
     chars = {s: meta["splits"][s]["chars"] for s in ("train", "val")}
@@ -1255,7 +1382,7 @@ def main(argv=None):
     spec = tokenizer_spec(tokenizer)
     engine, why = choose_engine(tokenizer, spec, args.engine, read_sample(inputs, args.encoding))
     cutter = make_cutter(tokenizer, spec, engine)
-    print(f"tokenizer {args.tokenizer} ({type(tokenizer).__name__}, {len(tokenizer):,} entries); "
+    print(f"tokenizer {args.tokenizer} ({tokenizer_class(tokenizer)}, {len(tokenizer):,} entries); "
           f"engine: {why}; {args.num_workers} worker thread(s)", file=sys.stderr)
 
     out_dir = Path(args.output_dir)

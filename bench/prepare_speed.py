@@ -1,26 +1,37 @@
-"""prepare_data.py end to end vs plain AutoTokenizer, on the same generated text.
+"""prepare_data.py end to end against tiktoken's one-core encode and against transformers' start-up.
 
-    python bench/prepare_speed.py                       # 200 MB, GPT-2 tokenizer from ../shared
-    python bench/prepare_speed.py --mb 50 --baseline-mb 10 --tokenizer path/to/tokenizer
+    python bench/prepare_speed.py                          # 100 MB of Python source, GPT-2 tokenizer
+    python bench/prepare_speed.py --corpus generated --mb 200 --tokenizer path/to/tokenizer
 
-1. Writes --mb MB of text: seeded word salad; 85% of the words are English words at their
-   frequencies in the Python documentation (3,700 words), 15% come from a Zipf-distributed
-   tail of 60,000 made-up words (so a BPE word cache is not unrealistically hot); plus
-   punctuation, line breaks, paragraphs, numbers and some non-ASCII.
-2. Runs prepare_data.py on it in a subprocess: wall time (startup included) and the child's
-   peak RSS (getrusage of the waited-for child, exact).
-3. Tokenizes the first --baseline-mb MB with AutoTokenizer in this process, tokenizer(piece)
-   over ~1 MB pieces, one process, cut at safe places so the ids are comparable, and checks
-   they equal prepare_data.py's ids for the same text.
+Everything below runs in one invocation, alternating rounds, so the ratios compare runs that
+shared the machine's load (the load average is printed before and after):
+
+1. The corpus. `python-source` (default): real text nobody here wrote, the .py files of this
+   interpreter's standard library, then of the installed packages (sysconfig's stdlib, then
+   purelib), sorted by path, valid UTF-8 only, concatenated to --mb MB. `generated`: seeded
+   English-like word salad (real words at their frequencies in the Python docs plus a Zipf tail
+   of made-up words).
+2. prepare_data.py on the corpus in a subprocess: wall time, start-up included, and that
+   child's own peak RSS (os.wait4).
+3. tiktoken's one-core encode of the same text: the same vocabulary and regex, encode_to_numpy
+   over ~1 MB pieces cut at safe places (its fastest one-core way here; reading the text and
+   building the encoding are not timed), in its own process.
+4. A 1 MB book (the corpus' first MB): prepare_data.py end to end with the tokenizer recorded
+   by an earlier run (what every run after the first does) and with an empty record cache (a
+   first run), against a bare `import transformers` + AutoTokenizer.from_pretrained in a
+   subprocess.
+5. Checks: prepare_data.py's ids (validation ranges put back) equal tiktoken's for the whole
+   corpus, and AutoTokenizer's for its first --check-mb MB.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -88,21 +99,61 @@ def generate_text(path: Path, n_bytes: int, seed: int = 0, rare_share: float = 0
             written += len(text.encode("utf-8"))
 
 
+def python_source(path: Path, n_bytes: int) -> int:
+    """The interpreter's own .py files (stdlib, then installed packages), sorted, to n_bytes; returns files used."""
+    stdlib, purelib = Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])
+    roots = [(stdlib, lambda p: "site-packages" not in p.relative_to(stdlib).parts), (purelib, lambda p: True)]
+    written, files = 0, 0
+    with open(path, "wb") as f:
+        for root, keep in roots:
+            for source in sorted(p for p in root.rglob("*.py") if keep(p)):
+                try:
+                    data = source.read_bytes()
+                    data.decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue  # not UTF-8: prepare_data.py would refuse the whole corpus
+                f.write(data)
+                written, files = written + len(data), files + 1
+                if written >= n_bytes:
+                    return files
+    sys.exit(f"only {written / 1e6:.1f} MB of .py files under {stdlib} and {purelib}; ask for less --mb")
+
+
 # -----------------------------------------------------------------------------
 # Runs
 
 
-def run_prepare(text_path: Path, out_dir: Path, tokenizer: str, extra: list[str]) -> dict:
+def run_prepare(text_path: Path, out_dir: Path, tokenizer: str, extra: list[str], cache: Path) -> dict:
     cmd = [sys.executable, str(REPO_ROOT / "prepare_data.py"), "--input", str(text_path), "--tokenizer", tokenizer,
            "--output-dir", str(out_dir), "--overwrite", *extra]
+    result = run_child(cmd, {**os.environ, "XDG_CACHE_HOME": str(cache)})
+    if result["returncode"] != 0:
+        sys.exit(f"prepare_data.py failed:\n{result['stderr']}")
+    stderr = result["stderr"]
+    result["engine"] = next((line.split("engine: ", 1)[1] for line in stderr.splitlines() if "engine: " in line), "?")
+    return result
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; its wall time and its own peak RSS (os.wait4 reports that child alone)."""
     started = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"prepare_data.py failed:\n{result.stderr}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KB; the only child so far
-    engine = next((line.split("engine: ", 1)[1] for line in result.stderr.splitlines() if "engine: " in line), "?")
-    return {"seconds": seconds, "peak_mb": peak_kb / 1024, "engine": engine, "summary": result.stdout.strip()}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime, "stdout": out.read(), "stderr": err.read()}
+
+
+def bare_transformers(tokenizer: str) -> dict:
+    code = ("from transformers import AutoTokenizer; import sys; AutoTokenizer.from_pretrained(sys.argv[1])")
+    result = run_child([sys.executable, "-c", code, tokenizer])
+    if result["returncode"] != 0:
+        sys.exit(f"AutoTokenizer.from_pretrained failed:\n{result['stderr']}")
+    return result
 
 
 def reassemble(out_dir: Path) -> np.ndarray:
@@ -117,69 +168,156 @@ def reassemble(out_dir: Path) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def run_autotokenizer(text_path: Path, tokenizer: str, n_bytes: int) -> dict:
+def safe_pieces(text: str, added: list[str], size: int = 1_000_000) -> list[str]:
+    """~size-character pieces cut where the ids cannot change (prepare_data's rule)."""
+    cutter = prepare_data.Cutter(added=added)
+    pieces, start = [], 0
+    while start < len(text):
+        cut = cutter.last(text, start + size // 2, start + size) if start + size < len(text) else None
+        end = cut if cut is not None else len(text)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def tiktoken_encoding(tokenizer: str):
+    """tiktoken with the tokenizer's own vocabulary and GPT-2's regex (as tiktoken's gpt2 encoding is)."""
+    import tiktoken
+
+    spec = json.loads((Path(tokenizer) / "tokenizer.json").read_text(encoding="utf-8"))
+    ranks, rank_to_id = prepare_data.byte_level_ranks(spec["model"])
+    if rank_to_id != list(range(len(rank_to_id))):
+        sys.exit("this tokenizer's ids are not its BPE ranks; the tiktoken baseline needs a GPT-2-like one")
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    return tiktoken.Encoding("baseline", pat_str=prepare_data.GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special), list(special)
+
+
+def run_tiktoken(text_path: Path, tokenizer: str, ids_path: Path) -> dict:
+    """The baseline in its own process (so this one stays small and the children's peak RSS is theirs)."""
+    cmd = [sys.executable, __file__, "--tiktoken-child", str(ids_path), str(text_path), "--tokenizer", tokenizer]
+    result = run_child(cmd)
+    if result["returncode"] != 0:
+        sys.exit(f"tiktoken baseline failed:\n{result['stderr']}")
+    seconds, cpu_seconds = map(float, result["stdout"].split()[-2:])
+    return {**result, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def tiktoken_child(ids_path: str, text_path: str, tokenizer: str) -> None:
+    """Prints the seconds of the timed part only: encoding the pieces, one after the other, one core."""
+    text = Path(text_path).read_bytes().decode("utf-8")
+    encoding, added = tiktoken_encoding(tokenizer)
+    pieces = safe_pieces(text, added)
+    del text
+    started, cpu_started = time.perf_counter(), time.process_time()
+    ids = [encoding.encode_to_numpy(piece, allowed_special="all") for piece in pieces]
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    np.save(ids_path, np.concatenate(ids))
+    print(seconds, cpu_seconds)
+
+
+def autotokenizer_ids(tokenizer: str, text: str, added: list[str]) -> np.ndarray:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    with open(text_path, "rb") as f:
-        text = f.read(n_bytes).decode("utf-8", errors="ignore")
-    cutter = prepare_data.Cutter(avoid="".join(t[:1] for t in tok.get_added_vocab()))
-    pieces, start = [], 0
-    while start < len(text):  # ~1 MB pieces, cut where the ids cannot change
-        cut = cutter.last(text, start + 500_000, start + 1_000_000) if start + 1_000_000 < len(text) else None
-        end = cut if cut is not None else len(text)
-        pieces.append(text[start:end])
-        start = end
-    pieces[-1] = pieces[-1][: cutter.last(pieces[-1], 1, len(pieces[-1])) or len(pieces[-1])]  # end at a safe cut
-    ids = []
-    started = time.perf_counter()
-    for piece in pieces:
-        ids.extend(tok(piece)["input_ids"])
-    seconds = time.perf_counter() - started
-    mb = sum(len(p.encode("utf-8")) for p in pieces) / 1e6
-    return {"seconds": seconds, "mb": mb, "ids": np.asarray(ids)}
+    return np.concatenate([tok(piece, add_special_tokens=False)["input_ids"] for piece in safe_pieces(text, added)])
 
 
 # -----------------------------------------------------------------------------
 
 
+def load_line(label: str) -> str:
+    return f"{label} load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=float, default=200, help="MB of text to prepare (default: %(default)s)")
-    parser.add_argument("--baseline-mb", type=float, default=20,
-                        help="MB tokenized by plain AutoTokenizer (default: %(default)s)")
-    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    parser.add_argument("--seed", type=int, default=0, help="text generator seed")
+    parser.add_argument("--corpus", choices=("python-source", "generated"), default="python-source")
+    parser.add_argument("--mb", type=float, default=100, help="MB of text to prepare (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each run (default: %(default)s)")
+    parser.add_argument("--check-mb", type=float, default=2,
+                        help="MB whose ids are checked against AutoTokenizer itself (default: %(default)s)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="a local GPT-2-like tokenizer folder")
+    parser.add_argument("--seed", type=int, default=0, help="text generator seed (--corpus generated)")
     parser.add_argument("--workdir", default=None, help="keep the text and outputs here (default: a temp dir)")
+    parser.add_argument("--tiktoken-child", nargs=2, metavar=("IDS", "TEXT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()  # anything else goes to prepare_data.py, e.g. --num-workers 1
+    if args.tiktoken_child:
+        return tiktoken_child(*args.tiktoken_child, args.tokenizer)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        text_path = work / f"bench_{args.mb:g}mb_seed{args.seed}.txt"
+        text_path, book = work / f"{args.corpus}_{args.mb:g}mb.txt", work / "book_1mb.txt"
         if not text_path.exists():
-            started = time.perf_counter()
-            generate_text(text_path, int(args.mb * 1e6), args.seed)
-            print(f"generated {text_path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s")
+            if args.corpus == "generated":
+                generate_text(text_path, int(args.mb * 1e6), args.seed)
+            else:
+                print(f"{python_source(text_path, int(args.mb * 1e6))} .py files")
+        with open(text_path, "rb") as f:
+            book.write_bytes(f.read(1_000_000).decode("utf-8", errors="ignore").encode("utf-8"))
         mb = text_path.stat().st_size / 1e6
-        prep = run_prepare(text_path, work / "data", args.tokenizer, extra)
-        base = run_autotokenizer(text_path, args.tokenizer, int(args.baseline_mb * 1e6))
-        same = np.array_equal(reassemble(work / "data")[: len(base["ids"])], base["ids"])
+        warm, cold = work / "record-cache", work / "empty-cache"
+        run_prepare(book, work / "warmup", args.tokenizer, [], warm)  # records the tokenizer (a first run)
 
-    prep_rate, base_rate = mb / prep["seconds"], base["mb"] / base["seconds"]
+        print(load_line("before:"))
+        rows = {"prepare": [], "tiktoken": [], "book": [], "book_first_run": [], "transformers": []}
+        for _ in range(args.rounds):
+            rows["prepare"].append(run_prepare(text_path, work / "data", args.tokenizer, extra, warm))
+            rows["tiktoken"].append(run_tiktoken(text_path, args.tokenizer, work / "tiktoken_ids.npy"))
+            rows["transformers"].append(bare_transformers(args.tokenizer))
+            rows["book"].append(run_prepare(book, work / "book", args.tokenizer, extra, warm))
+            shutil.rmtree(cold, ignore_errors=True)
+            rows["book_first_run"].append(run_prepare(book, work / "book", args.tokenizer, extra, cold))
+        print(load_line("after: "))
+        prepared = reassemble(work / "data")
+        baseline = np.load(work / "tiktoken_ids.npy", mmap_mode="r")
+        same_tiktoken = np.array_equal(prepared[:-1], baseline)  # [-1]: the end-of-text token after the file
+        n = int(args.check_mb * 1e6)
+        with open(text_path, "rb") as f:
+            text = f.read(n + 4).decode("utf-8", errors="ignore")
+        added = tiktoken_encoding(args.tokenizer)[1]
+        checked = text[:prepare_data.Cutter(added=added).last(text, n // 2, n) or n]  # ends at a safe cut
+        reference = autotokenizer_ids(args.tokenizer, checked, added)
+        same_hf = np.array_equal(prepared[:len(reference)], reference)
+        report(args, extra, mb, rows, same_tiktoken, same_hf, len(checked.encode("utf-8")) / 1e6)
+        if not (same_tiktoken and same_hf):
+            sys.exit("token ids differ")
+
+
+def report(args, extra, mb, rows, same_tiktoken, same_hf, checked_mb) -> None:
+    def seconds(name):
+        return [r["seconds"] for r in rows[name]]
+
+    def median(values):
+        return float(np.median(values))
+
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"text: {mb:.1f} MB generated (seed {args.seed}); tokenizer {args.tokenizer}; {cpus} CPUs")
-    print(f"prepare_data.py {' '.join(extra)}".rstrip() + f": engine {prep['engine']}")
-    print(f"  {prep['seconds']:.1f}s wall = {prep_rate:.1f} MB/s end to end (startup included), "
-          f"peak RSS {prep['peak_mb']:.0f} MB")
-    print(f"AutoTokenizer, tokenizer(piece) over ~1 MB pieces, 1 process: {base['mb']:.1f} MB in "
-          f"{base['seconds']:.1f}s = {base_rate:.2f} MB/s")
-    print(f"ratio: {prep_rate / base_rate:.1f}x; ids identical on the first {base['mb']:.1f} MB: {same}")
-    print("prepare_data.py summary:\n  " + prep["summary"].replace("\n", "\n  "))
-    if not same:
-        sys.exit("token ids differ from AutoTokenizer")
+    prep, tik = median(seconds("prepare")), median(seconds("tiktoken"))
+    book, first, bare = median(seconds("book")), median(seconds("book_first_run")), median(seconds("transformers"))
+    listed = lambda name: " / ".join(f"{x:.2f}" for x in seconds(name))  # noqa: E731
+    print(f"text: {mb:.1f} MB ({args.corpus}); tokenizer {args.tokenizer}; {cpus} CPUs; "
+          f"{args.rounds} rounds, medians (rounds listed)")
+    print(f"prepare_data.py {' '.join(extra)}".rstrip() + f": engine {rows['prepare'][0]['engine']}")
+    print(f"  {prep:.2f}s ({listed('prepare')}) = {mb / prep:.1f} MB/s end to end (start-up included), "
+          f"peak RSS {max(r['peak_mb'] for r in rows['prepare']):.0f} MB")
+    print(f"tiktoken encode_to_numpy, ~1 MB pieces, one core: {tik:.2f}s ({listed('tiktoken')}) = "
+          f"{mb / tik:.1f} MB/s")
+    print(f"  ratio end to end / tiktoken one core: {tik / prep:.2f}x")
+    prep_cpu = median([r["cpu_seconds"] for r in rows["prepare"]])
+    tik_cpu = median([r["cpu_seconds"] for r in rows["tiktoken"]])
+    print(f"  CPU seconds: prepare_data.py {prep_cpu:.1f} (all of it, start-up included; {prep_cpu / prep:.2f} cores "
+          f"busy on average), tiktoken {tik_cpu:.1f} (the timed encode)")
+    print(f"1 MB book, prepare_data.py end to end: {book:.2f}s ({listed('book')}), peak RSS "
+          f"{max(r['peak_mb'] for r in rows['book']):.0f} MB; first run (no record yet): {first:.2f}s "
+          f"({listed('book_first_run')})")
+    print(f"bare import transformers + AutoTokenizer.from_pretrained: {bare:.2f}s ({listed('transformers')})")
+    print(f"  ratio book / bare transformers: {book / bare:.2f}x (first run: {first / bare:.2f}x)")
+    print(f"ids equal tiktoken's on all {mb:.1f} MB: {same_tiktoken}; AutoTokenizer's on the first "
+          f"{checked_mb:.1f} MB: {same_hf}")
+    print("prepare_data.py summary:\n  " + rows["prepare"][-1]["stdout"].strip().replace("\n", "\n  "))
 
 
 if __name__ == "__main__":

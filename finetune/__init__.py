@@ -10,7 +10,8 @@ only the ones listed before it:
     console       the logging setup every script uses
     cli           flags generated from a config dataclass
     plan          steps, evaluation schedule, memory estimate (--dry-run)
-    data          token files (meta.json, memmap dataset, resumable sampler); dataset.py re-exports it
+    tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints
+    data          token files for PyTorch (memmap dataset, resumable sampler); dataset.py re-exports it
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
     trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)

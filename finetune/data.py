@@ -12,8 +12,6 @@ not used.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -22,126 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-META_FORMAT = "finetune-gpt2-tokens"
-META_VERSION = 1
-SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
-
-
-class DataError(Exception):
-    """Bad data or a mismatch between data and model: a message for the user, not a bug."""
-
-
-# -----------------------------------------------------------------------------
-# meta.json
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the tokenizer's vocabulary (token -> id, added tokens included).
-
-    Two tokenizers with equal fingerprints map text to the same ids for every token they
-    share, which is what training data produced by one and read by the other relies on.
-    """
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
-    return digest.hexdigest()[:16]
-
-
-def token_dtype(max_token_id: int) -> np.dtype:
-    """uint16 when every id fits (GPT-2's 50k vocabulary), else uint32 (Llama-3, Qwen...)."""
-    return np.dtype(np.uint16) if max_token_id < 2**16 else np.dtype(np.uint32)
-
-
-def load_meta(data_dir: str | os.PathLike) -> dict:
-    """Read meta.json and check it against the .bin files beside it.
-
-    Raises DataError naming the problem and the fix when the folder is not a complete,
-    consistent output of prepare_data.py (missing file, truncated file, wrong version).
-    """
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "meta.json"
-    hint = f"HINT: run `python prepare_data.py --output-dir {data_dir}` to (re)create it"
-    if data_dir.exists() and not data_dir.is_dir():
-        is_ours = data_dir.name in ("meta.json", *SPLIT_FILES.values())
-        raise DataError(f"data directory {data_dir} is a file, not a folder. HINT: pass the folder prepare_data.py "
-                        f"wrote (train.bin, val.bin and meta.json)" + (f": {data_dir.parent}" if is_ours else ""))
-    if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist. {hint}")
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path} is missing, so {data_dir} is not a prepared data directory. {hint}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta_path} is not readable JSON ({exc}). {hint}") from None
-    if meta.get("format") != META_FORMAT or meta.get("version") != META_VERSION:
-        raise DataError(
-            f"{meta_path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
-            f"this version reads {META_FORMAT!r} version {META_VERSION}. {hint}"
-        )
-    try:
-        dtype = np.dtype(meta["dtype"])
-        splits = meta["splits"]
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{meta_path} lacks field {exc}. {hint}") from None
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise DataError(f"{meta_path} names dtype {dtype}, expected uint16 or uint32. {hint}")
-    if token_dtype(int(meta["max_token_id"])) != dtype:
-        raise DataError(f"{meta_path}: dtype {dtype} does not match max_token_id {meta['max_token_id']}. {hint}")
-    for split, filename in SPLIT_FILES.items():
-        path = data_dir / filename
-        expected = int(splits[split]["tokens"]) * dtype.itemsize
-        if not path.is_file():
-            raise DataError(f"{path} is missing. {hint}")
-        actual = path.stat().st_size
-        if actual != expected:
-            raise DataError(
-                f"{path} holds {actual} bytes but meta.json says {splits[split]['tokens']} tokens "
-                f"of {dtype} = {expected} bytes (truncated or from another run). {hint}"
-            )
-    return meta
-
-
-def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) -> list[str]:
-    """Problems (as messages) that make this data unusable with this model/tokenizer."""
-    problems = []
-    if int(meta["max_token_id"]) >= model_vocab_size:
-        problems.append(
-            f"the data holds token id {meta['max_token_id']} but the model's vocabulary has only "
-            f"{model_vocab_size} entries (HINT: prepare the data with this model's tokenizer)"
-        )
-    if tokenizer is not None:
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        recorded = meta.get("tokenizer", {}).get("fingerprint")
-        if recorded != fingerprint:
-            name = meta.get("tokenizer", {}).get("name_or_path")
-            problems.append(
-                f"the data was tokenized with {name!r} (fingerprint {recorded}) but the model's tokenizer "
-                f"has fingerprint {fingerprint} (HINT: rerun prepare_data.py with --tokenizer set to the model)"
-            )
-    return problems
-
-
-def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
-    """Identifies the exact token files (their bytes, not only meta.json): a resume on other data is refused.
-
-    Reads both .bin files once (sha256 runs at over 1 GB/s), at the start of a run.
-    """
-    digest = hashlib.sha256()
-    key = {
-        "tokenizer": meta.get("tokenizer", {}).get("fingerprint"),
-        "splits": {k: v.get("tokens") for k, v in meta["splits"].items()},
-        "sources": [(s.get("sha256"), s.get("bytes")) for s in meta.get("sources", [])],
-        "split_policy": meta.get("split"),
-    }
-    digest.update(json.dumps(key, sort_keys=True).encode())
-    for filename in SPLIT_FILES.values():
-        with open(Path(data_dir) / filename, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+from .tokenfiles import (  # noqa: F401  (re-exported: the names users import from here)
+    META_FORMAT, META_VERSION, SPLIT_FILES, DataError, check_data_matches_model, data_fingerprint, load_meta,
+    token_dtype, tokenizer_fingerprint)
 
 
 # -----------------------------------------------------------------------------
 # Dataset
+
+
+__all__ = ["META_FORMAT", "META_VERSION", "SPLIT_FILES", "DataError", "check_data_matches_model", "data_fingerprint",
+           "load_meta", "token_dtype", "tokenizer_fingerprint", "TextDataset", "EpochShuffleSampler",
+           "validation_blocks"]
 
 
 class TextDataset(Dataset):

@@ -7,6 +7,7 @@ whole file, followed by one end-of-text token.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -77,11 +78,23 @@ ADVERSARIAL = [
 ]
 
 
-def adversarial_text(n_chars: int, seed: int = 0) -> str:
+# Visible characters only (the class-change rule): JSON, contractions next to apostrophes and
+# punctuation, digits of other kinds, combining marks, a letter Python 3.11 does not know yet
+# (U+11F04, Kawi, Unicode 15), an unassigned code point, the added token.
+NO_WHITESPACE = [
+    *(s for s in ADVERSARIAL if not any(ch.isspace() for ch in s)),
+    '{"', '":', '",', '":"', "[1,2]", "{}", "null", "true", "-0.5e+10", "\\u00e9", "\\n", "_", "x_1", "__init__",
+    "'s", "''", "'re", "'ve", "'d", "'m", "'t", "'S", "’s", "'1", "'東", "a'", "1'", "!'", "ll", "re", "s",
+    "٣٤", "①", "Ⅻ", "x²", "3½", "a\u0301", "\u200b", "\u180e", "\U00011f04", "\U0001fae8", "\U000e0001",
+    "。", "，", "東京タワー", "дом", "<|endoftext|>", "<|", "|>", "<", "endoftext",
+]
+
+
+def adversarial_text(n_chars: int, seed: int = 0, parts_from=ADVERSARIAL) -> str:
     rng = random.Random(seed)
     parts, size = [], 0
     while size < n_chars:
-        part = rng.choice(ADVERSARIAL)
+        part = rng.choice(parts_from)
         parts.append(part)
         size += len(part)
     return "".join(parts)
@@ -258,20 +271,23 @@ def test_safe_cuts_keep_gpt2_pre_tokens():
             out += [special] + [w for w, _ in pre.pre_tokenize_str(segment)]
         return out
 
-    cutter = prep.Cutter(avoid="<")
-    rejected_but_different = 0
-    for seed in range(40):
-        text = adversarial_text(300, seed=seed)
+    cutter = prep.Cutter(added=[special])
+    rejected_but_different, accepted_without_whitespace = 0, 0
+    for seed in range(60):
+        visible_only = seed >= 40  # the first 40: text with whitespace, as before the class-change rule
+        text = adversarial_text(300, seed=seed, parts_from=NO_WHITESPACE if visible_only else ADVERSARIAL)
         whole = words(text)
         for p in range(1, len(text)):
-            if special in text[max(0, p - len(special) + 1):p + len(special) - 1]:
-                continue  # a cut inside the added token itself: never a candidate (no whitespace in it)
             same = words(text[:p]) + words(text[p:]) == whole
             if cutter.is_safe(text, p):
                 assert same, (text[max(0, p - 10):p], text[p:p + 10])
+                accepted_without_whitespace += visible_only
             elif text[p - 1] == "\n" and not same:
                 rejected_but_different += 1
     assert rejected_but_different > 0  # "cut after any newline" would be wrong
+    assert accepted_without_whitespace > 20 * 30  # the class-change rule finds cuts in visible-only text
+    assert words("x's") != words("x'") + words("s")  # why no cut after an apostrophe
+    assert words("<|endoftext|>") != words("<|") + words("endoftext|>")  # why not across an added token
     assert words("a \nb") != words("a \n") + words("b")
     assert words("a  b") != words("a  ") + words("b")
     assert words("x\n\n" + special) != words("x\n") + words("\n" + special)  # why `avoid` exists
@@ -292,15 +308,16 @@ def check_chunked_equals_whole(tmp_path, tok, engine_name):
     pytest.importorskip("tiktoken")
     hf = prep.HFEngine(tok)
     engine = hf if engine_name == "hf" else prep.TiktokenEngine(prep.tokenizer_spec(tok), hf)
-    text = adversarial_text(40_000, seed=3)
-    path = tmp_path / "adversarial.txt"
-    path.write_bytes(text.encode("utf-8"))  # no newline translation: \r\n stays
-    expected = reference_ids(tok, text)
-    for chunk_chars in (16, 1000):  # 16: a cut at nearly every candidate
-        pieces, ids = chunked_ids(path, tok, engine, chunk_chars)
-        assert "".join(p.text for p in pieces) == text
-        assert len(pieces) > len(text) // (4 * chunk_chars)
-        assert ids.tolist() == expected
+    for name, parts in (("adversarial", ADVERSARIAL), ("visible_only", NO_WHITESPACE)):
+        text = adversarial_text(40_000, seed=3, parts_from=parts)
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(text.encode("utf-8"))  # no newline translation: \r\n stays
+        expected = reference_ids(tok, text)
+        for chunk_chars in (16, 1000):  # 16: a cut at nearly every candidate
+            pieces, ids = chunked_ids(path, tok, engine, chunk_chars)
+            assert "".join(p.text for p in pieces) == text
+            assert len(pieces) > len(text) // (4 * chunk_chars), name
+            assert ids.tolist() == expected, name
 
 
 def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
@@ -323,13 +340,19 @@ def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
     assert engine.encode(base).tolist() == reference_ids(tok, base)
 
 
-def test_text_without_any_whitespace_is_one_piece(tmp_path, tiny_tokenizer_dir):
+def test_text_without_whitespace_is_cut_where_the_class_changes(tmp_path, tiny_tokenizer_dir):
+    """No whitespace at all: cut between letters, digits and punctuation, in pieces of the chunk size."""
     tok = load(tiny_tokenizer_dir)
     text = "abc.def,東京🙂" * 20_000
     path = tmp_path / "blob.txt"
     path.write_text(text, encoding="utf-8")
     pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
-    assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, text)
+    assert len(pieces) > len(text) // 1000 and max(len(p.text) for p in pieces) <= 1000
+    assert ids.tolist() == reference_ids(tok, text)
+    # One letter repeated is a single pre-token: no safe cut anywhere, so it stays whole.
+    path.write_text("a" * 5000, encoding="utf-8")
+    pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
+    assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, "a" * 5000)
 
 
 def test_other_tokenizers_get_verified_cuts(tmp_path, metaspace_tokenizer_dir):
@@ -580,3 +603,128 @@ def test_split_too_small_says_how_to_fix(tmp_path, corpus_file, tiny_tokenizer_d
                         "--output-dir", out, "--val-fraction", "0.01")
     assert_error_with_hint(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# Text without whitespace, end to end (#15.4); pieces of 16K characters so small files need many
+
+
+def json_blob(n_chars: int) -> str:
+    """A one-line JSON array without any whitespace, like a minified export."""
+    words = make_corpus(n_chars, seed=21).split()
+    records, size = [], 0
+    for i in range(0, len(words), 7):
+        record = {"id": i, "text": "_".join(words[i:i + 7]), "score": i / 7, "ok": i % 2 == 0}
+        records.append(record)
+        size += len(record["text"]) + 40
+        if size > n_chars:
+            break
+    return json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+
+
+def run_main(argv, capsys) -> subprocess.CompletedProcess:
+    """prep.main in this process, its exit and output as a CompletedProcess (for assert_error_with_hint)."""
+    try:
+        code = 0 if prep.main([str(a) for a in argv]) is not None else 1
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    text = json_blob(300_000)
+    assert not any(ch.isspace() for ch in text) and len(text) > 10 * (16 << 10)
+    blob = tmp_path / "blob.txt"
+    blob.write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    result = run_main(["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                       "--block-size", 64, "--val-fraction", 0.2], capsys)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(out)
+    tok = load(tiny_tokenizer_dir)
+    assert reassemble(out).tolist() == reference_ids(tok, text) + [tok.eos_token_id]
+    val, train = meta["splits"]["val"]["tokens"], meta["splits"]["train"]["tokens"]
+    assert 0.15 < val / (val + train) < 0.25
+    (r,) = meta["split"]["val_ranges"]  # where it was asked for, give or take a few characters
+    (a, b), = meta["split"]["requested_ranges"]
+    assert 0 <= r["stream_bytes"][0] - a < 100 and 0 <= r["stream_bytes"][1] - b < 100
+
+
+def test_text_that_cannot_be_cut_says_so_and_names_val_input(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    letters = tmp_path / "letters.txt"
+    letters.write_text("a" * 100_000, encoding="utf-8")
+    out = tmp_path / "data"
+    for fraction in ("0.1", "0.9"):  # raising --val-fraction cannot help, and the message does not say so
+        result = run_main(["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--block-size", 64, "--val-fraction", fraction], capsys)
+        assert_error_with_hint(result, "cannot be cut", "one letter repeated", "--val-input")
+        assert "--val-fraction" not in result.stderr
+        assert not out.exists()
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("b" * 20_000, encoding="utf-8")
+    result = run_main(["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
+                       "--output-dir", out, "--block-size", 64], capsys)
+    assert result.returncode == 0, result.stderr
+    tok = load(tiny_tokenizer_dir)
+    meta = load_meta(out)
+    assert read_split(out, meta, "val").tolist() == reference_ids(tok, "b" * 20_000) + [tok.eos_token_id]
+
+
+# -----------------------------------------------------------------------------
+# Start-up: a tokenizer recorded once is loaded without transformers
+
+
+def test_recorded_tokenizer_skips_transformers_and_torch_with_identical_output(
+        tmp_path, tiny_tokenizer_dir, corpus_file, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    args = ["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--block-size", "32"]
+    prep.main([*args, "--output-dir", str(tmp_path / "first")])  # AutoTokenizer, checked, then recorded
+    assert len(list((cache / "finetune" / "tokenizers").glob("*.json"))) == 1
+    code = ("import sys, prepare_data; prepare_data.main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code, *args, "--output-dir", str(tmp_path / "second")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"  # neither was imported
+    assert snapshot(tmp_path / "second") == snapshot(tmp_path / "first")
+
+
+def test_tokenizer_record_follows_the_files(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from finetune import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    assert models.load_recorded_tokenizer(str(folder)) is None  # never recorded
+    tok = load(folder)
+    assert models.remember_tokenizer(str(folder), tok, prep.probe_text())
+    recorded = models.load_recorded_tokenizer(str(folder))
+    text = adversarial_text(5_000, seed=2)
+    assert recorded(text)["input_ids"] == reference_ids(tok, text)
+    assert (len(recorded), recorded.eos_token_id, recorded.get_vocab()) == (len(tok), tok.eos_token_id, tok.get_vocab())
+    with open(folder / "tokenizer_config.json", "a", encoding="utf-8") as f:
+        f.write(" ")  # any change to a file the tokenizer is built from: a new check
+    assert models.load_recorded_tokenizer(str(folder)) is None
+
+
+@needs_gpt2
+def test_tokenizer_whose_config_changes_its_pipeline_is_not_recorded(tmp_path, corpus_file, monkeypatch):
+    """GPT-2 with add_prefix_space in tokenizer_config.json: AutoTokenizer adds the space, tokenizer.json
+    alone does not; the record would change the ids, so it is refused and every run loads AutoTokenizer."""
+    from finetune import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "gpt2_prefix_space"
+    shutil.copytree(SHARED_GPT2_TOKENIZER, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": True}))
+    tok = load(folder)
+    assert not models.remember_tokenizer(str(folder), tok, prep.probe_text())
+    out = tmp_path / "data"
+    prep.main(["--input", str(corpus_file), "--tokenizer", str(folder), "--output-dir", str(out), "--block-size", "32"])
+    assert not (tmp_path / "cache").exists()
+    assert reassemble(out).tolist() == reference_ids(tok, text_of(corpus_file)) + [tok.eos_token_id]
