@@ -61,15 +61,16 @@ def test_overwrite_refuses_a_folder_no_run_of_ours_wrote(tmp_path, tiny_model_di
 
 
 def test_overwrite_removes_only_what_our_run_wrote(tmp_path, tiny_model_dir, tiny_data_dir):
+    import finetune_generative as ft
+
     out = tmp_path / "out"
     args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2")
-    assert run_script("finetune_generative.py", *args).returncode == 0
+    assert ft.main(args) == 0  # in-process: no start-up cost
     assert (out / "train_config.json").is_file()
     (out / "notes.txt").write_text("mine")
     (out / "extra").mkdir()
     (out / "extra" / "keep.txt").write_text("mine too")
-    result = run_script("finetune_generative.py", *args, "--overwrite")
-    assert result.returncode == 0, result.stderr
+    assert ft.main([*args, "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "extra" / "keep.txt").read_text() == "mine too"
     assert (out / "model.safetensors").is_file()
