@@ -18,7 +18,6 @@ peft is optional: `pip install peft`. Everything here imports it lazily.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -44,7 +43,11 @@ def dropout(cfg) -> float:
 
 
 def peft_installed() -> bool:
-    return importlib.util.find_spec("peft") is not None
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require_peft() -> None:
