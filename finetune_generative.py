@@ -25,7 +25,7 @@ from pathlib import Path
 from finetune import cli, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import setup_logging
-from finetune.distributed import DistInfo, all_reduce_sum, setup_distributed, shutdown
+from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
 from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
                              exit_on_user_error, raise_if_problems)
 from finetune.loss import next_token_loss
@@ -551,6 +551,7 @@ def main(argv=None) -> int:
     # ---- the output folder: one run at a time, an earlier run only replaced on request
     output_dir = Path(cfg.output_dir)
     check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite)
+    barrier(dist_info)  # every rank checks the folder before rank 0 writes to it (else rank 1 sees "an earlier run")
     with locked_output_dir(output_dir, SCRIPT.name) if dist_info.is_main else contextlib.nullcontext():
         if dist_info.is_main:
             prepare_output_dir(output_dir, cfg.overwrite and state is None,
