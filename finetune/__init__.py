@@ -18,4 +18,5 @@ only the ones listed before it:
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
+    lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
 """
