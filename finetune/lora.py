@@ -223,6 +223,7 @@ def to_lora(model, cfg, tokenizer, source: str, precision: str):
         set_peft_model_state_dict(peft_model, load_peft_weights(source, device=str(device)))
     if precision in ("bf16", "fp16"):
         hold_frozen_linears_in(peft_model, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    own_memory(peft_model)
     if cfg.gradient_checkpointing:  # the frozen embedding's output needs a grad for checkpointed blocks
         peft_model.enable_input_require_grads()
     return peft_model, LoraModelFiles(tokenizer, config, cfg.model, cfg.dropout)
@@ -234,6 +235,13 @@ def hold_frozen_linears_in(model, dtype) -> None:
         for module in map(model.get_submodule, names):
             if not module.weight.requires_grad:
                 module.to(dtype)
+
+
+def own_memory(model) -> None:
+    """Copy every tensor still backed by the weights file's memory map: while one tensor points into the
+    map, every page of the file read so far (all of the fp32 base, after the cast above) stays resident."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 def save_adapter(peft_model, folder: Path) -> None:
@@ -255,12 +263,79 @@ class LoraModelFiles(ModelFiles):
 
     def write_release(self, model, folder: Path) -> None:
         peft_model = unwrap_model(model)
-        merged = merge_into_base(self.base, peft_model, self.config, self.dropout_override)
-        merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        merged.save_pretrained(folder, safe_serialization=True)
+        if not write_merged_files(self.base, peft_model, folder, self.dropout_override, self.tokenizer):
+            merged = merge_into_base(self.base, peft_model, self.config, self.dropout_override)
+            merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
+            merged.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         (folder / RELEASE_ADAPTER_DIR).mkdir()
         self.write_checkpoint(peft_model, folder / RELEASE_ADAPTER_DIR)
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_header(f) -> tuple[int, dict]:
+    header_size = int.from_bytes(f.read(8), "little")
+    return header_size, json.loads(f.read(header_size))
+
+
+def write_merged_files(base: str, peft_model, folder: Path, dropout_override: float | None, tokenizer) -> bool:
+    """The base's model.safetensors with each adapter's delta (peft's get_delta_weight, which
+    merge_and_unload adds) added to its weight, streamed one tensor at a time with plain reads and writes:
+    the same tensors, shapes and dtypes, so the same header, and no second copy of the model in memory (a
+    memory map would keep every page read resident; peft's merge, the fallback, reloads the whole base).
+    False, with nothing written, for a base this does not handle (not one local model.safetensors, or
+    tensor names that do not match the adapted layers)."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from .models import set_config_dropout
+
+    source = base_folder(base)
+    if source is None or not (source / "model.safetensors").is_file():
+        return False
+    prefix = "base_model.model."
+    layers = {name[len(prefix):] + ".weight": module for name, module in peft_model.named_modules()
+              if hasattr(module, "get_delta_weight") and name.startswith(prefix)}
+    with open(source / "model.safetensors", "rb") as f:
+        _, header = safetensors_header(f)
+    # The hub's gpt2 file names its tensors without the "transformer." prefix: match on the name's end.
+    owner = {key: next((n for n in layers if n == key or n.endswith("." + key)), None) for key in header}
+    if {n for n in owner.values() if n} != set(layers):
+        return False
+    header["__metadata__"] = {**header.get("__metadata__", {}), "format": "pt"}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(source / "model.safetensors", "rb") as f, open(folder / "model.safetensors", "wb") as out:
+        header_size, _ = safetensors_header(f)
+        out.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        for key in tensors:
+            info = header[key]
+            start, end = info["data_offsets"]
+            f.seek(8 + header_size + start)
+            data = f.read(end - start)
+            if owner[key] is not None:
+                dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
+                weight = torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"])
+                with torch.no_grad():
+                    weight += layers[owner[key]].get_delta_weight("default").to("cpu", dtype)
+                data = weight.contiguous().view(torch.uint8).numpy().tobytes()
+            assert len(data) == end - start  # same dtype and shape: the header's offsets still hold
+            out.write(data)
+    config = AutoConfig.from_pretrained(source)
+    if dropout_override is not None:
+        set_config_dropout(config, dropout_override)  # as a full fine-tune saves it: what was trained
+    config.save_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json in the base
+        generation = GenerationConfig.from_model_config(config)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+    return True
 
 
 def merge_into_base(base: str, peft_model, config, dropout_override: float | None):

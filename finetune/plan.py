@@ -81,7 +81,8 @@ def estimate_memory_gib(model_config, n_params: int, cfg, block_size: int, preci
     With LoRA (`lora`: the counts of lora.check_on_meta_model) only the adapters take 16 B/param; the
     frozen base takes 4 B/param, its block linears 2 B in bf16/fp16; the activations are those of full
     fine-tuning (the backward pass still runs through every layer) plus each adapter's dropped-out input.
-    Writing best/ or the final model reloads the base in fp32 to merge into: that moment can be the peak."""
+    Loading can be the peak: the fp32 weights file is memory-mapped and every page read stays resident
+    while the frozen linears are copied to bf16 (the merge of a release streams and adds little)."""
     n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
@@ -99,8 +100,8 @@ def estimate_memory_gib(model_config, n_params: int, cfg, block_size: int, preci
     frozen = 4 * n_params - (2 * lora["frozen_linear"] if half else 0)
     adapter_inputs = tokens * lora["adapter_inputs"] * 5  # fp32 dropout output + its 1-byte mask
     training = frozen + 16 * lora["trainable"] + n_layer * per_layer + logits + adapter_inputs
-    merging = frozen + 4 * lora["trainable"] + 4 * n_params
-    return max(training, merging) / 2**30
+    loading = 4 * n_params + (2 * lora["frozen_linear"] if half else 0)
+    return max(training, loading) / 2**30
 
 
 def machine_memory_gib(device) -> float | None:

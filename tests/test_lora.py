@@ -315,3 +315,18 @@ def test_generate_loads_adapters_and_says_when_the_base_is_missing(lora_run, tmp
     assert error_lines(err) == [f"error: the base model {tmp_path / 'gone'} of the adapter in {moved} cannot be "
                                 f"found (no such folder). HINT: put the base model back at {tmp_path / 'gone'}, or "
                                 f"set base_model_name_or_path in {moved / 'adapter_config.json'} to where it is now"]
+
+
+def test_gradient_checkpointing_trains_the_adapters_the_same(tmp_path, tiny_model_dir, tiny_data_dir):
+    """The frozen embedding gives the checkpointed blocks an input without a gradient: the converter asks
+    peft for one, else the adapters would get no gradient at all under --gradient-checkpointing."""
+    runs = {}
+    for name, extra in {"plain": [], "checkpointed": ["--gradient-checkpointing"]}.items():
+        out = tmp_path / name
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "3", "--lora-r", "4",
+                                 "--lora-dropout", "0", *extra)) == 0
+        runs[name] = train_records(out)
+    assert all(r["grad_norm"] > 0 for r in runs["checkpointed"])
+    assert [r["loss"] for r in runs["checkpointed"]] == pytest.approx([r["loss"] for r in runs["plain"]], abs=1e-6)
+    for name, tensor in adapter(tmp_path / "checkpointed" / "adapter").items():
+        torch.testing.assert_close(tensor, adapter(tmp_path / "plain" / "adapter")[name], rtol=1e-5, atol=1e-6)
