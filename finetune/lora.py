@@ -223,7 +223,7 @@ def to_lora(model, cfg, tokenizer, source: str, precision: str):
         set_peft_model_state_dict(peft_model, load_peft_weights(source, device=str(device)))
     if precision in ("bf16", "fp16"):
         hold_frozen_linears_in(peft_model, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-    own_memory(peft_model)
+        own_memory(peft_model)  # (in fp32 the copy would only add a peak: the map then holds what is used)
     if cfg.gradient_checkpointing:  # the frozen embedding's output needs a grad for checkpointed blocks
         peft_model.enable_input_require_grads()
     return peft_model, LoraModelFiles(tokenizer, config, cfg.model, cfg.dropout)
