@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -24,14 +25,15 @@ from pathlib import Path
 
 from finetune import cli, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
-from finetune.console import setup_logging
+from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
 from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
                              exit_on_user_error, raise_if_problems)
 from finetune.loss import next_token_loss
-from finetune.plan import Plan, make_plan
+from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
+from finetune.trackers import check_report_to
 from finetune.training import StopRequest, TrainingDiverged, TrainingRun
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -105,7 +107,11 @@ class TrainConfig:
     """recompute activations in the backward pass: less memory, slower steps"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
-    """optimizer steps between metrics.jsonl lines and progress-bar updates"""
+    """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
+    line every --log-every steps or 30 s, whichever is rarer)"""
+    report_to: str = "none"
+    """experiment trackers that get what metrics.jsonl gets, comma-separated: none, tensorboard, mlflow,
+    trackio, wandb (all local, under --output-dir; each an optional pip package; see README, "Tracking runs")"""
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
@@ -116,7 +122,7 @@ class TrainConfig:
     save_total_limit: int | None = 3
     """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
-    """stop after this many evaluations without a better validation loss"""
+    """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
     # --- samples during training
     sample_prompts: list[str] = field(default_factory=list)
     """prompt to sample from at each evaluation (repeatable); written to samples.jsonl"""
@@ -155,7 +161,7 @@ FLAG_GROUPS = {
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
                 "--gradient-checkpointing"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
-                                            "--save-total-limit", "--early-stopping-patience"),
+                                            "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
     "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
@@ -163,6 +169,7 @@ FLAG_GROUPS = {
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
     "--resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
+    "--report-to": dict(metavar="NAME[,NAME]"),
     "--precision": dict(choices=PRECISIONS),
     "--device": dict(choices=DEVICES),
     "--lora-target-modules": dict(nargs="+", metavar="NAME"),
@@ -241,6 +248,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
     problems += lora.settings_problems(cfg)
+    problems += check_report_to(cfg.report_to)
     return problems
 
 
@@ -250,10 +258,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
 
 def train(run: TrainingRun, stop: StopRequest) -> int:
     """The loop, with a progress bar; returns the process exit code (0 done, 130/143 stopped by a signal)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=run.plan.total_steps, initial=run.progress.step, unit="step", dynamic_ncols=True,
-               disable=not run.dist_info.is_main, file=sys.stderr)
+    bar = progress_display(run.plan.total_steps, run.progress.step, run.dist_info.is_main, log)
     try:
         return train_loop(run, stop, bar)
     finally:
@@ -425,9 +430,15 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
 def changed_settings(cfg: TrainConfig) -> str:
     """The settings that differ from the defaults, one `--flag value` per line (the full config is in
     train_config.json in --output-dir)."""
-    defaults = TrainConfig()
-    changed = [f"  --{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    defaults, changed = TrainConfig(), []
+    flags = {cli.field_of(flag, FLAG_OPTIONS): flag for flags in FLAG_GROUPS.values() for flag in flags}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        for v in value if isinstance(value, list) else [value]:  # --sample-prompt: one line per prompt
+            shown = "" if v is True else f" {shlex.quote(v)}" if isinstance(v, str) else f" {v}"
+            changed.append(f"  {flags[f.name]}{shown}")
     return "\n".join(changed) or "  (all defaults)"
 
 
@@ -435,7 +446,6 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
               device, precision: str, dist_info: DistInfo) -> TrainingRun:
     """Model, optimizer, schedule, precision and data: decided once here, passed down in the run."""
     import torch
-    from transformers import get_scheduler
 
     from finetune.models import load_model_for_training, make_optimizer
     from finetune.runtime import autocast_context, seed_everything
@@ -450,8 +460,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
         model, model_files = lora.to_lora(model, cfg, tokenizer, model_source, precision)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
-                              num_training_steps=plan.total_steps)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
@@ -476,22 +485,37 @@ def resume_run(run: TrainingRun, state: dict) -> None:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
 
 
+def stop_agreed(run: TrainingRun, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop; all of them agree (one all-reduce), so all stop together."""
+    import torch
+
+    votes = all_reduce_sum(torch.tensor(float(stop.requested), device=run.device), run.dist_info).item()
+    if votes > 0 and not stop.requested:
+        stop.signum = signal.SIGTERM
+    return votes > 0
+
+
 def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> int:
     """Step 0 (a new run), the loop, the final model; each way of stopping gets its line and exit code."""
     cfg = run.cfg
     try:
         if from_scratch:  # step 0: the base model's validation loss and samples, the "before" of the run
-            val_loss = run.evaluate_and_track()
-            if cfg.sample_prompts:
-                run.write_samples(val_loss)
-            if stop.requested:
-                log.warning("stopped before the first training step: nothing was trained and there is nothing "
-                            "to resume; start the run again")
+            if not stop.requested:  # a signal while the model loaded: no need to evaluate it
+                val_loss = run.evaluate_and_track()
+                if cfg.sample_prompts:
+                    run.write_samples(val_loss)
+            if stop_agreed(run, stop):  # every process stops here, or none
+                if run.dist_info.is_main:
+                    log.warning("%s: stopped before the first training step, so nothing was trained and there is "
+                                "nothing to resume; start the run again with --overwrite (it removes only what "
+                                "this run wrote)", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            log.info("done: final model in %s, best model in %s", run.output_dir, run.output_dir / "best")
+            best = run.output_dir / "best"
+            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
+                     "and no best/: no evaluation beat the base model's val loss at step 0")
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)
@@ -513,6 +537,8 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
         print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
               file=sys.stderr, flush=True)
         return EXIT_SIGNAL[signal.SIGINT]
+    finally:
+        run.trackers.close()
 
 
 # -----------------------------------------------------------------------------
@@ -540,8 +566,7 @@ def main(argv=None) -> int:
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan.block_size, precision,
-                                                  lora=lora_counts),
+                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
                               device, precision, dist_info.world_size, lora=lora_counts)
     if cfg.dry_run:
         if dist_info.is_main:
@@ -550,8 +575,9 @@ def main(argv=None) -> int:
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite)
-    barrier(dist_info)  # every rank checks the folder before rank 0 writes to it (else rank 1 sees "an earlier run")
+    check_output_dir(output_dir, resume=state is not None, overwrite=cfg.overwrite,
+                     script=SCRIPT.name if dist_info.is_main else None)
+    barrier(dist_info)  # every rank has checked before rank 0 writes there
     with locked_output_dir(output_dir, SCRIPT.name) if dist_info.is_main else contextlib.nullcontext():
         if dist_info.is_main:
             prepare_output_dir(output_dir, cfg.overwrite and state is None,
@@ -563,14 +589,16 @@ def main(argv=None) -> int:
                  f", resuming from {resume_path}" if resume_path else "")
         log.info("plan\n%s", plan_text)
 
-        # ---- model, optimizer, data; then step 0, the loop and the final model
-        run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
-                        precision, dist_info)
-        if state is not None:
-            resume_run(run, state)
+        # ---- model, optimizer, data; then step 0, the loop and the final model. A signal from here on
+        # (the model loading, step 0 included) stops the run with its own message, not a traceback.
         stop = StopRequest()
         previous_handlers = stop.install()
         try:
+            run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
+                            precision, dist_info)
+            if state is not None:
+                resume_run(run, state)
+            run.start_trackers(state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:
             for signum, handler in previous_handlers.items():

@@ -1,7 +1,9 @@
-"""Tokenize text files into train.bin / val.bin / meta.json for fine-tuning.
+"""Tokenize text files or records into train.bin / val.bin / meta.json for fine-tuning.
 
     python prepare_data.py --input book.txt --tokenizer gpt2
     python prepare_data.py --input corpus/ --val-input held_out.txt --output-dir data/corpus
+    python prepare_data.py --input chats.jsonl export.csv --text-field body
+    python prepare_data.py --sample-book            # writes book.txt (Python's docs) for a first run
 
 Output (nanoGPT-compatible): train.bin and val.bin hold raw little-endian token ids with
 no header (uint16 when the vocabulary fits, else uint32); meta.json says how to read them
@@ -19,18 +21,24 @@ How it works, in the order the code runs:
   seeded random place inside it (never touching the start of the first slot or the end of
   the last). Range edges move forward to the next safe cut. meta.json records where each
   range sits, in bytes and in tokens, so train + val can be put back together.
+- Record files (.jsonl, .json, .csv/.tsv, .parquet; finetune/records.py reads them as a
+  stream) give one document per record with text in --text-field, an end-of-text token after
+  each; the split takes whole records (see "Record inputs").
 - Token ids equal `AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)`
-  for each whole file. GPT-2-style byte-level BPE tokenizers take a fast path through
+  for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
   tokenizer before the run and on samples during it; any other tokenizer uses the
   Hugging Face `tokenizers` library.
 - Outputs are written under hidden temporary names and renamed at the very end, meta.json
-  last, so an interrupted run never leaves a train.bin that looks valid.
+  last, so an interrupted run never leaves a train.bin that looks valid. The run holds a lock
+  on --output-dir (a second run into it is refused); a full disk is one error line, exit 4.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import codecs
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -38,6 +46,7 @@ import json
 import os
 import random
 import signal
+import stat
 import sys
 import time
 from collections import deque
@@ -49,16 +58,23 @@ from typing import Iterator
 
 import numpy as np
 
-from finetune.errors import ArgumentParser, UserError, exit_on_user_error
+from finetune.errors import (ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems,
+                             raise_if_write_failure)
+from finetune.fsio import fsync_dir, locked_folder
+from finetune.records import RECORD_FORMATS, RecordStats, check_record_file, is_utf8, read_records, record_format
 
-# Which files a directory contributes (hidden files and folders are skipped).
+# Which files a directory contributes (hidden files and folders are skipped): text, and records.
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".text")
+RECORD_EXTENSIONS = tuple(RECORD_FORMATS)
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
 
 BLOCK_BYTES = 1 << 20         # read size
 CHUNK_CHARS = 1 << 20         # target size of one tokenized piece (the tiktoken engine)
 VAL_RANGE_BYTES = 4 << 20     # aim for validation ranges of about this size (at most MAX_VAL_RANGES)
 MAX_VAL_RANGES = 64
+RECORD_VAL_RANGE_BYTES = 16 << 10  # with records: smaller ranges, so whole records are drawn from all over
+MAX_RECORD_VAL_RANGES = 1024
+SAMPLE_BOOK = "book.txt"
 VERIFY_WINDOW = 512           # characters each side of a cut checked for tokenizers without a proof
 SAMPLE_BYTES = 64 << 10       # input sample the fast path is checked on before the run
 CHECK_EVERY = 8               # during the run, check every 8th piece's start against Hugging Face
@@ -79,18 +95,26 @@ def default_workers() -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
-        description="Tokenize text into train.bin / val.bin / meta.json for fine-tuning "
-                    "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file).",
+        description="Tokenize text or records into train.bin / val.bin / meta.json for fine-tuning "
+                    "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file "
+                    "and each record).",
         epilog="example: python prepare_data.py --input books/ --tokenizer gpt2 --output-dir data",
     )
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", default=["book.txt"], metavar="PATH",
-                    help=f"text files or folders; a folder gives its {'/'.join(TEXT_EXTENSIONS)} files, recursively, "
-                         "sorted by path, hidden files and folders skipped (default: book.txt)")
+    io.add_argument("--input", nargs="+", default=[SAMPLE_BOOK], metavar="PATH",
+                    help=f"text files ({'/'.join(TEXT_EXTENSIONS)}), record files ({'/'.join(RECORD_EXTENSIONS)}: "
+                         "one document per record) or folders of them, mixed freely; a folder gives those files, "
+                         "recursively, sorted by path, hidden files and folders skipped (default: book.txt)")
+    io.add_argument("--text-field", default="text", metavar="NAME",
+                    help="the field (JSON) or column (CSV/TSV/Parquet) that holds each record's text "
+                         "(default: %(default)s)")
     io.add_argument("--output-dir", default="data", metavar="DIR",
                     help="where train.bin, val.bin and meta.json go (default: %(default)s)")
     io.add_argument("--encoding", default="utf-8", help="text encoding of the input files (default: %(default)s)")
     io.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir")
+    io.add_argument("--sample-book", nargs="?", const=SAMPLE_BOOK, default=None, metavar="PATH",
+                    help="write a sample text to PATH (default: book.txt) and stop: the Python documentation "
+                         "bundled with CPython (pydoc_data, ~470 kB), for a first run without a book of your own")
 
     tok = parser.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default="gpt2", metavar="NAME_OR_PATH",
@@ -123,48 +147,65 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args) -> None:
+    """Every problem with the flags, in one error."""
+    problems = []
     if args.val_input and args.val_fraction is not None:
-        raise UserError("--val-fraction and --val-input exclude each other. "
-                        "HINT: give --val-input for a separate validation text, or --val-fraction to split --input")
+        problems.append("--val-fraction and --val-input exclude each other. HINT: give --val-input for a "
+                        "separate validation text, or --val-fraction to split --input")
     if args.val_fraction is None:
         args.val_fraction = 0.1
     if not 0.0 < args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}. "
+        problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}. "
                         "HINT: e.g. --val-fraction 0.1 holds out 10% of the text")
     for flag, value, low in (("--block-size", args.block_size, 2), ("--batch-size", args.batch_size, 1),
                              ("--grad-accum", args.grad_accum, 1), ("--num-workers", args.num_workers, 1)):
         if value < low:
-            raise UserError(f"{flag} must be at least {low}, got {value}. HINT: pass {flag} {low} or more")
+            problems.append(f"{flag} must be at least {low}, got {value}. HINT: pass {flag} {low} or more")
     try:
         codecs.lookup(args.encoding)
     except LookupError:
-        raise UserError(f"unknown --encoding {args.encoding!r}. "
-                        "HINT: e.g. utf-8, utf-8-sig, latin-1, cp1252") from None
+        problems.append(f"unknown --encoding {args.encoding!r}. HINT: e.g. utf-8, utf-8-sig, latin-1, cp1252")
+    if not args.text_field:
+        problems.append("--text-field is empty. HINT: name the field or column that holds the text, e.g. text")
+    raise_if_problems(problems, "the flags")
 
 
 # -----------------------------------------------------------------------------
 # Input files and the output folder
 
 
-def find_text_files(paths: list[str], flag: str) -> list[Path]:
-    """Files named directly, plus the text files found (recursively, sorted) in named folders."""
+def find_text_files(paths: list[str], flag: str, problems: list[str]) -> list[Path]:
+    """Files named directly, plus the text and record files found (recursively, sorted) in named folders.
+
+    A folder contributes regular files only: a link to a device or a FIFO would be read forever, so
+    such entries are skipped and named in a note (as is a meta.json of ours, beside its train.bin).
+    Problems are added to `problems`.
+    """
     files: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = sorted(_walk_text_files(path), key=lambda p: p.relative_to(path).as_posix())
+            skipped: list[str] = []
+            found = sorted(_walk_text_files(path, skipped), key=lambda p: p.relative_to(path).as_posix())
+            if skipped:
+                shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+                print(f"note: {flag} folder {path}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'}"
+                      f" that are not regular text or record files: {shown}", file=sys.stderr)
             if not found:
-                raise UserError(
-                    f"{flag} folder {path} holds no text files ({', '.join(TEXT_EXTENSIONS)}; hidden files are "
-                    "skipped). HINT: name the files directly or give them one of those extensions")
+                problems.append(
+                    f"{flag} folder {path} holds no text files ({', '.join(TEXT_EXTENSIONS)}) or record files "
+                    f"({', '.join(RECORD_EXTENSIONS)}); hidden files are skipped. HINT: name the files directly "
+                    "or give them one of those extensions")
             files.extend(found)
         elif path.exists():
-            raise UserError(f"{flag} {path} is not a regular file or folder. HINT: give text files or folders")
+            problems.append(f"{flag} {path} is not a regular file or folder. HINT: give text files or folders")
         else:
-            raise UserError(f"{flag} {path} does not exist. "
-                            f"HINT: check the path (relative paths start at {Path.cwd()})")
+            sample = (f"; or write a sample text there with `python prepare_data.py --sample-book {path}`"
+                      if path.name == SAMPLE_BOOK else "")
+            problems.append(f"{flag} {path} does not exist. "
+                            f"HINT: check the path (relative paths start at {Path.cwd()}){sample}")
     unique, seen = [], set()
     for path in files:  # the same file twice (named and inside a folder) would be counted twice
         key = path.resolve()
@@ -174,37 +215,63 @@ def find_text_files(paths: list[str], flag: str) -> list[Path]:
     return unique
 
 
-def _walk_text_files(folder: Path) -> Iterator[Path]:
+def _walk_text_files(folder: Path, skipped: list[str]) -> Iterator[Path]:
     for root, dirs, names in os.walk(folder):
+        for d in sorted(dirs):
+            if not d.startswith(".") and os.path.islink(os.path.join(root, d)):
+                skipped.append(f"{Path(root, d)} (a link to a folder, not followed)")
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if not name.startswith(".") and name.lower().endswith(TEXT_EXTENSIONS):
-                yield Path(root) / name
+        for name in sorted(names):
+            if name.startswith(".") or not name.lower().endswith(TEXT_EXTENSIONS + RECORD_EXTENSIONS):
+                continue
+            path = Path(root) / name
+            why = not_regular(path) or ("an output of prepare_data.py" if name == "meta.json" and
+                                        (path.parent / "train.bin").is_file() else "")
+            if why:
+                skipped.append(f"{path} ({why})")
+            else:
+                yield path
 
 
-def check_has_text(files: list[Path], encoding: str, flag: str) -> None:
-    """Fail early on empty or whitespace-only input (reads only up to the first visible character)."""
+def not_regular(path: Path) -> str:
+    """Why `path` (after links) is not a regular file; "" when it is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return "a broken link" if path.is_symlink() else exc.strerror
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    kind = next((what for test, what in kinds if test(mode)), "not a regular file")
+    return f"{'a link to ' + kind if path.is_symlink() else kind}, not a regular file"
+
+
+def check_has_text(files: list[Path], encoding: str, flag: str) -> str | None:
+    """Empty or whitespace-only text input, as a problem (reads only up to the first visible character)."""
     for path in files:
         decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
         with open(path, "rb") as f:
             while block := f.read(BLOCK_BYTES):
-                if decoder.decode(block).strip():
-                    return
+                if decoder.decode(block).strip().lstrip("\ufeff"):  # a byte-order mark alone is no text
+                    return None
     what = "empty" if all(p.stat().st_size == 0 for p in files) else "whitespace only"
     names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-    raise UserError(f"{flag} is {what} ({names}): there is no text to train on. "
-                    "HINT: check that the path points at your text")
+    return (f"{flag} is {what} ({names}): there is no text to train on. "
+            "HINT: check that the path points at your text")
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def output_dir_problems(out: Path, overwrite: bool) -> list[str]:
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file, not a folder. HINT: choose another --output-dir")
+        return [f"--output-dir {out} is a file, not a folder. HINT: choose another --output-dir"]
+    problems = []
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise UserError(f"{out} already holds {', '.join(existing)}. "
+        problems.append(f"{out} already holds {', '.join(existing)}. "
                         "HINT: pass --overwrite to replace them, or choose another --output-dir")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {out} is not writable. HINT: choose a folder you can write to")
+        problems.append(f"--output-dir {out} is not writable. HINT: choose a folder you can write to")
+    return problems
 
 
 def make_output_dir(out: Path) -> list[Path]:
@@ -216,6 +283,28 @@ def make_output_dir(out: Path) -> list[Path]:
         raise UserError(f"cannot create --output-dir {out} ({exc.strerror}). "
                         "HINT: choose a folder you can write to") from None
     return created
+
+
+@contextlib.contextmanager
+def claimed_output_dir(out: Path, overwrite: bool):
+    """Create --output-dir and lock it for this run (a second run into it is refused with our PID).
+
+    Under the lock: the outputs check again (another run may have finished since the first check) and
+    the temporary files of a killed run go. On the way out, whatever happened, the lock file goes, and
+    so do the folders this run created if they are still empty.
+    """
+    created = make_output_dir(out)
+    try:
+        with locked_folder(out, "prepare_data.py", remove_at_exit=True):
+            raise_if_problems(output_dir_problems(out, overwrite))
+            for name in OUTPUT_FILES:
+                for leftover in out.glob(f".{name}.tmp-*"):
+                    leftover.unlink(missing_ok=True)
+            yield
+    finally:
+        for folder in reversed(created):  # leave no empty folders behind either
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 # -----------------------------------------------------------------------------
@@ -518,13 +607,14 @@ def make_cutter(tokenizer, spec: dict | None, engine) -> Cutter:
 # Validation ranges
 
 
-def val_ranges(total_bytes: int, fraction: float, seed: int) -> list[tuple[int, int]]:
+def val_ranges(total_bytes: int, fraction: float, seed: int, range_bytes: int = VAL_RANGE_BYTES,
+               max_ranges: int = MAX_VAL_RANGES) -> list[tuple[int, int]]:
     """Seeded validation ranges [start, end) in the byte stream: one per equal slot.
 
     Each range holds `fraction` of its slot and sits at a random place between 5% and 95% of
     the room left in the slot, so neither the head nor the tail of the text is validation.
     """
-    k = max(1, min(MAX_VAL_RANGES, round(total_bytes * fraction / VAL_RANGE_BYTES)))
+    k = max(1, min(max_ranges, round(total_bytes * fraction / range_bytes)))
     rng = random.Random(seed)
     slot = total_bytes / k
     length = fraction * slot
@@ -533,6 +623,13 @@ def val_ranges(total_bytes: int, fraction: float, seed: int) -> list[tuple[int, 
         start = i * slot + rng.uniform(0.05, 0.95) * (slot - length)
         ranges.append((int(start), int(start + length)))
     return ranges
+
+
+def range_sizes(inputs: list[Path]) -> tuple[int, int]:
+    """Range size and count for val_ranges: smaller, more ranges when records are among the inputs."""
+    if any(record_format(p) for p in inputs):
+        return RECORD_VAL_RANGE_BYTES, MAX_RECORD_VAL_RANGES
+    return VAL_RANGE_BYTES, MAX_VAL_RANGES
 
 
 # -----------------------------------------------------------------------------
@@ -553,7 +650,8 @@ class Piece:
 def read_text(path: Path, encoding: str, record: dict, base: int) -> Iterator[tuple[str, int]]:
     """Decode a file block by block; yield (text, stream offset just past that text).
 
-    Fills record["bytes"] and record["sha256"] once the file is read.
+    Fills record["bytes"] and record["sha256"] once the file is read. A UTF-8 byte-order mark at the
+    start is dropped (it would be three tokens of noise) and noted as record["bom_stripped"].
     """
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     sha, done = hashlib.sha256(), 0
@@ -561,10 +659,13 @@ def read_text(path: Path, encoding: str, record: dict, base: int) -> Iterator[tu
         while True:
             block = f.read(BLOCK_BYTES)
             held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            skip = len(codecs.BOM_UTF8) if done == 0 and is_utf8(encoding) and block.startswith(codecs.BOM_UTF8) else 0
+            if skip:
+                record["bom_stripped"] = True
             try:
-                text = decoder.decode(block, final=not block)
+                text = decoder.decode(block[skip:], final=not block)
             except UnicodeDecodeError as exc:
-                offset = done - held + exc.start
+                offset = done - held + skip + exc.start
                 raise UserError(
                     f"{path} is not valid {encoding} text: byte 0x{exc.object[exc.start]:02x} at byte offset "
                     f"{offset} ({exc.reason}). HINT: pass --encoding with the file's real encoding "
@@ -645,6 +746,101 @@ class Chunker:
 
 
 # -----------------------------------------------------------------------------
+# Record inputs (JSON lines, JSON, CSV/TSV, Parquet; finetune/records.py reads them)
+#
+# Each record with text is one document: its pieces, then an end-of-text token. The split is
+# decided per record, at the byte offset where it starts in the stream (the inputs concatenated):
+# a record that starts inside a validation range is validation, whole, so no record is ever cut
+# between the splits. Ranges are smaller with records (RECORD_VAL_RANGE_BYTES), so validation
+# records come from all over the data set.
+
+
+def stream_pieces(files, records, args, cutter, boundaries, first: str, chunk_chars: int,
+                  first_index: int) -> Iterator[Piece]:
+    """The pieces of `files` in order, one byte stream: runs of text files through a Chunker, record
+    files record by record; the split alternates at `boundaries` (stream byte offsets), from `first`."""
+    base, i, index, step = 0, 0, 0, 0
+    while i < len(files):
+        j = i + 1
+        if record_format(files[i]):
+            pieces = record_pieces(files[i], records[i], args, cutter, chunk_chars, base, boundaries, first,
+                                   first_index + i)
+        else:
+            while j < len(files) and not record_format(files[j]):
+                j += 1
+            pieces = shifted(Chunker(files[i:j], records[i:j], args.encoding, cutter,
+                                     [b - base for b in boundaries if b > base], split_at(base, boundaries, first),
+                                     chunk_chars, first_index + i), base)
+        for piece in pieces:
+            # Piece indices pace the fast path's spot checks (every CHECK_EVERY-th index is checked). A
+            # record is often a small piece: count in steps of at least half a CHUNK_CHARS of text, so
+            # records are checked as often per character as text is; pieces inside a step get -1.
+            if index == 0 or step >= CHUNK_CHARS // 2:
+                piece.index, index, step = index, index + 1, 0
+            else:
+                piece.index = -1
+            step += len(piece.text)
+            yield piece
+        base += sum(records[k]["bytes"] for k in range(i, j))
+        i = j
+
+
+def shifted(pieces: Iterator[Piece], base: int) -> Iterator[Piece]:
+    """A Chunker counts bytes from the start of its own files; the stream from `base`."""
+    for piece in pieces:
+        piece.start += base
+        yield piece
+
+
+def split_at(offset: int, boundaries, first: str) -> str:
+    """The split at a stream offset: it alternates at every boundary at or before it."""
+    flips = bisect.bisect_right(boundaries, offset)
+    return first if flips % 2 == 0 else ("val" if first == "train" else "train")
+
+
+def record_pieces(path: Path, record: dict, args, cutter, chunk_chars: int, base: int, boundaries, first: str,
+                  source: int) -> Iterator[Piece]:
+    """The documents of one record file. A record's bytes run up to the next record's start (the first
+    record's from the file's start), so the pieces' bytes add up to the file's size."""
+    stats, counts = RecordStats(), {"train": 0, "val": 0}
+    held = None  # one record of look-ahead: where the next one starts ends this one
+    for offset, text in read_records(path, record_format(path), args.text_field, args.encoding, stats, record):
+        if held is not None:
+            yield from record_document(*held, base + offset, source, cutter, chunk_chars)
+        start = base if held is None else base + offset
+        held = (text, start, split_at(start, boundaries, first))
+        counts[held[2]] += 1
+    if held is not None:
+        yield from record_document(*held, base + record["bytes"], source, cutter, chunk_chars)
+    record.update(format=record_format(path), text_field=args.text_field, records=counts, skipped=stats.skipped)
+
+
+def record_document(text: str, start: int, split: str, end: int, source: int, cutter,
+                    chunk_chars: int) -> Iterator[Piece]:
+    """One record's pieces (bytes [start, end) of the stream); an end-of-text token follows the last."""
+    parts = list(cut_document(text, cutter, chunk_chars))
+    done = 0
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        nbytes = end - start - done if last else (end - start) * len(part) // len(text)
+        yield Piece(part, split, source, start + done, nbytes, last, 0)
+        done += nbytes
+
+
+def cut_document(text: str, cutter, chunk_chars: int) -> Iterator[str]:
+    """A long record in pieces of about chunk_chars, cut only where the tokens cannot change."""
+    pos = 0
+    while len(text) - pos > chunk_chars:
+        cut = cutter.last(text, pos + chunk_chars // 2, pos + chunk_chars) or \
+            cutter.first(text, pos + chunk_chars, len(text))
+        if cut is None:
+            break  # no safe cut left: the rest is one piece
+        yield text[pos:cut]
+        pos = cut
+    yield text[pos:]
+
+
+# -----------------------------------------------------------------------------
 # Tokenizing and writing
 
 
@@ -680,16 +876,33 @@ class Outputs:
                 raise UserError(f"cannot write in --output-dir {out_dir} ({exc.strerror}). "
                                 "HINT: choose a folder you can write to") from None
 
+    @contextlib.contextmanager
+    def writing(self):
+        """A failed write (disk full, quota, I/O error) becomes SaveFailed: exit 4, not a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            raise_if_write_failure(exc, f"{', '.join(OUTPUT_FILES)} in {self.out_dir}")
+            raise
+
     def write(self, split: str, ids: np.ndarray) -> None:
-        ids.astype(self.dtype, copy=False).tofile(self.files[split])
+        with self.writing():
+            # file.write, not ndarray.tofile: a full disk then raises ENOSPC ("No space left on device"),
+            # where tofile says only "N requested and M written"
+            self.files[split].write(np.ascontiguousarray(ids.astype(self.dtype, copy=False)))
 
     def close(self) -> None:
-        for f in self.files.values():
-            if not f.closed:
-                _sync(f)
-                f.close()
+        with self.writing():
+            for f in self.files.values():
+                if not f.closed:
+                    _sync(f)
+                    f.close()
 
     def narrow_to_uint16(self) -> None:
+        with self.writing():
+            self._narrow_to_uint16()
+
+    def _narrow_to_uint16(self) -> None:
         """Rewrite uint32 files as uint16 (dataset.load_meta wants dtype == token_dtype(max id))."""
         for split in ("train", "val"):
             src = self.temp[f"{split}.bin"]
@@ -697,7 +910,7 @@ class Outputs:
             wide = np.memmap(src, dtype="<u4", mode="r") if src.stat().st_size else np.zeros(0, "<u4")
             with open(dst, "wb") as f:
                 for i in range(0, len(wide), 1 << 24):
-                    wide[i:i + (1 << 24)].astype("<u2").tofile(f)
+                    f.write(wide[i:i + (1 << 24)].astype("<u2"))
                 _sync(f)
             del wide
             os.replace(dst, src)
@@ -707,17 +920,20 @@ class Outputs:
         """Rename into place. Old meta.json goes first and the new one comes last, so until the end
         the folder never holds a meta.json that describes .bin files it does not match."""
         self.close()
-        with open(self.temp["meta.json"], "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            _sync(f)
-        (self.out_dir / "meta.json").unlink(missing_ok=True)
-        for name in OUTPUT_FILES:
-            os.replace(self.temp[name], self.out_dir / name)
+        with self.writing():
+            with open(self.temp["meta.json"], "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+                _sync(f)
+            (self.out_dir / "meta.json").unlink(missing_ok=True)
+            for name in OUTPUT_FILES:
+                os.replace(self.temp[name], self.out_dir / name)
+            fsync_dir(self.out_dir)  # the renames themselves on disk
 
     def discard(self) -> None:
         for f in self.files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                f.close()
         for path in self.temp.values():
             path.unlink(missing_ok=True)
             path.with_name(path.name + "16").unlink(missing_ok=True)
@@ -762,14 +978,17 @@ def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutte
     """Tokenize everything into temporary files in out_dir, then commit; return meta."""
     from dataset import token_dtype
 
-    sources = [{"path": str(p), "role": "input", "chars": 0, "tokens": 0} for p in inputs]
-    sources += [{"path": str(p), "role": "val-input", "chars": 0, "tokens": 0} for p in val_inputs]
+    sources = [{"path": str(p), "role": "input", "format": record_format(p) or "text", "chars": 0, "tokens": 0}
+               for p in inputs]
+    sources += [{"path": str(p), "role": "val-input", "format": record_format(p) or "text", "chars": 0, "tokens": 0}
+                for p in val_inputs]
     records = [{} for _ in sources]  # bytes and sha256, filled in as the files are read
-    ranges = [] if val_inputs else val_ranges(sum(p.stat().st_size for p in inputs), args.val_fraction, args.seed)
+    ranges = [] if val_inputs else val_ranges(sum(p.stat().st_size for p in inputs), args.val_fraction, args.seed,
+                                              *range_sizes(inputs))
     boundaries, size = [b for r in ranges for b in r], engine.piece_chars
-    streams = [Chunker(inputs, records[:len(inputs)], args.encoding, cutter, boundaries, chunk_chars=size),
-               Chunker(val_inputs, records[len(inputs):], args.encoding, cutter, (), "val", size, len(inputs))]
-    pieces = (piece for chunker in streams for piece in chunker)
+    streams = [stream_pieces(inputs, records[:len(inputs)], args, cutter, boundaries, "train", size, 0),
+               stream_pieces(val_inputs, records[len(inputs):], args, cutter, (), "val", size, len(inputs))]
+    pieces = (piece for stream in streams for piece in stream)
     total_bytes = sum(p.stat().st_size for p in [*inputs, *val_inputs])
     tally = Tally(sources, track_ranges=not val_inputs)
     # Decided before writing: wide enough for every id the tokenizer has.
@@ -778,11 +997,12 @@ def tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter: Cutte
     outputs = Outputs(out_dir, dtype)
     try:
         write_tokens(pieces, engine, args.num_workers, tokenizer.eos_token_id, outputs, tally, total_bytes)
+        for source, record in zip(sources, records):
+            source.update(record)
+        check_some_text(sources, args)
         check_split_sizes(tally, args)
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
-        for source, record in zip(sources, records):
-            source.update(record)
         meta = build_meta(args, tokenizer, outputs.dtype, tally, sources, split_policy(args, ranges, tally))
         outputs.commit(meta)
         return meta
@@ -824,7 +1044,25 @@ def build_meta(args, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dic
         "split": split,
         "encoding": args.encoding,
         "eos_after_each_source": True,
+        "input_formats": sorted({source["format"] for source in sources}),
+        **records_meta(args, sources),
     }
+
+
+def records_meta(args, sources: list[dict]) -> dict:
+    """With record inputs: the field, documents per split and the records skipped (an end-of-text token
+    follows each document, i.e. each record with text)."""
+    mine = [s for s in sources if s["format"] != "text"]
+    if not mine:
+        return {}
+    skipped = {why: sum(s["skipped"][why] for s in mine) for why in ("empty", "null", "missing")}
+    return {"records": {"text_field": args.text_field,
+                        "formats": sorted({s["format"] for s in mine}),
+                        "train": sum(s["records"]["train"] for s in mine),
+                        "val": sum(s["records"]["val"] for s in mine),
+                        "skipped": sum(skipped.values()),
+                        "skipped_by_reason": skipped,
+                        "eos_after_each_record": True}}
 
 
 def split_policy(args, ranges, tally: Tally) -> dict:
@@ -838,6 +1076,17 @@ def split_policy(args, ranges, tally: Tally) -> dict:
         "requested_ranges": [list(r) for r in ranges],
         "val_ranges": tally.ranges,
     }
+
+
+def check_some_text(sources: list[dict], args) -> None:
+    """Record files whose records were all skipped can leave nothing to train on: say why."""
+    for role, flag in (("input", "--input"), ("val-input", "--val-input")):
+        mine = [s for s in sources if s["role"] == role]
+        if mine and not any(s["tokens"] for s in mine) and all(s.get("format", "text") != "text" for s in mine):
+            skipped = sum(sum(s["skipped"].values()) for s in mine)
+            raise UserError(f"{flag} holds no text: all {skipped:,} records have an empty or null "
+                            f"{args.text_field!r} field, or none. HINT: check --text-field (now "
+                            f"{args.text_field!r})")
 
 
 def check_split_sizes(tally: Tally, args) -> None:
@@ -868,9 +1117,13 @@ def print_summary(meta: dict, args, out_dir: Path, seconds: float, tokenize_seco
     mb = sum(s["bytes"] for s in meta["sources"]) / 1e6
     ranges = meta["split"].get("val_ranges")
     where = f"{len(ranges)} range(s) inside the text" if ranges else "--val-input"
-    print(f"wrote {out_dir}/train.bin, val.bin, meta.json ({meta['dtype']}): {human_bytes(mb * 1e6)} of text "
-          f"in {seconds:.1f}s = {mb / max(seconds, 1e-9):.1f} MB/s end to end "
-          f"({mb / max(tokenize_seconds, 1e-9):.1f} MB/s tokenizing)")
+    # The rate is over the tokenizing alone: on a small input start-up (imports, tokenizer) dominates the
+    # total, and an end-to-end MB/s would be misleading there.
+    print(f"wrote {out_dir}/train.bin, val.bin, meta.json ({meta['dtype']}): {human_bytes(mb * 1e6)} of input "
+          f"tokenized in {tokenize_seconds:.1f} s ({mb / max(tokenize_seconds, 1e-9):.1f} MB/s); "
+          f"{seconds:.1f} s in all, start-up included")
+    for note in input_notes(meta):
+        print(f"  {note}")
     for split in ("train", "val"):
         per = chars[split] / max(tokens[split], 1)
         extra = f", from {where}" if split == "val" else ""
@@ -879,6 +1132,22 @@ def print_summary(meta: dict, args, out_dir: Path, seconds: float, tokenize_seco
     steps = steps_per_epoch(blocks, args.batch_size, args.grad_accum)
     print(f"  one epoch at block size {args.block_size}, batch size {args.batch_size}, grad accum {args.grad_accum}: "
           f"{blocks:,} blocks = {steps:,} optimizer steps; validation: {tokens['val'] // args.block_size:,} blocks")
+
+
+def input_notes(meta: dict) -> list[str]:
+    """What the summary says about records (documents per split, skipped) and byte-order marks."""
+    notes = []
+    records = meta.get("records")
+    if records:
+        why = ", ".join(f"{n:,} {reason}" for reason, n in records["skipped_by_reason"].items() if n)
+        notes.append(f"records ({', '.join(records['formats'])}, field {records['text_field']!r}): "
+                     f"{records['train']:,} train and {records['val']:,} val documents, whole records; "
+                     f"{records['skipped']:,} skipped" + (f" ({why})" if why else ""))
+    bom = [s["path"] for s in meta["sources"] if s.get("bom_stripped")]
+    if bom:
+        notes.append(f"stripped a UTF-8 byte-order mark from the start of {len(bom)} file(s): "
+                     + ", ".join(bom[:3]) + (" ..." if len(bom) > 3 else ""))
+    return notes
 
 
 def human_bytes(n: float) -> str:
@@ -910,29 +1179,69 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
 
-def read_sample(path: Path, encoding: str) -> str:
+def read_sample(paths: list[Path], encoding: str) -> str:
+    """The start of the first input that holds text as such (JSON and CSV do, Parquet does not)."""
+    path = next((p for p in paths if record_format(p) != "parquet"), None)
+    if path is None:
+        return ""
     with open(path, "rb") as f:
         return f.read(SAMPLE_BYTES).decode(encoding, errors="ignore")
 
 
 def resolve_inputs(args) -> tuple[list[Path], list[Path]]:
-    """The input and validation files, after the checks that need no tokenizer."""
-    inputs = find_text_files(args.input, "--input")
-    val_inputs = find_text_files(args.val_input, "--val-input") if args.val_input else []
+    """The input and validation files, after the checks that need no tokenizer (every problem at once)."""
+    problems: list[str] = []
+    inputs = find_text_files(args.input, "--input", problems)
+    val_inputs = find_text_files(args.val_input, "--val-input", problems) if args.val_input else []
     shared = {p.resolve() for p in inputs} & {p.resolve() for p in val_inputs}
     if shared:
-        raise UserError(f"{sorted(shared)[0]} is both training and validation input. "
+        problems.append(f"{sorted(shared)[0]} is both training and validation input. "
                         "HINT: keep --val-input files out of --input")
-    check_has_text(inputs, args.encoding, "--input")
-    if val_inputs:
-        check_has_text(val_inputs, args.encoding, "--val-input")
-    check_output_dir(Path(args.output_dir), args.overwrite)
+    for files, flag in ((inputs, "--input"), (val_inputs, "--val-input")):
+        text_files = [p for p in files if not record_format(p)]
+        if text_files and len(text_files) == len(files):  # record files are checked as they are read
+            problems.append(check_has_text(text_files, args.encoding, flag))
+        problems += [check_record_file(p, record_format(p), args.text_field, args.encoding)
+                     for p in files if record_format(p)]
+    problems += output_dir_problems(Path(args.output_dir), args.overwrite)
+    raise_if_problems([p for p in problems if p], "the input")
     return inputs, val_inputs
+
+
+def write_sample_book(path: Path) -> None:
+    """--sample-book: the Python documentation that ships with CPython, as one text file.
+
+    Run again (the Quickstart line twice) it finds its own sample and succeeds; any other file there
+    is never replaced."""
+    try:
+        import pydoc_data.topics as topics
+    except ImportError:
+        raise UserError("--sample-book: this Python has no pydoc_data module (some distributions ship it "
+                        "separately). HINT: use any text file of your own as --input") from None
+    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and \
+            path.read_text(encoding="utf-8") == text:
+        print(f"{path} already holds the sample text. Next: python prepare_data.py --input {path}")
+        return
+    if path.exists():
+        raise UserError(f"--sample-book: {path} already exists (and is not the sample). HINT: use it (python "
+                        f"prepare_data.py --input {path}), or give --sample-book another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise UserError(f"--sample-book: cannot write {path} ({exc.strerror}). "
+                        "HINT: choose a folder you can write to") from None
+    print(f"wrote {path}: {human_bytes(path.stat().st_size)} of the Python documentation bundled with CPython "
+          f"(pydoc_data). Next: python prepare_data.py --input {path}")
 
 
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.sample_book:
+        return write_sample_book(Path(args.sample_book))
     check_args(args)
     started = time.time()
     keep_rss_flat()
@@ -944,34 +1253,33 @@ def main(argv=None):
         raise UserError(f"tokenizer {args.tokenizer!r} has no end-of-text (eos) token to put between documents. "
                         "HINT: use the tokenizer of a causal language model")
     spec = tokenizer_spec(tokenizer)
-    engine, why = choose_engine(tokenizer, spec, args.engine, read_sample(inputs[0], args.encoding))
+    engine, why = choose_engine(tokenizer, spec, args.engine, read_sample(inputs, args.encoding))
     cutter = make_cutter(tokenizer, spec, engine)
     print(f"tokenizer {args.tokenizer} ({type(tokenizer).__name__}, {len(tokenizer):,} entries); "
           f"engine: {why}; {args.num_workers} worker thread(s)", file=sys.stderr)
 
     out_dir = Path(args.output_dir)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
-    created = make_output_dir(out_dir)
     tokenize_started = time.time()
     try:
-        try:
-            meta = tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter, out_dir)
-        except EngineMismatch as exc:
-            print(f"note: {exc} in {[*inputs, *val_inputs][exc.source]}; starting over with --engine hf",
-                  file=sys.stderr)
-            meta = tokenize_to_files(args, inputs, val_inputs, tokenizer, HFEngine(tokenizer), cutter, out_dir)
-    except BaseException as exc:
-        for folder in reversed(created):  # leave no empty folders behind either
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        if isinstance(exc, KeyboardInterrupt):
-            print("error: interrupted; nothing was written or replaced. HINT: run the same command again",
-                  file=sys.stderr)
-            raise SystemExit(130) from None
-        raise
+        with claimed_output_dir(out_dir, args.overwrite):
+            try:
+                meta = tokenize_to_files(args, inputs, val_inputs, tokenizer, engine, cutter, out_dir)
+            except EngineMismatch as exc:
+                print(f"note: {exc} in {[*inputs, *val_inputs][exc.source]}; starting over with --engine hf",
+                      file=sys.stderr)
+                meta = tokenize_to_files(args, inputs, val_inputs, tokenizer, HFEngine(tokenizer), cutter, out_dir)
+        tokenize_seconds = time.time() - tokenize_started
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written or replaced. HINT: run the same command again",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except SaveFailed as exc:
+        raise SaveFailed(f"{exc}; nothing in {out_dir} was replaced. HINT: free disk space, or choose "
+                         "another --output-dir") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    print_summary(meta, args, out_dir, time.time() - started, time.time() - tokenize_started)
+    print_summary(meta, args, out_dir, time.time() - started, tokenize_seconds)
     return meta
 
 

@@ -1,4 +1,5 @@
 """finetune_generative.py with speed levers toggled by monkeypatching, for measurement only.
+A patch whose target no longer exists stops the run (see patch()).
 
     BENCH_PATCHES=old_gelu,hf_loss python bench/_ours_patched.py <finetune_generative.py flags>
 
@@ -80,27 +81,38 @@ def install_hwm_log(path: str) -> None:
     atexit.register(lambda: open(path, "a").write(json.dumps({"at_exit": True, "hwm_mib": vm_hwm_mib()}) + "\n"))
 
 
+def patch(owner, name: str, replacement) -> None:
+    """Replace owner.name, or stop loudly when it does not exist (a patch that patched nothing would
+    silently measure the unpatched script)."""
+    if not hasattr(owner, name):
+        raise SystemExit(f"bench patch target {getattr(owner, '__name__', owner)}.{name} does not exist: "
+                         f"the code moved; update bench/_ours_patched.py")
+    setattr(owner, name, replacement)
+
+
 def apply_patches(fg) -> None:
     import torch
 
+    from finetune import loss, models, training
+
     if "old_gelu" in PATCHES:
-        fg.fuse_tanh_gelu = lambda model: 0
+        patch(models, "fuse_tanh_gelu", lambda model: 0)
     if "hf_loss" in PATCHES:
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         def hf_next_token_loss(logits, input_ids, rows_per_chunk=64):
             return ForCausalLMLoss(logits, input_ids, vocab_size=logits.shape[-1])
 
-        fg.next_token_loss = hf_next_token_loss
+        patch(fg, "next_token_loss", hf_next_token_loss)  # the training step's
+        patch(loss, "next_token_loss", hf_next_token_loss)  # evaluate()'s
     if "loop_adamw" in PATCHES:
-        original_make_optimizer = fg.make_optimizer
+        original_make_optimizer = models.make_optimizer
 
-        def make_optimizer(model, cfg, device):
-            opt = original_make_optimizer(model, cfg, device)
-            return torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                     foreach=False)
+        def make_optimizer(model, device, *, lr, weight_decay, betas):
+            opt = original_make_optimizer(model, device, lr=lr, weight_decay=weight_decay, betas=betas)
+            return torch.optim.AdamW(opt.param_groups, lr=lr, betas=betas, eps=1e-8, foreach=False)
 
-        fg.make_optimizer = make_optimizer
+        patch(models, "make_optimizer", make_optimizer)
     if "eager_attn" in PATCHES:
         from transformers import AutoModelForCausalLM
 
@@ -110,9 +122,9 @@ def apply_patches(fg) -> None:
             kwargs.setdefault("attn_implementation", "eager")
             return original_from_pretrained(*args, **kwargs)
 
-        AutoModelForCausalLM.from_pretrained = from_pretrained
+        patch(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     if "with_cache" in PATCHES:
-        original_load_model = fg.load_model
+        original_load_model = models.load_model_for_training
 
         def load_model(*args, **kwargs):
             model = original_load_model(*args, **kwargs)
@@ -126,14 +138,14 @@ def apply_patches(fg) -> None:
             model.forward = cached_forward
             return model
 
-        fg.load_model = load_model
+        patch(models, "load_model_for_training", load_model)
     if "no_eval0" in PATCHES:
-        original_evaluate = fg.TrainingRun.evaluate_and_track
+        original_evaluate = training.TrainingRun.evaluate_and_track
 
         def evaluate_and_track(self):
             return float("nan") if self.progress.step == 0 else original_evaluate(self)
 
-        fg.TrainingRun.evaluate_and_track = evaluate_and_track
+        patch(training.TrainingRun, "evaluate_and_track", evaluate_and_track)
 
 
 def main() -> int:

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 
 def timed(owner, name: str, totals: dict, key: str) -> None:
+    if not hasattr(owner, name):  # timing nothing would report 0 % overhead
+        raise SystemExit(f"{owner.__name__}.{name} does not exist: the code moved; update bench/overhead.py")
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):

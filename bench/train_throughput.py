@@ -21,6 +21,8 @@ and the model's own dropout (unless --dropout).
             bf16=True or fp32, no eval,
             no save, logging_steps huge; a callback stamps the end of each optimizer step.
   patched   bench/_ours_patched.py: ours with the levers named by --patches switched (see that file).
+  baseline  the finetune_generative.py of another checkout (--baseline-repo), same flags: before/after a
+            change, side by side in one invocation.
 
 Steady-state tokens/s = batch x block x (measured steps) / (their summed seconds), the first --skip
 steps (warm-up, torch.compile) left out. MFU = tokens/s x training FLOPs per token / the matmul peak this
@@ -75,6 +77,8 @@ def parse_args(argv=None):
                    help="comma list of ours, trainer, patched (patched = ours + --patches)")
     p.add_argument("--patches", default="",
                    help="levers switched for the 'patched' contender (see bench/_ours_patched.py)")
+    p.add_argument("--baseline-repo", default=None,
+                   help="checkout whose finetune_generative.py the 'baseline' contender runs (before/after a change)")
     p.add_argument("--ours-args", default="",
                    help="extra flags for finetune_generative.py (ours and patched); write --ours-args=--compile")
     p.add_argument("--num-workers", type=int, default=None,
@@ -103,8 +107,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def ours_command(args, model_dir, data_dir, out_dir, patched: bool) -> tuple[list[str], dict]:
-    script = [str(REPO / "bench" / "_ours_patched.py")] if patched else [str(REPO / "finetune_generative.py")]
+def ours_command(args, model_dir, data_dir, out_dir, patched: bool, repo: Path = REPO) -> tuple[list[str], dict]:
+    script = [str(REPO / "bench" / "_ours_patched.py")] if patched else [str(repo / "finetune_generative.py")]
     cmd = [sys.executable, *script, "--model", str(model_dir), "--data-dir", str(data_dir),
            "--output-dir", str(out_dir), "--overwrite", "--max-steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
@@ -160,6 +164,9 @@ def run_one(args, name, round_no, model_dir, data_dir, runs_dir) -> dict:
     if name == "trainer":
         result = out_dir / "result.json"
         cmd = trainer_command(args, model_dir, data_dir, out_dir / "trainer-out", result)
+    elif name == "baseline":  # the same script from another checkout (e.g. before a refactoring)
+        cmd, env = ours_command(args, model_dir, data_dir, out_dir / "run", patched=False,
+                                repo=Path(args.baseline_repo))
     else:
         cmd, env = ours_command(args, model_dir, data_dir, out_dir / "run", patched=name == "patched")
     if args.threads:
@@ -190,8 +197,11 @@ def run_one(args, name, round_no, model_dir, data_dir, runs_dir) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if not contenders or set(contenders) - {"ours", "trainer", "patched"}:
-        raise SystemExit(f"--contenders must name ours, trainer and/or patched, got {args.contenders!r}")
+    if not contenders or set(contenders) - {"ours", "trainer", "patched", "baseline"}:
+        raise SystemExit(f"--contenders must name ours, trainer, patched and/or baseline, got {args.contenders!r}")
+    if "baseline" in contenders and not (Path(args.baseline_repo or "") / "finetune_generative.py").is_file():
+        raise SystemExit("the baseline contender needs --baseline-repo DIR, a checkout with finetune_generative.py "
+                         "(e.g. `git worktree add /tmp/before <commit>`)")
     if args.skip >= args.steps:
         raise SystemExit("--skip must be smaller than --steps")
     work = Path(args.work_dir)

@@ -3,7 +3,8 @@ per concern. Scripts import the package; the package never imports a script. Ins
 only the ones listed before it:
 
     errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
-    fsio          atomic writes of folders and files, fsync, CRC32
+    fsio          atomic writes of folders and files, fsync, CRC32, the output-folder lock
+    records       record inputs of prepare_data.py (JSON lines, JSON, CSV/TSV, Parquet), streamed
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
     runtime       device, precision, autocast, seeds, library versions
     console       the logging setup every script uses
@@ -12,11 +13,12 @@ only the ones listed before it:
     data          token files (meta.json, memmap dataset, resumable sampler); dataset.py re-exports it
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
+    trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)
     models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer
     cpu_dropout   faster dropout masks on CPU
     sampling      text generation, shared by generate.py and training-time samples
     checkpoints   the training state; checkpoint folders written, validated, pruned
-    rundir        the output folder: lock, clobber and overlap refusal, resume command
+    rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
     lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
 """

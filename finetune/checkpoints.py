@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .distributed import DistInfo, all_gather_objects, barrier
-from .errors import UserError, first_line
+from .errors import UserError, first_line, refused_pickle
 from .fsio import TMP_PREFIX, atomic_folder, file_crc32
 
 log = logging.getLogger("finetune")
@@ -204,6 +204,9 @@ def read_state_file(path: Path) -> dict:
             corrupt = archive.testzip()
         state = torch.load(path, map_location="cpu", weights_only=True) if corrupt is None else None
     except Exception as exc:  # a truncated or garbled file: zip, unpickling or tensor errors
+        if refused_pickle(exc):  # never relay torch's advice to load it unsafely
+            raise DamagedCheckpoint(f"{path.name} names Python functions to call while loading, which this script "
+                                    f"never writes and its safe loader refuses") from None
         raise DamagedCheckpoint(f"{path.name} cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
     if corrupt is not None:
         raise DamagedCheckpoint(f"{path.name} does not match the checksums saved in it (changed on disk)")

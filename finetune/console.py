@@ -1,11 +1,13 @@
-"""What a run shows on the terminal: the one logging setup of every script.
+"""What a run shows on the terminal: the one logging setup of every script, and the training progress.
 
 Log lines go to stderr through tqdm.write, so they print above a progress bar instead of through it.
+When stderr is a file, the progress is plain log lines instead of a redrawn bar.
 """
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 
 class TqdmHandler(logging.Handler):
@@ -29,3 +31,52 @@ def setup_logging(name: str, is_main: bool = True) -> logging.Logger:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return logger
+
+
+# -----------------------------------------------------------------------------
+# Progress of a training loop
+
+
+def progress_display(total: int, initial: int, enabled: bool, logger: logging.Logger, interval: float = 30.0):
+    """A tqdm bar on a terminal; when stderr is a file (nohup, a batch scheduler, CI), ProgressLines instead,
+    since every redraw of a bar would land in the file. Both take update(n), set_postfix(**fields), close()."""
+    from tqdm import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return ProgressLines(total, initial, logger, interval)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+
+class ProgressLines:
+    """The progress bar as plain log lines: one at each set_postfix (the loop calls it every --log-every steps)
+    that comes at least `interval` seconds after the last line, and one at close for the step reached."""
+
+    def __init__(self, total: int, initial: int, logger: logging.Logger, interval: float):
+        self.total, self.step, self.first_step = total, initial, initial
+        self.logger, self.interval = logger, interval
+        self.started = time.monotonic()
+        self.last_line_at, self.last_line_step = None, initial
+        self.fields: dict = {}
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+
+    def set_postfix(self, **fields) -> None:
+        self.fields = fields
+        now = time.monotonic()
+        if self.last_line_at is None or now - self.last_line_at >= self.interval:
+            self.write_line(now)
+
+    def close(self) -> None:
+        if self.step != self.last_line_step:
+            self.write_line(time.monotonic())
+
+    def write_line(self, now: float) -> None:
+        from tqdm import tqdm
+
+        done = self.step - self.first_step
+        eta = tqdm.format_interval((self.total - self.step) * (now - self.started) / done) if done else "?"
+        fields = "".join(f", {name} {value}" for name, value in self.fields.items())
+        self.logger.info("step %d/%d (%d%%)%s, ETA %s", self.step, self.total, 100 * self.step // max(self.total, 1),
+                         fields, eta)
+        self.last_line_at, self.last_line_step = now, self.step

@@ -60,6 +60,10 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     hint = f"HINT: run `python prepare_data.py --output-dir {data_dir}` to (re)create it"
+    if data_dir.exists() and not data_dir.is_dir():
+        is_ours = data_dir.name in ("meta.json", *SPLIT_FILES.values())
+        raise DataError(f"data directory {data_dir} is a file, not a folder. HINT: pass the folder prepare_data.py "
+                        f"wrote (train.bin, val.bin and meta.json)" + (f": {data_dir.parent}" if is_ours else ""))
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist. {hint}")
     if not meta_path.is_file():

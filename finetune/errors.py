@@ -76,6 +76,18 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return line
 
 
+def refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) refused a pickle that asks for more than tensors to load it (a
+    function to call: possibly code). Its message then advises weights_only=False, which would run that
+    code: report the refusal in our words, never relay the message."""
+    while exc is not None:
+        text = str(exc)
+        if "Weights only load failed" in text or "weights_only" in text or "Unsupported global" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def raise_if_write_failure(exc: BaseException, what: str) -> None:
     """Turn a failed write (disk full, quota, I/O error) into a SaveFailed naming `what`."""
     reason = write_failure(exc)

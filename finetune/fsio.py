@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
 import zlib
 from pathlib import Path
 
-from .errors import raise_if_write_failure
+from .errors import UserError, raise_if_write_failure
 
 TMP_PREFIX = ".tmp-"  # every temporary name starts so; a new run deletes the leftovers of a killed one
+LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
@@ -109,3 +112,72 @@ def file_crc32(path: Path) -> int:
         while chunk := f.read(16 * 2**20):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path, script: str, remove_at_exit: bool = False):
+    """Hold an advisory lock on the existing `folder` while the block runs: one run of `script` at a time.
+
+    The lock is flock() on `folder/.lock`, which holds the holder's PID; the kernel drops it when the
+    process dies (kill -9 included), so it never goes stale. A second run is refused with that PID.
+    `remove_at_exit` deletes the lock file on the way out (prepare_data leaves only its outputs behind);
+    a run that then finds its locked file unlinked or replaced locks the new one instead.
+    """
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            lock = open(path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write to --output-dir {folder} ({exc.strerror}). "
+                            f"HINT: choose a writable folder") from None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise folder_in_use(folder, script, holder) from None
+        if _same_file(path, lock):
+            break
+        lock.close()  # the holder removed it between our open and flock: lock the current one
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+    finally:
+        if remove_at_exit:
+            path.unlink(missing_ok=True)  # while still locked: a waiting run then retries on a new file
+        lock.close()  # releases the lock
+
+
+def _same_file(path: Path, f) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """The PID of the run holding `output_dir`'s lock (locked_folder), or None when no run holds it (a lock file left by a
+    killed run holds nothing: the kernel dropped its lock)."""
+    try:
+        lock = open(output_dir / LOCK_FILE)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return lock.read().strip() or "unknown"
+        return None  # closing the file drops the shared lock again
+
+
+def folder_in_use(output_dir: Path, script: str, holder: str) -> UserError:
+    return UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
+                     f"HINT: wait for it to finish, stop it, or choose another --output-dir")

@@ -12,7 +12,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, refused_pickle
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -52,6 +52,10 @@ def from_folder_or_hub(load, source: str, what: str, flag: str):
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {source} is a file, not a folder. HINT: pass the folder that holds it")
     if path.is_dir():
+        if what == "model" and not (path / "config.json").is_file():  # say so, not what transformers makes of it
+            raise UserError(f"cannot load model {source!r}: {path} has no config.json, so it is not a saved model. "
+                            f"HINT: pass the folder that holds config.json and the weights (a save_pretrained "
+                            f"folder, or a training run's output, best/ or checkpoint-N/)")
         try:
             return load(str(path))
         except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ...: all mean "cannot load this"
@@ -80,9 +84,6 @@ def from_folder_or_hub(load, source: str, what: str, flag: str):
 
 
 def folder_hint(path: Path, what: str) -> str:
-    if what == "model" and not (path / "config.json").is_file():
-        return (f"{path} has no config.json, so it is not a saved model; pass the folder that holds "
-                f"config.json and the weights")
     if what == "tokenizer" and not any((path / f).is_file() for f in TOKENIZER_FILES):
         return (f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); save them "
                 f"there with tokenizer.save_pretrained()")
@@ -120,12 +121,11 @@ def load_weights(source: str, dtype, **kwargs):
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a truncated, mismatched or unsafe weights file is bad input
-        text = str(exc)
-        if "weights_only" in text or "Unpickl" in type(exc).__name__ or "Unsupported global" in text:
-            raise UserError(f"the weights of {source} are a pickle file that is not a safe weights file (it asks to "
-                            f"run code while loading, which is refused). HINT: use a model saved as "
-                            f"model.safetensors (save_pretrained(..., safe_serialization=True)) from a source "
-                            f"you trust") from None
+        if refused_pickle(exc):
+            raise UserError(f"the weights of {source} (a pickle file, pytorch_model.bin) are not a safe weights "
+                            f"file: loading them would call Python functions they name, possibly code, so they "
+                            f"were refused. HINT: use a model saved as model.safetensors "
+                            f"(save_pretrained(..., safe_serialization=True)) from a source you trust") from None
         raise UserError(f"cannot load the weights of {source} ({type(exc).__name__}: {first_line(exc)}). "
                         f"HINT: the weights file is damaged or does not match config.json; pass another "
                         f"checkpoint or save the model again") from None

@@ -1,9 +1,10 @@
-"""The plan of a run: sizes, steps, the evaluation schedule and a memory estimate.
+"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules and a memory estimate.
 
 Shown by --dry-run and logged at start; the training loop asks it when to evaluate.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ class Plan:
     warmup_steps: int
     tokens_per_step: int
     epochs: float
+    batch_size: int = 0   # sequences per micro-batch as they run: --batch-size, at most the blocks per process
+    grad_accum: int = 0   # micro-batches per step as they run: --grad-accum, at most the micro-batches per epoch
     eval_steps: frozenset[int] = field(default_factory=frozenset)  # evaluation_steps(): 0 and later steps
     save_steps: frozenset[int] = field(default_factory=frozenset)  # checkpoints besides a stop's
 
@@ -44,13 +47,46 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
     per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
     total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    # A micro-batch cannot hold more blocks than a process has, nor a step more micro-batches than an epoch.
+    per_rank = train_blocks // world_size
+    batch = max(1, min(cfg.batch_size, per_rank))
+    accum = max(1, min(cfg.grad_accum, math.ceil(per_rank / batch)))
+    sequences = max(1, min(batch * accum, per_rank))
     plan = Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
-                cfg.batch_size * cfg.grad_accum * world_size * block_size,
-                total / per_epoch if per_epoch else 0.0)
+                sequences * world_size * block_size, total / per_epoch if per_epoch else 0.0,
+                batch_size=batch, grad_accum=accum)
     plan.eval_steps = frozenset(evaluation_steps(cfg, plan))
     saves = set(range(cfg.save_every, total + 1, cfg.save_every)) if cfg.save_every else set()
     plan.save_steps = frozenset(saves | {total})
     return plan
+
+
+def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    """transformers.get_scheduler's schedule `name`, except that no optimizer step runs at lr 0.
+
+    Its warmup gives the optimizer step taken after `s` scheduler steps peak x s / W, so the first step
+    of every run (s = 0) would train nothing. Here warmup step k of W (k = 1..W) uses peak x k / W, as
+    nanoGPT does; after the warmup the schedule is transformers' own (so step W + 1 is at the peak too,
+    and the decay ends where it did). Resuming stays exact: the factor is a pure function of the step.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    # transformers' factor function, taken from a scheduler built on a throwaway one-group optimizer.
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    (factor,) = get_scheduler(name, scratch, num_warmup_steps=warmup_steps, num_training_steps=total_steps).lr_lambdas
+    warmup = 0 if name == "constant" else warmup_steps  # transformers' "constant" has no warmup
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_from_step_one, schedule=factor, warmup_steps=warmup, total_steps=total_steps))
+
+
+def warmup_from_step_one(steps_done: int, schedule, warmup_steps: int, total_steps: int) -> float:
+    """The lr factor of the optimizer step taken after `steps_done` steps: during the warmup (k + 1) / W,
+    one step ahead of transformers' k / W; after it, transformers' schedule; 0 once all steps are done
+    (no step uses it, and transformers' polynomial schedule divides by zero there when W is every step)."""
+    if steps_done >= total_steps:
+        return 0.0
+    return (steps_done + 1) / warmup_steps if steps_done < warmup_steps else schedule(steps_done)
 
 
 def evaluation_steps(cfg, plan: Plan) -> list[int]:
@@ -74,9 +110,10 @@ def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
-def estimate_memory_gib(model_config, n_params: int, cfg, block_size: int, precision: str,
+def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str,
                         lora: dict | None = None) -> float:
-    """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits.
+    """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits, for the
+    micro-batch as it runs (plan.batch_size).
 
     With LoRA (`lora`: the counts of lora.check_on_meta_model) only the adapters take 16 B/param; the
     frozen base takes 4 B/param, its block linears 2 B in bf16/fp16; the activations are those of full
@@ -87,7 +124,8 @@ def estimate_memory_gib(model_config, n_params: int, cfg, block_size: int, preci
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    tokens = cfg.batch_size * block_size
+    block_size = plan.block_size
+    tokens = plan.batch_size * block_size
     # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes.
     per_layer = tokens * (34 * hidden + 5 * heads * block_size) * act_bytes / 2
     if cfg.gradient_checkpointing:
@@ -136,6 +174,19 @@ def eval_description(plan: Plan, cfg, world_size: int) -> str:
     return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
 
 
+def batch_capped(plan: Plan, cfg, world_size: int) -> str:
+    """What the batch line says when the flags ask for more than the train split holds."""
+    capped = []
+    if plan.batch_size < cfg.batch_size:
+        capped.append(f"--batch-size {cfg.batch_size}")
+    if plan.grad_accum < cfg.grad_accum:
+        capped.append(f"--grad-accum {cfg.grad_accum}")
+    if not capped:
+        return ""
+    return (f" ({' and '.join(capped)} cut to what runs: the train split holds "
+            f"{plan.train_blocks // world_size:,} blocks per process)")
+
+
 def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int, lora: dict | None = None) -> str:
     lines = [
@@ -143,8 +194,9 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
         f"{meta['splits']['val']['tokens']:,} val tokens",
         f"blocks           {plan.train_blocks:,} train, {plan.val_blocks:,} val, of {plan.block_size} tokens",
-        f"batch            {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} process(es) = "
-        f"{cfg.batch_size * cfg.grad_accum * world_size} sequences, {plan.tokens_per_step:,} tokens per step",
+        f"batch            {plan.batch_size} x {plan.grad_accum} accum x {world_size} process(es), "
+        f"{plan.tokens_per_step // plan.block_size:,} sequences, {plan.tokens_per_step:,} tokens per step"
+        f"{batch_capped(plan, cfg, world_size)}",
         f"steps            {plan.steps_per_epoch:,} per epoch, {plan.total_steps:,} total "
         f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
         f"evaluation       {eval_description(plan, cfg, world_size)}",

@@ -5,23 +5,20 @@ What only the training script knows (its config) comes in as arguments; this mod
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import os
 import shlex
 import shutil
 from pathlib import Path
 
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
-from .fsio import remove_leftovers, rewrite_text
+from .fsio import folder_in_use, lock_holder, locked_folder, remove_leftovers, rewrite_text
+from .trackers import TRACKER_FILES
 
 CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
-LOCK_FILE = ".lock"
 # What a run of ours writes directly in --output-dir (besides best/ and checkpoint-N/): all --overwrite removes.
 RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
                  "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE)
+                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES)
 
 
 def output_dir_overlaps(output_dir: str, sources: dict[str, str]) -> list[str]:
@@ -56,8 +53,13 @@ def written_by_us(output_dir: Path) -> bool:
             or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Without --resume an earlier run in `output_dir` is refused, and --overwrite only replaces one of ours."""
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: str | None = None) -> None:
+    """With `script` (the main process only: the others would see its own lock), a run of it still writing
+    to `output_dir` is refused with its PID. Without --resume an earlier run is refused, and --overwrite
+    only replaces one of ours."""
+    holder = lock_holder(output_dir) if script else None
+    if holder is not None:
+        raise folder_in_use(output_dir, script, holder)
     earlier = earlier_run_artifacts(output_dir)
     if not earlier or resume:
         return
@@ -74,33 +76,14 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def locked_output_dir(output_dir: Path, script: str):
-    """Create `output_dir` and hold an advisory lock on it while the block runs (the kernel drops it when
-    the process dies, kill -9 included, so it never goes stale). A second run into the same folder is
-    refused with the PID that holds it."""
+    """Create `output_dir` and hold its lock (fsio.locked_folder) while the block runs."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(output_dir / LOCK_FILE, "a+")
     except OSError as exc:
         raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
                         f"HINT: choose a writable folder") from None
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"--output-dir {output_dir} is in use by another run of {script} (PID {holder}). "
-                        f"HINT: wait for it to finish, stop it, or choose another --output-dir") from None
-    try:
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+    with locked_folder(output_dir, script):
         yield
-    finally:
-        lock.close()  # releases the lock
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> None:

@@ -22,6 +22,7 @@ from .models import save_pretrained_files
 from .plan import Plan, eval_batches_per_process
 from .rundir import resume_command
 from .sampling import sample_during_training
+from .trackers import Trackers, open_trackers, parse_report_to
 
 log = logging.getLogger("finetune")
 
@@ -126,6 +127,7 @@ class TrainingRun:
     fingerprints: dict         # data, tokenizer (and base model) fingerprints a resume is checked against
     progress: Progress = field(default_factory=Progress)
     metrics: list[dict] = field(default_factory=list)
+    trackers: Trackers = field(default_factory=Trackers)  # --report-to; start_trackers() opens them
 
     @property
     def output_dir(self) -> Path:
@@ -136,18 +138,26 @@ class TrainingRun:
         self.metrics.append(record)
         if self.dist_info.is_main:
             append_jsonl(self.output_dir / "metrics.jsonl", record)
+            self.trackers.log(record)
+
+    def start_trackers(self, state: dict | None) -> None:
+        """Open the --report-to trackers: new runs, or (on resume) the runs the checkpoint's state names."""
+        config = {**dataclasses.asdict(self.cfg), "block_size": self.plan.block_size,
+                  "warmup_steps": self.plan.warmup_steps, "total_steps": self.plan.total_steps}
+        self.trackers = open_trackers(parse_report_to(self.cfg.report_to), self.output_dir, config,
+                                      self.progress.step, state.get("trackers") if state else None,
+                                      self.metrics, self.dist_info.is_main)
 
     # ---- evaluation, best/ and early-stopping bookkeeping
     def evaluate_and_track(self) -> float:
         progress = self.progress
         val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
-        improved = progress.step > 0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
+        # The base model's loss (step 0) is the first "best": best/ only holds a model that beats it.
+        improved = progress.best_val_loss is not None and val_loss < progress.best_val_loss
+        if progress.best_val_loss is None or improved:
+            progress.best_val_loss = val_loss
         if progress.step > 0:
-            if improved:
-                progress.best_val_loss = val_loss
-                progress.evals_without_improvement = 0
-            else:
-                progress.evals_without_improvement += 1
+            progress.evals_without_improvement = 0 if improved else progress.evals_without_improvement + 1
         self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
                      "tokens": progress.tokens_seen, "val_loss": val_loss,
                      "val_perplexity": math.exp(min(val_loss, 50.0))})
@@ -177,16 +187,19 @@ class TrainingRun:
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
             max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx)
-        for prompt, text in zip(self.cfg.sample_prompts, texts):
-            log.info("sample at step %d: %r", self.progress.step, text)
-            append_jsonl(self.output_dir / "samples.jsonl", {"step": self.progress.step, "val_loss": val_loss,
-                                                             "prompt": prompt, "text": text})
+        samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}
+                   for prompt, text in zip(self.cfg.sample_prompts, texts)]
+        for sample in samples:
+            log.info("sample at step %d: %r", self.progress.step, sample["text"])
+            append_jsonl(self.output_dir / "samples.jsonl", sample)
+        self.trackers.log_samples(self.progress.step, samples)
 
     # ---- checkpoints and the final model
     def checkpoint(self) -> None:
+        self.trackers.flush()  # what the trackers hold up to this step is on disk before the checkpoint is
         state = training_state(self.progress, self.optimizer, self.scheduler, self.scaler,
                                dataclasses.asdict(self.cfg), world_size=self.dist_info.world_size,
-                               **self.fingerprints)
+                               trackers=self.trackers.state(), **self.fingerprints)
         path = save_checkpoint(self.output_dir, lambda folder: self.model_files.write_checkpoint(self.model, folder),
                                state, self.dist_info)
         if self.dist_info.is_main:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,8 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert "Traceback" not in result.stderr, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error_lines, result.stderr
+    for line in error_lines:  # a sentence ends in one period: "..", never (an ellipsis "..." is fine)
+        assert not re.search(r"(?<!\.)\.\.(?=\s|$)", line), line
     message = result.stderr.lower()
     for fragment in fragments:
         assert fragment.lower() in message, (fragment, result.stderr)

@@ -76,9 +76,10 @@ def test_scheduler_total_and_step_count(full_run, tiny_data_dir):
     assert [r["step"] for r in records] == list(range(1, total + 1))
     last_state = torch.load(full_run / f"checkpoint-{total}" / "training_state.pt", weights_only=True)
     assert last_state["scheduler"]["last_epoch"] == total
-    # transformers' linear schedule: warmup from 0 over 3 steps, then linear decay towards 0.
+    # transformers' linear schedule, but warmup step k of 3 at peak x k / 3 (no step at lr 0), then its
+    # linear decay towards 0 (make_scheduler).
     lrs = [r["lr"] for r in records]
-    assert lrs[:4] == pytest.approx([0.0, 1e-3, 2e-3, 3e-3])
+    assert lrs[:5] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3 * (total - 4) / (total - 3)])
     assert lrs[-1] == pytest.approx(3e-3 / (total - 3))
     # The epoch ends exactly at half the steps.
     assert [r["epoch"] for r in records].index(1) == total // 2 - 1
@@ -149,7 +150,7 @@ def test_max_steps_sets_schedule(tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4")) == 0
     records = train_records(out)
-    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-3, 2e-3, 3e-3])
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
     assert records[-1]["epoch"] == 0  # 4 steps is less than one epoch
     assert (out / "checkpoint-4").is_dir()
 
@@ -286,7 +287,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model_dir, tin
     args = base_args(tiny_model_dir, tiny_data_dir, out, "--lr", "0.5", "--warmup-steps", "0", "--max-steps", "60",
                      "--eval-every", "2", "--early-stopping-patience", "2", "--scheduler", "constant")
     assert ft.main(args) == 0
-    evals = [r for r in train_records(out, "eval") if r["step"] > 0]
+    evals = train_records(out, "eval")  # the base model's at step 0 is the first to beat
     best = min(range(len(evals)), key=lambda i: evals[i]["val_loss"])
     assert len(evals) == best + 1 + 2, evals  # stopped right after 2 evaluations without improvement
     last_step = evals[-1]["step"]
