@@ -194,8 +194,8 @@ def base_fingerprint(model: str, sample_chunks: int = 32, chunk: int = 1 << 16) 
 def resume_problems(state: dict, base_fp: str, model: str) -> list[str]:
     saved = state.get("base_fingerprint")
     if saved is None:
-        return [f"the checkpoint is not a LoRA run's (it holds a full model, no adapter) (HINT: resume without "
-                f"--lora-* flags, or start a new LoRA run)"]
+        return ["the checkpoint is not a LoRA run's (it holds a full model, no adapter) (HINT: resume without "
+                "--lora-* flags, or start a new LoRA run)"]
     if saved != base_fp:
         return [f"the base model {model} differs from the one the checkpoint's adapter was trained on (fingerprint "
                 f"{base_fp} vs {saved}; its weights or config changed) (HINT: restore the original base at "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 import finetune_generative as ft
 from finetune import checkpoints as ckpt
 from finetune import lora
-from conftest import REPO_ROOT, assert_clean_error, build_tiny_model
+from conftest import assert_clean_error, build_tiny_model
 from test_distributed import common_args, torchrun
 from test_fault_injection import error_lines, newest_step, run_main, start, wait_for_step
 from test_finetune import assert_same_weights, base_args, train_records
