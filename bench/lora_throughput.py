@@ -5,7 +5,9 @@
 
 speed: three contenders, alternated in one invocation (full, lora, peft_trainer, full, ...), each its own
 subprocess (peak RSS = the kernel's high-water mark of that process):
-  full          finetune_generative.py, full fine-tuning (as bench/train_throughput.py runs it)
+  full          finetune_generative.py, full fine-tuning (as bench/train_throughput.py runs it), with
+                --num-workers 0 like the Trainer's default (a LoRA run with DataLoader workers was seen to
+                hang at exit on 124M: see the README)
   lora          the same command plus --lora-r R (alpha 2R, dropout 0.05, every block linear)
   peft_trainer  bench/_trainer_run.py --lora-r R: transformers.Trainer on a peft model with the same LoRA
                 config, bf16=True, no eval, no save
@@ -53,7 +55,7 @@ def parse_args(argv=None):
 
 def speed(args) -> dict:
     base = tt.parse_args(["--model", "gpt2", "--precision", "bf16", "--steps", str(args.steps), "--batch-size", "4",
-                          "--block-size", "256", "--work-dir", args.work_dir])
+                          "--block-size", "256", "--work-dir", args.work_dir, "--num-workers", "0"])
     work = Path(args.work_dir)
     model_dir = build_model_dir("gpt2", work, DEFAULT_TOKENIZER_DIR)
     data_dir = write_data_dir(work / "data-gpt2", model_dir)
