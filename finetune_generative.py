@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli
+from finetune import cli, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
@@ -130,6 +130,17 @@ class TrainConfig:
     """optimizer steps between samples (default: at each evaluation)"""
     sample_max_new_tokens: int = 64
     """tokens per training-time sample"""
+    # --- LoRA (finetune/lora.py; needs `pip install peft`)
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters on the frozen base instead of every weight; 0 = off (full
+    fine-tuning). Checkpoints then hold only the adapter; the final model and best/ are merged"""
+    lora_alpha: float | None = None
+    """LoRA scale numerator: the adapters' output is scaled by alpha / r (default: 2 x --lora-r)"""
+    lora_dropout: float | None = None
+    """dropout on the adapters' input (default: 0.05)"""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """names of the layers to adapt (default: every linear layer of the transformer blocks, for GPT-2
+    c_attn, c_proj and c_fc; never the tied token embedding / lm_head)"""
     # --- run control (not part of what a resume must match)
     resume: str | None = None
     """continue from the newest checkpoint in --output-dir, or from the CHECKPOINT folder given"""
@@ -152,6 +163,7 @@ FLAG_GROUPS = {
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
+    "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
     "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
 }
 FLAG_OPTIONS = {
@@ -160,11 +172,13 @@ FLAG_OPTIONS = {
     "--report-to": dict(metavar="NAME[,NAME]"),
     "--precision": dict(choices=PRECISIONS),
     "--device": dict(choices=DEVICES),
+    "--lora-target-modules": dict(nargs="+", metavar="NAME"),
 }
 # Settings that decide the data order and the schedule: a resume must keep them.
 RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                      "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
-                     "max_grad_norm", "dropout", "seed")
+                     "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
 RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
 
@@ -233,6 +247,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
+    problems += lora.settings_problems(cfg)
     problems += check_report_to(cfg.report_to)
     return problems
 
@@ -372,13 +387,16 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     problem."""
     from finetune.data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
     from finetune.checkpoints import check_resume_compatible
-    from finetune.models import load_tokenizer_and_config, model_context_length
+    from finetune.models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
 
     try:
         meta = load_meta(cfg.data_dir)
     except DataError as exc:
         raise UserError(str(exc)) from None
-    tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
+    if cfg.lora_r and resume_path:  # a LoRA checkpoint holds the adapter and tokenizer; the config is the base's
+        tokenizer, model_config = load_tokenizer(str(resume_path)), load_config(cfg.model)
+    else:
+        tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
     problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer)
     context = model_context_length(model_config)
     block_size = cfg.block_size or min(context or 1024, 1024)
@@ -398,8 +416,15 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
                                             fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+    lora_counts = None
+    if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
+        lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
+        problems += lora_problems
+        fingerprints["base_fingerprint"] = lora.base_fingerprint(cfg.model)
+        if state is not None:
+            problems += lora.resume_problems(state, fingerprints["base_fingerprint"], cfg.model)
     raise_if_problems(problems)
-    return meta, tokenizer, model_config, plan, fingerprints
+    return meta, tokenizer, model_config, plan, fingerprints, lora_counts
 
 
 def changed_settings(cfg: TrainConfig) -> str:
@@ -427,9 +452,12 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
     from finetune.training import ModelFiles, make_loaders
 
     seed_everything(cfg.seed + dist_info.rank)
-    model = load_model_for_training(model_source, device, tokenizer, dropout=cfg.dropout,
-                                    fast_cpu_dropout=not cfg.torch_dropout,
+    model = load_model_for_training(cfg.model if cfg.lora_r else model_source, device, tokenizer,
+                                    dropout=cfg.dropout, fast_cpu_dropout=not cfg.torch_dropout,
                                     gradient_checkpointing=cfg.gradient_checkpointing)
+    model_files = ModelFiles(tokenizer)
+    if cfg.lora_r:  # the base frozen, adapters added (from the checkpoint on a resume)
+        model, model_files = lora.to_lora(model, cfg, tokenizer, model_source, precision)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
@@ -439,7 +467,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return TrainingRun(cfg=cfg, script=SCRIPT, model=model, model_files=ModelFiles(tokenizer), tokenizer=tokenizer,
+    return TrainingRun(cfg=cfg, script=SCRIPT, model=model, model_files=model_files, tokenizer=tokenizer,
                        optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                        ctx=autocast_context(device, precision), device=device, dist_info=dist_info, plan=plan,
@@ -532,14 +560,14 @@ def main(argv=None) -> int:
     resume_path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
     if state is not None:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
-    meta, tokenizer, model_config, plan, fingerprints = check_before_loading(cfg, explicit, dist_info,
-                                                                             resume_path, state)
+    meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
+        cfg, explicit, dist_info, resume_path, state)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan, precision),
-                              device, precision, dist_info.world_size)
+                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
+                              device, precision, dist_info.world_size, lora=lora_counts)
     if cfg.dry_run:
         if dist_info.is_main:
             print(plan_text)

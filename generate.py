@@ -33,6 +33,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from finetune import lora
 from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                        help="a saved model folder: the training output, or a checkpoint-*/ or best/ folder "
-                            "inside it; or a Hugging Face Hub name (default: out)")
+                            "inside it; a LoRA adapter folder (OUT/adapter, a LoRA checkpoint: its base is "
+                            "loaded from where the adapter says); or a Hugging Face Hub name (default: out)")
     group.add_argument("--device", default="auto", choices=DEVICES,
                        help="default: auto (CUDA, else Apple MPS, else CPU)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -147,6 +149,10 @@ def check_model_folder(path: Path) -> None:
     """Everything from_pretrained needs is there, so a half-written folder fails with a clear message."""
     if not path.is_dir():
         raise UserError(f"--model {path} is a file, not a model folder. HINT: pass the folder holding config.json")
+    if lora.is_adapter_folder(path):  # a LoRA adapter (out/adapter, a LoRA checkpoint): its base must be found
+        lora.require_peft()
+        lora.adapter_base(path)
+        return
     if not (path / "config.json").is_file():
         inside = saved_models_inside(path)
         hint = (f"HINT: pass a saved model inside it, e.g. --model {inside[0]}" if inside else
@@ -315,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = get_device(args.device)
     precision = resolve_precision(args.precision, device)
-    config, tokenizer = load_config(source), load_tokenizer(source)
+    adapter = is_local and lora.is_adapter_folder(Path(source))
+    base = lora.adapter_base(Path(source)) if adapter else source
+    has_tokenizer = not adapter or any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
+    config, tokenizer = load_config(base), load_tokenizer(source if has_tokenizer else base)
     check_prompt_lengths(prompts, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
-    log.info(f"loading {source} on {device} ({precision})")
+    log.info(f"loading {source}{f' onto its base {base}' if adapter else ''} on {device} ({precision})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    model = load_weights(source, dtype).to(device).eval()
+    model = lora.load_adapter_model(Path(source), dtype) if adapter else load_weights(source, dtype)
+    model = model.to(device).eval()
 
     gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

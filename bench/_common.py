@@ -24,6 +24,10 @@ DEFAULT_TOKENIZER_DIR = REPO.parent / "shared" / "gpt2-tokenizer"
 MODELS = {
     "gpt2": {},
     "small": {"n_layer": 6, "n_embd": 384, "n_head": 6},
+    # The bigger GPT-2 architectures (random weights; bench/lora_throughput.py).
+    "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "gpt2-large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
+    "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
 }
 
 

@@ -40,6 +40,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--lora-r", type=int, default=0, help="wrap the model with peft LoRA of this rank (0 = off)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x r")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--result", required=True, help="JSON file to write")
     p.add_argument("--exit-after-first-step", action="store_true")
     args = p.parse_args()
@@ -87,6 +90,11 @@ def main() -> int:
     # model); finetune_generative.py does too, so the start-up benchmark counts it on both sides.
     AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kwargs)
+    if args.lora_r:  # the usual peft recipe: every linear layer of GPT-2's blocks, as finetune_generative.py
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                                                 lora_dropout=args.lora_dropout, bias="none", task_type="CAUSAL_LM",
+                                                 target_modules=["c_attn", "c_proj", "c_fc"]))
     targs = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,

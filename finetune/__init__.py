@@ -21,4 +21,5 @@ only the ones listed before it:
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
+    lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
 """

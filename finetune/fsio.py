@@ -33,6 +33,8 @@ def atomic_folder(final: Path, what: str, into: bool = False):
         if into:
             fsync_tree(tmp)
             for path in tmp.iterdir():
+                if path.is_dir() and (final / path.name).is_dir():  # a LoRA release's adapter/ of an earlier save
+                    shutil.rmtree(final / path.name)
                 os.replace(path, final / path.name)
             tmp.rmdir()
             fsync_dir(final)

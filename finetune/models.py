@@ -318,9 +318,13 @@ def set_dropout(model, p: float) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
-    for key, value in model.config.to_dict().items():
+    set_config_dropout(model.config, p)
+
+
+def set_config_dropout(config, p: float) -> None:
+    for key, value in config.to_dict().items():
         if ("pdrop" in key or "dropout" in key) and isinstance(value, float):
-            setattr(model.config, key, p)
+            setattr(config, key, p)
 
 
 def fuse_tanh_gelu(model) -> int:

@@ -110,9 +110,16 @@ def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
-def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str) -> float:
+def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str,
+                        lora: dict | None = None) -> float:
     """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits, for the
-    micro-batch as it runs (plan.batch_size)."""
+    micro-batch as it runs (plan.batch_size).
+
+    With LoRA (`lora`: the counts of lora.check_on_meta_model) only the adapters take 16 B/param; the
+    frozen base takes 4 B/param, its block linears 2 B in bf16/fp16; the activations are those of full
+    fine-tuning (the backward pass still runs through every layer) plus each adapter's dropped-out input.
+    Loading can be the peak: the fp32 weights file is memory-mapped and every page read stays resident
+    while the frozen linears are copied to bf16 (the merge of a release streams and adds little)."""
     n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
@@ -125,7 +132,29 @@ def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision:
         per_layer = tokens * hidden * act_bytes
     # The logits and the gradient next_token_loss stores for them, both in the autocast dtype.
     logits = tokens * model_config.vocab_size * 2 * act_bytes
-    return (16 * n_params + n_layer * per_layer + logits) / 2**30
+    if lora is None:
+        return (16 * n_params + n_layer * per_layer + logits) / 2**30
+    half = precision in ("bf16", "fp16")
+    frozen = 4 * n_params - (2 * lora["frozen_linear"] if half else 0)
+    adapter_inputs = tokens * lora["adapter_inputs"] * 5  # fp32 dropout output + its 1-byte mask
+    training = frozen + 16 * lora["trainable"] + n_layer * per_layer + logits + adapter_inputs
+    loading = 4 * n_params + (2 * lora["frozen_linear"] if half else 0)
+    return max(training, loading) / 2**30
+
+
+def machine_memory_gib(device) -> float | None:
+    """RAM on a CPU (Linux/macOS), memory of the GPU; None where it cannot be asked."""
+    import os
+
+    try:
+        if device.type == "cuda":
+            import torch
+            return torch.cuda.get_device_properties(device).total_memory / 2**30
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        pass
+    return None
 
 
 def count_parameters(model_config) -> int:
@@ -159,7 +188,7 @@ def batch_capped(plan: Plan, cfg, world_size: int) -> str:
 
 
 def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
-                  device, precision: str, world_size: int) -> str:
+                  device, precision: str, world_size: int, lora: dict | None = None) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -174,4 +203,13 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         f"device           {device}, precision {precision}",
         f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
     ]
+    if lora is not None:
+        lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
+                        f"{', '.join(lora['targets'])}: {lora['trainable']:,} trainable of {lora['total']:,} "
+                        f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
+    available = machine_memory_gib(device)
+    if available is not None and memory_gib > available:
+        hint = "try --lora-r 16" if lora is None else "lower --batch-size or --block-size"
+        lines.append(f"                 more than this machine's {available:.1f} GiB of {device.type} memory: "
+                     f"it will not fit (HINT: {hint}, or --gradient-checkpointing)")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def earlier_run_artifacts(output_dir: Path) -> list[str]:
     if not output_dir.is_dir():
         return []
     names = [p.name for p in output_dir.iterdir()
-             if p.name in RUN_ARTIFACTS or p.name == "best" or checkpoint_step(p) is not None]
+             if p.name in RUN_ARTIFACTS or p.name in ("best", "adapter") or checkpoint_step(p) is not None]
     return sorted(names)
 
 

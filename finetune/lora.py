@@ -1,0 +1,398 @@
+"""LoRA with peft: low-rank adapters trained on a frozen base model (`--lora-r N`).
+
+One converter (`to_lora`, called once by the training script after the base loads) and one way of
+writing the model (`LoraModelFiles`); the training loop does not know LoRA is on.
+
+- Checkpoints hold the adapter (adapter_config.json, adapter_model.safetensors) and the tokenizer, never
+  a copy of the frozen base; the training state records the base by name or absolute path and by a
+  fingerprint of its config and weights, so a resume against another base is refused.
+- Releases (best/ and the final model) hold the base with the adapter merged into it (loads without peft)
+  and, in adapter/, the adapter alone, whose base_model_name_or_path is a hub name or an absolute path.
+- With bf16/fp16 autocast, the frozen linear weights of the blocks are held in that dtype: autocast casts
+  them to it for every matmul anyway, so the arithmetic is the same and their memory is halved (README,
+  "Bigger models with LoRA"). Embeddings, LayerNorms and the adapters stay fp32. A release merges the
+  adapter into the base reloaded in fp32, never into the rounded copy.
+
+peft is optional: `pip install peft`. Everything here imports it lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+from .errors import UserError, first_line
+from .models import WEIGHT_FILES, hub_offline, hub_reachable, load_weights, looks_like_path, set_dropout, unwrap_model
+from .training import ModelFiles
+
+DEFAULT_DROPOUT = 0.05
+# peft asks models for `is_gradient_checkpointing`, which transformers 5.x renamed (it warns on each wrap).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+PEFT_MISSING = "LoRA needs the peft package, which is not installed. HINT: pip install peft"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+RELEASE_ADAPTER_DIR = "adapter"
+
+
+def alpha(cfg) -> float:
+    return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
+
+
+def dropout(cfg) -> float:
+    return cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT
+
+
+def peft_installed() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_peft() -> None:
+    if not peft_installed():
+        raise UserError(PEFT_MISSING)
+
+
+# -----------------------------------------------------------------------------
+# Checks before anything loads
+
+
+def settings_problems(cfg) -> list[str]:
+    """The LoRA flags' own problems (part of validate_config: nothing is loaded yet)."""
+    problems = []
+    if cfg.lora_r < 0:
+        problems.append(f"--lora-r must be >= 0 (0 = LoRA off), got {cfg.lora_r}")
+    if cfg.lora_r == 0:
+        given = [flag for flag, value in (("--lora-alpha", cfg.lora_alpha), ("--lora-dropout", cfg.lora_dropout),
+                                          ("--lora-target-modules", cfg.lora_target_modules or None))
+                 if value is not None]
+        if given and not cfg.resume:  # a resume takes --lora-r from the checkpoint
+            problems.append(f"{', '.join(given)} given, but LoRA is off (--lora-r 0). HINT: add --lora-r 8 "
+                            f"(or another rank) to train LoRA, or drop {', '.join(given)}")
+        return problems
+    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        problems.append(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.lora_dropout is not None and not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not peft_installed():
+        problems.append(PEFT_MISSING.split(". HINT")[0] + " (HINT: pip install peft)")
+    return problems
+
+
+def block_linear_layers(model) -> dict[str, list[str]]:
+    """The linear layers inside the repeated transformer blocks (a module path with a layer index), by
+    their short name: {"c_attn": ["transformer.h.0.attn.c_attn", ...], ...}. The token embedding and
+    lm_head are outside the blocks, so never in here (adapting a tied weight breaks merging, peft #2777)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    layers: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and any(p.isdigit() for p in name.split(".")):
+            layers.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return layers
+
+
+def target_names(cfg, layers: dict[str, list[str]]) -> list[str]:
+    """--lora-target-modules (commas allowed), or every linear layer of the blocks."""
+    given = [name for item in cfg.lora_target_modules for name in item.split(",") if name]
+    return given or sorted(layers)
+
+
+def in_features(module) -> int:
+    """Input width of a Linear, or of GPT-2's Conv1D (weight stored as in x out)."""
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
+
+
+def lora_config(cfg, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=alpha(cfg), lora_dropout=dropout(cfg), target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def check_on_meta_model(cfg, model_config) -> tuple[list[str], dict]:
+    """Wrap a weightless (meta-device) copy of the model: (problems, parameter counts). Finds wrong target
+    names and models peft cannot wrap before any weights load, and counts what LoRA will train."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    layers = block_linear_layers(model)
+    kind = model_config.model_type
+    if not layers:
+        return [f"peft cannot wrap this {kind} model: it has no linear layers in numbered blocks to adapt "
+                f"(HINT: train it without --lora-r)"], {}
+    targets = target_names(cfg, layers)
+    unknown = [name for name in targets if name not in layers]
+    if unknown:
+        return [f"--lora-target-modules {' '.join(unknown)}: no such linear layer in the blocks of this {kind} "
+                f"model; the ones there are {', '.join(sorted(layers))} (HINT: pick from those, or drop the flag "
+                f"to adapt all of them)"], {}
+    modules = {name: model.get_submodule(name) for names in layers.values() for name in names}
+    frozen_linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in modules.values())
+    adapter_inputs = sum(in_features(modules[name]) for target in targets for name in layers[target])
+    from peft import get_peft_model
+
+    try:
+        wrapped = get_peft_model(model, lora_config(cfg, targets))
+    except Exception as exc:  # noqa: BLE001 - peft's ValueError/TypeError/...: all mean "cannot wrap this"
+        return [f"peft cannot wrap this {kind} model ({type(exc).__name__}: {first_line(exc)}) "
+                f"(HINT: train it without --lora-r, or pick other --lora-target-modules)"], {}
+    counts = {"trainable": sum(p.numel() for p in wrapped.parameters() if p.requires_grad),
+              "total": sum(p.numel() for p in wrapped.parameters()), "frozen_linear": frozen_linear,
+              "adapter_inputs": adapter_inputs, "targets": targets}
+    return [], counts
+
+
+def base_reference(model: str) -> str:
+    """How the adapter names its base: the absolute path of a local folder, else the hub name as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def base_folder(model: str) -> Path | None:
+    """The folder the base loads from: the local folder, or the hub name's snapshot in the local cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(model, "config.json", local_files_only=True)
+        return Path(found).parent if found else None
+    except Exception:  # noqa: BLE001 - not in the cache
+        return None
+
+
+def base_fingerprint(model: str, sample_chunks: int = 32, chunk: int = 1 << 16) -> str:
+    """sha256 of the base's config.json and of each weight file's size, header and `sample_chunks` evenly
+    spaced 64 KiB pieces: a few MiB read, however big the model; tells another base (other weights, other
+    config, a fine-tuned copy) from the one trained on, not a single changed byte."""
+    folder = base_folder(model)
+    digest = hashlib.sha256()
+    if folder is None:
+        return "unknown"
+    digest.update((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    files = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    for index in [f for f in files if f.name.endswith(".index.json")]:
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files += [folder / shard for shard in shards if (folder / shard).is_file()]
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(sample_chunks + 1):
+                f.seek(min(size, 0 if i == 0 else max(0, size * i // sample_chunks - chunk)))
+                digest.update(f.read(chunk if i else 1 << 20))  # the first MiB: the safetensors header
+    return digest.hexdigest()[:16]
+
+
+def resume_problems(state: dict, base_fp: str, model: str) -> list[str]:
+    saved = state.get("base_fingerprint")
+    if saved is None:
+        return ["the checkpoint is not a LoRA run's (it holds a full model, no adapter) (HINT: resume without "
+                "--lora-* flags, or start a new LoRA run)"]
+    if saved != base_fp:
+        return [f"the base model {model} differs from the one the checkpoint's adapter was trained on (fingerprint "
+                f"{base_fp} vs {saved}; its weights or config changed) (HINT: restore the original base at "
+                f"{model}, or start a new run)"]
+    return []
+
+
+# -----------------------------------------------------------------------------
+# The converter and the model files
+
+
+def to_lora(model, cfg, tokenizer, source: str, precision: str):
+    """The loaded base wrapped with the adapters (their weights read from `source` when it is a LoRA
+    checkpoint), the frozen linear weights in the autocast dtype; and how to write it."""
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    layers = block_linear_layers(model)
+    config = lora_config(cfg, target_names(cfg, layers))
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model)
+    if (Path(source) / ADAPTER_FILES[1]).is_file():
+        device = next(peft_model.parameters()).device
+        set_peft_model_state_dict(peft_model, load_peft_weights(source, device=str(device)))
+    if precision in ("bf16", "fp16"):
+        hold_frozen_linears_in(peft_model, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+        own_memory(peft_model)  # (in fp32 the copy would only add a peak: the map then holds what is used)
+    if cfg.gradient_checkpointing:  # the frozen embedding's output needs a grad for checkpointed blocks
+        peft_model.enable_input_require_grads()
+    return peft_model, LoraModelFiles(tokenizer, config, cfg.model, cfg.dropout)
+
+
+def hold_frozen_linears_in(model, dtype) -> None:
+    """Frozen block linear weights (and biases) in `dtype`: autocast casts them so for each matmul anyway."""
+    for names in block_linear_layers(model).values():
+        for module in map(model.get_submodule, names):
+            if not module.weight.requires_grad:
+                module.to(dtype)
+
+
+def own_memory(model) -> None:
+    """Copy every tensor still backed by the weights file's memory map: while one tensor points into the
+    map, every page of the file read so far (all of the fp32 base, after the cast above) stays resident."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    # save_embedding_layers=False: "auto" asks the hub whether the base's vocabulary changed.
+    peft_model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template, empty of content
+
+
+class LoraModelFiles(ModelFiles):
+    """Checkpoints: adapter + tokenizer. Releases: the merged model + tokenizer, and the adapter in adapter/."""
+
+    def __init__(self, tokenizer, config, base: str, dropout_override: float | None):
+        super().__init__(tokenizer)
+        self.config, self.base, self.dropout_override = config, base, dropout_override
+
+    def write_checkpoint(self, model, folder: Path) -> None:
+        save_adapter(unwrap_model(model), folder)
+        self.tokenizer.save_pretrained(folder)
+
+    def write_release(self, model, folder: Path) -> None:
+        peft_model = unwrap_model(model)
+        if not write_merged_files(self.base, peft_model, folder, self.dropout_override, self.tokenizer):
+            merged = merge_into_base(self.base, peft_model, self.config, self.dropout_override)
+            merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
+            merged.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        (folder / RELEASE_ADAPTER_DIR).mkdir()
+        self.write_checkpoint(peft_model, folder / RELEASE_ADAPTER_DIR)
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_header(f) -> tuple[int, dict]:
+    header_size = int.from_bytes(f.read(8), "little")
+    return header_size, json.loads(f.read(header_size))
+
+
+def write_merged_files(base: str, peft_model, folder: Path, dropout_override: float | None, tokenizer) -> bool:
+    """The base's model.safetensors with each adapter's delta (peft's get_delta_weight, which
+    merge_and_unload adds) added to its weight, streamed one tensor at a time with plain reads and writes:
+    the same tensors, shapes and dtypes, so the same header, and no second copy of the model in memory (a
+    memory map would keep every page read resident; peft's merge, the fallback, reloads the whole base).
+    False, with nothing written, for a base this does not handle (not one local model.safetensors, or
+    tensor names that do not match the adapted layers)."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from .models import set_config_dropout
+
+    source = base_folder(base)
+    if source is None or not (source / "model.safetensors").is_file():
+        return False
+    prefix = "base_model.model."
+    layers = {name[len(prefix):] + ".weight": module for name, module in peft_model.named_modules()
+              if hasattr(module, "get_delta_weight") and name.startswith(prefix)}
+    with open(source / "model.safetensors", "rb") as f:
+        _, header = safetensors_header(f)
+    # The hub's gpt2 file names its tensors without the "transformer." prefix: match on the name's end.
+    owner = {key: next((n for n in layers if n == key or n.endswith("." + key)), None) for key in header}
+    if {n for n in owner.values() if n} != set(layers):
+        return False
+    header["__metadata__"] = {**header.get("__metadata__", {}), "format": "pt"}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(source / "model.safetensors", "rb") as f, open(folder / "model.safetensors", "wb") as out:
+        header_size, _ = safetensors_header(f)
+        out.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        for key in tensors:
+            info = header[key]
+            start, end = info["data_offsets"]
+            f.seek(8 + header_size + start)
+            data = f.read(end - start)
+            if owner[key] is not None:
+                dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
+                weight = torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"])
+                with torch.no_grad():
+                    weight += layers[owner[key]].get_delta_weight("default").to("cpu", dtype)
+                data = weight.contiguous().view(torch.uint8).numpy().tobytes()
+            assert len(data) == end - start  # same dtype and shape: the header's offsets still hold
+            out.write(data)
+    config = AutoConfig.from_pretrained(source)
+    if dropout_override is not None:
+        set_config_dropout(config, dropout_override)  # as a full fine-tune saves it: what was trained
+    config.save_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json in the base
+        generation = GenerationConfig.from_model_config(config)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+    return True
+
+
+def merge_into_base(base: str, peft_model, config, dropout_override: float | None):
+    """The adapter of `peft_model` merged into a fresh fp32 copy of the base (on the CPU): exact, whatever
+    dtype training held the frozen weights in. The global RNG is left as it was (peft draws the new
+    adapters' initial values), so writing best/ mid-run does not change the training."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(peft_model).items()}
+    with torch.random.fork_rng(devices=[]):
+        fresh = get_peft_model(load_weights(base, torch.float32), config)
+    set_peft_model_state_dict(fresh, adapter)
+    merged = fresh.merge_and_unload()
+    if dropout_override is not None:
+        set_dropout(merged, dropout_override)  # as a full fine-tune saves it: the config says what was trained
+    return merged
+
+
+# -----------------------------------------------------------------------------
+# Loading an adapter folder (generate.py)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_FILES[0]).is_file()
+
+
+def adapter_base(folder: Path) -> str:
+    """The base an adapter folder names; a clear error when it is not recorded or cannot be found."""
+    try:
+        base = json.loads((folder / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{folder / ADAPTER_FILES[0]} is not readable JSON ({first_line(exc)}). HINT: save the "
+                        f"adapter again") from None
+    if not (folder / ADAPTER_FILES[1]).is_file():
+        raise UserError(f"{folder} has adapter_config.json but no {ADAPTER_FILES[1]}. HINT: the save was probably "
+                        f"interrupted; pass another checkpoint")
+    if not base:
+        raise UserError(f"{folder / ADAPTER_FILES[0]} does not name its base model (base_model_name_or_path). "
+                        f"HINT: set it to the base's folder or hub name")
+    if base_folder(base) is None and (looks_like_path(base) or hub_offline() or not hub_reachable()):
+        where = "no such folder" if looks_like_path(base) else "not in the local Hugging Face cache, hub not asked"
+        raise UserError(f"the base model {base} of the adapter in {folder} cannot be found ({where}). HINT: put "
+                        f"the base model back at {base}, or set base_model_name_or_path in "
+                        f"{folder / ADAPTER_FILES[0]} to where it is now")
+    return base
+
+
+def load_adapter_model(folder: Path, dtype):
+    """Base + adapter, merged (generation runs at the speed of the plain model)."""
+    require_peft()
+    from peft import PeftModel
+
+    base = adapter_base(folder)
+    model = load_weights(base, dtype)
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - a damaged adapter, or one made for another base
+        raise UserError(f"cannot load the adapter in {folder} onto {base} ({type(exc).__name__}: "
+                        f"{first_line(exc)}). HINT: check that it was trained on this base") from None
