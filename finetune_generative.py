@@ -538,7 +538,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
               file=sys.stderr, flush=True)
         return EXIT_SIGNAL[signal.SIGINT]
     finally:
-        run.trackers.close()
+        run.close()
 
 
 # -----------------------------------------------------------------------------

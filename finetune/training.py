@@ -209,6 +209,16 @@ class TrainingRun:
     def resume_command(self) -> str:
         return resume_command(self.script, self.output_dir, self.dist_info.world_size)
 
+    def close(self) -> None:
+        """Stop the trackers and the DataLoader's worker processes. The workers ignore SIGTERM (the main
+        process saves on it), so leaving them to the interpreter's exit, which terminates and joins them,
+        can hang there; shutting the persistent iterator down asks them to exit instead."""
+        self.trackers.close()
+        iterator = getattr(self.train_loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self.train_loader._iterator = None
+
     def save_final_model(self) -> None:
         """The final weights, tokenizer and generation config, directly in --output-dir."""
         if self.dist_info.is_main:

@@ -202,6 +202,19 @@ def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_d
     assert_clean_error(result, "data", "differs")
 
 
+def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_model_dir, tiny_data_dir):
+    """With worker processes (the default is 2) the data order and losses are those of --num-workers 0, and
+    the process exits by itself: the workers ignore SIGTERM, so they are shut down before the interpreter
+    exits (which would terminate and join them)."""
+    in_process = tmp_path / "in_process"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, in_process, "--max-steps", "4")) == 0
+    with_workers = tmp_path / "with_workers"
+    args = [*base_args(tiny_model_dir, tiny_data_dir, with_workers, "--max-steps", "4"), "--num-workers", "2"]
+    result = run_script("finetune_generative.py", *args, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["loss"] for r in train_records(with_workers)] == [r["loss"] for r in train_records(in_process)]
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
     reference = tmp_path / "reference"
     args = ["--epochs", "6", "--lr", "1e-4"]
