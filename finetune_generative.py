@@ -278,9 +278,9 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> int:
         while window := next_window(batches, cfg.grad_accum):
             # ---- forward/backward, clip, check, step
             lr = run.scheduler.get_last_lr()[0]
-            step_loss, grad_norm, stopping = train_step(run, window, stop, lr)
-            # ---- bookkeeping
             window_samples = sum(b["input_ids"].shape[0] for b in window)
+            step_loss, grad_norm, stopping = train_step(run, window, window_samples, stop, lr)
+            # ---- bookkeeping
             window_tokens = window_samples * plan.block_size * dist_info.world_size
             progress.step += 1
             progress.tokens_seen += window_tokens
@@ -295,10 +295,11 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> int:
             # ---- log
             if progress.step % cfg.log_every == 0 or finished:
                 tokens_per_s = log_tokens / log_seconds if log_seconds > 0 else None
+                mean_loss = sum(log_losses) / len(log_losses)
                 run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch,
-                            "tokens": progress.tokens_seen, "loss": sum(log_losses) / len(log_losses),
+                            "tokens": progress.tokens_seen, "loss": mean_loss,
                             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{sum(log_losses) / len(log_losses):.4f}", lr=f"{lr:.2e}",
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                                 gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
                 log_losses, log_tokens, log_seconds = [], 0, 0.0
             # ---- evaluate (the plan says when: --eval-every, each epoch end, the end)
@@ -332,8 +333,10 @@ def next_window(batches, grad_accum: int) -> list:
     return window
 
 
-def train_step(run: TrainingRun, window: list, stop: StopRequest, lr: float) -> tuple[float, float, bool]:
-    """One optimizer step over the micro-batches of `window`: (loss, grad norm, whether to stop after it).
+def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRequest,
+               lr: float) -> tuple[float, float, bool]:
+    """One optimizer step over the micro-batches of `window` (`window_samples` sequences in all):
+    (loss, grad norm, whether to stop after it).
 
     The loss of a step is the mean over all its predicted tokens: each micro-batch is weighted by its share
     of the predictions, so a short last micro-batch of an epoch counts per token, not per batch.
@@ -341,7 +344,7 @@ def train_step(run: TrainingRun, window: list, stop: StopRequest, lr: float) -> 
     import torch
 
     cfg, model, device, dist_info, scaler = run.cfg, run.model, run.device, run.dist_info, run.scaler
-    window_predictions = sum(b["input_ids"].shape[0] for b in window) * (run.plan.block_size - 1)
+    window_predictions = window_samples * (run.plan.block_size - 1)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(window):
         input_ids = batch["input_ids"].to(device, non_blocking=True)

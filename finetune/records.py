@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 RECORD_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 BLOCK_BYTES = 1 << 20
@@ -340,7 +340,7 @@ def open_parquet(path: Path, text_field: str):
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise UserError(f"{path} cannot be read as Parquet ({str(exc).strip().splitlines()[0]}). "
+        raise UserError(f"{path} cannot be read as Parquet ({first_line(exc)}). "
                         "HINT: check that the file is complete and really is Parquet") from None
     schema = parquet.schema_arrow
     if text_field not in schema.names:
@@ -369,7 +369,7 @@ def parquet_values(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
                     row += 1
         except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
             raise UserError(f"{path} row {row + 1} (row group {group}): cannot be read "
-                            f"({str(exc).strip().splitlines()[0]}). HINT: the file is damaged; write it again") \
+                            f"({first_line(exc)}). HINT: the file is damaged; write it again") \
                 from None
 
 
