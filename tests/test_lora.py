@@ -288,6 +288,24 @@ def test_bad_lora_arguments(tmp_path, tiny_model_dir, tiny_data_dir, capsys, mon
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
 
 
+def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
+                                                                  monkeypatch):
+    """No local model was found that peft refuses, so its refusal is injected: peft's own exception, raised
+    when the weightless copy is wrapped, must become one error line before any weights load."""
+    import peft
+
+    def refuse(model, config, *args, **kwargs):
+        raise ValueError("Target module Conv1D() is not supported.\nCurrently, only these are supported: ...")
+
+    loaded = []
+    monkeypatch.setattr(peft, "get_peft_model", refuse)
+    monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
+    assert_clean_error(result, "peft cannot wrap this gpt2 model (ValueError: Target module Conv1D() is not "
+                       "supported", "HINT: train it without --lora-r")
+    assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
+
+
 def test_lora_without_peft_is_one_line_with_the_pip_command(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
                                                            monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
