@@ -12,6 +12,8 @@ writing the model (`LoraModelFiles`); the training loop does not know LoRA is on
   them to it for every matmul anyway, so the arithmetic is the same and their memory is halved (README,
   "Bigger models with LoRA"). Embeddings, LayerNorms and the adapters stay fp32. A release merges the
   adapter into the base reloaded in fp32, never into the rounded copy.
+- On CPU the dropout peft puts on each adapter's input draws the fast masks of cpu_dropout.py, as the base
+  model's dropouts do (`--torch-dropout`: torch's own, for both).
 
 peft is optional: `pip install peft`. Everything here imports it lazily.
 """
