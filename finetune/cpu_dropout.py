@@ -103,24 +103,18 @@ def use_fast_cpu_dropout(model) -> int:
     attention, select attention_with_cpu_dropout for this model only (registered under its own name;
     other models, loaded before or after, keep stock "sdpa"). The saved config.json does not record the
     attention function, so saved models are unchanged. Returns the number of dropout modules swapped."""
-    swapped = swap_dropout_modules(model)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        register_attention_function()
-        model.set_attn_implementation(ATTENTION_NAME)
-        for module in model.modules():
-            if hasattr(module, "is_causal") and any(isinstance(c, CPUDropout) for c in module.children()):
-                module.fast_cpu_dropout = True
-    return swapped
-
-
-def swap_dropout_modules(model) -> int:
-    """Every plain nn.Dropout module of `model` replaced by a CPUDropout of the same p; returns how many."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Dropout:
                 setattr(module, name, CPUDropout(child.p, child.inplace))
                 swapped += 1
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        register_attention_function()
+        model.set_attn_implementation(ATTENTION_NAME)
+        for module in model.modules():
+            if hasattr(module, "is_causal") and any(isinstance(c, CPUDropout) for c in module.children()):
+                module.fast_cpu_dropout = True
     return swapped
 
 

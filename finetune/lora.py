@@ -12,8 +12,8 @@ writing the model (`LoraModelFiles`); the training loop does not know LoRA is on
   them to it for every matmul anyway, so the arithmetic is the same and their memory is halved (README,
   "Bigger models with LoRA"). Embeddings, LayerNorms and the adapters stay fp32. A release merges the
   adapter into the base reloaded in fp32, never into the rounded copy.
-- On CPU the dropout peft puts on each adapter's input draws the fast masks of cpu_dropout.py, as the base
-  model's dropouts do (`--torch-dropout`: torch's own, for both).
+- peft puts a plain nn.Dropout on each adapter's input; the training script gives the converted model the
+  fast CPU masks of cpu_dropout.py afterwards, so these get them as the base model's dropouts do.
 
 peft is optional: `pip install peft`. Everything here imports it lazily.
 """
@@ -220,16 +220,9 @@ def to_lora(model, cfg, tokenizer, source: str, precision: str):
     config = lora_config(cfg, target_names(cfg, layers))
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model)
-    device = next(peft_model.parameters()).device
     if (Path(source) / ADAPTER_FILES[1]).is_file():
+        device = next(peft_model.parameters()).device
         set_peft_model_state_dict(peft_model, load_peft_weights(source, device=str(device)))
-    if device.type == "cpu" and not cfg.torch_dropout:
-        # peft adds a new nn.Dropout before each adapter (on that layer's input): the base model's were
-        # swapped when it loaded, these need the same fast CPU masks (124M, r 8, bf16, 4 x 256: 317 vs 300
-        # tokens/s and 2,194 vs 2,392 MiB peak RSS with torch's masks, side by side; README).
-        from .cpu_dropout import swap_dropout_modules
-
-        swap_dropout_modules(peft_model)
     if precision in ("bf16", "fp16"):
         hold_frozen_linears_in(peft_model, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
         own_memory(peft_model)  # (in fp32 the copy would only add a peak: the map then holds what is used)

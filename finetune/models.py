@@ -289,18 +289,15 @@ def count_parameters(model_config) -> int:
 
 
 def load_model_for_training(source: str, device, tokenizer, *, dropout: float | None = None,
-                            fast_cpu_dropout: bool = True, gradient_checkpointing: bool = False):
-    """fp32 master weights on `device`, with the in-memory speed-ups (none of them changes the saved files)."""
+                            gradient_checkpointing: bool = False):
+    """fp32 master weights on `device`, with the in-memory speed-ups (none of them changes the saved files).
+    The fast CPU dropout masks come later, once converters (LoRA) have added their own dropout modules."""
     import torch
 
     model = load_weights(source, torch.float32)
     if dropout is not None:
         set_dropout(model, dropout)
     fuse_tanh_gelu(model)
-    if device.type == "cpu" and fast_cpu_dropout:
-        from .cpu_dropout import use_fast_cpu_dropout
-
-        use_fast_cpu_dropout(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:

@@ -197,21 +197,19 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computes():
 
 @pytest.mark.parametrize("torch_dropout", [False, True])
 def test_adapter_dropout_uses_the_fast_cpu_masks_unless_torch_dropout(torch_dropout, tiny_model_dir):
-    """peft puts a new nn.Dropout before each adapter, after the base model's were swapped on loading: the
-    converter swaps those too (same keep-probability, our faster masks), and --torch-dropout keeps torch's."""
-    from finetune.cpu_dropout import CPUDropout
-    from finetune.models import load_model_for_training
+    """peft puts a new nn.Dropout before each adapter: the training script gives the model the fast CPU masks
+    after the LoRA conversion, so those get them too (same keep-probability), and --torch-dropout keeps torch's."""
+    from finetune.cpu_dropout import ATTENTION_NAME, CPUDropout
     from transformers import AutoTokenizer
 
     cfg = ft.TrainConfig(model=str(tiny_model_dir), lora_r=4, lora_dropout=0.1, torch_dropout=torch_dropout)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = load_model_for_training(str(tiny_model_dir), torch.device("cpu"), tokenizer,
-                                    fast_cpu_dropout=not torch_dropout)
-    peft_model, _ = lora.to_lora(model, cfg, tokenizer, str(tiny_model_dir), "fp32")
+    peft_model, _ = ft.build_model(cfg, tokenizer, str(tiny_model_dir), torch.device("cpu"), "fp32")
     adapter_dropouts = [m for name, m in peft_model.named_modules() if name.endswith("lora_dropout.default")]
     assert len(adapter_dropouts) == 2 * 4 and all(m.p == 0.1 for m in adapter_dropouts)  # 2 layers x 4 linears
     dropouts = [m for m in peft_model.modules() if isinstance(m, torch.nn.Dropout)]
     assert {type(m) for m in dropouts} == {torch.nn.Dropout if torch_dropout else CPUDropout}
+    assert (peft_model.config._attn_implementation == ATTENTION_NAME) != torch_dropout  # through peft's wrapper
 
 
 # -----------------------------------------------------------------------------
