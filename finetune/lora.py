@@ -327,7 +327,7 @@ def write_merged_files(base: str, peft_model, folder: Path, dropout_override: fl
                 data = weight.contiguous().view(torch.uint8).numpy().tobytes()
             assert len(data) == end - start  # same dtype and shape: the header's offsets still hold
             out.write(data)
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     if dropout_override is not None:
         set_config_dropout(config, dropout_override)  # as a full fine-tune saves it: what was trained
     config.save_pretrained(folder)

@@ -56,20 +56,24 @@ def from_folder_or_hub(load, source: str, what: str, flag: str):
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {source} is a file, not a folder. HINT: pass the folder that holds it")
     if path.is_dir():
+        if needs_own_code(path):
+            raise own_code_refused(path, what, source)
         if what == "model" and not (path / "config.json").is_file():  # say so, not what transformers makes of it
             raise UserError(f"cannot load model {source!r}: {path} has no config.json, so it is not a saved model. "
                             f"HINT: pass the folder that holds config.json and the weights (a save_pretrained "
                             f"folder, or a training run's output, best/ or checkpoint-N/)")
         try:
-            return load(str(path))
+            return load(str(path), trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ...: all mean "cannot load this"
+            if own_code_files(path):  # transformers refused what only the folder's code could load
+                raise own_code_refused(path, what, source) from None
             raise UserError(f"cannot load {what} {source!r} ({first_line(exc)}). HINT: "
                             f"{folder_hint(path, what)}") from None
     if looks_like_path(source):
         raise UserError(f"cannot load {what} {source!r}: no such folder. HINT: check the path (relative paths "
                         f"start at {Path.cwd()}), or {local_hint}")
     try:
-        return load(source, local_files_only=True)
+        return load(source, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - not in the cache (or not a valid repo name)
         error = exc
     where = "there is no folder of that name, and as a Hugging Face Hub name it is not in the local cache"
@@ -80,11 +84,62 @@ def from_folder_or_hub(load, source: str, what: str, flag: str):
         raise UserError(f"cannot load {what} {source!r}: {where}, and the hub is not reachable (no network?). "
                         f"HINT: {local_hint}, or download it once on a machine with network")
     try:
-        return load(source)
+        return load(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         error = exc
     raise UserError(f"cannot load {what} {source!r} ({first_line(error)}). HINT: check the name on the hub, "
                     f"or {local_hint}")
+
+
+# A model folder can ship its own Python code (config.json's / tokenizer_config.json's "auto_map" names
+# it) for an architecture transformers does not have. Loading it means running that code, and left to
+# itself transformers asks on stdin whether to. This tool never runs it: every load passes
+# trust_remote_code=False, and such a folder is refused up front, by name, before transformers is asked.
+
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")
+
+
+def own_code_files(path: Path) -> list[str]:
+    """The .py files in `path` that its config.json / tokenizer_config.json name in auto_map."""
+    files: list[str] = []
+    for name in CODE_NAMING_FILES:
+        auto_map = read_json_object(path / name).get("auto_map")
+        refs = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
+        for ref in refs:
+            for item in ref if isinstance(ref, list) else [ref]:  # a tokenizer's is [slow, fast]
+                if isinstance(item, str) and "." in item:  # "module.Class", or "repo--module.Class"
+                    module = item.split("--")[-1].rsplit(".", 1)[0] + ".py"
+                    if module not in files:
+                        files.append(module)
+    return files
+
+
+def needs_own_code(path: Path) -> bool:
+    """Does loading `path` take its own code: auto_map names some, and config.json's model_type is not
+    an architecture transformers ships (then transformers would load its own class, safely)."""
+    if not own_code_files(path):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = read_json_object(path / "config.json").get("model_type")
+    return not (isinstance(model_type, str) and model_type in CONFIG_MAPPING)
+
+
+def own_code_refused(path: Path, what: str, source: str) -> UserError:
+    files = ", ".join(own_code_files(path))
+    return UserError(f"cannot load {what} {source!r}: {path} asks to run its own Python code ({files}, named "
+                     f"by auto_map in its config), and this tool never runs code from a model folder "
+                     f"(trust_remote_code=False). HINT: use a model whose architecture transformers ships "
+                     f"(e.g. gpt2, llama, qwen2), or one converted to such an architecture")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file's top-level object; {} when absent or unreadable (the loader then says what is wrong)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def folder_hint(path: Path, what: str) -> str:
@@ -238,7 +293,7 @@ def load_weights(source: str, dtype, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a truncated, mismatched or unsafe weights file is bad input
         if refused_pickle(exc):
             raise UserError(f"the weights of {source} (a pickle file, pytorch_model.bin) are not a safe weights "
@@ -280,7 +335,7 @@ def count_parameters(model_config) -> int:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # shapes only, no memory, no weights read
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
     return sum(p.numel() for p in model.parameters())
 
 
