@@ -125,7 +125,25 @@ def json_values(objects, path: Path, text_field: str, stats: RecordStats) -> Ite
         if value is not None and not isinstance(value, str):
             raise UserError(f"{path} {where}: field {text_field!r} is a JSON {json_type(value)}, not a string. "
                             "HINT: point --text-field at a field that holds text, or fix that record")
+        check_no_lone_surrogate(value, path, where, text_field)
         yield offset, value
+
+
+def check_no_lone_surrogate(text: str | None, path: Path, where: str, text_field: str) -> None:
+    """JSON's \\ud800 escapes give a str that is no Unicode text; refused, as no tokenizer can encode it."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{path} {where}: field {text_field!r} holds a lone surrogate (U+{ord(text[exc.start]):04X}"
+                        f" at character {exc.start + 1}), which is not text. HINT: fix the text's encoding (an "
+                        "escape such as \\ud800 must be half of a pair)") from None
+
+
+def too_deep(path: Path, where: str) -> UserError:
+    return UserError(f"{path} {where}: the JSON is nested too deeply to read. HINT: records are objects "
+                     "with a text field; flatten or remove the deeply nested value")
 
 
 def decode_line(raw: bytes, path: Path, where: str, encoding: str) -> str:
@@ -158,6 +176,8 @@ def jsonl_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[t
                 continue
             try:
                 obj = json.loads(line)
+            except RecursionError:
+                raise too_deep(path, f"line {number}") from None
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path} line {number}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}). "
                                 "HINT: each line of a .jsonl file must be one complete JSON object") from None
@@ -216,6 +236,8 @@ class JsonStream:
         while True:
             try:
                 obj, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise too_deep(self.path, f"line {self.line_at(self.pos)}") from None
             except json.JSONDecodeError as exc:
                 # Cut off by the end of the buffer (not malformed)? Read as much again and retry. An error
                 # further back is real: reporting it then keeps a malformed file from being read whole.

@@ -320,3 +320,32 @@ def test_bad_record_input_replaces_nothing(tmp_path, tiny_tokenizer_dir, capsys)
                            "--block-size", 16], capsys)
     assert_one_line_error(code, stderr, "bad.jsonl line 241", "malformed JSON")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+DEEP = '{"text": "x", "a": ' + "[" * 10_000 + "]" * 10_000 + "}"
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("deep.jsonl", f"{GOOD}\n{DEEP}\n", "deep.jsonl line 2"),
+    ("deep.json", f"[\n{GOOD},\n{DEEP}\n]", "deep.json line 3"),
+])
+def test_deeply_nested_record_is_one_error_line(tmp_path, tiny_tokenizer_dir, capsys, name, content, where):
+    """A 10,000-deep array was a RecursionError traceback from json."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
+    assert_one_line_error(code, stderr, where, "nested too deeply")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("engine", ["tiktoken", "hf"])
+def test_lone_surrogate_is_refused_with_either_engine(tmp_path, tiny_tokenizer_dir, capsys, engine):
+    """\\ud800 alone was a UnicodeEncodeError (tiktoken) or TypeError (hf) traceback."""
+    path = tmp_path / "sur.jsonl"
+    path.write_text(f'{GOOD}\n{{"text": "bad \\ud800 here"}}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--engine", engine], capsys)
+    assert_one_line_error(code, stderr, "sur.jsonl line 2", "lone surrogate (U+D800", "fix the text's encoding")
+    assert not out.exists()
