@@ -37,8 +37,10 @@ from finetune import lora
 from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.fsio import atomic_file
 from finetune.models import TOKENIZER_FILES, WEIGHT_FILES, load_config, load_tokenizer, load_weights, \
     model_context_length
+from finetune.rundir import RUN_ARTIFACTS, written_by_us
 from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
 from finetune.sampling import generate_samples, generation_kwargs
 
@@ -312,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     # cheap checks first: a typo should not cost a model load
     check_settings(args)
     source, is_local = resolve_model(args.model)
+    check_output(args.output, folders_to_protect(source, is_local))
     prompts = read_prompts(args)
     sampling_flags = (args.temperature != DEFAULT_TEMPERATURE, args.top_k is not None, args.top_p is not None)
     if args.greedy and any(sampling_flags):
@@ -373,16 +376,59 @@ def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settin
                 out_file.flush()  # keep what is done if the run is interrupted
 
 
+SAMPLE_FIELDS = ("prompt", "sample_index", "settings")  # every record of our --output JSONL has these
+
+
+def written_by_generate(path: Path) -> bool:
+    """`path` is a JSONL file of samples this script wrote (its first record has our fields)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and all(k in first for k in SAMPLE_FIELDS)
+
+
+def folders_to_protect(source: str, is_local: bool) -> list[Path]:
+    """The --model folder and, when it is a checkpoint-*/, best/ or adapter/ of a training run, that run."""
+    if not is_local:
+        return []
+    model = Path(source).resolve()
+    run = model.parent
+    return [model, run] if written_by_us(run) else [model]
+
+
+def check_output(output: str | None, protected: list[Path]) -> None:
+    """--output never replaces a file it should not: a model's or a run's files, or anything else that is
+    not a sample file of ours (data loss: `--output out/config.json` used to replace the model's config)."""
+    if output is None:
+        return
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_file():
+        return  # /dev/stdout, a FIFO: written as a stream, nothing is replaced
+    ours = path.is_file() and written_by_generate(path)
+    inside = next((f for f in protected if f == path.resolve().parent or f in path.resolve().parents), None)
+    if inside is not None and (path.suffix != ".jsonl" or path.name in RUN_ARTIFACTS or
+                               (path.exists() and not ours)):
+        raise UserError(f"--output {output} would write into the model folder {inside}, whose files "
+                        f"{'are' if inside == protected[0] else 'belong to'} the model or its training run. "
+                        "HINT: write the samples elsewhere, e.g. --output samples.jsonl")
+    if path.is_file() and path.stat().st_size > 0 and not ours:
+        raise UserError(f"--output {output} exists and is not a sample file written by generate.py, so it "
+                        "is not replaced. HINT: pass a new file name, or delete that file first")
+
+
 @contextlib.contextmanager
 def open_output(path: str | None):
     if path is None:
         yield None
         return
-    try:
-        f = open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot write --output {path} ({exc.strerror}). HINT: pick a writable location") from None
-    with f:
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_file():  # a stream: nothing to replace atomically
+        with open(target, "w", encoding="utf-8") as f:
+            yield f
+        return
+    with atomic_file(target, f"--output {path}") as f:
         yield f
 
 

@@ -305,3 +305,47 @@ def test_sample_during_training_leaves_training_untouched(tiny_model_dir):
     (long,) = sample_during_training(model, tokenizer, ["the river"], max_new_tokens=500, seed=5, device="cpu")
     assert long.startswith("the river")
     assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+# -----------------------------------------------------------------------------
+# --output never replaces what it should not (issue 23, item 12: it used to overwrite the model it read)
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_refuses_the_model_and_run_files(tiny_model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, run_dir)
+    shutil.copytree(tiny_model_dir, run_dir / "best")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.0}\n')
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    before = snapshot(tmp_path)
+    quick = ("--prompt", "x", "--max-new-tokens", 2)
+    for model, output, words in [
+        (run_dir, run_dir / "config.json", ["would write into the model folder", "HINT"]),
+        (run_dir, run_dir / "model.safetensors", ["would write into the model folder"]),
+        (run_dir, run_dir / "metrics.jsonl", ["would write into the model folder"]),
+        (run_dir / "best", run_dir / "metrics.jsonl", ["belong to the model or its training run"]),
+        (run_dir / "best", run_dir / "best" / "tokenizer.json", ["would write into the model folder"]),
+        (run_dir, tmp_path / "notes.txt", ["is not a sample file written by generate.py", "HINT"]),
+    ]:
+        assert_clean_error(main_error(capsys, "--model", model, *quick, "--output", output), *words)
+    assert snapshot(tmp_path) == before  # nothing replaced, no temporary left
+
+
+def test_output_replaces_its_own_samples_atomically(tiny_model_dir, tmp_path):
+    import generate
+
+    out = tmp_path / "samples.jsonl"
+    args = ["--model", str(tiny_model_dir), *CPU, "--prompt", "x", "--max-new-tokens", "2", "--seed", "1"]
+    assert generate.main([*args, "--output", str(out)]) == 0
+    assert [r["sample_index"] for r in read_jsonl(out)] == [0]
+    assert generate.main([*args, "--num-samples", "2", "--output", str(out)]) == 0  # ours: replaced
+    assert [r["sample_index"] for r in read_jsonl(out)] == [0, 1]
+    # a sample file of ours beside the model's files is fine too
+    run_dir = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, run_dir)
+    assert generate.main([*args[2:], "--model", str(run_dir), "--output", str(run_dir / "mine.jsonl")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "samples.jsonl"]  # no temporary left
