@@ -45,6 +45,11 @@ def check_report_to(value: str) -> list[str]:
     if not names and value.strip().lower() != "none":
         return [f"--report-to {value!r} names no tracker; HINT: use none or one or more of "
                 f"{', '.join(TRACKERS)}, separated by commas"]
+    if "none" in names:  # `none` alongside a tracker: which one did the user mean?
+        others = ",".join(name for name in names if name != "none")
+        return [f"--report-to {value.strip()!r}: none means no tracker, so it cannot be combined with "
+                f"{others}. HINT: use --report-to {others} to log to {'them' if ',' in others else 'it'}, "
+                f"or --report-to none for no tracker"]
     problems = []
     for name in names:
         if name not in TRACKERS:

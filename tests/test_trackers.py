@@ -208,6 +208,11 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     assert error_lines(result.stderr) == ["error: --report-to 'tensorbord' is not one of none, tensorboard, "
                                           "mlflow, trackio, wandb (HINT: separate several with commas, e.g. "
                                           "--report-to tensorboard,mlflow)"]
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "none,tensorboard"), capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
+                                          "cannot be combined with tensorboard. HINT: use --report-to "
+                                          "tensorboard to log to it, or --report-to none for no tracker"]
     assert not out.exists()  # refused before anything was loaded or written
 
 
