@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -428,6 +429,8 @@ def open_output(path: str | None):
         with open(target, "w", encoding="utf-8") as f:
             yield f
         return
+    if not os.access(target.parent, os.W_OK):  # bad input, not a failed save: say so before any sample
+        raise UserError(f"cannot write --output {path} (its folder is not writable). HINT: pick a writable location")
     with atomic_file(target, f"--output {path}") as f:
         yield f
 
