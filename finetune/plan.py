@@ -5,8 +5,11 @@ Shown by --dry-run and logged at start; the training loop asks it when to evalua
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 # `cfg` below is the training script's config (any object with its field names): the plan reads it,
 # never imports it.
@@ -31,14 +34,18 @@ class Plan:
     epochs: float
     batch_size: int = 0   # sequences per micro-batch as they run: --batch-size, at most the blocks per process
     grad_accum: int = 0   # micro-batches per step as they run: --grad-accum, at most the micro-batches per epoch
-    eval_steps: frozenset[int] = field(default_factory=frozenset)  # evaluation_steps(): 0 and later steps
-    save_steps: frozenset[int] = field(default_factory=frozenset)  # checkpoints besides a stop's
+    # The schedules as periods, never as sets of steps: --max-steps 10**12 must plan as fast as 10.
+    eval_every: int = 0   # --eval-every (0 = none); evaluation_steps() adds 0, each epoch end and the last step
+    save_every: int = 0   # --save-every (0 = none); the last step always saves, and so does a stop
 
     def evaluates_at(self, step: int) -> bool:
-        return step in self.eval_steps
+        periods = (self.eval_every, self.steps_per_epoch)
+        return step in (0, self.total_steps) or (
+            0 < step <= self.total_steps and any(k and step % k == 0 for k in periods))
 
     def saves_at(self, step: int) -> bool:
-        return step in self.save_steps
+        return step == self.total_steps or (
+            0 < step <= self.total_steps and bool(self.save_every) and step % self.save_every == 0)
 
 
 def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
@@ -54,10 +61,8 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
     sequences = max(1, min(batch * accum, per_rank))
     plan = Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
                 sequences * world_size * block_size, total / per_epoch if per_epoch else 0.0,
-                batch_size=batch, grad_accum=accum)
-    plan.eval_steps = frozenset(evaluation_steps(cfg, plan))
-    saves = set(range(cfg.save_every, total + 1, cfg.save_every)) if cfg.save_every else set()
-    plan.save_steps = frozenset(saves | {total})
+                batch_size=batch, grad_accum=accum, eval_every=cfg.eval_every or 0,
+                save_every=cfg.save_every or 0)
     return plan
 
 
@@ -89,14 +94,35 @@ def warmup_from_step_one(steps_done: int, schedule, warmup_steps: int, total_ste
     return (steps_done + 1) / warmup_steps if steps_done < warmup_steps else schedule(steps_done)
 
 
-def evaluation_steps(cfg, plan: Plan) -> list[int]:
-    """The steps the loop evaluates at: 0, every --eval-every, each epoch end, the last step."""
-    steps = {plan.total_steps}
-    if cfg.eval_every:
-        steps.update(range(cfg.eval_every, plan.total_steps + 1, cfg.eval_every))
-    if plan.steps_per_epoch:
-        steps.update(range(plan.steps_per_epoch, plan.total_steps + 1, plan.steps_per_epoch))
-    return [0, *sorted(steps)]
+def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
+    """The steps the loop evaluates at, ascending: 0, every --eval-every, each epoch end, the last step.
+    Lazy (ranges merged), so a plan of 10**12 steps costs nothing until someone walks it."""
+    periods = [k for k in (cfg.eval_every, plan.steps_per_epoch) if k]
+    merged = heapq.merge(*(range(k, plan.total_steps + 1, k) for k in periods), [plan.total_steps])
+    previous = 0
+    yield 0
+    for step in merged:
+        if step > previous:
+            yield step
+            previous = step
+
+
+def evaluation_steps(cfg, plan: Plan, limit: int | None = None) -> list[int]:
+    """iter_evaluation_steps() as a list: all of them, or the first `limit`."""
+    return list(itertools.islice(iter_evaluation_steps(cfg, plan), limit))
+
+
+def count_evaluations(cfg, plan: Plan) -> int:
+    """len(evaluation_steps()) by arithmetic: multiples of each period up to the last step, those of
+    both counted once, the last step when neither period lands on it, and step 0."""
+    total = plan.total_steps
+    periods = [k for k in (cfg.eval_every, plan.steps_per_epoch) if k]
+    count = sum(total // k for k in periods)
+    if len(periods) == 2:
+        count -= total // math.lcm(*periods)
+    if total > 0 and not any(total % k == 0 for k in periods):
+        count += 1
+    return 1 + count
 
 
 def eval_batches_per_process(cfg, plan: Plan) -> int | None:
@@ -106,7 +132,7 @@ def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     the size of the split, which a full pass at every evaluation would not (9 % in that benchmark)."""
     if cfg.eval_batches is not None:
         return cfg.eval_batches or None
-    n_evals = len(evaluation_steps(cfg, plan))
+    n_evals = count_evaluations(cfg, plan)
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
@@ -177,8 +203,8 @@ def count_parameters(model_config) -> int:
 def eval_description(plan: Plan, cfg, world_size: int) -> str:
     batches = eval_batches_per_process(cfg, plan)
     blocks = plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size * world_size)
-    steps = evaluation_steps(cfg, plan)
-    shown = ", ".join(map(str, steps[:6])) + (f", ... ({len(steps)} in all)" if len(steps) > 6 else "")
+    steps, count = evaluation_steps(cfg, plan, limit=6), count_evaluations(cfg, plan)
+    shown = ", ".join(map(str, steps)) + (f", ... ({count:,} in all)" if count > 6 else "")
     return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
 
 

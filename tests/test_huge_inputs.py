@@ -1,0 +1,44 @@
+"""Bad input that used to end in a traceback (issue 23, item 16): a plan of 10**12 steps, --num-samples far
+beyond one generate call, and token ids beyond the model's vocabulary that meta.json does not admit."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+from test_finetune import base_args
+
+import finetune_generative as ft
+from dataset import load_meta
+from finetune import plan as plan_module
+
+TRILLION = 1_000_000_000_000
+
+
+def test_a_dry_run_of_a_trillion_steps_prints_the_plan(tmp_path, tiny_model_dir, tiny_data_dir):
+    args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--max-steps", TRILLION,
+                     "--eval-every", "250", "--save-every", "500", "--dry-run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert ft.main(args) == 0
+    printed = out.getvalue()
+    epoch = ft.make_plan(ft.parse_config(args)[0], load_meta(tiny_data_dir), 32, world_size=1).steps_per_epoch
+    assert f"{epoch:,} per epoch, {TRILLION:,} total" in printed
+    # every 250 steps and every epoch end (the last step is both); those of both counted once; and step 0
+    count = TRILLION // 250 + TRILLION // epoch - TRILLION // math.lcm(250, epoch) + 1
+    first = sorted({*range(250, 1300, 250), *range(epoch, 1300, epoch)})[:5]
+    assert f"at steps 0, {', '.join(map(str, first))}, ... ({count:,} in all)" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_answers_by_arithmetic_what_the_listed_steps_say(tiny_model_dir, tiny_data_dir):
+    """evaluates_at/saves_at/count_evaluations agree with the listed steps, here small enough to list."""
+    args = base_args(tiny_model_dir, tiny_data_dir, "unused", "--max-steps", "50", "--eval-every", "7",
+                     "--save-every", "4")
+    cfg, _ = ft.parse_config(args)
+    plan = ft.make_plan(cfg, load_meta(tiny_data_dir), 32, world_size=1)
+    listed = plan_module.evaluation_steps(cfg, plan)
+    assert [s for s in range(60) if plan.evaluates_at(s)] == listed
+    assert plan_module.count_evaluations(cfg, plan) == len(listed)
+    assert [s for s in range(60) if plan.saves_at(s)] == [*range(4, 50, 4), 50]
+
