@@ -223,6 +223,14 @@ def read_stdin() -> str:
 
 
 def read_prompt_file(path: Path) -> list[str]:
+    # is_file() stats without opening, so a FIFO or /dev/zero is refused here and never read (a read would block
+    # or never end).
+    if path.is_dir():
+        raise UserError(f"--prompt-file {path} is a folder, not a file. HINT: name a text file with one prompt "
+                        f"per line")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--prompt-file {path} is not a regular file (a device, FIFO or socket). HINT: save the "
+                        f"prompts to a text file, one per line, or pass --prompt - to read stdin")
     if not path.is_file():
         raise UserError(f"--prompt-file {path} does not exist. HINT: check the path")
     try:

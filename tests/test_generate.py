@@ -349,3 +349,25 @@ def test_output_replaces_its_own_samples_atomically(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, run_dir)
     assert generate.main([*args[2:], "--model", str(run_dir), "--output", str(run_dir / "mine.jsonl")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "samples.jsonl"]  # no temporary left
+
+
+def test_prompt_file_folder_or_device_is_named_as_such(tmp_path, monkeypatch):
+    import importlib
+    import os
+    from pathlib import Path
+
+    from finetune.errors import UserError
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    generate_module = importlib.import_module("generate")
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)  # never opened: a read would block
+    with pytest.raises(UserError) as error:
+        generate_module.read_prompt_file(tmp_path)
+    assert str(error.value) == (f"--prompt-file {tmp_path} is a folder, not a file. HINT: name a text file with "
+                                f"one prompt per line")
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(UserError) as error:
+            generate_module.read_prompt_file(path)
+        assert str(error.value) == (f"--prompt-file {path} is not a regular file (a device, FIFO or socket). "
+                                    f"HINT: save the prompts to a text file, one per line, or pass --prompt - "
+                                    f"to read stdin")
