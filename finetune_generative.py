@@ -585,6 +585,9 @@ def main(argv=None) -> int:
     plan_text = describe_plan(plan, cfg, meta, n_params,
                               estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
                               device, precision, dist_info.world_size, lora=lora_counts)
+    large_adapter = lora.size_warning(lora_counts) if lora_counts else None
+    if large_adapter:  # worth a word, not a refusal: a large rank can be meant
+        log.warning(large_adapter)
     if cfg.dry_run:
         if dist_info.is_main:
             print(plan_text)

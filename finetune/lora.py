@@ -97,10 +97,22 @@ def block_linear_layers(model) -> dict[str, list[str]]:
     return layers
 
 
+def given_target_names(cfg) -> list[str]:
+    """--lora-target-modules split at commas, empty names kept (check_on_meta_model refuses them)."""
+    return [name.strip() for item in cfg.lora_target_modules for name in item.split(",")]
+
+
 def target_names(cfg, layers: dict[str, list[str]]) -> list[str]:
     """--lora-target-modules (commas allowed), or every linear layer of the blocks."""
-    given = [name for item in cfg.lora_target_modules for name in item.split(",") if name]
-    return given or sorted(layers)
+    return given_target_names(cfg) or sorted(layers)
+
+
+def all_conv1d(model, layers: dict[str, list[str]], targets: list[str]) -> bool:
+    """Whether every adapted layer is GPT-2's Conv1D (weight stored in x out): peft then needs
+    fan_in_fan_out=True. It would switch it on itself, with a warning each run; said here, it is silent."""
+    from transformers.pytorch_utils import Conv1D
+
+    return all(isinstance(model.get_submodule(name), Conv1D) for target in targets for name in layers[target])
 
 
 def in_features(module) -> int:
@@ -108,11 +120,11 @@ def in_features(module) -> int:
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
-def lora_config(cfg, targets: list[str]):
+def lora_config(cfg, targets: list[str], fan_in_fan_out: bool):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=alpha(cfg), lora_dropout=dropout(cfg), target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
+                      fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
 
 
 def check_on_meta_model(cfg, model_config) -> tuple[list[str], dict]:
@@ -128,6 +140,10 @@ def check_on_meta_model(cfg, model_config) -> tuple[list[str], dict]:
     if not layers:
         return [f"peft cannot wrap this {kind} model: it has no linear layers in numbered blocks to adapt "
                 f"(HINT: train it without --lora-r)"], {}
+    if "" in given_target_names(cfg):  # `--lora-target-modules ''` would otherwise mean every layer
+        return [f"--lora-target-modules: an empty layer name; the linear layers in the blocks of this {kind} model "
+                f"are {', '.join(sorted(layers))} (HINT: name some of those, or drop the flag to adapt all of "
+                f"them)"], {}
     targets = target_names(cfg, layers)
     unknown = [name for name in targets if name not in layers]
     if unknown:
@@ -140,14 +156,28 @@ def check_on_meta_model(cfg, model_config) -> tuple[list[str], dict]:
     from peft import get_peft_model
 
     try:
-        wrapped = get_peft_model(model, lora_config(cfg, targets))
+        wrapped = get_peft_model(model, lora_config(cfg, targets, all_conv1d(model, layers, targets)))
     except Exception as exc:  # noqa: BLE001 - peft's ValueError/TypeError/...: all mean "cannot wrap this"
         return [f"peft cannot wrap this {kind} model ({type(exc).__name__}: {first_line(exc)}) "
                 f"(HINT: train it without --lora-r, or pick other --lora-target-modules)"], {}
     counts = {"trainable": sum(p.numel() for p in wrapped.parameters() if p.requires_grad),
               "total": sum(p.numel() for p in wrapped.parameters()), "frozen_linear": frozen_linear,
-              "adapter_inputs": adapter_inputs, "targets": targets}
+              "adapter_inputs": adapter_inputs, "targets": targets, "r": cfg.lora_r}
     return [], counts
+
+
+LARGE_ADAPTER_FRACTION = 0.5  # adapters bigger than half the base: hardly "low-rank" any more
+
+
+def size_warning(counts: dict) -> str | None:
+    """One line when the adapters train more than LARGE_ADAPTER_FRACTION of the base's parameters (a
+    --lora-r near the layers' widths): a full fine-tune would then be about as cheap and not limited."""
+    base = counts["total"] - counts["trainable"]
+    if counts["trainable"] <= LARGE_ADAPTER_FRACTION * base:
+        return None
+    return (f"warning: the LoRA adapters train {counts['trainable']:,} parameters, {counts['trainable'] / base:.0%} "
+            f"of the base model's {base:,} (--lora-r {counts['r']}); LoRA saves little at that size. HINT: a rank "
+            f"like --lora-r 8 or 16, or a full fine-tune without --lora-r")
 
 
 def base_reference(model: str) -> str:
@@ -217,7 +247,8 @@ def to_lora(model, cfg, tokenizer, source: str, precision: str):
     from peft.utils import load_peft_weights
 
     layers = block_linear_layers(model)
-    config = lora_config(cfg, target_names(cfg, layers))
+    targets = target_names(cfg, layers)
+    config = lora_config(cfg, targets, all_conv1d(model, layers, targets))
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model)
     if (Path(source) / ADAPTER_FILES[1]).is_file():

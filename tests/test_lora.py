@@ -179,7 +179,7 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computes():
     results = []
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(1)
-        model = get_peft_model(GPT2LMHeadModel(config), lora.lora_config(cfg, ["c_attn", "c_proj", "c_fc"]))
+        model = get_peft_model(GPT2LMHeadModel(config), lora.lora_config(cfg, ["c_attn", "c_proj", "c_fc"], True))
         for name, p in model.named_parameters():
             if "lora_B" in name:  # peft starts B at 0; a non-zero B makes the adapters' gradients all count
                 torch.nn.init.normal_(p, std=0.02)
@@ -274,6 +274,9 @@ BAD_LORA = [
      "--lora-target-modules q_proj: no such linear layer in the blocks of this gpt2 model; the ones there are "
      "c_attn, c_fc, c_proj"),
     (["--lora-r", "4", "--lora-target-modules", "wte"], "the ones there are c_attn, c_fc, c_proj"),
+    (["--lora-r", "4", "--lora-target-modules", ""], "--lora-target-modules: an empty layer name; the linear layers "
+     "in the blocks of this gpt2 model are c_attn, c_fc, c_proj (HINT: name some of those"),
+    (["--lora-r", "4", "--lora-target-modules", "c_attn,"], "--lora-target-modules: an empty layer name"),
 ]
 
 
@@ -284,6 +287,25 @@ def test_bad_lora_arguments(tmp_path, tiny_model_dir, tiny_data_dir, capsys, mon
     result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
     assert_clean_error(result, message)
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
+
+
+def test_a_rank_training_most_of_the_model_warns_and_gpt2_needs_no_fan_in_fan_out_warning(
+        tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    """r 64 on the tiny model's 32-wide layers: the adapters outgrow the base, which is one logged line.
+    peft's fan_in_fan_out warning for GPT-2's Conv1D is not raised: the converter sets what peft would."""
+    import warnings
+
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--lora-r", "64")) == 0
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    lines = [line for line in capsys.readouterr().err.splitlines() if "LoRA adapters train" in line]
+    trainable = 2 * 64 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert len(lines) == 1 and f"train {trainable:,} parameters" in lines[0] and "HINT: a rank like" in lines[0]
+    small = lora.size_warning({"trainable": 10, "total": 30, "r": 1})  # 10 of a base of 20: at the threshold
+    assert small is None and lora.size_warning({"trainable": 11, "total": 31, "r": 1}) is not None
 
 
 def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
