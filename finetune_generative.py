@@ -27,8 +27,15 @@ from finetune import cli, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
-from finetune.errors import (EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_SIGNAL, SaveFailed, UserError,
-                             exit_on_user_error, raise_if_problems)
+from finetune.errors import (
+    EXIT_DIVERGED,
+    EXIT_SAVE_FAILED,
+    EXIT_SIGNAL,
+    SaveFailed,
+    UserError,
+    exit_on_user_error,
+    raise_if_problems,
+)
 from finetune.loss import next_token_loss
 from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
@@ -388,8 +395,8 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     """Everything that can be checked from meta.json, the model config and the tokenizer, before the weights
     load. Returns (meta, tokenizer, model_config, plan, fingerprints) or raises one UserError listing every
     problem."""
-    from finetune.data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
     from finetune.checkpoints import check_resume_compatible
+    from finetune.data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
     from finetune.models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
 
     try:

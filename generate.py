@@ -39,8 +39,14 @@ from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
 from finetune.fsio import atomic_file
-from finetune.models import TOKENIZER_FILES, WEIGHT_FILES, load_config, load_tokenizer, load_weights, \
-    model_context_length
+from finetune.models import (
+    TOKENIZER_FILES,
+    WEIGHT_FILES,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    model_context_length,
+)
 from finetune.rundir import RUN_ARTIFACTS, written_by_us
 from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
 from finetune.sampling import generate_samples, generation_kwargs

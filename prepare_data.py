@@ -54,16 +54,22 @@ import sys
 import time
 import unicodedata
 from collections import deque
-from contextlib import closing, contextmanager
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from finetune.errors import (ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems,
-                             raise_if_write_failure)
+from finetune.errors import (
+    ArgumentParser,
+    SaveFailed,
+    UserError,
+    exit_on_user_error,
+    raise_if_problems,
+    raise_if_write_failure,
+)
 from finetune.fsio import fsync_dir, locked_folder
 from finetune.records import RECORD_FORMATS, RecordStats, check_record_file, is_utf8, read_records, record_format
 
@@ -319,7 +325,8 @@ def load_tokenizer(name_or_path: str):
     """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub; or, when
     this tokenizer was checked and recorded by an earlier run, the same tokenizer without transformers
     (finetune.models.load_recorded_tokenizer: ~0.15 s instead of ~3 s of start-up)."""
-    from finetune.models import load_recorded_tokenizer, load_tokenizer as load, remember_tokenizer
+    from finetune.models import load_recorded_tokenizer, remember_tokenizer
+    from finetune.models import load_tokenizer as load
 
     tokenizer = load_recorded_tokenizer(name_or_path)
     if tokenizer is None:
@@ -411,7 +418,7 @@ class HFEngine:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return np.asarray(ids, dtype=np.uint32)
 
-    def encode_piece(self, piece: "Piece") -> np.ndarray:
+    def encode_piece(self, piece: Piece) -> np.ndarray:
         return self.encode(piece.text)
 
 
@@ -443,7 +450,7 @@ class TiktokenEngine:
         ranks = self.encoding.encode_to_numpy(text, allowed_special="all")  # releases the GIL
         return ranks if self.rank_to_id is None else self.rank_to_id[ranks]
 
-    def encode_piece(self, piece: "Piece") -> np.ndarray:
+    def encode_piece(self, piece: Piece) -> np.ndarray:
         ids = self.encode(piece.text)
         if piece.index % CHECK_EVERY == 0:  # cheap insurance: compare a sample with Hugging Face
             sample = piece.text[:CHECK_CHARS]

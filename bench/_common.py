@@ -325,7 +325,8 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
     # CPU time the rest of the machine used while this ran, as a share of all CPUs: the contention.
     own = usage.ru_utime + usage.ru_stime
     foreign = max(0.0, (busy_after - busy_before) - own) / (wall * (os.cpu_count() or 1))
-    return {"rc": rc, "wall_s": wall, "cpu_s": own, "foreign_cpu_share": foreign, "peak_rss_mib": peak_rss, "peak_tree_mib": max(peaks["tree"] / 2**20, peak_rss),
+    return {"rc": rc, "wall_s": wall, "cpu_s": own, "foreign_cpu_share": foreign, "peak_rss_mib": peak_rss,
+            "peak_tree_mib": max(peaks["tree"] / 2**20, peak_rss),
             "load_before": load_before, "load_after": loadavg()}
 
 

@@ -34,8 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402
-from _common import (REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, loadavg, run_polled,  # noqa: E402
-                     steady_tokens_per_s, tail, write_data_dir)
+from _common import (  # noqa: E402
+    DEFAULT_TOKENIZER_DIR,
+    REPO,
+    build_model_dir,
+    loadavg,
+    run_polled,
+    steady_tokens_per_s,
+    tail,
+    write_data_dir,
+)
 
 SIZES = ("gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -111,7 +119,7 @@ def dry_run(model_dir, data_dir, extra: list[str]) -> dict:
     return {"command": " ".join(cmd), "rc": result.returncode, "seconds": time.perf_counter() - started,
             "estimate_gib": float(estimate.group(1)) if estimate else None,
             "will_not_fit": "it will not fit" in result.stdout,
-            "lines": [l for l in result.stdout.splitlines() if l.startswith(("LoRA", "memory", "      "))]}
+            "lines": [line for line in result.stdout.splitlines() if line.startswith(("LoRA", "memory", "      "))]}
 
 
 def sizes(args) -> dict:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, write_data_dir  # noqa: E402
+from _common import DEFAULT_TOKENIZER_DIR, REPO, build_model_dir, write_data_dir  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 

@@ -53,9 +53,8 @@ DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "gpt2-tokenizer"
 def real_words() -> tuple[np.ndarray, np.ndarray]:
     """English words with their counts, from the Python documentation shipped with Python."""
     import collections
-    import re
-
     import pydoc_data.topics
+    import re
 
     text = " ".join(pydoc_data.topics.topics.values())
     counts = collections.Counter(re.findall(r"[A-Za-z]+(?:'[a-z]+)?", text))

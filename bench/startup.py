@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, loadavg, run_polled, tail,  # noqa: E402
-                     write_data_dir)
+from _common import DEFAULT_TOKENIZER_DIR, REPO, build_model_dir, loadavg, run_polled, tail, write_data_dir  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -47,9 +47,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, DEFAULT_TOKENIZER_DIR, build_model_dir, count_params,  # noqa: E402
-                     matmul_peak, model_gemm_peak, run_polled, steady_tokens_per_s, tail,
-                     training_flops_per_token, wait_for_quiet, write_data_dir)
+from _common import (  # noqa: E402
+    DEFAULT_TOKENIZER_DIR,
+    REPO,
+    build_model_dir,
+    count_params,
+    matmul_peak,
+    model_gemm_peak,
+    run_polled,
+    steady_tokens_per_s,
+    tail,
+    training_flops_per_token,
+    wait_for_quiet,
+    write_data_dir,
+)
 
 PRECISIONS = {
     # name: (flags for ours, --precision for the Trainer runner, precision whose matmul peak applies)

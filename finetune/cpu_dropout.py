@@ -25,6 +25,7 @@ import math
 
 import torch
 
+
 def keep_mask(shape, p: float, device=None) -> torch.Tensor:
     """Bool tensor of `shape`, each element True with probability 1 - p, from torch's default generator."""
     n = math.prod(shape)

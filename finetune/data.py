@@ -13,17 +13,24 @@ not used.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from .tokenfiles import (  # noqa: F401  (re-exported: the names users import from here)
-    META_FORMAT, META_VERSION, SPLIT_FILES, DataError, check_data_matches_model, data_fingerprint, load_meta,
-    token_dtype, tokenizer_fingerprint)
-
+    META_FORMAT,
+    META_VERSION,
+    SPLIT_FILES,
+    DataError,
+    check_data_matches_model,
+    data_fingerprint,
+    load_meta,
+    token_dtype,
+    tokenizer_fingerprint,
+)
 
 # -----------------------------------------------------------------------------
 # Dataset
@@ -52,7 +59,7 @@ class TextDataset(Dataset):
 
     @classmethod
     def from_data_dir(cls, data_dir: str | os.PathLike, split: str, block_size: int,
-                      meta: dict | None = None) -> "TextDataset":
+                      meta: dict | None = None) -> TextDataset:
         meta = meta if meta is not None else load_meta(data_dir)
         return cls(Path(data_dir) / SPLIT_FILES[split], block_size, meta["dtype"])
 

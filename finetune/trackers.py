@@ -293,5 +293,5 @@ def open_trackers(names: list[str], output_dir: Path, config: dict, step: int, s
     trackers = Trackers(opened, {name: s for name, s in saved.items() if name not in names})
     added = {t.name for t in opened} - set(saved)
     for record in history:  # a tracker this resume adds gets the steps before it too
-        trackers._each(f"logging step {record['step']}", lambda t: t.log(record) if t.name in added else None)
+        trackers._each(f"logging step {record['step']}", lambda t: t.log(record) if t.name in added else None)  # noqa: B023
     return trackers

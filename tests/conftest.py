@@ -26,6 +26,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+
+@pytest.fixture(scope="session")
+def shared_config_dir(tmp_path_factory) -> Path:
+    """matplotlib's font cache, built once per session instead of once per test."""
+    return tmp_path_factory.mktemp("mplconfig")
+
+
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path, monkeypatch, shared_config_dir):
+    """Every cache a script could write goes into this test's temp folder, never the user's ~/.cache:
+    running the tests leaves the machine as it was, and no test sees what another left behind.
+    Subprocesses inherit the environment, so scripts run by `run_script` are covered too."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(shared_config_dir))
+
 WORDS = (
     "the a an of to in and or but river mountain ship captain whale sea wind storm "
     "quiet morning evening letter house garden door window old young small great "

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-
-from conftest import REPO_ROOT, run_script, assert_clean_error
 from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
+from conftest import REPO_ROOT, assert_clean_error, run_script
 from finetune import checkpoints as ckpt
 
 

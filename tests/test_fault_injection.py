@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
+from conftest import REPO_ROOT, assert_clean_error
 from finetune import checkpoints as ckpt
 from finetune.fsio import remove_leftovers
-from conftest import REPO_ROOT, assert_clean_error
-from test_finetune import assert_same_weights, base_args, train_records
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                     "tokenizer_config.json", "training_state.pt"]

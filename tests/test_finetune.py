@@ -18,12 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, assert_clean_error, run_script
-
 import finetune_generative as ft
+from conftest import REPO_ROOT, assert_clean_error, run_script
+from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
-from dataset import load_meta
 
 BLOCK = 32
 
@@ -161,7 +160,7 @@ def test_divergence_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, ti
                      "--max-grad-norm", "0", "--save-every", "1", "--save-total-limit", "0")
     assert ft.main(args) == ft.EXIT_DIVERGED
     err = capsys.readouterr().err
-    line = [l for l in err.splitlines() if l.startswith("error:")]
+    line = [text for text in err.splitlines() if text.startswith("error:")]
     assert len(line) == 1 and "--lr" in line[0] and "stopped before the optimizer step" in line[0]
     steps = sorted(ckpt.checkpoint_step(p) for p in out.glob("checkpoint-*"))
     diverged_at = int(line[0].split(" at step ")[1].split()[0])

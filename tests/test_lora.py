@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune import lora
-from conftest import assert_clean_error, build_tiny_model
 from test_distributed import common_args, torchrun
 from test_fault_injection import error_lines, newest_step, run_main, start, wait_for_step
 from test_finetune import assert_same_weights, base_args, train_records
+
+import finetune_generative as ft
+from conftest import assert_clean_error, build_tiny_model
+from finetune import checkpoints as ckpt
+from finetune import lora
 
 LORA = ["--lora-r", "4", "--lora-dropout", "0.1"]  # adapter dropout on: the RNG must resume too
 RUN = ["--batch-size", "16", "--max-steps", "13", *LORA]  # 11 steps per epoch: 13 crosses the epoch boundary
@@ -199,8 +199,9 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computes():
 def test_adapter_dropout_uses_the_fast_cpu_masks_unless_torch_dropout(torch_dropout, tiny_model_dir):
     """peft puts a new nn.Dropout before each adapter: the training script gives the model the fast CPU masks
     after the LoRA conversion, so those get them too (same keep-probability), and --torch-dropout keeps torch's."""
-    from finetune.cpu_dropout import ATTENTION_NAME, CPUDropout
     from transformers import AutoTokenizer
+
+    from finetune.cpu_dropout import ATTENTION_NAME, CPUDropout
 
     cfg = ft.TrainConfig(model=str(tiny_model_dir), lora_r=4, lora_dropout=0.1, torch_dropout=torch_dropout)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

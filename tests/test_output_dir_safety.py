@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_finetune import base_args
 
 from conftest import assert_clean_error, run_script
-from test_finetune import base_args
 
 
 def snapshot(folder: Path) -> dict[str, str]:

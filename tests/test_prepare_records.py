@@ -12,11 +12,11 @@ import random
 import sys
 
 import pytest
+from test_prepare_data import load, read_split, reassemble, reference_ids
 
 import prepare_data as prep
 from conftest import make_corpus
 from dataset import load_meta
-from test_prepare_data import load, read_split, reassemble, reference_ids
 
 
 def make_records(n: int, seed: int = 0, holes: bool = True) -> list[dict]:

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_prepare_data import load, reassemble, reference_ids, snapshot
+from test_prepare_records import assert_one_line_error, run
 
 import prepare_data as prep
 from conftest import REPO_ROOT, make_corpus
 from dataset import load_meta
-from test_prepare_data import load, reassemble, reference_ids, snapshot
-from test_prepare_records import assert_one_line_error, run
 
 
 def test_second_run_into_a_locked_output_dir_is_refused(tmp_path, tiny_tokenizer_dir, capsys):
@@ -79,7 +79,8 @@ def test_folder_walk_takes_regular_files_only(tmp_path, tiny_tokenizer_dir, caps
     assert reassemble(out).tolist() == expected
     note = next(line for line in stderr.splitlines() if line.startswith("note:"))
     assert "skipped 5 entries" in note
-    for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to a character device, not a regular file)", "y.txt (a FIFO, not a regular file)",
+    for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to a character device, not a regular file)",
+                     "y.txt (a FIFO, not a regular file)",
                      "z.txt (a broken link)", "linked_dir (a link to a folder, not followed)"):
         assert fragment in note, note
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import finetune_generative as ft
-from finetune import console, trackers
-from conftest import REPO_ROOT
 from test_fault_injection import error_lines, run_main
 from test_finetune import base_args
+
+import finetune_generative as ft
+from conftest import REPO_ROOT
+from finetune import console, trackers
 
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
            "--sample-max-new-tokens", "8"]

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fault_injection import run_main
+from test_finetune import BLOCK, base_args, train_records, weights
+from test_generate import main_error as generate_main
 
 import finetune_generative as ft
 from conftest import REPO_ROOT, assert_clean_error
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
-from finetune.rundir import lock_holder
 from finetune.errors import first_line
-from test_fault_injection import run_main
-from test_finetune import BLOCK, base_args, train_records, weights
-from test_generate import main_error as generate_main
+from finetune.rundir import lock_holder
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_two_runs_started_together_into_one_output_dir(tmp_path, tiny_model_dir,
     assert refused.splitlines()[-1] == (
         f"error: --output-dir {out} is in use by another run of finetune_generative.py (PID {first}). "
         f"HINT: wait for it to finish, stop it, or choose another --output-dir")
-    assert [l for l in refused.splitlines() if l.startswith("error:")] == [refused.splitlines()[-1]]
+    assert [line for line in refused.splitlines() if line.startswith("error:")] == [refused.splitlines()[-1]]
     assert [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
         ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]  # each line once: one run wrote it
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
@@ -321,9 +321,9 @@ def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_
         runs[signum] = (start_script(args, tmp_path / f"{signum.name}.txt", script=SLOW_STEP0), args)
     for signum, (proc, _) in runs.items():
         log = tmp_path / f"{signum.name}.txt"
-        wait_for(lambda: "evaluating" in log.read_text() or proc.poll() is not None, "the step-0 evaluation")
+        wait_for(lambda: "evaluating" in log.read_text() or proc.poll() is not None, "the step-0 evaluation")  # noqa: B023 (called at once)
         proc.send_signal(signum)
-    for signum, (proc, args) in runs.items():
+    for signum, (proc, _) in runs.items():
         code = proc.wait(timeout=180)
         err = (tmp_path / f"{signum.name}.txt").read_text()
         assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], err
