@@ -36,7 +36,7 @@ from finetune.errors import (
     exit_on_user_error,
     raise_if_problems,
 )
-from finetune.loss import next_token_loss
+from finetune.loss import forward_loss, trained_tokens_of_step
 from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
@@ -346,21 +346,24 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     (loss, grad norm, whether to stop after it).
 
     The loss of a step is the mean over all its predicted tokens: each micro-batch is weighted by its share
-    of the predictions, so a short last micro-batch of an epoch counts per token, not per batch.
+    of the predictions, so a short last micro-batch of an epoch counts per token, not per batch. Chat data:
+    the mean over the step's trained tokens (finetune/loss.py, trained_tokens_of_step).
     """
     import torch
 
     cfg, model, device, dist_info, scaler = run.cfg, run.model, run.device, run.dist_info, run.scaler
     window_predictions = window_samples * (run.plan.block_size - 1)
+    # chat data: each micro-batch's loss is a sum over its trained tokens, divided by those of the whole step
+    # (x processes: DDP averages the gradients); a micro-batch with none adds 0
+    step_targets = trained_tokens_of_step(window, device, dist_info) if "position_ids" in window[0] else None
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(window):
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
         # Gradients are all-reduced only on the last micro-step.
         sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else model.no_sync()
         with sync:
-            with run.ctx:  # use_cache=False: GPT-2's config asks for a key/value cache training never reads
-                loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-            share = input_ids.shape[0] * (input_ids.shape[1] - 1) / window_predictions
+            with run.ctx:
+                loss, predictions = forward_loss(model, batch, device)
+            share = predictions / window_predictions if step_targets is None else dist_info.world_size / step_targets
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)
@@ -398,6 +401,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     from finetune.checkpoints import check_resume_compatible
     from finetune.data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
     from finetune.models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
+    from finetune.packing import is_chat, packed_blocks
 
     try:
         meta = load_meta(cfg.data_dir)
@@ -413,11 +417,25 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if context and block_size > context:
         problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
                         f"(HINT: use --block-size {context} or less)")
-    plan = make_plan(cfg, meta, block_size, dist_info.world_size)
-    if plan.train_blocks < dist_info.world_size or plan.train_blocks == 0:
+    chat = is_chat(meta)
+    if chat:  # the template trained with goes into every tokenizer saved (checkpoints, best/, the final model)
+        tokenizer.chat_template = meta["chat"]["template"]
+    try:
+        blocks = packed_blocks(cfg.data_dir, meta, block_size) if chat else None
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    plan = make_plan(cfg, meta, block_size, dist_info.world_size, blocks)
+    if chat and plan.train_blocks < dist_info.world_size:
+        problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with something "
+                        f"to train, fewer than the {dist_info.world_size} process(es) (HINT: add examples with "
+                        "replies, or raise --block-size if they are longer than a block)")
+    if chat and plan.val_blocks == 0:
+        problems.append(f"the val split holds no example with a trained token in its first {block_size} tokens "
+                        "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
+    if not chat and (plan.train_blocks < dist_info.world_size or plan.train_blocks == 0):
         problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens per process (HINT: lower --block-size or add text)")
-    if plan.val_blocks == 0:
+    if not chat and plan.val_blocks == 0:
         problems.append(f"the val split ({meta['splits']['val']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens (HINT: lower --block-size or raise prepare_data.py --val-fraction)")
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
@@ -477,6 +495,7 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
     import torch
 
     from finetune.models import make_optimizer
+    from finetune.packing import is_chat
     from finetune.runtime import autocast_context, seed_everything
     from finetune.training import make_loaders
 
@@ -495,7 +514,8 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                        optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                        ctx=autocast_context(device, precision), device=device, dist_info=dist_info, plan=plan,
-                       train_loader=train_loader, sampler=sampler, val_loader=val_loader, fingerprints=fingerprints)
+                       train_loader=train_loader, sampler=sampler, val_loader=val_loader, fingerprints=fingerprints,
+                       chat=is_chat(meta))
 
 
 def resume_run(run: TrainingRun, state: dict) -> None:

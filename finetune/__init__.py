@@ -12,6 +12,7 @@ only the ones listed before it:
     plan          steps, evaluation schedule, memory estimate (--dry-run)
     tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints
     data          token files for PyTorch (memmap dataset, resumable sampler); dataset.py re-exports it
+    packing       chat data: whole examples packed into blocks, labels, restarting positions
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
     trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)

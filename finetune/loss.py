@@ -64,20 +64,110 @@ def chunked_loss_function():
     return ChunkedNextTokenLoss
 
 
+IGNORE_INDEX = -100  # a label no loss is computed for (transformers' convention)
+
+
+def count_targets(labels) -> int:
+    """Next-token predictions that are trained in a batch of labels: every labels[:, t + 1] != -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def target_loss_sum(logits, labels, rows_per_chunk: int = 64):
+    """Sum (not mean) of the cross-entropies of logits[:, t] against labels[:, t + 1], over the labels that
+    are not -100: chat data, where the caller divides by the trained tokens of the whole optimizer step.
+    With no target at all it is 0 with a zero gradient (never NaN). Chunked like next_token_loss."""
+    import torch
+
+    if not logits.requires_grad:
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for b in range(logits.shape[0]):
+            for start in range(0, logits.shape[1] - 1, rows_per_chunk * 4):
+                end = min(start + rows_per_chunk * 4, logits.shape[1] - 1)
+                total += torch.nn.functional.cross_entropy(
+                    logits[b, start:end].float(), labels[b, start + 1:end + 1], reduction="sum",
+                    ignore_index=IGNORE_INDEX).double()
+        return total.float()
+    return chunked_target_loss_function().apply(logits, labels, rows_per_chunk)
+
+
+@functools.cache
+def chunked_target_loss_function():
+    import torch
+
+    class ChunkedTargetLossSum(torch.autograd.Function):
+        """As ChunkedNextTokenLoss, for a sum over the targets: rows whose label is -100 get no loss and a zero
+        gradient; chunks without any target are not computed at all."""
+
+        @staticmethod
+        def forward(ctx, logits, labels, rows_per_chunk):
+            batch, seq, _ = logits.shape
+            targets = labels[:, 1:]
+            trained = targets != IGNORE_INDEX
+            any_trained = trained.any(dim=1).tolist()  # one host sync, to skip untrained rows
+            grad = torch.zeros_like(logits)
+            total = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for b in range(batch):
+                if not any_trained[b]:
+                    continue
+                for start in range(0, seq - 1, rows_per_chunk):
+                    end = min(start + rows_per_chunk, seq - 1)
+                    keep = trained[b, start:end, None]
+                    target = torch.where(keep, targets[b, start:end, None], 0)
+                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+                    total -= (log_probs.gather(1, target) * keep).sum(dtype=torch.float64)
+                    probs = log_probs.exp_()
+                    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                    grad[b, start:end] = probs.mul_(keep)
+            ctx.save_for_backward(grad)
+            return total.float()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None, None
+
+    return ChunkedTargetLossSum
+
+
+def forward_loss(model, batch, device):
+    """(loss, predictions it is over) of one micro-batch. Plain text: the mean over every next-token
+    prediction. Chat (the batch has position_ids): the sum over the trained tokens, with positions that
+    restart at each packed example and no attention mask, so transformers builds the block-diagonal one."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    if "position_ids" not in batch:  # use_cache=False: GPT-2's config asks for a cache training never reads
+        loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+        return loss, input_ids.shape[0] * (input_ids.shape[1] - 1)
+    labels = batch["labels"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    return target_loss_sum(logits, labels), count_targets(batch["labels"])
+
+
+def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
+    """The trained tokens of a whole optimizer step, all micro-batches of all processes (at least 1): what
+    each micro-batch's loss sum is divided by, as transformers.Trainer's num_items_in_batch."""
+    import torch
+
+    count = torch.tensor(float(sum(count_targets(batch["labels"]) for batch in window)), dtype=torch.float64,
+                         device=device)
+    all_reduce_sum(count, dist_info)
+    return max(count.item(), 1.0)
+
+
 def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
-    """Mean next-token loss over the validation blocks, summed exactly across processes."""
+    """Mean next-token loss over the validation blocks (chat: over their trained tokens), summed exactly
+    across processes."""
     import torch
 
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted (chat: trained) tokens
     with torch.no_grad():
         for batch in val_loader:
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
             with ctx:
-                loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-            n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
-            totals[0] += loss.double() * n_predictions
+                loss, n_predictions = forward_loss(model, batch, device)
+            is_sum = "position_ids" in batch
+            totals[0] += loss.double() if is_sum else loss.double() * n_predictions
             totals[1] += n_predictions
     all_reduce_sum(totals, dist_info)
     model.train(was_training)

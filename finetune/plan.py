@@ -48,9 +48,11 @@ class Plan:
             0 < step <= self.total_steps and bool(self.save_every) and step % self.save_every == 0)
 
 
-def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
-    train_blocks = meta["splits"]["train"]["tokens"] // block_size
-    val_blocks = meta["splits"]["val"]["tokens"] // block_size
+def make_plan(cfg, meta: dict, block_size: int, world_size: int, blocks: tuple[int, int] | None = None) -> Plan:
+    """`blocks`: (train, val) blocks when they are not the tokens cut into blocks (chat data, packed)."""
+    if blocks is None:
+        blocks = (meta["splits"]["train"]["tokens"] // block_size, meta["splits"]["val"]["tokens"] // block_size)
+    train_blocks, val_blocks = blocks
     per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
     total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)

@@ -38,12 +38,23 @@ def generation_kwargs(model, tokenizer, *, max_new_tokens: int, greedy: bool = F
     return dict(kwargs, do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
 
 
-def generate_samples(model, tokenizer, prompt: str, gen_kwargs: dict, *, num_samples: int, seed: int,
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template, up to the start of the assistant's reply
+    (add_generation_prompt): token for token a prefix of that conversation with the reply, as trained."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def generate_samples(model, tokenizer, prompt: str | list[int], gen_kwargs: dict, *, num_samples: int, seed: int,
                      device, ctx=None, streamer=None) -> list[Sample]:
-    """num_samples continuations of one prompt, the RNG seeded with `seed` first."""
+    """num_samples continuations of one prompt (text, or token ids: a rendered chat), the RNG seeded with
+    `seed` first."""
     import torch
 
-    enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids and attention_mask
+    if isinstance(prompt, str):
+        enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids and attention_mask
+    else:
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     seed_generators(seed, torch.device(device))
     with ctx or contextlib.nullcontext():
         out = model.generate(**enc, **gen_kwargs, num_return_sequences=num_samples, streamer=streamer)
@@ -80,8 +91,9 @@ def seed_generators(seed: int, device) -> None:
 
 def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device,
                            temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                           ctx=None) -> list[str]:
-    """One sample (prompt + continuation) per prompt, for the training log. Training is not disturbed:
+                           ctx=None, chat: bool = False) -> list[str]:
+    """One sample (prompt + continuation) per prompt, for the training log; with `chat`, each prompt is a
+    user turn rendered with the tokenizer's chat template and the sample is the reply. Training is not disturbed:
     the RNG states it uses and every module's train/eval mode are put back as they were.
 
     `model` may be wrapped by DistributedDataParallel (.module) or torch.compile (._orig_mod); the
@@ -105,15 +117,17 @@ def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_toke
     with preserved_rng(device), torch.no_grad():
         try:
             model.eval()  # dropout off, as in real use
-            for prompt in prompts:
-                room = n_ctx - len(tokenizer(prompt)["input_ids"]) if n_ctx else max_new_tokens
+            for text in prompts:
+                prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}]) if chat else text
+                n_prompt = len(prompt) if chat else len(tokenizer(prompt)["input_ids"])
+                room = n_ctx - n_prompt if n_ctx else max_new_tokens
                 if room < 1:
-                    samples.append(f"{prompt} [no sample: the prompt fills the model's {n_ctx}-token context]")
+                    samples.append(f"{text} [no sample: the prompt fills the model's {n_ctx}-token context]")
                     continue
                 kwargs = dict(gen_kwargs, max_new_tokens=min(max_new_tokens, room))
                 (sample,) = generate_samples(model, tokenizer, prompt, kwargs, num_samples=1, seed=seed,
                                              device=device, ctx=ctx)
-                samples.append(sample.text)
+                samples.append(sample.completion if chat else sample.text)
         finally:
             for module, was_training in modes:
                 module.training = was_training

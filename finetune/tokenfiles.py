@@ -13,6 +13,7 @@ import numpy as np
 META_FORMAT = "finetune-gpt2-tokens"
 META_VERSION = 1
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
+MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data only (CHAT_FORMAT.md)
 
 
 class DataError(Exception):
@@ -121,7 +122,8 @@ def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
         "split_policy": meta.get("split"),
     }
     digest.update(json.dumps(key, sort_keys=True).encode())
-    for filename in SPLIT_FILES.values():
+    masks = list(MASK_FILES.values()) if isinstance(meta.get("chat"), dict) else []
+    for filename in [*SPLIT_FILES.values(), *masks]:
         with open(Path(data_dir) / filename, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

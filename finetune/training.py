@@ -83,9 +83,12 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
     from torch.utils.data import DataLoader, Subset
 
     from .data import EpochShuffleSampler, TextDataset, validation_blocks
+    from .packing import PackedChatDataset, is_chat
 
-    train_set = TextDataset.from_data_dir(cfg.data_dir, "train", plan.block_size, meta)
-    val_set = TextDataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
+    # chat data: blocks of whole examples with labels and restarting positions (packing.py)
+    dataset = PackedChatDataset if is_chat(meta) else TextDataset
+    train_set = dataset.from_data_dir(cfg.data_dir, "train", plan.block_size, meta)
+    val_set = dataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
     sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
                                   num_replicas=dist_info.world_size)
     pin = device.type == "cuda"
@@ -128,6 +131,7 @@ class TrainingRun:
     progress: Progress = field(default_factory=Progress)
     metrics: list[dict] = field(default_factory=list)
     trackers: Trackers = field(default_factory=Trackers)  # --report-to; start_trackers() opens them
+    chat: bool = False         # chat data: samples are replies to the prompts, rendered with the chat template
 
     @property
     def output_dir(self) -> Path:
@@ -186,7 +190,8 @@ class TrainingRun:
             return
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
-            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx)
+            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx,
+            chat=self.chat)
         samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}
                    for prompt, text in zip(self.cfg.sample_prompts, texts)]
         for sample in samples:
