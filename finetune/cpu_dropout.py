@@ -121,6 +121,11 @@ def use_fast_cpu_dropout(model) -> int:
 
 @functools.cache
 def register_attention_function() -> None:
+    """The attention function, and its mask: SDPA's. transformers builds no mask at all for an attention name
+    it does not know, which for plain causal text changes nothing (SDPA's mask is None there too) but drops
+    the block-diagonal mask of packed chat examples (restarted position_ids), letting them see each other."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, attention_with_cpu_dropout)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
