@@ -49,7 +49,7 @@ from finetune.models import (
 )
 from finetune.rundir import RUN_ARTIFACTS, written_by_us
 from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
-from finetune.sampling import generate_samples, generation_kwargs
+from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
 
 log = logging.getLogger("generate")
 
@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="a prompt; repeat for several; '-' reads one prompt from stdin")
     group.add_argument("--prompt-file", metavar="FILE",
                        help="a UTF-8 file with one prompt per line; blank lines are skipped")
+    group.add_argument("--chat", action="store_true",
+                       help="each prompt is a user turn, rendered with the model's saved chat template (the one "
+                            "it was trained with); only the reply is printed, ending at the end-of-turn token. "
+                            "With no --prompt and a terminal on stdin: a conversation (/reset starts over, "
+                            "Ctrl-D ends it)")
 
     group = parser.add_argument_group("decoding")
     group.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
@@ -211,6 +216,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [read_stdin() if text == "-" else text for text in args.prompt]
     if args.prompt_file is not None:
         prompts.extend(read_prompt_file(Path(args.prompt_file)))
+    if not prompts and args.chat and sys.stdin.isatty():
+        return []  # a conversation in the terminal
+    if not prompts and args.chat:
+        raise UserError("--chat with no --prompt holds a conversation in a terminal, but stdin is not one. "
+                        "HINT: pass --prompt TEXT (or --prompt - to read one turn from stdin)")
     if not prompts:
         raise UserError("no prompt given. HINT: pass --prompt TEXT, --prompt-file FILE, or --prompt - for stdin")
     for i, text in enumerate(prompts, 1):
@@ -261,12 +271,13 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 
-def check_prompt_lengths(prompts: list[str], tokenizer, n_ctx: int | None, max_new_tokens: int) -> None:
-    """Positions past the context have no embedding: fail now rather than crash mid-generation."""
+def check_prompt_lengths(prompts: list, tokenizer, n_ctx: int | None, max_new_tokens: int) -> None:
+    """Positions past the context have no embedding: fail now rather than crash mid-generation. A prompt is
+    text, or token ids (a rendered chat turn)."""
     if n_ctx is None:
         return
     for i, prompt in enumerate(prompts, 1):
-        n_prompt = len(tokenizer(prompt)["input_ids"])
+        n_prompt = len(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else len(prompt)
         if n_prompt + max_new_tokens <= n_ctx:
             continue
         where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
@@ -343,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     base = lora.adapter_base(Path(source)) if adapter else source
     has_tokenizer = not adapter or any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
     config, tokenizer = load_config(base), load_tokenizer(source if has_tokenizer else base)
-    check_prompt_lengths(prompts, tokenizer, model_context_length(config), args.max_new_tokens)
+    if args.chat and not tokenizer.chat_template:
+        raise UserError(f"--chat renders prompts with the model's chat template, but {source} has none. HINT: "
+                        "fine-tune on chat data (prepare_data.py on conversations; training saves the template "
+                        "with the model), or drop --chat to continue plain text")
+    inputs = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
+    check_prompt_lengths(inputs, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
@@ -358,27 +374,38 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_record(args, seed, device, precision)
     with open_output(args.output) as out_file:
         try:
-            run(model, tokenizer, prompts, gen_kwargs, args.num_samples, seed, device, settings, out_file)
+            if args.chat and not prompts:
+                converse(model, tokenizer, gen_kwargs, seed, device, model_context_length(config), out_file,
+                         settings)
+            else:
+                run(model, tokenizer, prompts, gen_kwargs, args.num_samples, seed, device, settings, out_file,
+                    inputs=inputs if args.chat else None)
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130
     return 0
 
 
-def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settings, out_file) -> None:
+def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settings, out_file,
+        inputs: list[list[int]] | None = None) -> None:
+    """Samples for each prompt. With `inputs` (--chat: each prompt rendered as a user turn), only the reply
+    is printed and recorded, and one reply for one prompt is printed with no header."""
     import torch
     from transformers import TextStreamer
 
+    chat = inputs is not None
     # one text at a time can be shown as it is generated; several would interleave
     stream = len(prompts) == 1 and num_samples == 1
     for p_i, prompt in enumerate(prompts):
-        if stream:
+        if stream and not chat:
             print(sample_header(0, 1, 0, 1, prompt), flush=True)
-        streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
+        streamer = TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True) if stream else None
         with torch.inference_mode():
-            samples = generate_samples(model, tokenizer, prompt, gen_kwargs, num_samples=num_samples,
-                                       seed=seed, device=device, streamer=streamer)
+            samples = generate_samples(model, tokenizer, inputs[p_i] if chat else prompt, gen_kwargs,
+                                       num_samples=num_samples, seed=seed, device=device, streamer=streamer)
         for s_i, sample in enumerate(samples):
+            if chat:
+                sample.text = sample.completion  # the reply is the text: the template's own is not shown
             if not stream:
                 print(sample_header(s_i, num_samples, p_i, len(prompts), prompt))
                 print(sample.text)
@@ -389,6 +416,61 @@ def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settin
                               finish_reason=sample.finish_reason, settings=settings)
                 out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out_file.flush()  # keep what is done if the run is interrupted
+
+
+def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_file, settings) -> None:
+    """--chat with no --prompt and a terminal: read a turn, print the reply, keep the history (the oldest
+    turns dropped when it would not fit the context with --max-new-tokens); /reset forgets it, Ctrl-D ends."""
+    import torch
+    from transformers import TextStreamer
+
+    print("chat: type a message; /reset starts over, Ctrl-D ends", file=sys.stderr, flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr, flush=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        prompt_ids = trimmed_history(tokenizer, history, n_ctx, gen_kwargs["max_new_tokens"])
+        if prompt_ids is None:
+            history.pop()
+            print(f"error: this message alone plus --max-new-tokens {gen_kwargs['max_new_tokens']} is more than the "
+                  f"model's context of {n_ctx} tokens. HINT: write a shorter message, or lower --max-new-tokens",
+                  file=sys.stderr, flush=True)
+            continue
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with torch.inference_mode():
+            (sample,) = generate_samples(model, tokenizer, prompt_ids, gen_kwargs, num_samples=1, seed=seed,
+                                         device=device, streamer=streamer)
+        print(flush=True)
+        history.append({"role": "assistant", "content": sample.completion})
+        if out_file is not None:
+            record = dict(prompt=text, prompt_index=len(history) // 2 - 1, sample_index=0, text=sample.completion,
+                          completion=sample.completion, new_tokens=sample.new_tokens,
+                          finish_reason=sample.finish_reason, settings=settings)
+            out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out_file.flush()
+
+
+def trimmed_history(tokenizer, history: list[dict], n_ctx: int | None, max_new_tokens: int) -> list[int] | None:
+    """The conversation rendered up to the reply, its oldest turns (a user message and the reply to it)
+    dropped from `history` until it fits the context with room for max_new_tokens; None if even the newest
+    message alone does not."""
+    while True:
+        ids = chat_prompt_ids(tokenizer, history)
+        if n_ctx is None or len(ids) + max_new_tokens <= n_ctx:
+            return ids
+        if len(history) == 1:
+            return None
+        del history[:2]
 
 
 SAMPLE_FIELDS = ("prompt", "sample_index", "settings")  # every record of our --output JSONL has these

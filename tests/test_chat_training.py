@@ -6,6 +6,8 @@ conversations rendered with a template set on the tiny tokenizer). Everything ru
 """
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import numpy as np
@@ -220,3 +222,108 @@ def test_validation_loss_is_over_trained_tokens(chat_run, tiny_model_dir, chat_d
             total += torch.nn.functional.cross_entropy(logits[:-1], labels[1:], reduction="sum").item()
             count += int((labels[1:] != -100).sum())
     assert step0["val_loss"] == pytest.approx(total / count, abs=LOSS_TOLERANCE)
+
+
+# -----------------------------------------------------------------------------
+# TRL's SFTTrainer as the reference
+
+
+def test_loss_and_one_step_match_trl_sft_trainer(tmp_path, tiny_model_dir):
+    """The same 8 conversations, model and template: TRL's loss over the assistant tokens (assistant_only_loss,
+    unpacked, padded batch) and ours (packed) agree, and so do the weights after one optimizer step.
+    Aligned: one step over all examples (the sum over tokens is then order-free), constant lr without
+    warmup (our warmup starts a step ahead of transformers'), dropout 0, fused AdamW, the same clipping."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    conversations = make_conversations(8, seed=3, max_words=8)
+    tokenizer = tiny_tokenizer(tiny_model_dir)
+    data = write_chat_data(tmp_path / "data", tokenizer, conversations, make_conversations(2, seed=4))
+    assert split_packing(data, "train", BLOCK, load_meta(data)).truncated == 0
+    hyper = ["--max-steps", 1, "--batch-size", 8, "--grad-accum", 1, "--scheduler", "constant", "--warmup-steps", 0,
+             "--lr", "1e-2", "--save-total-limit", 1]
+    assert ft.main(chat_args(tiny_model_dir, data, tmp_path / "ours", *hyper)) == 0
+    (ours,) = train_records(tmp_path / "ours")
+
+    model = load_model(tiny_model_dir).train()
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "trl"), assistant_only_loss=True, packing=False, max_length=BLOCK,
+        per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-2,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=5, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list([{"messages": m} for m in conversations]))
+    trainer.train()
+    theirs = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=LOSS_TOLERANCE)
+    our_weights = load_file(tmp_path / "ours" / "model.safetensors")
+    for name, tensor in trainer.model.state_dict().items():
+        if name in our_weights:
+            assert (our_weights[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+# -----------------------------------------------------------------------------
+# generate.py --chat on a model that learned 4 conversations
+
+EXCHANGES = [("the old captain", "a quiet sea"), ("where is the whale", "under the ship"),
+             ("open the door", "the garden is small"), ("what did you hear", "wind and storm")]
+
+
+@pytest.fixture(scope="module")
+def overfit_model(tmp_path_factory, tiny_model_dir):
+    """The tiny model trained until it knows the reply to each of 4 user turns (the test writer's data)."""
+    root = tmp_path_factory.mktemp("overfit")
+    conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in EXCHANGES]
+    data = write_chat_data(root / "data", tiny_tokenizer(tiny_model_dir), conversations, conversations[:1])
+    out = root / "out"
+    assert ft.main(["--model", str(tiny_model_dir), "--data-dir", str(data), "--output-dir", str(out),
+                    "--block-size", "64", "--batch-size", "4", "--max-steps", "120", "--lr", "1e-2", "--scheduler",
+                    "constant", "--dropout", "0", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
+                    "--log-every", "20", "--eval-every", "0", "--save-every", "0", "--save-total-limit", "1"]) == 0
+    return out
+
+
+def chat(capsys, *args) -> str:
+    import generate
+
+    assert generate.main(["--device", "cpu", "--precision", "fp32", "--chat", "--greedy", *map(str, args)]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_chat_answers_with_the_trained_reply_and_stops(overfit_model, tmp_path, capsys):
+    prompts = [x for user, _ in EXCHANGES for x in ("--prompt", user)]
+    chat(capsys, "--model", overfit_model, "--max-new-tokens", 20, "--output", tmp_path / "replies.jsonl", *prompts)
+    records = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["finish_reason"]) for r in records] == [
+        (user, reply, "eos") for user, reply in EXCHANGES]
+    # one prompt: the reply alone, nothing of the template or the prompt
+    assert chat(capsys, "--model", overfit_model, "--prompt", EXCHANGES[1][0]) == EXCHANGES[1][1] + "\n\n"
+
+
+def test_generate_chat_conversation_in_a_terminal(overfit_model, monkeypatch, capsys):
+    """Two turns (the second sees the first), /reset, Ctrl-D: stdin stands in for the terminal."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    turns = [EXCHANGES[0][0], EXCHANGES[2][0], "/reset", EXCHANGES[3][0]]
+    monkeypatch.setattr("sys.stdin", Terminal("\n".join(turns) + "\n"))
+    out = chat(capsys, "--model", overfit_model, "--max-new-tokens", 20)
+    replies = [re.sub(r"^(> )+", "", line) for line in out.splitlines() if line.strip() not in ("", ">")]
+    assert replies[0] == EXCHANGES[0][1] and replies[-1] == EXCHANGES[3][1], out
+    assert len(replies) == 3, out
+
+
+def test_generate_chat_refuses_a_model_without_template(tiny_model_dir, capsys):
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", str(tiny_model_dir), "--chat", "--prompt", "hello", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "has none" in line and "HINT" in line and "Traceback" not in err

@@ -1,0 +1,217 @@
+"""Training throughput on chat data: finetune_generative.py (packed blocks) against TRL's SFTTrainer with
+packing, side by side, and the share of the processed tokens that are real (not padding).
+
+    python bench/chat_throughput.py                          # "small" GPT-2 (6 x 384), bf16, 30 steps
+    python bench/chat_throughput.py --model gpt2 --precision fp32 --steps 50
+    python bench/chat_throughput.py --conversations 2000 --block-size 1024 --batch-size 4
+
+The data. --conversations conversations (seed --seed) of mixed lengths, made from a fixed list of English
+words: a system turn in 30 % of them, 1 to 4 user/assistant exchanges, each user message 3-40 words and
+each reply a log-normal number of words (median 40, clipped to 2-400), so conversations run from about
+20 to about 1,500 tokens, some longer than the block (truncated by both tools). They are rendered with
+the template below (GPT-2 has none; eos ends each turn, no token is added) and written as a chat data
+folder (token files + masks, CHAT_FORMAT.md) by tests/chat_data.py's writer; the same conversations go to
+TRL as a "messages" dataset with assistant_only_loss=True, so both train the same replies.
+
+The contenders, each in its own process, alternating rounds (ours, trl, ours, trl, ...):
+  ours  `python finetune_generative.py --max-steps N --log-every 1 --eval-every 0 --save-every 0`, unmodified:
+        best-fit-decreasing packing of whole examples into --block-size blocks, --batch-size blocks per step.
+        Per-step seconds from metrics.jsonl (tokens_per_s counts the blocks' tokens, padding included).
+  trl   trl.SFTTrainer, packing=True (its default "bfd" strategy, padding-free: a batch is flattened into
+        one row of real tokens, position_ids restart per example), max_length = --block-size,
+        per_device_train_batch_size = --batch-size, the same optimizer settings (fused AdamW, lr 5e-5,
+        weight decay 0.01, linear schedule, 5 % warmup, clip 1.0) and precision. A callback stamps each step.
+
+Reported per contender: seconds per step (steady state, the first --skip steps left out), real tokens per
+second (the example tokens trained on per second, the number to compare: the two tools put different
+numbers of tokens in a step), processed tokens per second (padding included), and the real share of the
+processed tokens. Timings are only meaningful on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, build_model_dir  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ 'Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['role'] | capitalize + ':\n' + message['content'] + eos_token + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:\n' }}{%- endif -%}"
+)
+WORDS = ("the a of to in and river mountain ship captain whale sea wind storm quiet morning evening letter house "
+         "garden door window old young small great said walked looked found heard thought remembered carried "
+         "opened closed because while under over between after before again never always").split()
+HYPER = dict(lr=5e-5, weight_decay=0.01, warmup_ratio=0.05, max_grad_norm=1.0)
+
+
+def make_conversations(n: int, seed: int) -> list[list[dict]]:
+    rng = random.Random(seed)
+
+    def words(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    conversations = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": words(rng.randint(3, 15))}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": words(rng.randint(3, 40))})
+            reply = min(400, max(2, round(rng.lognormvariate(math.log(40), 0.8))))
+            messages.append({"role": "assistant", "content": words(reply)})
+        conversations.append(messages)
+    return conversations
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="bench/_common.py MODELS name (random weights)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=3, help="first steps left out of the steady state")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--conversations", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--work-dir", default=str(REPO / "bench" / "runs" / "chat"))
+    p.add_argument("--trl-run", metavar="RESULT", help=argparse.SUPPRESS)  # internal: one TRL run in this process
+    return p.parse_args(argv)
+
+
+def build_data(args, model_dir: Path, root: Path) -> Path:
+    from chat_data import write_chat_data
+    from transformers import AutoTokenizer
+
+    folder = root / f"data-{args.conversations}-{args.seed}"
+    if not (folder / "meta.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        val = make_conversations(max(8, args.conversations // 50), args.seed + 1)
+        write_chat_data(folder, tokenizer, make_conversations(args.conversations, args.seed), val, TEMPLATE)
+    return folder
+
+
+def run_ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
+    from finetune.data import load_meta
+    from finetune.packing import split_packing
+
+    cmd = [sys.executable, str(REPO / "finetune_generative.py"), "--model", str(model_dir), "--data-dir",
+           str(data_dir), "--output-dir", str(out), "--overwrite", "--block-size", str(args.block_size),
+           "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--precision", args.precision,
+           "--device", args.device, "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+           "--eval-batches", "1", "--lr", str(HYPER["lr"]), "--num-workers", "2"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    tokens_per_step = args.batch_size * args.block_size
+    seconds = [tokens_per_step / r["tokens_per_s"] for r in train]
+    share = split_packing(data_dir, "train", args.block_size, load_meta(data_dir)).real_token_share
+    return {"seconds": seconds, "processed_per_step": [tokens_per_step] * len(seconds), "real_share": share}
+
+
+def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
+    """In this process: TRL's SFTTrainer with packing on the same conversations."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    stamps, processed = [], []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    config = trl.SFTConfig(
+        output_dir=str(result.parent / "trl-out"), packing=True, assistant_only_loss=True, max_length=args.block_size,
+        per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=HYPER["lr"],
+        weight_decay=HYPER["weight_decay"], warmup_ratio=HYPER["warmup_ratio"], max_grad_norm=HYPER["max_grad_norm"],
+        lr_scheduler_type="linear", optim="adamw_torch_fused", bf16=args.precision == "bf16", logging_steps=10**9,
+        save_strategy="no", report_to="none", use_cpu=args.device == "cpu", dataloader_num_workers=2,
+        seed=args.seed, disable_tqdm=True)
+    dataset = Dataset.from_list([{"messages": m} for m in make_conversations(args.conversations, args.seed)])
+    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
+                             callbacks=[Stamp()])
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        processed.append(int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    start = time.perf_counter()
+    trainer.train()
+    seconds = [b - a for a, b in zip([start, *stamps], stamps)]
+    # padding-free: every processed token is an example's (the flattened batch has no padding rows)
+    result.write_text(json.dumps({"seconds": seconds, "processed_per_step": processed[:len(seconds)],
+                                  "real_share": 1.0}))
+
+
+def run_trl(args, argv, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / "result.json"
+    subprocess.run([sys.executable, __file__, *argv, "--trl-run", str(result)], check=True, capture_output=True,
+                   text=True)
+    return json.loads(result.read_text())
+
+
+def summarize(name: str, runs: list[dict], skip: int) -> dict:
+    per_round = []
+    for run in runs:
+        seconds, processed = run["seconds"][skip:], run["processed_per_step"][skip:]
+        per_round.append({"s_per_step": statistics.mean(seconds), "processed_per_s": sum(processed) / sum(seconds),
+                          "real_per_s": run["real_share"] * sum(processed) / sum(seconds),
+                          "real_share": run["real_share"]})
+    best = max(per_round, key=lambda r: r["real_per_s"])
+    return {"name": name, **best, "rounds": per_round}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    root = Path(args.work_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir(args.model, root)
+    data_dir = build_data(args, model_dir, root)
+    if args.trl_run:
+        trl_run(args, model_dir, data_dir, Path(args.trl_run))
+        return 0
+    runs = {"ours": [], "trl": []}
+    for r in range(args.rounds):
+        runs["ours"].append(run_ours(args, model_dir, data_dir, root / f"ours-{r}"))
+        runs["trl"].append(run_trl(args, argv, root / f"trl-{r}"))
+    rows = [summarize(name, results, args.skip) for name, results in runs.items()]
+    print(f"model {args.model}, {args.precision}, batch {args.batch_size} x block {args.block_size}, {args.steps} "
+          f"steps (first {args.skip} left out), {args.conversations} conversations, best of {args.rounds} rounds")
+    print(f"{'':6} {'s/step':>8} {'real tok/s':>11} {'processed tok/s':>16} {'real share':>11}")
+    for row in rows:
+        print(f"{row['name']:6} {row['s_per_step']:8.3f} {row['real_per_s']:11,.0f} {row['processed_per_s']:16,.0f} "
+              f"{row['real_share']:11.1%}")
+    ours, trl = rows
+    print(f"ours / trl, real tokens per second: {ours['real_per_s'] / trl['real_per_s']:.2f}x")
+    (root / "summary.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
