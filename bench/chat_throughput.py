@@ -147,7 +147,7 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
         weight_decay=HYPER["weight_decay"], warmup_ratio=HYPER["warmup_ratio"], max_grad_norm=HYPER["max_grad_norm"],
         lr_scheduler_type="linear", optim="adamw_torch_fused", bf16=args.precision == "bf16", logging_steps=10**9,
         save_strategy="no", report_to="none", use_cpu=args.device == "cpu", dataloader_num_workers=2,
-        seed=args.seed, disable_tqdm=True)
+        seed=args.seed, disable_tqdm=True, gradient_checkpointing=False)  # SFTConfig's default is True; ours is off
     dataset = Dataset.from_list([{"messages": m} for m in make_conversations(args.conversations, args.seed)])
     trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
                              callbacks=[Stamp()])

@@ -232,7 +232,8 @@ def test_loss_and_one_step_match_trl_sft_trainer(tmp_path, tiny_model_dir):
     """The same 8 conversations, model and template: TRL's loss over the assistant tokens (assistant_only_loss,
     unpacked, padded batch) and ours (packed) agree, and so do the weights after one optimizer step.
     Aligned: one step over all examples (the sum over tokens is then order-free), constant lr without
-    warmup (our warmup starts a step ahead of transformers'), dropout 0, fused AdamW, the same clipping."""
+    warmup (our warmup starts a step ahead of transformers'), dropout 0, fused AdamW, the same clipping, and
+    TRL's bf16 and gradient checkpointing (on by default in SFTConfig) off: fp32 on both sides."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from safetensors.torch import load_file
@@ -252,7 +253,8 @@ def test_loss_and_one_step_match_trl_sft_trainer(tmp_path, tiny_model_dir):
         per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-2,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=5, disable_tqdm=True)
+        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=5, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=False)  # TRL's defaults are True (bf16 autocast: losses 2e-5 apart)
     trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": m} for m in conversations]))
     trainer.train()
