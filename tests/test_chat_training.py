@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,20 @@ def test_long_examples_truncated_and_untrainable_ones_skipped(tmp_path, tiny_mod
     packing = split_packing(folder, "train", 64, load_meta(folder))
     assert (packing.examples, packing.truncated, packing.skipped) == (5, 2, 1)
     assert packing.lengths.max() == 64 and len(packing.starts) == 4
+
+
+def test_missing_or_short_mask_file_is_one_clear_error(chat_data_dir, tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(chat_data_dir, data)
+    for damage, fragment in ((lambda p: p.write_bytes(p.read_bytes()[:-1]), "holds"), (Path.unlink, "is missing")):
+        damage(data / "train.mask.bin")
+        with pytest.raises(SystemExit) as exit_info:
+            ft.main(chat_args(tiny_model_dir, data, tmp_path / "out"))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "train.mask.bin" in line and fragment in line and "HINT" in line
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -275,16 +290,24 @@ EXCHANGES = [("the old captain", "a quiet sea"), ("where is the whale", "under t
 
 @pytest.fixture(scope="module")
 def overfit_model(tmp_path_factory, tiny_model_dir):
-    """The tiny model trained until it knows the reply to each of 4 user turns (the test writer's data)."""
+    """The tiny model trained until it knows the reply to each of 4 user turns (the test writer's data). The
+    4 conversations are repeated 32 times so that an epoch is 16 steps: the run evaluates (and writes best/
+    and loss.png) at each epoch end, which for 4 conversations in one block would be every step."""
     root = tmp_path_factory.mktemp("overfit")
     conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in EXCHANGES]
-    data = write_chat_data(root / "data", tiny_tokenizer(tiny_model_dir), conversations, conversations[:1])
+    data = write_chat_data(root / "data", tiny_tokenizer(tiny_model_dir), conversations * 32, conversations[:1])
     out = root / "out"
     assert ft.main(["--model", str(tiny_model_dir), "--data-dir", str(data), "--output-dir", str(out),
                     "--block-size", "64", "--batch-size", "4", "--max-steps", "120", "--lr", "1e-2", "--scheduler",
                     "constant", "--dropout", "0", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
-                    "--log-every", "20", "--eval-every", "0", "--save-every", "0", "--save-total-limit", "1"]) == 0
+                    "--log-every", "20", "--eval-every", "0", "--save-every", "0", "--save-total-limit", "1",
+                    "--sample-prompt", EXCHANGES[0][0], "--sample-max-new-tokens", "8"]) == 0
     return out
+
+
+def test_training_samples_are_replies_rendered_with_the_template(overfit_model):
+    samples = [json.loads(line) for line in (overfit_model / "samples.jsonl").read_text().splitlines()]
+    assert samples[-1]["step"] == 120 and samples[-1]["text"] == EXCHANGES[0][1]
 
 
 def chat(capsys, *args) -> str:
