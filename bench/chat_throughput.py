@@ -58,7 +58,7 @@ TEMPLATE = (
 WORDS = ("the a of to in and river mountain ship captain whale sea wind storm quiet morning evening letter house "
          "garden door window old young small great said walked looked found heard thought remembered carried "
          "opened closed because while under over between after before again never always").split()
-HYPER = dict(lr=5e-5, weight_decay=0.01, warmup_ratio=0.05, max_grad_norm=1.0)
+HYPER = dict(lr=5e-5, weight_decay=0.01, max_grad_norm=1.0)  # and warmup: ceil(5 % of the steps)
 
 
 def make_conversations(n: int, seed: int) -> list[list[dict]]:
@@ -95,6 +95,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def warmup_steps(args) -> int:
+    return math.ceil(0.05 * args.steps)
+
+
+def run_checked(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
+
+
 def build_data(args, model_dir: Path, root: Path) -> Path:
     from chat_data import write_chat_data
     from transformers import AutoTokenizer
@@ -115,8 +125,9 @@ def run_ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
            str(data_dir), "--output-dir", str(out), "--overwrite", "--block-size", str(args.block_size),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--precision", args.precision,
            "--device", args.device, "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-           "--eval-batches", "1", "--lr", str(HYPER["lr"]), "--num-workers", "2"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+           "--eval-batches", "1", "--lr", str(HYPER["lr"]), "--warmup-steps", str(warmup_steps(args)),
+           "--num-workers", "2"]
+    run_checked(cmd)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     tokens_per_step = args.batch_size * args.block_size
@@ -144,21 +155,20 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
     config = trl.SFTConfig(
         output_dir=str(result.parent / "trl-out"), packing=True, assistant_only_loss=True, max_length=args.block_size,
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=HYPER["lr"],
-        weight_decay=HYPER["weight_decay"], warmup_ratio=HYPER["warmup_ratio"], max_grad_norm=HYPER["max_grad_norm"],
+        weight_decay=HYPER["weight_decay"], warmup_steps=warmup_steps(args), max_grad_norm=HYPER["max_grad_norm"],
         lr_scheduler_type="linear", optim="adamw_torch_fused", bf16=args.precision == "bf16", logging_steps=10**9,
         save_strategy="no", report_to="none", use_cpu=args.device == "cpu", dataloader_num_workers=2,
         seed=args.seed, disable_tqdm=True, gradient_checkpointing=False)  # SFTConfig's default is True; ours is off
     dataset = Dataset.from_list([{"messages": m} for m in make_conversations(args.conversations, args.seed)])
-    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
-                             callbacks=[Stamp()])
-    collate = trainer.data_collator
+    class CountingTrainer(trl.SFTTrainer):
+        """Counts the tokens of each batch where it is used (the collator runs in the DataLoader workers)."""
 
-    def counting_collator(examples):
-        batch = collate(examples)
-        processed.append(int(batch["input_ids"].numel()))
-        return batch
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            processed.append(int(inputs["input_ids"].numel()))
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
-    trainer.data_collator = counting_collator
+    trainer = CountingTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
+                              callbacks=[Stamp()])
     start = time.perf_counter()
     trainer.train()
     seconds = [b - a for a, b in zip([start, *stamps], stamps)]
@@ -170,8 +180,7 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
 def run_trl(args, argv, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     result = out / "result.json"
-    subprocess.run([sys.executable, __file__, *argv, "--trl-run", str(result)], check=True, capture_output=True,
-                   text=True)
+    run_checked([sys.executable, __file__, *argv, "--trl-run", str(result)])
     return json.loads(result.read_text())
 
 
