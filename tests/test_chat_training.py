@@ -221,6 +221,17 @@ def test_template_saved_with_every_model_folder(chat_run):
         assert AutoTokenizer.from_pretrained(folder).chat_template == TEST_TEMPLATE, folder
 
 
+def test_lora_on_chat_data_saves_the_template_too(tmp_path, tiny_model_dir, chat_data_dir):
+    pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    assert ft.main(chat_args(tiny_model_dir, chat_data_dir, out, "--max-steps", 2, "--lora-r", 2)) == 0
+    assert len(train_records(out)) == 2
+    for folder in (out, out / "adapter", out / "checkpoint-2"):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == TEST_TEMPLATE, folder
+
+
 def test_validation_loss_is_over_trained_tokens(chat_run, tiny_model_dir, chat_data_dir):
     """Step 0's val loss is the base model's mean cross-entropy over the val split's targets only."""
     (step0, *_) = train_records(chat_run, "eval")
