@@ -154,14 +154,14 @@ def test_packed_example_has_the_logits_it_has_alone(tiny_model_dir, chat_data_di
 # Training
 
 
-def unpacked_step_losses(model_dir, data_dir, steps: int) -> list[float]:
+def unpacked_step_losses(model_dir, data_dir, total_steps: int, steps: int) -> list[float]:
     """The reference: the chat run's steps (same blocks, same order, same optimizer and schedule), with every
     example run on its own, unpadded, its loss a sum over its targets divided by the step's targets."""
     dataset = PackedChatDataset.from_data_dir(data_dir, "train", BLOCK, load_meta(data_dir))
     packing, (tokens, mask) = dataset.packing, dataset._map()
     model = load_model(model_dir).train()
     optimizer = make_optimizer(model, torch.device("cpu"), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.999))
-    scheduler = make_scheduler("linear", optimizer, 2, steps)
+    scheduler = make_scheduler("linear", optimizer, 2, total_steps)  # the run's schedule; `steps` of it are taken
     sampler = EpochShuffleSampler(len(dataset), seed=5)
     windows = []  # the blocks of each step: 2 x 2 per step, fewer at the end of an epoch
     for epoch in range(2):
@@ -196,7 +196,8 @@ def test_packed_training_equals_unpacked_training(chat_run, tiny_model_dir, chat
     records = train_records(chat_run)
     steps = len(records)
     assert steps >= 4 and records[-1]["epoch"] == 2  # it crossed the epoch boundary
-    reference = unpacked_step_losses(tiny_model_dir, chat_data_dir, 6)  # 6: past the epoch boundary at 5
+    reference = unpacked_step_losses(tiny_model_dir, chat_data_dir, steps, 6)  # 6: past the epoch boundary at 5
+    assert len(reference) == 6
     for record, expected in zip(records, reference):
         assert record["loss"] == pytest.approx(expected, abs=LOSS_TOLERANCE), (record, expected)
 
