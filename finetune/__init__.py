@@ -5,6 +5,7 @@ only the ones listed before it:
     errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
     fsio          atomic writes of folders and files, fsync, CRC32, the output-folder lock
     records       record inputs of prepare_data.py (JSON lines, JSON, CSV/TSV, Parquet), streamed
+    chat          chat/instruction records: formats, checks, the chat template, rendering to ids + loss mask
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
     runtime       device, precision, autocast, seeds, library versions
     console       the logging setup every script uses
