@@ -212,7 +212,7 @@ def content_text(content, where: str) -> str:
         for i, part in enumerate(content):
             kind = part.get("type", "text") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                what = f"a {kind!r} part" if isinstance(kind, str) and kind != "text" else json_kind(part)
+                what = f"a part of type {kind!r}" if isinstance(kind, str) and kind != "text" else json_kind(part)
                 raise UserError(f"{where} content[{i}] is {what}, not text. HINT: only text is read; give "
                                 "content as a string or as text parts {\"type\": \"text\", \"text\": \"...\"}")
             check_text(part["text"], where, f"content[{i}]")
@@ -291,6 +291,7 @@ def describe(template: ChatTemplate) -> str:
 class Rendered:
     ids: np.ndarray   # uint32
     mask: np.ndarray  # uint8: TRAIN | START bits
+    text: str         # what was tokenized (the rendering; prompt + completion + eos)
 
 
 @dataclass
@@ -351,12 +352,12 @@ class ChatRenderer:
     def render(self, example: Conversation | PromptCompletion, where: str) -> Rendered | None:
         """The example's ids and mask; None (counted) when it has no assistant turn or nothing to train."""
         if isinstance(example, PromptCompletion):
-            ids, targets = self.prompt_completion(example)
+            text, ids, targets = self.prompt_completion(example)
         elif not any(example.trained):
             self.counts.skipped["no_assistant_turn"] += 1
             return None
         else:
-            ids, targets = self.conversation(example, where)
+            text, ids, targets = self.conversation(example, where)
         if self.train_on_everything:
             targets[:] = True
         if not targets.any():
@@ -364,9 +365,9 @@ class ChatRenderer:
             return None
         mask = targets.astype(np.uint8)
         mask[0] |= START
-        return Rendered(ids, mask)
+        return Rendered(ids, mask, text)
 
-    def prompt_completion(self, example: PromptCompletion) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_completion(self, example: PromptCompletion) -> tuple[str, np.ndarray, np.ndarray]:
         """TRL's join: ids of prompt + completion + eos (eos not doubled), trained from where they stop
         being the prompt's own ids."""
         text = example.prompt + example.completion
@@ -378,9 +379,9 @@ class ChatRenderer:
             self.counts.prompt_merged += 1
         targets = np.zeros(len(ids), dtype=bool)
         targets[start:] = True
-        return ids, targets
+        return text, ids, targets
 
-    def conversation(self, example: Conversation, where: str) -> tuple[np.ndarray, np.ndarray]:
+    def conversation(self, example: Conversation, where: str) -> tuple[str, np.ndarray, np.ndarray]:
         """Each trained turn runs from the end of its generation prompt to the end of the conversation up
         to and including it, both found as token prefixes of the whole conversation (one batch of renders
         and one batch of encodes per conversation)."""
@@ -396,7 +397,7 @@ class ChatRenderer:
             start = self.prefix_length(ids, prompt, True, where, turn)
             end = len(ids) if turn == last else self.prefix_length(ids, next(closed_ids), False, where, turn)
             targets[start:self.reply_end(ids, start, end)] = True
-        return ids, targets
+        return texts[-1], ids, targets
 
     def prefix_length(self, ids: np.ndarray, part: np.ndarray, generation_prompt: bool, where: str,
                       turn: int) -> int:

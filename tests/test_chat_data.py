@@ -149,7 +149,7 @@ BAD_RECORDS = [
     ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
      "messages[1] has the role 'robot'"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]},
-     "messages[0] content[0] is a 'image' part, not text"),
+     "messages[0] content[0] is a part of type 'image', not text"),
     ({"messages": [{"role": "user", "content": 7}]}, "content that is a number, not text"),
     ({"messages": [{"role": "user", "content": "bad \ud800"}]}, "lone surrogate (U+D800)"),
     ({"prompt": "p", "completion": None}, "field 'completion' is null, not text"),
