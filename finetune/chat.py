@@ -20,7 +20,7 @@ Prompt/completion records are joined the way TRL's SFTTrainer joins them: the to
 prompt + completion + eos text, trained from where they leave the prompt's own tokens; no text added.
 
 The mask is one uint8 per token: bit 0 (TRAIN) = a training target, bit 1 (START) = the example's first
-token (CHAT_FORMAT.md, the contract with the training side).
+token (docs/chat.md, "Token files": the contract with the training side).
 """
 from __future__ import annotations
 
