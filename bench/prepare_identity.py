@@ -2,6 +2,7 @@
 
     python bench/prepare_identity.py                        # against 47a7494 (before the split), 2 MB
     python bench/prepare_identity.py --commit HEAD~3 --mb 20
+    python bench/prepare_identity.py --new split           # a commit on both sides (the tree can change meanwhile)
 
 The commit is checked out with `git worktree add --detach` into a temporary folder (removed at the end).
 Corpora, written once and given to both checkouts under the same absolute paths: one text file of
@@ -67,19 +68,25 @@ def compare(name: str, before: Path, after: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commit", default="47a7494", help="the commit to compare with (default: %(default)s)")
+    parser.add_argument("--new", default=None, metavar="COMMIT",
+                        help="compare with this commit's checkout instead of the working tree")
     parser.add_argument("--mb", type=float, default=2.0, help="size of the text-file corpus (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="prepare-identity-") as tmp:
         work = Path(tmp)
-        old = work / "checkout"
-        subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-q", str(old), args.commit],
-                       check=True)
+        checkouts = {"before": (work / "before", args.commit)}
+        if args.new:
+            checkouts["after"] = (work / "after", args.new)
+        for folder, commit in checkouts.values():
+            subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-q", str(folder), commit],
+                           check=True)
         try:
-            return compare_checkouts(old, REPO_ROOT, work, args)
+            return compare_checkouts(work / "before", work / "after" if args.new else REPO_ROOT, work, args)
         finally:
-            subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(old)], check=True)
+            for folder, _ in checkouts.values():
+                subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(folder)], check=True)
 
 
 def compare_checkouts(old: Path, new: Path, work: Path, args) -> int:
