@@ -201,8 +201,8 @@ def keep_rss_flat() -> None:
     """Stop glibc from keeping freed 1 MB text and token buffers in its heap.
 
     glibc raises its mmap threshold each time a large mmapped block is freed; after that the
-    pieces' buffers come from the heap, and RSS creeps up with the input (~0.4 MB per MB of
-    text in tests). A fixed threshold keeps large blocks in mmap, returned to the OS on free.
+    pieces' buffers come from the heap, and RSS creeps up with the input (docs/performance.md). A
+    fixed threshold keeps large blocks in mmap, returned to the OS on free.
     """
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # -3 = M_MMAP_THRESHOLD

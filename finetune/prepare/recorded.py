@@ -73,7 +73,7 @@ class RecordedTokenizer:
         return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
 
     def get_vocab(self) -> dict[str, int]:
-        if self.vocab is None:  # 0.1 s for GPT-2's: once
+        if self.vocab is None:  # built once: a large vocabulary takes a while (docs/performance.md)
             self.vocab = self.backend_tokenizer.get_vocab(with_added_tokens=True)
         return dict(self.vocab)
 
