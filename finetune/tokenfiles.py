@@ -1,6 +1,6 @@
 """The token files' description, with no torch: meta.json's format and checks, the token dtype, the
-tokenizer and data fingerprints, the splits read back. prepare_data.py imports this (a torch import would cost it seconds of
-start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
+tokenizer and data fingerprints, the splits read back. prepare_data.py imports this (a torch import would
+cost it seconds of start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
 from __future__ import annotations
 
 import hashlib

@@ -23,7 +23,7 @@ import prepare_data as prep
 from conftest import REPO_ROOT, SHARED_GPT2_TOKENIZER, assert_clean_error, make_corpus, run_script
 from dataset import DataError, load_meta
 from finetune.errors import UserError
-from finetune.prepare import cuts, engines, recorded, split, stream
+from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
 from finetune.tokenfiles import read_split, reassemble
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").is_file(),
@@ -384,13 +384,13 @@ def test_tiktoken_fast_path_matches_gpt2_autotokenizer():
 
 
 def test_reader_handles_characters_across_blocks_and_reports_byte_offsets(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "BLOCK_BYTES", 7)  # many multi-byte characters straddle a block edge
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 7)  # many multi-byte characters straddle a block edge
     text = adversarial_text(3_000, seed=1)
     good = tmp_path / "good.txt"
     good.write_bytes(text.encode("utf-8"))
-    record = {}
-    assert "".join(t for t, _ in stream.read_text(good, "utf-8", record, 0)) == text
-    assert record["bytes"] == good.stat().st_size
+    facts = {}
+    assert "".join(t for t, _ in stream.read_text(good, "utf-8", facts, 0)) == text
+    assert facts["bytes"] == good.stat().st_size
     raw = text.encode("utf-8")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(raw[:2000] + b"\xff" + raw[2000:])
@@ -466,7 +466,7 @@ def test_exception_after_writing_leaves_old_outputs(prepared, tmp_path, monkeypa
     def boom(*args):
         raise RuntimeError("simulated crash after the token files were written")
 
-    monkeypatch.setattr(prep, "check_split_sizes", boom)
+    monkeypatch.setattr(pipeline, "check_split_sizes", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prep.main(["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out),
                    "--overwrite", "--block-size", "32"])
