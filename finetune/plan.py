@@ -191,15 +191,6 @@ def machine_memory_gib(device) -> float | None:
     return None
 
 
-def count_parameters(model_config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):  # shapes only, no memory, no weights read
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def eval_description(plan: Plan, cfg, world_size: int) -> str:
     batches = eval_batches_per_process(cfg, plan)
     blocks = plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size * world_size)

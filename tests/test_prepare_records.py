@@ -12,11 +12,13 @@ import random
 import sys
 
 import pytest
-from test_prepare_data import load, read_split, reassemble, reference_ids
+from test_prepare_data import load, reference_ids
 
 import prepare_data as prep
 from conftest import make_corpus
 from dataset import load_meta
+from finetune.prepare import engines
+from finetune.tokenfiles import read_split, reassemble
 
 
 def make_records(n: int, seed: int = 0, holes: bool = True) -> list[dict]:
@@ -128,7 +130,7 @@ def test_text_field_picks_another_field(tmp_path, tiny_tokenizer_dir, capsys):
 
 def test_long_record_is_cut_safely(tmp_path, tiny_tokenizer_dir, capsys, monkeypatch):
     """A record longer than a piece is tokenized in pieces cut at safe places: same ids as whole."""
-    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 2_000)
+    monkeypatch.setattr(engines.TiktokenEngine, "piece_chars", 2_000)
     long_text = make_corpus(30_000, seed=4)
     path = tmp_path / "d.jsonl"
     write_records(path, [{"text": "short one"}, {"text": long_text}, {"text": "after"}], "jsonl")

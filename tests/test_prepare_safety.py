@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_prepare_data import load, reassemble, reference_ids, snapshot
+from test_prepare_data import load, reference_ids, snapshot
 from test_prepare_records import assert_one_line_error, run
 
-import prepare_data as prep
 from conftest import REPO_ROOT, make_corpus
 from dataset import load_meta
+from finetune.prepare import writer
+from finetune.tokenfiles import reassemble
 
 
 def test_second_run_into_a_locked_output_dir_is_refused(tmp_path, tiny_tokenizer_dir, capsys):
@@ -115,7 +116,7 @@ def test_full_disk_is_one_line_exit_4_and_keeps_earlier_outputs(tmp_path, small_
         def full(f):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(prep, "_sync", full)
+        monkeypatch.setattr(writer, "_sync", full)
     code, _, stderr = run(["--input", big, *args, "--overwrite"], capsys)
     assert code == 4, stderr
     assert "Traceback" not in stderr
