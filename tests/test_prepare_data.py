@@ -18,9 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    REPO_ROOT,
+    SHARED_GPT2_TOKENIZER,
+    assert_one_line_error,
+    load,
+    make_corpus,
+    reference_ids,
+    run_main,
+    run_script,
+    snapshot,
+)
 
 import prepare_data as prep
-from conftest import REPO_ROOT, SHARED_GPT2_TOKENIZER, assert_clean_error, make_corpus, run_script
 from dataset import DataError, load_meta
 from finetune.errors import UserError
 from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
@@ -34,22 +44,9 @@ needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").i
 # Helpers and extra tokenizers
 
 
-def load(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def with_spec(path):
     tok = load(path)
     return tok, engines.tokenizer_spec(tok)
-
-
-def reference_ids(tok, text: str) -> list[int]:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # "longer than the model's maximum length" is expected here
-    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def text_of(path: Path) -> str:
@@ -454,10 +451,6 @@ def test_uint32_path_and_narrowing(tmp_path, corpus_file):
 # Atomic outputs
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_exception_after_writing_leaves_old_outputs(prepared, tmp_path, monkeypatch, tiny_tokenizer_dir, corpus_file):
     out = tmp_path / "data"
     shutil.copytree(prepared["out"], out)
@@ -513,13 +506,6 @@ def test_sigterm_mid_run_leaves_old_outputs(prepared, tmp_path, tiny_tokenizer_d
 # Bad input: one line, exit code 2, nothing written
 
 
-def assert_error_with_hint(result, *fragments: str) -> None:
-    """assert_clean_error, and the error line says how to fix it."""
-    assert_clean_error(result, *fragments)
-    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
-    assert "HINT:" in line, line
-
-
 @pytest.fixture
 def bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
@@ -548,7 +534,7 @@ def test_bad_input_fails_cleanly(bad_inputs, corpus_file, args, fragments):
     assert corpus_file.parent == bad_inputs  # book.txt sits beside the bad inputs
     before = sorted(p.name for p in bad_inputs.iterdir())
     result = run_script("prepare_data.py", *args, "--tokenizer", "unused", cwd=bad_inputs)
-    assert_error_with_hint(result, *fragments)
+    assert_one_line_error(result, *fragments)
     assert sorted(p.name for p in bad_inputs.iterdir()) == before  # nothing written (no data/ folder)
 
 
@@ -558,7 +544,7 @@ def test_existing_outputs_need_overwrite(prepared, tmp_path, tiny_tokenizer_dir,
     before = snapshot(out)
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
                         "--output-dir", out)
-    assert_error_with_hint(result, "already holds", "--overwrite")
+    assert_one_line_error(result, "already holds", "--overwrite")
     assert snapshot(out) == before
 
 
@@ -567,7 +553,7 @@ def test_undecodable_bytes_name_file_and_offset(tmp_path, tiny_tokenizer_dir):
     bad.write_bytes(("Plain text first. " * 100).encode() + "Caf\u00e9 au lait.".encode("latin-1"))
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out)
-    assert_error_with_hint(result, "latin1.txt", "not valid utf-8", "offset 1803", "--encoding")
+    assert_one_line_error(result, "latin1.txt", "not valid utf-8", "offset 1803", "--encoding")
     assert not out.exists()
 
 
@@ -575,11 +561,11 @@ def test_tokenizer_that_cannot_be_loaded(tmp_path, corpus_file):
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tmp_path / "no_such_tokenizer",
                         "--output-dir", out)
-    assert_error_with_hint(result, "cannot load tokenizer", "no_such_tokenizer", "local tokenizer folder")
+    assert_one_line_error(result, "cannot load tokenizer", "no_such_tokenizer", "local tokenizer folder")
     started = time.time()
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", "someone/not-a-real-model-xyz",
                         "--output-dir", out, env={"HF_HUB_OFFLINE": "1"})
-    assert_error_with_hint(result, "cannot load tokenizer", "HF_HUB_OFFLINE")
+    assert_one_line_error(result, "cannot load tokenizer", "HF_HUB_OFFLINE")
     assert time.time() - started < 30  # offline: no retries
     assert not out.exists()
 
@@ -588,7 +574,7 @@ def test_split_too_small_says_how_to_fix(tmp_path, corpus_file, tiny_tokenizer_d
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
                         "--output-dir", out, "--val-fraction", "0.01")
-    assert_error_with_hint(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
+    assert_one_line_error(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
     assert not out.exists()
 
 
@@ -609,16 +595,6 @@ def json_blob(n_chars: int) -> str:
     return json.dumps(records, ensure_ascii=False, separators=(",", ":"))
 
 
-def run_main(argv, capsys) -> subprocess.CompletedProcess:
-    """prep.main in this process, its exit and output as a CompletedProcess (for assert_error_with_hint)."""
-    try:
-        code = 0 if prep.main([str(a) for a in argv]) is not None else 1
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
-
-
 def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
     monkeypatch.setattr(engines.TiktokenEngine, "piece_chars", 16 << 10)
     text = json_blob(300_000)
@@ -626,7 +602,7 @@ def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_
     blob = tmp_path / "blob.txt"
     blob.write_text(text, encoding="utf-8")
     out = tmp_path / "data"
-    result = run_main(["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                        "--block-size", 64, "--val-fraction", 0.2], capsys)
     assert result.returncode == 0, result.stderr
     meta = load_meta(out)
@@ -645,14 +621,14 @@ def test_text_that_cannot_be_cut_says_so_and_names_val_input(tmp_path, tiny_toke
     letters.write_text("a" * 100_000, encoding="utf-8")
     out = tmp_path / "data"
     for fraction in ("0.1", "0.9"):  # raising --val-fraction cannot help, and the message does not say so
-        result = run_main(["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+        result = run_main(prep.main, ["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                            "--block-size", 64, "--val-fraction", fraction], capsys)
-        assert_error_with_hint(result, "cannot be cut", "one letter repeated", "--val-input")
+        assert_one_line_error(result, "cannot be cut", "one letter repeated", "--val-input")
         assert "--val-fraction" not in result.stderr
         assert not out.exists()
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("b" * 20_000, encoding="utf-8")
-    result = run_main(["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
+    result = run_main(prep.main, ["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
                        "--output-dir", out, "--block-size", 64], capsys)
     assert result.returncode == 0, result.stderr
     tok = load(tiny_tokenizer_dir)
