@@ -106,7 +106,7 @@ class TrainConfig:
     seed: int = 1337
     """seeds the shuffle order and dropout"""
     compile: bool = False
-    """torch.compile the model (on the 2-core CPU it was measured on it made steps slower; see README)"""
+    """torch.compile the model (not always faster: measure it on your machine; see docs/performance.md)"""
     torch_dropout: bool = False
     """on CPU, draw dropout masks with torch's own (slower) kernels instead of the faster generator of
     cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
@@ -454,8 +454,8 @@ def changed_settings(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig, tokenizer, model_source: str, device, precision: str):
     """The model to train, and how to write it: loaded, converted (LoRA), then the fast CPU dropout masks,
-    last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input:
-    124M, r 8, bf16, 4 x 256 ran at 317 vs 300 tokens/s and 2,194 vs 2,392 MiB peak RSS with them; README)."""
+    last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input;
+    the gain is measured in docs/lora.md)."""
     from finetune.models import load_model_for_training
     from finetune.training import ModelFiles
 

@@ -128,8 +128,8 @@ def count_evaluations(cfg, plan: Plan) -> int:
 def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     """--eval-batches (0 = all, returned as None), or by default the run's evaluations together get at
     most 1/20 of the micro-batches it trains (at least 8 each). A forward pass costs about half a training
-    micro-step here (measured with bench/overhead.py), so evaluating stays near 3 % of the run whatever
-    the size of the split, which a full pass at every evaluation would not (9 % in that benchmark)."""
+    micro-step, so evaluating stays a few % of the run whatever the size of the split, which a full pass
+    at every evaluation would not (bench/overhead.py measures both; docs/performance.md)."""
     if cfg.eval_batches is not None:
         return cfg.eval_batches or None
     n_evals = count_evaluations(cfg, plan)
@@ -189,15 +189,6 @@ def machine_memory_gib(device) -> float | None:
     except (ValueError, OSError, AttributeError):
         pass
     return None
-
-
-def count_parameters(model_config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):  # shapes only, no memory, no weights read
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def eval_description(plan: Plan, cfg, world_size: int) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
-from .fsio import folder_in_use, lock_holder, locked_folder, remove_leftovers, rewrite_text
+from .fsio import folder_in_use, lock_holder, remove_leftovers, rewrite_text
+from .outdir import claimed_folder
 from .trackers import TRACKER_FILES
 
 CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
@@ -76,13 +77,8 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: st
 
 @contextlib.contextmanager
 def locked_output_dir(output_dir: Path, script: str):
-    """Create `output_dir` and hold its lock (fsio.locked_folder) while the block runs."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
-                        f"HINT: choose a writable folder") from None
-    with locked_folder(output_dir, script):
+    """Create `output_dir` and hold its lock (outdir.claimed_folder) while the block runs."""
+    with claimed_folder(output_dir, script, "cannot write to --output-dir {out} ({why}). HINT: choose a writable folder"):
         yield
 
 

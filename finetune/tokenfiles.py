@@ -1,6 +1,6 @@
 """The token files' description, with no torch: meta.json's format and checks, the token dtype, the
-tokenizer and data fingerprints. prepare_data.py imports this (a torch import would cost it seconds of
-start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
+tokenizer and data fingerprints, the splits read back. prepare_data.py imports this (a torch import would
+cost it seconds of start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
 from __future__ import annotations
 
 import hashlib
@@ -126,3 +126,24 @@ def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def read_split(data_dir: str | os.PathLike, meta: dict, split: str) -> np.ndarray:
+    """One split's token ids, memory-mapped (an empty file reads as no ids)."""
+    path = Path(data_dir) / meta["splits"][split]["file"]
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def reassemble(data_dir: str | os.PathLike) -> np.ndarray:
+    """The inverse of prepare_data.py's split: the token stream of the inputs, validation ranges put back
+    where meta.json says they came from (train alone when the validation text came from --val-input)."""
+    meta = load_meta(data_dir)
+    train, val = read_split(data_dir, meta, "train"), read_split(data_dir, meta, "val")
+    parts, t = [], 0
+    for r in meta["split"].get("val_ranges", []):
+        parts += [train[t:r["train_tokens_before"]], val[r["val_token_start"]:r["val_token_start"] + r["tokens"]]]
+        t = r["train_tokens_before"]
+    parts.append(train[t:])
+    return np.concatenate(parts)

@@ -8,26 +8,18 @@ import sys
 
 import pytest
 import torch
-from test_finetune import assert_same_weights, base_args, train_records
+from helpers import (
+    REPO_ROOT,
+    assert_clean_error,
+    assert_same_weights,
+    common_args,
+    run_script,
+    torchrun,
+    train_records,
+)
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error, run_script
 from finetune import checkpoints as ckpt
-
-
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-         str(REPO_ROOT / "finetune_generative.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-
-
-def common_args(model_dir, data_dir, out, batch_size: int, *extra) -> list[str]:
-    # Dropout off: the two runs draw dropout masks from different RNG streams.
-    return [*base_args(model_dir, data_dir, out, "--epochs", "1", "--dropout", "0", "--save-every", "4",
-                       "--eval-every", "4"),
-            "--batch-size", str(batch_size), *extra]
 
 
 @pytest.fixture(scope="module")

@@ -16,41 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error, run_script
 from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
-
-BLOCK = 32
-
-
-def base_args(model_dir, data_dir, out_dir, *extra) -> list[str]:
-    return [
-        "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir),
-        "--block-size", str(BLOCK), "--batch-size", "8", "--grad-accum", "2", "--epochs", "2",
-        "--lr", "3e-3", "--warmup-steps", "3", "--precision", "fp32", "--device", "cpu",
-        "--num-workers", "0", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-        "--save-total-limit", "0", "--seed", "11", *map(str, extra),
-    ]
-
-
-def train_records(out_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 def expected_total_steps(data_dir: Path, batch: int, accum: int, epochs: int) -> int:

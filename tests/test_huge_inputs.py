@@ -6,7 +6,7 @@ import contextlib
 import io
 import math
 
-from test_finetune import base_args
+from helpers import base_args
 
 import finetune_generative as ft
 from dataset import load_meta

@@ -16,13 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    assert_clean_error,
+    assert_same_weights,
+    base_args,
+    build_tiny_model,
+    common_args,
+    error_lines,
+    newest_step,
+    run_main,
+    start,
+    torchrun,
+    train_records,
+    wait_for_step,
+)
 from safetensors.torch import load_file
-from test_distributed import common_args, torchrun
-from test_fault_injection import error_lines, newest_step, run_main, start, wait_for_step
-from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
-from conftest import assert_clean_error, build_tiny_model
 from finetune import checkpoints as ckpt
 from finetune import lora
 
@@ -285,7 +295,7 @@ BAD_LORA = [
 def test_bad_lora_arguments(tmp_path, tiny_model_dir, tiny_data_dir, capsys, monkeypatch, extra, message):
     loaded = []
     monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
     assert_clean_error(result, message)
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
 
@@ -321,7 +331,7 @@ def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny
     loaded = []
     monkeypatch.setattr(peft, "get_peft_model", refuse)
     monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
     assert_clean_error(result, "peft cannot wrap this gpt2 model (ValueError: Target module Conv1D() is not "
                        "supported", "HINT: train it without --lora-r")
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
@@ -330,7 +340,7 @@ def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny
 def test_lora_without_peft_is_one_line_with_the_pip_command(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
                                                            monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
     assert_clean_error(result, "LoRA needs the peft package, which is not installed", "pip install peft")
 
 
@@ -339,7 +349,7 @@ def test_resume_refused_with_other_lora_settings_or_another_base(lora_run, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     shutil.copytree(lora_run / "checkpoint-5", out / "checkpoint-5")
-    result = run_main(["--output-dir", out, "--resume", "--lora-r", "8"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume", "--lora-r", "8"], capsys)
     assert_clean_error(result, "--lora-r 8 differs from the checkpoint's 4")
     # The same base folder, other weights in it: the fingerprint tells.
     base = tmp_path / "base"
@@ -347,7 +357,7 @@ def test_resume_refused_with_other_lora_settings_or_another_base(lora_run, tmp_p
     run = tmp_path / "run"
     assert ft.main(base_args(base, tiny_data_dir, run, "--max-steps", "2", "--lora-r", "4")) == 0
     build_tiny_model(base, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"], seed=1)
-    result = run_main(["--output-dir", run, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", run, "--resume"], capsys)
     assert_clean_error(result, f"the base model {base} differs from the one the checkpoint's adapter was trained on")
 
 

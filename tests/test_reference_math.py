@@ -21,8 +21,8 @@ import math
 
 import pytest
 import torch
+from helpers import BLOCK, base_args, train_records
 from safetensors.torch import load_file
-from test_finetune import BLOCK, base_args, train_records
 
 import finetune_generative as ft
 from dataset import EpochShuffleSampler, TextDataset

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fault_injection import error_lines, run_main
-from test_finetune import base_args
+from helpers import REPO_ROOT, base_args, error_lines, run_main
 
 import finetune_generative as ft
-from conftest import REPO_ROOT
 from finetune import console, trackers
 
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
@@ -200,15 +198,15 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else
                         find_spec(name, *a))
     out = tmp_path / "out"
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "trackio"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "trackio"), capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == ["error: --report-to trackio needs the trackio package, which is not "
                                           "installed. HINT: pip install trackio"]
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorbord"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorbord"), capsys)
     assert error_lines(result.stderr) == ["error: --report-to 'tensorbord' is not one of none, tensorboard, "
                                           "mlflow, trackio, wandb (HINT: separate several with commas, e.g. "
                                           "--report-to tensorboard,mlflow)"]
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "none,tensorboard"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "none,tensorboard"), capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
                                           "cannot be combined with tensorboard. HINT: use --report-to "

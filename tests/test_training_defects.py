@@ -19,12 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fault_injection import run_main
-from test_finetune import BLOCK, base_args, train_records, weights
-from test_generate import main_error as generate_main
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, base_args, run_main, train_records, weights
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error
+import generate
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
 from finetune.errors import first_line
@@ -143,10 +141,11 @@ def test_malicious_pickle_weights_are_refused_by_training_and_generate(tmp_path,
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):  # what torch itself says (and advises)
         torch.load(evil / "pytorch_model.bin", weights_only=True)
 
-    result = run_main(base_args(evil, tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(evil, tiny_data_dir, tmp_path / "out"), capsys)
     assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "HINT: use a model saved as "
                                      "model.safetensors")
-    result = generate_main(capsys, "--model", evil, "--prompt", "x", "--max-new-tokens", 2)
+    result = run_main(generate.main, ["--device", "cpu", "--precision", "fp32", "--model", evil, "--prompt", "x",
+                                      "--max-new-tokens", 2], capsys)
     assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "safetensors")
 
 
@@ -157,7 +156,7 @@ def test_tampered_training_state_is_refused_without_relaying_torch(one_step, tmp
     marker = tmp_path / "payload-ran"
     state = torch.load(state_file, weights_only=True)
     torch.save({**state, "rng": RunsCodeWhenUnpickled(marker)}, state_file)  # a valid zip: its CRCs match
-    result = run_main(["--output-dir", out, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume"], capsys)
     assert_refused_unsafely_loadable(result, marker, f"checkpoint {out}/checkpoint-1 is damaged: training_state.pt "
                                      "names Python functions to call while loading")
 
@@ -178,7 +177,7 @@ def test_first_line_cuts_long_messages_at_a_word():
 
 
 def test_data_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir / "meta.json", tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir / "meta.json", tmp_path / "out"), capsys)
     assert_clean_error(result, f"{tiny_data_dir}/meta.json is a file, not a folder",
                        f"HINT: pass the folder prepare_data.py wrote (train.bin, val.bin and meta.json): {tiny_data_dir}")
     assert "--output-dir" not in result.stderr.split("HINT:")[1]  # never: prepare_data --output-dir <that file>
@@ -186,7 +185,7 @@ def test_data_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_data_dir, capsys
 
 
 def test_model_folder_without_config_json(tmp_path, tiny_tokenizer_dir, tiny_data_dir, capsys):
-    result = run_main(base_args(tiny_tokenizer_dir, tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(tiny_tokenizer_dir, tiny_data_dir, tmp_path / "out"), capsys)
     assert_clean_error(result, "has no config.json, so it is not a saved model",
                        "HINT: pass the folder that holds config.json and the weights")
     assert "offline" not in result.stderr.lower() and "HF_HUB_OFFLINE" not in result.stderr
@@ -195,7 +194,7 @@ def test_model_folder_without_config_json(tmp_path, tiny_tokenizer_dir, tiny_dat
 
 def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsys):
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest
-    result = run_main(base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
     assert_clean_error(result, "HF_HUB_OFFLINE is set, so the hub was not asked",
                        "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it")
     assert "set HF_HUB_OFFLINE=1" not in result.stderr

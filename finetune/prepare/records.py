@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 RECORD_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 BLOCK_BYTES = 1 << 20
@@ -49,16 +49,16 @@ def is_utf8(encoding: str) -> bool:
 
 
 def read_records(path: Path, fmt: str, text_field: str, encoding: str, stats: RecordStats,
-                 record: dict) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) of each record with text; fills `record` (bytes, sha256, bom_stripped) at the end."""
+                 facts: dict) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) of each record with text; fills `facts`, the file facts (bytes, sha256, bom_stripped), at the end."""
     hasher = hashlib.sha256()
     if fmt == "parquet":
         values = parquet_values(path, text_field)
     elif fmt in ("csv", "tsv"):
-        values = csv_values(path, fmt, text_field, encoding, record, hasher)
+        values = csv_values(path, fmt, text_field, encoding, facts, hasher)
     else:
-        objects = jsonl_objects(path, encoding, record, hasher) if fmt == "jsonl" else \
-            json_objects(path, encoding, record, hasher)
+        objects = jsonl_objects(path, encoding, facts, hasher) if fmt == "jsonl" else \
+            json_objects(path, encoding, facts, hasher)
         values = json_values(objects, path, text_field, stats)
     for offset, value in values:
         text = take_text(value, stats)
@@ -69,9 +69,9 @@ def read_records(path: Path, fmt: str, text_field: str, encoding: str, stats: Re
         raise UserError(f"{path}: no record has the field {text_field!r} (--text-field); the fields that "
                         f"exist: {shown}. HINT: pass --text-field with the field that holds the text")
     if fmt == "parquet":
-        record.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+        facts.update(bytes=path.stat().st_size, sha256=file_sha256(path))
     else:
-        record.update(bytes=path.stat().st_size, sha256=hasher.hexdigest())
+        facts.update(bytes=path.stat().st_size, sha256=hasher.hexdigest())
 
 
 MISSING = object()  # a record without the field (as opposed to one whose field is null)
@@ -155,14 +155,14 @@ def decode_line(raw: bytes, path: Path, where: str, encoding: str) -> str:
                         "or fix the file") from None
 
 
-def strip_bom(raw: bytes, encoding: str, record: dict) -> bytes:
+def strip_bom(raw: bytes, encoding: str, facts: dict) -> bytes:
     if is_utf8(encoding) and raw.startswith(codecs.BOM_UTF8):
-        record["bom_stripped"] = True
+        facts["bom_stripped"] = True
         return raw[len(codecs.BOM_UTF8):]
     return raw
 
 
-def jsonl_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[tuple[int, str, object]]:
+def jsonl_objects(path: Path, encoding: str, facts: dict, hasher) -> Iterator[tuple[int, str, object]]:
     """One JSON value per line; blank lines are allowed."""
     offset = 0
     with open(path, "rb") as f:
@@ -170,7 +170,7 @@ def jsonl_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[t
             hasher.update(raw)
             start, offset = offset, offset + len(raw)
             if number == 1:
-                raw = strip_bom(raw, encoding, record)
+                raw = strip_bom(raw, encoding, facts)
             line = decode_line(raw, path, f"line {number}", encoding)
             if not line.strip():
                 continue
@@ -187,8 +187,8 @@ def jsonl_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[t
 class JsonStream:
     """A .json file decoded block by block, with the position's line number and byte offset."""
 
-    def __init__(self, f, path: Path, encoding: str, record: dict, hasher):
-        self.f, self.path, self.encoding, self.record, self.hasher = f, path, encoding, record, hasher
+    def __init__(self, f, path: Path, encoding: str, facts: dict, hasher):
+        self.f, self.path, self.encoding, self.facts, self.hasher = f, path, encoding, facts, hasher
         self.decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
         self.buf, self.pos, self.eof, self.first = "", 0, False, True
         self.line, self.bytes, self.counted = 1, 0, 0  # line number / byte offset of buf[self.counted]
@@ -203,7 +203,7 @@ class JsonStream:
         raw = self.f.read(max(BLOCK_BYTES, at_least))
         self.hasher.update(raw)
         if self.first:
-            raw, self.first = strip_bom(raw, self.encoding, self.record), False
+            raw, self.first = strip_bom(raw, self.encoding, self.facts), False
         try:
             self.buf += self.decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as exc:
@@ -256,10 +256,10 @@ class JsonStream:
                         "must hold one array of objects, or one object per line (JSON lines)")
 
 
-def json_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[tuple[int, str, object]]:
+def json_objects(path: Path, encoding: str, facts: dict, hasher) -> Iterator[tuple[int, str, object]]:
     """A .json file: one array of objects, or objects one after another (JSON lines, pretty-printed)."""
     with open(path, "rb") as f:
-        stream = JsonStream(f, path, encoding, record, hasher)
+        stream = JsonStream(f, path, encoding, facts, hasher)
         if stream.skip_space() != "[":
             while stream.skip_space():
                 start, line, obj = stream.value()
@@ -289,13 +289,13 @@ def json_objects(path: Path, encoding: str, record: dict, hasher) -> Iterator[tu
 # CSV and TSV
 
 
-def csv_lines(f, path: Path, encoding: str, record: dict, hasher, where: list) -> Iterator[str]:
+def csv_lines(f, path: Path, encoding: str, facts: dict, hasher, where: list) -> Iterator[str]:
     """Decoded lines for csv.reader; where[0] is the byte offset after the lines handed out so far."""
     for number, raw in enumerate(f, 1):
         hasher.update(raw)
         where[0] += len(raw)
         if number == 1:
-            raw = strip_bom(raw, encoding, record)
+            raw = strip_bom(raw, encoding, facts)
         yield decode_line(raw, path, f"line {number}", encoding)
 
 
@@ -318,12 +318,12 @@ def csv_header(reader, path: Path, text_field: str) -> list[str]:
     return header
 
 
-def csv_values(path: Path, fmt: str, text_field: str, encoding: str, record: dict,
+def csv_values(path: Path, fmt: str, text_field: str, encoding: str, facts: dict,
                hasher) -> Iterator[tuple[int, object]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # default 128 KB: a long document is one field
     where = [0]
     with open(path, "rb") as f:
-        reader = csv.reader(csv_lines(f, path, encoding, record, hasher, where),
+        reader = csv.reader(csv_lines(f, path, encoding, facts, hasher, where),
                             delimiter="\t" if fmt == "tsv" else ",")
         try:
             header = csv_header(reader, path, text_field)
