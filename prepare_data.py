@@ -24,6 +24,10 @@ How it works, in the order the code runs:
 - Record files (.jsonl, .json, .csv/.tsv, .parquet; finetune/prepare/records.py reads them as a
   stream) give one document per record with text in --text-field, an end-of-text token after
   each; the split takes whole records (see "Record inputs").
+- Chat records (messages, prompt/completion, instruction/output: detected from the fields, or
+  --chat-format) are rendered with the chat template and written as ids plus train.mask.bin /
+  val.mask.bin, one loss-mask byte per token: what is trained, where an example starts
+  (finetune/chat.py, finetune/prepare/chatstream.py; docs/chat.md).
 - Token ids equal `AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)`
   for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
@@ -47,14 +51,23 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.chat import FORMAT_FLAG_VALUES, ChatTemplate, choose_template, describe
 from finetune.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
 from finetune.outdir import claimed_output_files, existing_outputs_problems
+from finetune.prepare.chatstream import ChatRun, chat_renderer
 from finetune.prepare.cuts import make_cutter
 from finetune.prepare.engines import EngineMismatch, HFEngine, choose_engine, load_tokenizer, tokenizer_class, tokenizer_spec
 from finetune.prepare.pipeline import human_bytes, tokenize_to_files
 from finetune.prepare.settings import Settings
-from finetune.prepare.sources import RECORD_EXTENSIONS, SAMPLE_BOOK, TEXT_EXTENSIONS, input_problems, read_sample
-from finetune.prepare.writer import OUTPUT_FILES
+from finetune.prepare.sources import (
+    RECORD_EXTENSIONS,
+    SAMPLE_BOOK,
+    TEXT_EXTENSIONS,
+    chat_run_format,
+    input_problems,
+    read_sample,
+)
+from finetune.prepare.writer import ALL_OUTPUTS
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -94,6 +107,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     tok.add_argument("--engine", choices=("auto", "tiktoken", "hf"), default="auto",
                      help="auto: the tiktoken fast path for GPT-2-style byte-level BPE when it checks out, else "
                           "Hugging Face tokenizers; the token ids are the same either way (default: %(default)s)")
+
+    chat = parser.add_argument_group("chat and instruction records (docs/chat.md)")
+    chat.add_argument("--chat-format", choices=FORMAT_FLAG_VALUES, default="auto",
+                      help="auto: detected from the fields (messages; prompt + completion; instruction + output; "
+                           "else plain text from --text-field); messages: every chat record as a conversation "
+                           "(prompt/completion and instruction records become turns); prompt_completion, "
+                           "instruction: insist on that format; text: every record as plain text (default: %(default)s)")
+    chat.add_argument("--chat-template", default=None, metavar="FILE",
+                      help="Jinja chat template to render conversations with, instead of the tokenizer's own "
+                           "(or, for a tokenizer without one, the default template of docs/chat.md)")
+    chat.add_argument("--train-on-everything", action="store_true",
+                      help="chat data: train on every token (template, system and user turns too), not only "
+                           "the replies and their end tokens")
 
     split = parser.add_argument_group("validation split")
     split.add_argument("--val-fraction", type=float, default=None, metavar="F",
@@ -143,7 +169,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(tokenizer=args.tokenizer, encoding=args.encoding, text_field=args.text_field,
                     val_fraction=val_fraction, seed=args.seed, separate_val=bool(args.val_input),
                     block_size=args.block_size, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                    num_workers=args.num_workers)
+                    num_workers=args.num_workers, chat_format=args.chat_format, chat_template=args.chat_template,
+                    train_on_everything=args.train_on_everything)
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +187,9 @@ def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float,
     where = f"{len(ranges)} range(s) inside the text" if ranges else "--val-input"
     # The rate is over the tokenizing alone: on a small input start-up (imports, tokenizer) dominates the
     # total, and an end-to-end MB/s would be misleading there.
-    print(f"wrote {out_dir}/train.bin, val.bin, meta.json ({meta['dtype']}): {human_bytes(mb * 1e6)} of input "
+    written = "train.bin, val.bin, train.mask.bin, val.mask.bin, meta.json" if "chat" in meta else \
+        "train.bin, val.bin, meta.json"
+    print(f"wrote {out_dir}/{written} ({meta['dtype']}): {human_bytes(mb * 1e6)} of input "
           f"tokenized in {tokenize_seconds:.1f} s ({mb / max(tokenize_seconds, 1e-9):.1f} MB/s); "
           f"{seconds:.1f} s in all, start-up included")
     for note in input_notes(meta):
@@ -170,15 +199,41 @@ def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float,
         extra = f", from {where}" if split == "val" else ""
         print(f"  {split:5s} {tokens[split]:>14,} tokens {chars[split]:>14,} chars  {per:.2f} chars/token{extra}")
     s = settings
+    if "chat" in meta:  # whole examples packed into blocks: the count depends on the packing
+        print(f"  block size {s.block_size}: {-(-tokens['train'] // s.block_size):,} or more blocks per epoch "
+              f"(examples are packed whole, the rest of a block is padding); validation: "
+              f"{-(-tokens['val'] // s.block_size):,} or more")
+        return
     blocks = tokens["train"] // s.block_size
     steps = steps_per_epoch(blocks, s.batch_size, s.grad_accum)
     print(f"  one epoch at block size {s.block_size}, batch size {s.batch_size}, grad accum {s.grad_accum}: "
           f"{blocks:,} blocks = {steps:,} optimizer steps; validation: {tokens['val'] // s.block_size:,} blocks")
 
 
+def chat_notes(chat: dict) -> list[str]:
+    """What the summary says about chat records: examples, what is trained, what was skipped."""
+    source = "joined as TRL does" if chat["format"] == "prompt_completion" else \
+        describe(ChatTemplate(chat["template"], chat["template_source"]))
+    replies = "completions" if chat["format"] == "prompt_completion" else "replies"
+    trained = "every token trained (--train-on-everything)" if not chat["train_only_replies"] else \
+        f"trained: the {replies} and their end tokens"
+    examples, skipped = chat["examples"], chat["skipped"]
+    notes = [f"chat records ({chat['format']}, {source}): {examples['train']:,} train and {examples['val']:,} val "
+             f"examples, whole records; {trained}: {chat['trained_tokens']['train']:,} train and "
+             f"{chat['trained_tokens']['val']:,} val target tokens"]
+    if any(skipped.values()):
+        notes.append(f"skipped {skipped['no_assistant_turn']:,} conversation(s) without an assistant turn and "
+                     f"{skipped['nothing_to_train']:,} example(s) with nothing to train")
+    if chat.get("prompt_tokens_merged"):
+        notes.append(f"in {chat['prompt_tokens_merged']:,} prompt/completion record(s) the prompt's last token merges "
+                     "with the completion's first; training starts at that token, as in TRL (a prompt ending "
+                     "in a space or newline avoids it)")
+    return notes
+
+
 def input_notes(meta: dict) -> list[str]:
     """What the summary says about records (documents per split, skipped) and byte-order marks."""
-    notes = []
+    notes = chat_notes(meta["chat"]) if "chat" in meta else []
     records = meta.get("records")
     if records:
         why = ", ".join(f"{n:,} {reason}" for reason, n in records["skipped_by_reason"].items() if n)
@@ -253,12 +308,20 @@ def main(argv=None):
     keep_rss_flat()
     out_dir = Path(args.output_dir)
     # cheap checks first: bad input fails before the tokenizer loads, every problem at once
-    inputs, val_inputs, problems = input_problems(args.input, args.val_input, settings.encoding, settings.text_field)
-    problems += existing_outputs_problems(out_dir, OUTPUT_FILES, args.overwrite)
+    inputs, val_inputs, problems = input_problems(args.input, args.val_input, settings.encoding, settings.text_field,
+                                                  settings.chat_format)
+    problems += existing_outputs_problems(out_dir, ALL_OUTPUTS, args.overwrite)
     raise_if_problems([p for p in problems if p], "the input")
+    chat_format = chat_run_format(inputs, val_inputs, settings.encoding, settings.chat_format)
+    if chat_format is None and (settings.chat_template or settings.train_on_everything):
+        flag = "--chat-template" if settings.chat_template else "--train-on-everything"
+        raise UserError(f"{flag} is for chat records, but the input is plain text (no record has 'messages', "
+                        "'prompt' + 'completion' or 'instruction' + 'output'). HINT: leave out the flag, or pass "
+                        "--chat-format to say how to read the records")
+    template = choose_template(None, settings.chat_template) if settings.chat_template else None  # file errors now
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own threads
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, full=chat_format is not None)  # chat: the template, special tokens
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {args.tokenizer!r} has no end-of-text (eos) token to put between documents. "
                         "HINT: use the tokenizer of a causal language model")
@@ -267,17 +330,25 @@ def main(argv=None):
     cutter = make_cutter(tokenizer, spec, engine)
     print(f"tokenizer {args.tokenizer} ({tokenizer_class(tokenizer)}, {len(tokenizer):,} entries); "
           f"engine: {why}; {args.num_workers} worker thread(s)", file=sys.stderr)
+    chat = None
+    if chat_format is not None:
+        renderer = chat_renderer(tokenizer, settings, HFEngine(tokenizer), template)  # a bad template fails here
+        chat = ChatRun(chat_format, renderer.template)
+        how = "prompt + completion + end token, no template text" if chat_format == "prompt_completion" else \
+            f"rendered with {describe(renderer.template)}"
+        print(f"chat records ({chat_format}): {how}", file=sys.stderr)
 
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     tokenize_started = time.time()
     try:
-        with claimed_output_files(out_dir, "prepare_data.py", OUTPUT_FILES, args.overwrite):
+        with claimed_output_files(out_dir, "prepare_data.py", ALL_OUTPUTS, args.overwrite):
             try:
-                meta = tokenize_to_files(settings, inputs, val_inputs, tokenizer, engine, cutter, out_dir)
+                meta = tokenize_to_files(settings, inputs, val_inputs, tokenizer, engine, cutter, out_dir, chat)
             except EngineMismatch as exc:
                 print(f"note: {exc} in {[*inputs, *val_inputs][exc.source]}; starting over with --engine hf",
                       file=sys.stderr)
-                meta = tokenize_to_files(settings, inputs, val_inputs, tokenizer, HFEngine(tokenizer), cutter, out_dir)
+                meta = tokenize_to_files(settings, inputs, val_inputs, tokenizer, HFEngine(tokenizer), cutter, out_dir,
+                                         chat)
         tokenize_seconds = time.time() - tokenize_started
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written or replaced. HINT: run the same command again",

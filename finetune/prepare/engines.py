@@ -27,14 +27,15 @@ CHECK_CHARS = 16 << 10
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, full: bool = False):
     """AutoTokenizer from a local folder, the Hugging Face cache, or (when reachable) the hub; or, when
     this tokenizer was checked and recorded by an earlier run, the same tokenizer without transformers
-    (recorded.load_recorded_tokenizer: a fraction of the start-up; docs/performance.md)."""
+    (recorded.load_recorded_tokenizer: a fraction of the start-up; docs/performance.md). `full`: always the
+    AutoTokenizer (chat records need its chat template and special tokens)."""
     from ..models import load_tokenizer as load
     from .recorded import load_recorded_tokenizer, remember_tokenizer
 
-    tokenizer = load_recorded_tokenizer(name_or_path)
+    tokenizer = None if full else load_recorded_tokenizer(name_or_path)
     if tokenizer is None:
         tokenizer = load(name_or_path, flag="--tokenizer")  # heavy (imports transformers)
         with quiet_transformers():

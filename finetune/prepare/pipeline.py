@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chat import FormatChooser
 from ..errors import UserError
 from ..tokenfiles import token_dtype
+from .chatstream import ChatRun, chat_examples, chat_meta, chat_renderer, check_examples
 from .cuts import Cutter
 from .records import record_format
 from .settings import Settings
@@ -40,8 +42,11 @@ def encode_pieces(pieces, engine, workers: int) -> Iterator[tuple[Piece, np.ndar
 
 
 def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[Path], tokenizer, engine,
-                      cutter: Cutter, out_dir: Path) -> dict:
-    """Tokenize everything into temporary files in out_dir, then commit; return meta."""
+                      cutter: Cutter, out_dir: Path, chat: ChatRun | None = None) -> dict:
+    """Tokenize everything into temporary files in out_dir, then commit; return meta. `chat`: the records
+    are chat records (ids + loss masks, whole examples)."""
+    if chat is not None:
+        return chat_to_files(settings, inputs, val_inputs, tokenizer, engine, out_dir, chat)
     sources = [{"path": str(p), "role": "input", "format": record_format(p) or "text", "chars": 0, "tokens": 0}
                for p in inputs]
     sources += [{"path": str(p), "role": "val-input", "format": record_format(p) or "text", "chars": 0, "tokens": 0}
@@ -74,6 +79,63 @@ def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[P
     except BaseException:  # error, Ctrl-C or SIGTERM: leave nothing behind
         outputs.discard()
         raise
+
+
+def chat_to_files(settings: Settings, inputs: list[Path], val_inputs: list[Path], tokenizer, engine,
+                  out_dir: Path, chat: ChatRun) -> dict:
+    """tokenize_to_files for chat records: every record rendered with the template into ids and a loss mask
+    (train.mask.bin / val.mask.bin beside the ids), the split by whole records."""
+    sources = [{"path": str(p), "role": "input", "format": record_format(p), "chars": 0, "tokens": 0} for p in inputs]
+    sources += [{"path": str(p), "role": "val-input", "format": record_format(p), "chars": 0, "tokens": 0}
+                for p in val_inputs]
+    file_facts = [{} for _ in sources]
+    ranges = [] if val_inputs else val_ranges(sum(p.stat().st_size for p in inputs), settings.val_fraction,
+                                              settings.seed, *range_sizes(inputs))
+    renderer = chat_renderer(tokenizer, settings, engine, chat.template)
+    chooser = FormatChooser(settings.chat_format)
+    boundaries = [b for r in ranges for b in r]
+    examples = (example for stream in (
+        chat_examples(inputs, file_facts[:len(inputs)], settings, renderer, chooser, boundaries, "train", 0),
+        chat_examples(val_inputs, file_facts[len(inputs):], settings, renderer, chooser, (), "val", len(inputs)))
+        for example in stream)
+    tally = Tally(sources, track_ranges=not val_inputs)
+    dtype = token_dtype(max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1) - 1)
+    outputs = Outputs(out_dir, dtype, masks=True)
+    try:
+        counts, trained = write_examples(examples, outputs, tally, sum(p.stat().st_size for p in [*inputs, *val_inputs]))
+        for source, facts in zip(sources, file_facts):
+            source.update(facts)
+        check_examples(counts, renderer, bool(val_inputs), settings.val_fraction)
+        if dtype.itemsize == 4 and tally.max_id < 2**16:
+            outputs.narrow_to_uint16()
+        meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally),
+                          chat=chat_meta(renderer, chat, counts, trained))
+        outputs.commit(meta)
+        return meta
+    except BaseException:  # error, Ctrl-C or SIGTERM: leave nothing behind
+        outputs.discard()
+        raise
+
+
+def write_examples(examples, outputs: Outputs, tally: Tally, total_bytes: int) -> tuple[dict, dict]:
+    """Each example's ids and mask into its split's files; (examples, trained tokens) per split."""
+    from tqdm import tqdm
+
+    counts, trained, done = {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="rendering and tokenizing",
+              file=sys.stderr, dynamic_ncols=True) as bar, closing(examples):
+        for example in examples:
+            split = example.piece.split
+            outputs.write(split, example.ids)
+            outputs.write_mask(split, example.mask)
+            tally.add(example.piece, example.ids)
+            counts[split] += 1
+            trained[split] += int(np.count_nonzero(example.mask & 1))
+            end = example.piece.start + example.piece.nbytes
+            bar.update(max(0, end - done))
+            done = max(done, end)
+    outputs.close()
+    return counts, trained
 
 
 def write_tokens(pieces, engine, workers: int, eos: int, outputs: Outputs, tally: Tally, total_bytes: int) -> None:

@@ -299,7 +299,7 @@ def csv_lines(f, path: Path, encoding: str, facts: dict, hasher, where: list) ->
         yield decode_line(raw, path, f"line {number}", encoding)
 
 
-def csv_header(reader, path: Path, text_field: str) -> list[str]:
+def csv_header(reader, path: Path, text_field: str | None) -> list[str]:
     header = next(reader, None)
     if header is None:
         raise UserError(f"{path} is empty: no header row. HINT: a CSV/TSV file starts with a header row "
@@ -310,7 +310,7 @@ def csv_header(reader, path: Path, text_field: str) -> list[str]:
         what = "an empty column name" if problems else f"the column name {duplicates[0]!r} twice"
         raise UserError(f"{path} line 1: the header row has {what}, so it is not a header. HINT: the first "
                         "row of a CSV/TSV file must name each column once")
-    if text_field not in header:
+    if text_field is not None and text_field not in header:
         shown = ", ".join(header[:MAX_FIELDS_SHOWN]) + (", ..." if len(header) > MAX_FIELDS_SHOWN else "")
         raise UserError(f"{path}: no column {text_field!r} (--text-field) in the header row (line 1), which "
                         f"names: {shown}. HINT: pass --text-field with the column that holds the text; the "
@@ -320,6 +320,15 @@ def csv_header(reader, path: Path, text_field: str) -> list[str]:
 
 def csv_values(path: Path, fmt: str, text_field: str, encoding: str, facts: dict,
                hasher) -> Iterator[tuple[int, object]]:
+    column = None
+    for start, _, header, values in csv_rows(path, fmt, encoding, facts, hasher, text_field):
+        column = header.index(text_field) if column is None else column
+        yield start, values[column]
+
+
+def csv_rows(path: Path, fmt: str, encoding: str, facts: dict, hasher,
+             text_field: str | None = None) -> Iterator[tuple[int, str, list[str], list[str]]]:
+    """(byte offset, "row N (line M)", header, values) of each row; the header must name `text_field` if given."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # default 128 KB: a long document is one field
     where = [0]
     with open(path, "rb") as f:
@@ -327,7 +336,7 @@ def csv_values(path: Path, fmt: str, text_field: str, encoding: str, facts: dict
                             delimiter="\t" if fmt == "tsv" else ",")
         try:
             header = csv_header(reader, path, text_field)
-            column, row, start = header.index(text_field), 1, where[0]
+            row, start = 1, where[0]
             for values in reader:
                 row += 1
                 if values:  # a blank line is no row
@@ -335,7 +344,7 @@ def csv_values(path: Path, fmt: str, text_field: str, encoding: str, facts: dict
                         raise UserError(f"{path} row {row} (line {reader.line_num}): {len(values)} fields, but the "
                                         f"header has {len(header)}. HINT: quote fields that hold the delimiter, "
                                         "and give every row the header's number of fields")
-                    yield start, values[column]
+                    yield start, f"row {row} (line {reader.line_num})", header, values
                 start = where[0]
         except csv.Error as exc:
             raise UserError(f"{path} line {reader.line_num}: not valid {fmt.upper()} ({exc}). "
@@ -354,8 +363,8 @@ def import_parquet(path: Path):
     return pq
 
 
-def open_parquet(path: Path, text_field: str):
-    """The ParquetFile, after checking that the text column exists and holds strings."""
+def open_parquet(path: Path, text_field: str | None):
+    """The ParquetFile, after checking that the text column (if any) exists and holds strings."""
     pq = import_parquet(path)
     import pyarrow as pa
 
@@ -365,6 +374,8 @@ def open_parquet(path: Path, text_field: str):
         raise UserError(f"{path} cannot be read as Parquet ({first_line(exc)}). "
                         "HINT: check that the file is complete and really is Parquet") from None
     schema = parquet.schema_arrow
+    if text_field is None:
+        return parquet
     if text_field not in schema.names:
         shown = ", ".join(schema.names[:MAX_FIELDS_SHOWN]) + (", ..." if len(schema.names) > MAX_FIELDS_SHOWN else "")
         raise UserError(f"{path}: no column {text_field!r} (--text-field); its columns: {shown}. "
@@ -395,13 +406,69 @@ def parquet_values(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
                 from None
 
 
-def check_record_file(path: Path, fmt: str, text_field: str, encoding: str) -> str | None:
-    """The cheap checks before the run (header, schema, pyarrow), as a message; None when they pass."""
+def parquet_rows(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """Whole rows as dicts (every column), one batch of a row group at a time; offsets as parquet_values'."""
+    parquet = open_parquet(path, None)
+    rows, size, row = max(1, parquet.metadata.num_rows), path.stat().st_size, 0
+    for group in range(parquet.num_row_groups):
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group]):
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield size * (row - 1) // rows, f"row {row}", obj
+        except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+            raise UserError(f"{path} row {row + 1} (row group {group}): cannot be read "
+                            f"({first_line(exc)}). HINT: the file is damaged; write it again") \
+                from None
+
+
+# -----------------------------------------------------------------------------
+# Whole records (chat records: every field matters, not one text field)
+
+
+def read_objects(path: Path, fmt: str, encoding: str, facts: dict) -> Iterator[tuple[int, str, dict]]:
+    """(byte offset, "PATH line N" or "PATH row N", the record as a dict) of every record; a CSV/TSV row
+    is {column: text}. Fills `facts` (bytes, sha256, bom_stripped) at the end, as read_records does."""
+    hasher = hashlib.sha256()
+    if fmt == "parquet":
+        rows = parquet_rows(path)
+    elif fmt in ("csv", "tsv"):
+        rows = ((start, where, dict(zip(header, values)))
+                for start, where, header, values in csv_rows(path, fmt, encoding, facts, hasher))
+    else:
+        rows = jsonl_objects(path, encoding, facts, hasher) if fmt == "jsonl" else \
+            json_objects(path, encoding, facts, hasher)
+    for offset, where, obj in rows:
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} {where}: the record is a JSON {json_type(obj)}, not an object. HINT: each "
+                            "record must be an object such as {\"messages\": [...]} or {\"prompt\": ..., "
+                            "\"completion\": ...}")
+        yield offset, f"{path} {where}", obj
+    facts.update(bytes=path.stat().st_size, sha256=file_sha256(path) if fmt == "parquet" else hasher.hexdigest())
+
+
+def first_fields(path: Path, fmt: str, encoding: str) -> list[str] | None:
+    """The field names of a record file's first record (a CSV header, a Parquet schema); None when the file
+    holds no record or cannot be read (the run's reader then says why)."""
     try:
         if fmt == "parquet":
-            open_parquet(path, text_field)
+            return open_parquet(path, None).schema_arrow.names
+        with contextlib.closing(read_objects(path, fmt, encoding, {})) as records:
+            first = next(records, None)
+    except UserError:
+        return None
+    return None if first is None else list(first[2])
+
+
+def check_record_file(path: Path, fmt: str, text_field: str, encoding: str, chat: bool = False) -> str | None:
+    """The cheap checks before the run (header, schema, pyarrow), as a message; None when they pass. Chat
+    records (`chat`) have no text field: their reader checks them record by record."""
+    try:
+        if fmt == "parquet":
+            open_parquet(path, None if chat else text_field)
         elif fmt in ("csv", "tsv"):
-            with contextlib.closing(csv_values(path, fmt, text_field, encoding, {}, hashlib.sha256())) as rows:
+            with contextlib.closing(csv_rows(path, fmt, encoding, {}, hashlib.sha256(),
+                                             None if chat else text_field)) as rows:
                 next(rows, None)  # the header, and the first row
     except UserError as exc:
         return str(exc)

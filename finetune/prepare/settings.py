@@ -16,3 +16,6 @@ class Settings:
     batch_size: int = 8         # for the summary only
     grad_accum: int = 1         # for the summary only
     num_workers: int = 1
+    chat_format: str = "auto"        # --chat-format: auto, messages, prompt_completion, instruction, text
+    chat_template: str | None = None  # --chat-template FILE
+    train_on_everything: bool = False  # chat data: every token a target, not only the replies

@@ -9,7 +9,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .records import RECORD_FORMATS, check_record_file, record_format
+from ..chat import CHAT_FORMATS, format_of
+from ..errors import UserError
+from .records import RECORD_FORMATS, check_record_file, first_fields, record_format
 
 # Which files a directory contributes (hidden files and folders are skipped): text, and records.
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".text")
@@ -117,7 +119,7 @@ def read_sample(paths: list[Path], encoding: str) -> str:
 
 
 def input_problems(input_paths: list[str], val_paths: list[str] | None, encoding: str,
-                   text_field: str) -> tuple[list[Path], list[Path], list[str]]:
+                   text_field: str, chat_format: str = "auto") -> tuple[list[Path], list[Path], list[str]]:
     """The input and validation files, and every problem found without a tokenizer ("" or None: none)."""
     problems: list[str] = []
     inputs = find_text_files(input_paths, "--input", problems)
@@ -130,6 +132,40 @@ def input_problems(input_paths: list[str], val_paths: list[str] | None, encoding
         text_files = [p for p in files if not record_format(p)]
         if text_files and len(text_files) == len(files):  # record files are checked as they are read
             problems.append(check_has_text(text_files, encoding, flag))
-        problems += [check_record_file(p, record_format(p), text_field, encoding)
+        problems += [check_record_file(p, record_format(p), text_field, encoding,
+                                       chat=chat_format in CHAT_FORMATS or first_format(p, encoding, chat_format))
                      for p in files if record_format(p)]
     return inputs, val_inputs, problems
+
+
+def first_format(path: Path, encoding: str, chat_format: str) -> str | None:
+    """The chat format of a record file's first record (None: plain text, or no record), as --chat-format
+    auto sees it."""
+    if chat_format == "text" or not record_format(path):
+        return None
+    return format_of(dict.fromkeys(first_fields(path, record_format(path), encoding) or ()))
+
+
+def chat_run_format(inputs: list[Path], val_inputs: list[Path], encoding: str, chat_format: str) -> str | None:
+    """The run's chat format by --chat-format, or (auto) by the first record of each record file; None for
+    plain text. Chat records go with chat records only: not with text files, nor with files of plain records."""
+    if chat_format == "text":
+        return None
+    files = [*inputs, *val_inputs]
+    kinds = {p: first_format(p, encoding, chat_format) for p in files if record_format(p)}
+    chat = [p for p, kind in kinds.items() if kind]
+    if chat_format not in CHAT_FORMATS and not chat:
+        return None
+    fmt = chat_format if chat_format in CHAT_FORMATS else kinds[chat[0]]
+    where = f"{chat[0]} holds chat records ({kinds[chat[0]]})" if chat else f"--chat-format {chat_format}"
+    text_files = [p for p in files if not record_format(p)]
+    if text_files:
+        raise UserError(f"{text_files[0]} is a text file, but {where}: chat data and plain text do not mix in one "
+                        "run. HINT: prepare the text and the chat records into separate --output-dir folders")
+    plain = [p for p, kind in kinds.items() if kind is None and first_fields(p, record_format(p), encoding)]
+    if plain and chat_format == "auto":
+        raise UserError(f"{plain[0]}: its first record is a plain text record (no 'messages', 'prompt' + "
+                        f"'completion' or 'instruction' + 'output'), but {where}; one run takes one format. "
+                        "HINT: prepare them separately, or pass --chat-format text to read every record's "
+                        "--text-field as plain text")
+    return fmt

@@ -18,18 +18,23 @@ from .settings import Settings
 from .stream import Piece
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data: one uint8 per token (docs/chat.md)
+ALL_OUTPUTS = (*OUTPUT_FILES, *MASK_FILES.values())  # what marks an earlier run's outputs in --output-dir
 
 
 class Outputs:
     """train.bin / val.bin / meta.json under hidden temporary names until commit()."""
 
-    def __init__(self, out_dir: Path, dtype: np.dtype):
-        self.out_dir, self.dtype = out_dir, dtype.newbyteorder("<")
-        self.temp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in OUTPUT_FILES}
+    def __init__(self, out_dir: Path, dtype: np.dtype, masks: bool = False):
+        self.out_dir, self.dtype, self.masks = out_dir, dtype.newbyteorder("<"), masks
+        names = ("train.bin", "val.bin", *(MASK_FILES.values() if masks else ()), "meta.json")  # meta.json last
+        self.temp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in names}
         self.files = {}
         for split in ("train", "val"):
             try:
                 self.files[split] = open(self.temp[f"{split}.bin"], "wb")
+                if masks:
+                    self.files[MASK_FILES[split]] = open(self.temp[MASK_FILES[split]], "wb")
             except OSError as exc:
                 self.discard()
                 raise UserError(f"cannot write in --output-dir {out_dir} ({exc.strerror}). "
@@ -49,6 +54,11 @@ class Outputs:
             # file.write, not ndarray.tofile: a full disk then raises ENOSPC ("No space left on device"),
             # where tofile says only "N requested and M written"
             self.files[split].write(np.ascontiguousarray(ids.astype(self.dtype, copy=False)))
+
+    def write_mask(self, split: str, mask: np.ndarray) -> None:
+        """The loss-mask bytes of the ids just written to `split` (chat data)."""
+        with self.writing():
+            self.files[MASK_FILES[split]].write(np.ascontiguousarray(mask, dtype=np.uint8))
 
     def close(self) -> None:
         with self.writing():
@@ -85,7 +95,10 @@ class Outputs:
                 f.write("\n")
                 _sync(f)
             (self.out_dir / "meta.json").unlink(missing_ok=True)
-            for name in OUTPUT_FILES:
+            if not self.masks:  # a plain data set replacing a chat one: its masks would describe other ids
+                for name in MASK_FILES.values():
+                    (self.out_dir / name).unlink(missing_ok=True)
+            for name in self.temp:  # in order: meta.json last
                 os.replace(self.temp[name], self.out_dir / name)
             fsync_dir(self.out_dir)  # the renames themselves on disk
 
@@ -135,7 +148,8 @@ class Tally:
 
 
 
-def build_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict) -> dict:
+def build_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict,
+               chat: dict | None = None) -> dict:
     return {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -153,7 +167,7 @@ def build_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sou
         "encoding": settings.encoding,
         "eos_after_each_source": True,
         "input_formats": sorted({source["format"] for source in sources}),
-        **records_meta(settings.text_field, sources),
+        **({"chat": chat} if chat else records_meta(settings.text_field, sources)),
     }
 
 
