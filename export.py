@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from finetune import lora
+from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error
 from finetune.export import require_gguf
 from finetune.export.gguf_writer import DEFAULT_OUTTYPE, OUTTYPES, check_architecture, write_gguf
@@ -68,6 +69,7 @@ def load_model(folder: Path, adapter: bool):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_gguf()
+    log = setup_logging("export")
     folder = Path(args.model).expanduser()
     if not folder.exists():
         raise UserError(f"--model {folder} does not exist. HINT: pass a local model folder (export.py does not "
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_file(model_file, f"the Modelfile {model_file}") as f:
         f.write(plan.text)
     if plan.warning:
-        print(plan.warning, file=sys.stderr)
+        log.warning(plan.warning)
     merged = f", adapter merged into {lora.adapter_base(folder)}" if adapter else ""
-    print(f"wrote {out} ({summary.architecture}, {args.outtype}, {summary.n_tensors} tensors, "
+    log.info(f"wrote {out} ({summary.architecture}, {args.outtype}, {summary.n_tensors} tensors, "
           f"{summary.n_bytes / 2**20:.1f} MiB{merged}) and {model_file}; run it with "
           f"`llama-cli -m {out}` or `ollama create NAME -f {model_file}`")
     return 0

@@ -78,9 +78,9 @@ def check_architecture(config) -> str:
         if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
             raise unsupported(config, "scales attention differently from GPT-2")
         return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
-    params = getattr(config, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default" or getattr(config, "rope_scaling", None):
-        raise unsupported(config, f"uses rope scaling ({params.get('rope_type') or config.rope_scaling})")
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params.get("rope_type", params.get("type", "default")) != "default":
+        raise unsupported(config, f"uses rope scaling ({params.get('rope_type', params.get('type'))})")
     if config.hidden_act != "silu":
         raise unsupported(config, f"uses activation {config.hidden_act!r}")
     if kind == "llama":
