@@ -101,12 +101,18 @@ def layout_back(hf_name: str, array, config):
     return t
 
 
-def rebuild_from_gguf(path: Path, folder: Path):
-    """A Hugging Face model whose weights are the GGUF file's tensors (dequantized), and the original."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_original(folder: Path):
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
-    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def rebuild_from_gguf(path: Path, original, rebuilt=None):
+    """A Hugging Face model whose weights are the GGUF file's tensors (dequantized), for `original`'s config
+    (`rebuilt`: a model of that config to load them into, instead of a new one)."""
+    from transformers import AutoModelForCausalLM
+
+    config = original.config
     arch = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
     name_map = gguf.get_tensor_name_map(arch[config.model_type], config.num_hidden_layers)
     hf_names = {name_map.get_name(k, try_suffixes=(".weight", ".bias")): k for k in original.state_dict()}
@@ -116,10 +122,10 @@ def rebuild_from_gguf(path: Path, folder: Path):
         state[hf_names[tensor.name]] = layout_back(hf_names[tensor.name], values, config)
     if "lm_head.weight" not in state:  # tied: written once, as the token embedding
         state["lm_head.weight"] = state[hf_names["token_embd.weight"]]
-    rebuilt = AutoModelForCausalLM.from_config(config).eval()
+    rebuilt = rebuilt if rebuilt is not None else AutoModelForCausalLM.from_config(config).eval()
     missing, unexpected = rebuilt.load_state_dict(state, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
-    return rebuilt, original
+    return rebuilt
 
 
 def max_logit_diff(a, b, vocab: int) -> float:
@@ -139,10 +145,11 @@ def test_round_trip_logits(tiny_models, tmp_path, kinds, outtypes):
     """Each outtype written, read back and rebuilt: the logits equal the original's within BOUNDS."""
     (kind,) = kinds
     folder = copy_model(tiny_models[kind], tmp_path / kind)
+    original, rebuilt = load_original(folder), None
     for outtype in outtypes:
         assert run_export("--model", folder, "--outtype", outtype) == 0
         path = folder / f"model-{outtype}.gguf"
-        rebuilt, original = rebuild_from_gguf(path, folder)
+        rebuilt = rebuild_from_gguf(path, original, rebuilt)
         diff = max_logit_diff(rebuilt, original, original.config.vocab_size)
         print(f"{kind} {outtype}: max |logit difference| {diff:.2e}")
         assert diff <= BOUNDS[outtype], (outtype, diff)
@@ -249,7 +256,8 @@ def test_lora_adapter_merged_on_the_way(tiny_models, tmp_path):
     AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
     merged = peft_model.merge_and_unload().eval()
     assert run_export("--model", adapter, "--outtype", "f32") == 0
-    rebuilt, original = rebuild_from_gguf(adapter / "model-f32.gguf", base)
+    original = load_original(base)
+    rebuilt = rebuild_from_gguf(adapter / "model-f32.gguf", original)
     assert max_logit_diff(rebuilt, merged, 400) <= 1e-5
     assert max_logit_diff(rebuilt, original, 400) > 1e-3  # the adapter is in there
 

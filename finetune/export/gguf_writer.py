@@ -227,6 +227,7 @@ def write_gguf(path: Path, model, config, vocab, outtype: str, name: str) -> Exp
     with atomic_path(path, f"the GGUF file {path}") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
+            writer.add_type("model")
             writer.add_name(name)
             writer.add_file_type(outtype_types(outtype)[1])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
