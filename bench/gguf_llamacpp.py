@@ -71,8 +71,9 @@ def ensure_converter(venv: Path, version: str, work: Path) -> Path:
     if (src / "convert_hf_to_gguf.py").is_file():
         return src / "convert_hf_to_gguf.py"
     sdist = work / "sdist"
-    subprocess.run([str(venv_python(venv)), "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                    f"llama-cpp-python=={version}", "-d", str(sdist)], check=True, capture_output=True)
+    if not list(sdist.glob(f"llama_cpp_python-{version}.tar.gz")):
+        subprocess.run([str(venv_python(venv)), "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={version}", "-d", str(sdist)], check=True, capture_output=True)
     (archive,) = sdist.glob(f"llama_cpp_python-{version}.tar.gz")
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -150,10 +151,20 @@ def hf_last_logits(folder: Path, token_ids: list[int]):
 # Writing the files, ours and the converter's
 
 
+def measured(cmd: list[str], log: Path) -> dict:
+    """Wall time and peak RSS of `cmd`. The peak is GNU time's %M (the command's own high-water mark): this
+    process holds a model by then, and a child forked from it starts with its resident size counted
+    (Linux carries ru_maxrss across fork and exec), so run_polled's ru_maxrss would report ours."""
+    run = run_polled(["/usr/bin/time", "-f", "peak_rss_kib=%M", *cmd], log_path=log, interval=0.2)
+    peaks = [line.split("=", 1)[1] for line in log.read_text().splitlines() if line.startswith("peak_rss_kib=")]
+    run["peak_rss_mib"] = int(peaks[-1]) / 1024 if peaks else None
+    return run
+
+
 def export_ours(folder: Path, outtype: str, out: Path) -> dict:
     cmd = [sys.executable, str(REPO / "export.py"), "--model", str(folder), "--to", "gguf", "--outtype", outtype,
            "--output", str(out), "--overwrite"]
-    run = run_polled(cmd, log_path=out.with_suffix(".log"), interval=0.2)
+    run = measured(cmd, out.with_suffix(".log"))
     if run["rc"] != 0:
         raise RuntimeError(f"export.py failed: {out.with_suffix('.log').read_text()[-2000:]}")
     return run
@@ -161,7 +172,7 @@ def export_ours(folder: Path, outtype: str, out: Path) -> dict:
 
 def export_theirs(converter: Path, folder: Path, outtype: str, out: Path) -> dict:
     cmd = [sys.executable, str(converter), str(folder), "--outtype", outtype, "--outfile", str(out)]
-    run = run_polled(cmd, log_path=out.with_suffix(".log"), interval=0.2)
+    run = measured(cmd, out.with_suffix(".log"))
     if run["rc"] != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed: {out.with_suffix('.log').read_text()[-2000:]}")
     return run
