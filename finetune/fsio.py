@@ -128,6 +128,25 @@ def atomic_file(path: Path, what: str):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path, what: str):
+    """A temporary path next to `path` for a writer that opens files itself (GGUFWriter): when the block
+    ends, the file is flushed to disk and renamed into place; if the block fails or is interrupted, the
+    temporary is deleted and `path` is untouched. A full disk raises the one-line SaveFailed naming `what`."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise_if_write_failure(exc, what)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
