@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO_ROOT, build_tiny_model
+from helpers import REPO_ROOT, build_tiny_model
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
