@@ -65,7 +65,9 @@ def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[P
         for source, facts in zip(sources, file_facts):
             source.update(facts)
         check_some_text(sources, settings.text_field)
-        check_split_sizes(tally, settings, ranges, train.moved)
+        records = [s.get("records") for s in sources[:len(inputs)]]  # None for a text file
+        check_split_sizes(tally, settings, ranges, train.moved,
+                          None if None in records else sum(sum(r.values()) for r in records))
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
         meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally))
@@ -103,8 +105,9 @@ def check_some_text(sources: list[dict], text_field: str) -> None:
                             f"{text_field!r})")
 
 
-def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 0) -> None:
-    """Each split must hold at least one training block."""
+def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 0, records: int | None = None) -> None:
+    """Each split must hold at least one training block. `records`: how many records --input held, when it is
+    record files only (None otherwise)."""
     for split in ("train", "val"):
         n = tally.tokens[split]
         if n >= settings.block_size:
@@ -118,6 +121,11 @@ def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 
                 "text as a separate file with --val-input")
         if settings.separate_val:
             fix = "add text to " + ("--input" if split == "train" else "--val-input")
+        elif split == "val" and records == 1:
+            raise UserError(  # a record goes whole to one split, so no --val-fraction can help
+                f"the val split holds {n} tokens: --input holds one record, and a record goes whole to training "
+                "or to validation, never both. HINT: give validation text with --val-input, or split the data "
+                "into many records (e.g. one object per document, as JSON lines)")
         elif split == "val":
             fix = f"raise --val-fraction (now {settings.val_fraction})"
         else:
