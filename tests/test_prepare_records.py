@@ -183,6 +183,36 @@ def test_split_takes_whole_records_spread_over_the_data(tmp_path, tiny_tokenizer
         assert ranges[-1]["train_tokens_before"] < len(train)
 
 
+def long_tailed_records(seed: int, n: int = 25) -> list[str]:
+    """A few long records among short ones (40 chars to 60 kB, log-normal), as real documents come."""
+    rng = random.Random(seed)
+    return [make_corpus(min(60_000, int(rng.lognormvariate(7.3, 1.4)) + 40), seed=seed * 100 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed, warned", [(15, False), (9, True)])
+def test_long_records_get_near_the_val_fraction_or_a_warning(tmp_path, tiny_tokenizer_dir, capsys, seed, warned):
+    """Seed 15 gave 1 record, 2.5 % of the text, for 10 % asked: silently. The range that came up short now
+    takes the records after it (within 7.5-12.5 %); seed 9 lands at 26 % (its range starts a long record),
+    which no whole-record split can fix: a warning says so."""
+    texts = long_tailed_records(seed)
+    path = tmp_path / "d.jsonl"
+    write_records(path, [{"text": t} for t in texts], "jsonl")
+    out = tmp_path / "out"
+    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--block-size", 16], capsys)
+    assert code == 0, stderr
+    tok, meta = load(tiny_tokenizer_dir), load_meta(out)
+    assert reassemble(out).tolist() == expected_stream(tok, texts)  # every record whole, in order
+    share = meta["splits"]["val"]["tokens"] / (meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"])
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    if warned:
+        assert share > 0.125 and len(warnings) == 1, stderr
+        assert f"validation holds {share:.1%} of the tokens ({meta['records']['val']} record(s))" in warnings[0]
+        assert "HINT: give validation records with --val-input, or add more records" in warnings[0]
+    else:
+        assert 0.075 <= share <= 0.125 and meta["records"]["val"] == 3 and not warnings, (share, stderr)
+
+
 def test_val_input_with_records_and_mixed_folder(tmp_path, tiny_tokenizer_dir, capsys):
     """A folder mixing text and record files, and a CSV as --val-input."""
     folder = tmp_path / "corpus"

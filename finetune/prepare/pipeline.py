@@ -68,6 +68,8 @@ def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[P
         records = [s.get("records") for s in sources[:len(inputs)]]  # None for a text file
         check_split_sizes(tally, settings, ranges, train.moved,
                           None if None in records else sum(sum(r.values()) for r in records))
+        if ranges and None not in records:
+            warn_if_val_share_off(tally, settings.val_fraction, sum(r["val"] for r in records))
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
         meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally))
@@ -132,6 +134,19 @@ def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 
             fix = f"lower --val-fraction (now {settings.val_fraction})"
         raise UserError(f"the {split} split holds {n} tokens, less than one block of --block-size "
                         f"{settings.block_size}. HINT: {fix}, lower --block-size, or add more text")
+
+
+VAL_SHARE_TOLERANCE = 0.25  # records: validation within a quarter of --val-fraction (7.5-12.5 % for 10 %)
+
+
+def warn_if_val_share_off(tally: Tally, fraction: float, val_records: int) -> None:
+    """Whole records cannot hit --val-fraction exactly; say so when few or long ones leave it far off."""
+    share = tally.tokens["val"] / max(1, tally.tokens["train"] + tally.tokens["val"])
+    if abs(share - fraction) > VAL_SHARE_TOLERANCE * fraction:
+        print(f"warning: validation holds {share:.1%} of the tokens ({val_records:,} record(s)), where "
+              f"--val-fraction asks for {fraction:.1%}: records go whole to one split, and these are few or long "
+              "next to that share. HINT: give validation records with --val-input, or add more records",
+              file=sys.stderr)
 
 
 def human_bytes(n: float) -> str:
