@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import sys
 
 import pytest
@@ -170,6 +171,36 @@ def test_split_takes_whole_records_spread_over_the_data(tmp_path, tiny_tokenizer
         assert ranges[-1]["train_tokens_before"] < len(train)
 
 
+def long_tailed_records(seed: int, n: int = 25) -> list[str]:
+    """A few long records among short ones (40 chars to 60 kB, log-normal), as real documents come."""
+    rng = random.Random(seed)
+    return [make_corpus(min(60_000, int(rng.lognormvariate(7.3, 1.4)) + 40), seed=seed * 100 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed, warned", [(15, False), (9, True)])
+def test_long_records_get_near_the_val_fraction_or_a_warning(tmp_path, tiny_tokenizer_dir, capsys, seed, warned):
+    """Seed 15 gave 1 record, 2.5 % of the text, for 10 % asked: silently. The range that came up short now
+    takes the records after it (within 7.5-12.5 %); seed 9 lands at 26 % (its range starts a long record),
+    which no whole-record split can fix: a warning says so."""
+    texts = long_tailed_records(seed)
+    path = tmp_path / "d.jsonl"
+    write_records(path, [{"text": t} for t in texts], "jsonl")
+    out = tmp_path / "out"
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--block-size", 16], capsys)
+    assert result.returncode == 0, result.stderr
+    tok, meta = load(tiny_tokenizer_dir), load_meta(out)
+    assert reassemble(out).tolist() == expected_stream(tok, texts)  # every record whole, in order
+    share = meta["splits"]["val"]["tokens"] / (meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"])
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    if warned:
+        assert share > 0.125 and len(warnings) == 1, result.stderr
+        assert f"validation holds {share:.1%} of the tokens ({meta['records']['val']} record(s))" in warnings[0]
+        assert "HINT: give validation records with --val-input, or add more records" in warnings[0]
+    else:
+        assert 0.075 <= share <= 0.125 and meta["records"]["val"] == 3 and not warnings, (share, result.stderr)
+
+
 def test_val_input_with_records_and_mixed_folder(tmp_path, tiny_tokenizer_dir, capsys):
     """A folder mixing text and record files, and a CSV as --val-input."""
     folder = tmp_path / "corpus"
@@ -240,6 +271,8 @@ GOOD = json.dumps({"text": "fine text here"})
     ("ragged.tsv", "id\ttext\n1\tfine\n2\n", ["ragged.tsv row 3", "1 fields"]),
     ("latin.jsonl", GOOD.encode() + b'\n{"text": "caf\xe9"}\n', ["latin.jsonl line 2", "not valid utf-8", "--encoding"]),
     ("blank.jsonl", '{"text": ""}\n{"text": null}\n{"text": "  "}\n', ["--input holds no text", "3 records"]),
+    # one record goes whole to one split: the HINT was "raise --val-fraction", which cannot help
+    ("one.json", json.dumps({"text": make_corpus(5_000, seed=1)}), ["--input holds one record", "--val-input"]),
 ])
 def test_bad_record_input(tmp_path, tiny_tokenizer_dir, capsys, name, content, fragments):
     path = tmp_path / name
@@ -248,6 +281,48 @@ def test_bad_record_input(tmp_path, tiny_tokenizer_dir, capsys, name, content, f
     result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
     assert_one_line_error(result, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, encoding, line_end", [("jsonl", "utf-16", "\n"), ("csv", "utf-16", "\r\n"),
+                                                     ("csv", "utf-8", "\r"), ("tsv", "utf-16-le", "\r")])
+def test_records_in_other_encodings_and_line_ends(tmp_path, tiny_tokenizer_dir, capsys, fmt, encoding, line_end):
+    """UTF-16 records were "not valid utf-16" (lines were split as bytes), and a CSV with old Mac line ends
+    (a lone \\r) was "not valid CSV ... universal-newline mode"; both read as their UTF-8 twin is."""
+    records = [{"id": i, "text": make_corpus(rng_len, seed=i) + ("\r\nin a field" if i % 4 == 1 else "")}
+               for i, rng_len in enumerate([300, 1200, 40, 800] * 4)]
+    records[2]["text"] = "caf\u00e9 \U0001f600 and \u4e2d\u6587"  # two-byte, four-byte (a surrogate pair in UTF-16)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + line_end for r in records), encoding=encoding)
+    else:
+        with open(path, "w", encoding=encoding, newline="") as f:
+            if encoding == "utf-16-le":
+                f.write("\ufeff")  # a byte-order mark that this codec keeps as text: dropped, as UTF-8's is
+            csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", lineterminator=line_end,
+                       quoting=csv.QUOTE_ALL).writerows(  # QUOTE_ALL: a \n in a field is quoted with \r line ends
+                [["id", "text"], *([r["id"], r["text"]] for r in records)])
+    out = tmp_path / "out"
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--encoding", encoding, "--block-size", 16, "--val-fraction", 0.3], capsys)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(out)
+    assert reassemble(out).tolist() == expected_stream(load(tiny_tokenizer_dir), texts_of(records))
+    assert meta["records"]["train"] + meta["records"]["val"] == 16 and meta["records"]["val"] > 0
+    assert meta["sources"][0]["bytes"] == path.stat().st_size
+    ends = [r["stream_bytes"][1] for r in meta["split"]["val_ranges"]]
+    assert max(ends) < path.stat().st_size  # byte offsets in the file's own bytes: never past its end
+    if encoding != "utf-8":  # a bad line is still named by its number
+        bad = tmp_path / f"bad.{fmt}"
+        lines = path.read_text(encoding=encoding).split(line_end)
+        bad.write_bytes(line_end.join([*lines[:3], '{"text": "no end', *lines[3:]]).encode(encoding)
+                        if fmt == "jsonl" else path.read_bytes()[:-1])  # half a UTF-16 character at the end
+        result = run_main(prep.main, ["--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", tmp_path / "o2",
+                               "--encoding", encoding], capsys)
+        # the line of the cut character: the line ends before it (in CSV a lone \r ends a line too), plus one
+        line = len(re.findall("\r\n?|\n", path.read_bytes().decode(encoding)[:-1])) + 1
+        assert_one_line_error(result, *(["bad.jsonl line 4", "malformed JSON"] if fmt == "jsonl" else
+                                              [f"line {line} is not valid {encoding} text",
+                                               f"at byte offset {bad.stat().st_size - 1}", "--encoding"]))
 
 
 @pytest.fixture

@@ -70,7 +70,11 @@ def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[P
         for source, facts in zip(sources, file_facts):
             source.update(facts)
         check_some_text(sources, settings.text_field)
-        check_split_sizes(tally, settings, ranges, train.moved)
+        records = [s.get("records") for s in sources[:len(inputs)]]  # None for a text file
+        check_split_sizes(tally, settings, ranges, train.moved,
+                          None if None in records else sum(sum(r.values()) for r in records))
+        if ranges and None not in records:
+            warn_if_val_share_off(tally, settings.val_fraction, sum(r["val"] for r in records))
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
         meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally))
@@ -165,8 +169,9 @@ def check_some_text(sources: list[dict], text_field: str) -> None:
                             f"{text_field!r})")
 
 
-def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 0) -> None:
-    """Each split must hold at least one training block."""
+def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 0, records: int | None = None) -> None:
+    """Each split must hold at least one training block. `records`: how many records --input held, when it is
+    record files only (None otherwise)."""
     for split in ("train", "val"):
         n = tally.tokens[split]
         if n >= settings.block_size:
@@ -180,12 +185,30 @@ def check_split_sizes(tally: Tally, settings: Settings, ranges=(), moved: int = 
                 "text as a separate file with --val-input")
         if settings.separate_val:
             fix = "add text to " + ("--input" if split == "train" else "--val-input")
+        elif split == "val" and records == 1:
+            raise UserError(  # a record goes whole to one split, so no --val-fraction can help
+                f"the val split holds {n} tokens: --input holds one record, and a record goes whole to training "
+                "or to validation, never both. HINT: give validation text with --val-input, or split the data "
+                "into many records (e.g. one object per document, as JSON lines)")
         elif split == "val":
             fix = f"raise --val-fraction (now {settings.val_fraction})"
         else:
             fix = f"lower --val-fraction (now {settings.val_fraction})"
         raise UserError(f"the {split} split holds {n} tokens, less than one block of --block-size "
                         f"{settings.block_size}. HINT: {fix}, lower --block-size, or add more text")
+
+
+VAL_SHARE_TOLERANCE = 0.25  # records: validation within a quarter of --val-fraction (7.5-12.5 % for 10 %)
+
+
+def warn_if_val_share_off(tally: Tally, fraction: float, val_records: int) -> None:
+    """Whole records cannot hit --val-fraction exactly; say so when few or long ones leave it far off."""
+    share = tally.tokens["val"] / max(1, tally.tokens["train"] + tally.tokens["val"])
+    if abs(share - fraction) > VAL_SHARE_TOLERANCE * fraction:
+        print(f"warning: validation holds {share:.1%} of the tokens ({val_records:,} record(s)), where "
+              f"--val-fraction asks for {fraction:.1%}: records go whole to one split, and these are few or long "
+              "next to that share. HINT: give validation records with --val-input, or add more records",
+              file=sys.stderr)
 
 
 def human_bytes(n: float) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,16 +163,105 @@ def strip_bom(raw: bytes, encoding: str, facts: dict) -> bytes:
     return raw
 
 
+def lines_are_bytes(encoding: str) -> bool:
+    """True where a b"\\n" byte can only be a line end (UTF-8, Latin-1, cp1252 and other ASCII-based
+    encodings): lines are then split as bytes and decoded one by one (the fast path). In UTF-16 or UTF-32
+    a newline is two or four bytes, and b"\\n" is often half of another character."""
+    return "\n".encode(encoding) == b"\n"
+
+
+def has_lone_cr(raw: bytes) -> bool:
+    """A "\\r" that ends a line on its own (old Mac line ends) inside a line split at b"\\n"."""
+    n = len(raw)  # a "\\r" before the last two bytes, or the last but one without a "\\n" after it
+    return raw.find(b"\r", 0, n - 2) != -1 or (raw[n - 2:n - 1] == b"\r" and raw[n - 1:] != b"\n")
+
+
+def record_lines(f, path: Path, encoding: str, facts: dict, hasher, where: list,
+                 cr_ends: bool = False) -> Iterator[str]:
+    """The decoded lines of a record file, each with its line end; before each, `where` is set to
+    [byte offset of the line, byte offset past it, line number].
+
+    With cr_ends (CSV), a lone "\\r" ends a line too, as in Python's newline="" mode: a CSV with old Mac
+    line ends is read, and a "\\r" inside a quoted field stays in the field. The loop is the fast path of
+    every UTF-8 JSON-lines and CSV file, so it is kept lean: one decode per line, and the error text
+    (with the line number) is built only for a line that fails.
+    """
+    if not lines_are_bytes(encoding):
+        yield from decoded_lines(f, path, encoding, facts, hasher, where, cr_ends)
+        return
+    offset, number = 0, 0
+    for raw in f:
+        hasher.update(raw)
+        start, offset = offset, offset + len(raw)
+        if number == 0:
+            raw = strip_bom(raw, encoding, facts)
+        # a lone "\r" before the b"\n" (one find; has_lone_cr also checks a last line without b"\n")
+        if cr_ends and (raw.find(b"\r", 0, len(raw) - 2) != -1 or raw[-1:] != b"\n") and has_lone_cr(raw):
+            for part in raw.splitlines(keepends=True):  # bytes.splitlines: only \n, \r and \r\n end lines
+                number += 1
+                where[:] = start, start + len(part), number
+                yield decode_line(part, path, f"line {number}", encoding)
+                start += len(part)
+            continue
+        number += 1
+        where[:] = start, offset, number
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError:
+            decode_line(raw, path, f"line {number}", encoding)  # raises the error that names the line
+
+
+def byte_width(encoding: str):
+    """len(text.encode(encoding)) without the byte-order mark that "utf-16" and "utf-32" put in front."""
+    mark = len("".encode(encoding))
+    return lambda text: len(text.encode(encoding)) - mark
+
+
+def decoded_lines(f, path: Path, encoding: str, facts: dict, hasher, where: list,
+                  cr_ends: bool) -> Iterator[str]:
+    """record_lines for UTF-16 and the like: decoded block by block, then split into lines (as text files are
+    read); a line's byte offsets come from the decoder's position and the lines' encoded widths."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    width, ends = byte_width(encoding), re.compile("\r\n?|\n" if cr_ends else "\n")
+    pending, done, number = "", 0, 0
+    while True:
+        block = f.read(BLOCK_BYTES)
+        hasher.update(block)
+        held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+        try:
+            pending += decoder.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            line = number + len(ends.findall(pending)) + 1
+            raise UserError(f"{path} line {line} is not valid {encoding} text: byte 0x{exc.object[exc.start]:02x} "
+                            f"at byte offset {done - held + exc.start} ({exc.reason}). HINT: pass --encoding with "
+                            "the file's real encoding, or fix the file") from None
+        done += len(block)
+        if number == 0 and pending.startswith("\ufeff"):  # a byte-order mark the codec keeps (utf-16-le)
+            pending = pending[1:]
+            facts["bom_stripped"] = True
+        start, pos = done - len(decoder.getstate()[0]) - width(pending), 0
+        for end in ends.finditer(pending):
+            if block and end.end() == len(pending) and end.group() == "\r":
+                break  # a "\r\n" may be cut by the block's end
+            line = pending[pos:end.end()]
+            number += 1
+            where[:] = start, start + width(line), number
+            yield line
+            start, pos = where[1], end.end()
+        pending = pending[pos:]
+        if not block:
+            if pending:
+                where[:] = start, start + width(pending), number + 1
+                yield pending
+            return
+
+
 def jsonl_objects(path: Path, encoding: str, facts: dict, hasher) -> Iterator[tuple[int, str, object]]:
     """One JSON value per line; blank lines are allowed."""
-    offset = 0
+    where = [0, 0, 0]
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            hasher.update(raw)
-            start, offset = offset, offset + len(raw)
-            if number == 1:
-                raw = strip_bom(raw, encoding, facts)
-            line = decode_line(raw, path, f"line {number}", encoding)
+        for line in record_lines(f, path, encoding, facts, hasher, where):
+            start, _, number = where
             if not line.strip():
                 continue
             try:
@@ -192,6 +282,7 @@ class JsonStream:
         self.decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
         self.buf, self.pos, self.eof, self.first = "", 0, False, True
         self.line, self.bytes, self.counted = 1, 0, 0  # line number / byte offset of buf[self.counted]
+        self.width = byte_width(encoding)
 
     def more(self, at_least: int = 0) -> bool:
         """Append decoded text to the buffer (at least `at_least` bytes); False at the end of the file."""
@@ -216,7 +307,7 @@ class JsonStream:
         """Count lines and bytes from buf[self.counted] up to buf[to]."""
         consumed = self.buf[self.counted:to]
         self.line += consumed.count("\n")
-        self.bytes += len(consumed.encode(self.encoding))
+        self.bytes += self.width(consumed)
         self.counted = to
 
     def line_at(self, pos: int) -> int:
@@ -289,16 +380,6 @@ def json_objects(path: Path, encoding: str, facts: dict, hasher) -> Iterator[tup
 # CSV and TSV
 
 
-def csv_lines(f, path: Path, encoding: str, facts: dict, hasher, where: list) -> Iterator[str]:
-    """Decoded lines for csv.reader; where[0] is the byte offset after the lines handed out so far."""
-    for number, raw in enumerate(f, 1):
-        hasher.update(raw)
-        where[0] += len(raw)
-        if number == 1:
-            raw = strip_bom(raw, encoding, facts)
-        yield decode_line(raw, path, f"line {number}", encoding)
-
-
 def csv_header(reader, path: Path, text_field: str | None) -> list[str]:
     header = next(reader, None)
     if header is None:
@@ -330,13 +411,13 @@ def csv_rows(path: Path, fmt: str, encoding: str, facts: dict, hasher,
              text_field: str | None = None) -> Iterator[tuple[int, str, list[str], list[str]]]:
     """(byte offset, "row N (line M)", header, values) of each row; the header must name `text_field` if given."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # default 128 KB: a long document is one field
-    where = [0]
+    where = [0, 0, 0]  # record_lines: the last line's start, end and number
     with open(path, "rb") as f:
-        reader = csv.reader(csv_lines(f, path, encoding, facts, hasher, where),
+        reader = csv.reader(record_lines(f, path, encoding, facts, hasher, where, cr_ends=True),
                             delimiter="\t" if fmt == "tsv" else ",")
         try:
             header = csv_header(reader, path, text_field)
-            row, start = 1, where[0]
+            row, start = 1, where[1]
             for values in reader:
                 row += 1
                 if values:  # a blank line is no row
@@ -345,7 +426,7 @@ def csv_rows(path: Path, fmt: str, encoding: str, facts: dict, hasher,
                                         f"header has {len(header)}. HINT: quote fields that hold the delimiter, "
                                         "and give every row the header's number of fields")
                     yield start, f"row {row} (line {reader.line_num})", header, values
-                start = where[0]
+                start = where[1]
         except csv.Error as exc:
             raise UserError(f"{path} line {reader.line_num}: not valid {fmt.upper()} ({exc}). "
                             "HINT: fix the file, or export it again") from None

@@ -16,7 +16,7 @@ from ..errors import UserError
 from .engines import CHUNK_CHARS
 from .records import RecordStats, is_utf8, read_records, record_format
 from .sources import BLOCK_BYTES
-from .split import split_at
+from .split import RecordSplit, split_at
 
 
 @dataclass
@@ -136,8 +136,8 @@ class Chunker:
 # Each record with text is one document: its pieces, then an end-of-text token. The split is
 # decided per record, at the byte offset where it starts in the stream (the inputs concatenated):
 # a record that starts inside a validation range is validation, whole, so no record is ever cut
-# between the splits. Ranges are smaller with records (RECORD_VAL_RANGE_BYTES), so validation
-# records come from all over the data set.
+# between the splits (and a range that came up short takes the records after it: split.RecordSplit).
+# Ranges are smaller with records (RECORD_VAL_RANGE_BYTES), so validation records come from all over.
 
 class PieceStream:
     """The pieces of `files` in order, one byte stream: runs of text files through a Chunker, record
@@ -193,17 +193,17 @@ def record_pieces(path: Path, facts: dict, encoding: str, text_field: str, cutte
                   boundaries, first: str, source: int) -> Iterator[Piece]:
     """The documents of one record file. A record's bytes run up to the next record's start (the first
     record's from the file's start), so the pieces' bytes add up to the file's size."""
-    stats, counts = RecordStats(), {"train": 0, "val": 0}
-    held = None  # one record of look-ahead: where the next one starts ends this one
+    stats, splits = RecordStats(), RecordSplit(boundaries, first)
+    held = None  # one record of look-ahead: where the next one starts ends this one (and sizes it for splits)
     for offset, text in read_records(path, record_format(path), text_field, encoding, stats, facts):
         if held is not None:
-            yield from record_document(*held, base + offset, source, cutter, chunk_chars)
-        start = base if held is None else base + offset
-        held = (text, start, split_at(start, boundaries, first))
-        counts[held[2]] += 1
+            yield from record_document(*held, splits.label(held[1], base + offset), base + offset, source,
+                                       cutter, chunk_chars)
+        held = (text, base if held is None else base + offset)
     if held is not None:
-        yield from record_document(*held, base + facts["bytes"], source, cutter, chunk_chars)
-    facts.update(format=record_format(path), text_field=text_field, records=counts, skipped=stats.skipped)
+        end = base + facts["bytes"]
+        yield from record_document(*held, splits.label(held[1], end), end, source, cutter, chunk_chars)
+    facts.update(format=record_format(path), text_field=text_field, records=splits.counts, skipped=stats.skipped)
 
 
 def record_document(text: str, start: int, split: str, end: int, source: int, cutter,
