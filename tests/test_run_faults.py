@@ -1,0 +1,176 @@
+"""Issue 23 (defects3): what a run holds on to while it runs, and what it says when a fault hits.
+
+- the token files a run fingerprinted are the ones it trains on, even if prepare_data.py replaces them
+  while the model loads; a file rewritten in place under the run stops it with one line (item 14);
+- the output disk filling mid-run: metrics.jsonl gets one warning, the checkpoint exit 4 with the last one
+  intact; MLflow on a filling disk one warning; an MLflow server that does not answer: exit 2 in seconds,
+  before anything loads (item 15).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_fault_injection import SAVE_RUN, checkpoint_names, error_lines, run_main
+from test_finetune import base_args
+from torch.utils.data import DataLoader
+
+from conftest import assert_clean_error
+from finetune import metrics
+from finetune.data import DataError, TextDataset, data_fingerprint, load_meta
+
+BLOCK = 32
+
+
+def copy_data(tiny_data_dir: Path, dst: Path) -> tuple[Path, dict]:
+    shutil.copytree(tiny_data_dir, dst)
+    return dst, load_meta(dst)
+
+
+def replace_like_prepare_data(path: Path, content: bytes) -> None:
+    """prepare_data.py --overwrite writes a new file aside and renames it into place (a new inode)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def test_the_run_trains_on_the_files_it_fingerprinted_when_they_are_replaced(tmp_path, tiny_data_dir, caplog):
+    data, meta = copy_data(tiny_data_dir, tmp_path / "data")
+    original = np.fromfile(data / "train.bin", dtype=meta["dtype"])
+    data_fingerprint(meta, data)  # what the run does before the weights load
+    # ... then prepare_data.py --overwrite, while the model loads: same size, other tokens.
+    replace_like_prepare_data(data / "train.bin", (original[::-1]).tobytes())
+    dataset = TextDataset.from_data_dir(data, "train", BLOCK, meta)
+    blocks = len(original) // BLOCK
+    assert len(dataset) == blocks
+    assert np.array_equal(dataset[3]["input_ids"].numpy(), original[3 * BLOCK: 4 * BLOCK])
+    # A DataLoader worker process (forked) reads the same held file, not the path.
+    loader = DataLoader(dataset, batch_size=blocks, num_workers=1)
+    (batch,) = list(loader)
+    assert np.array_equal(batch["input_ids"].numpy().ravel(), original[: blocks * BLOCK])
+    assert any("train.bin was replaced since this run fingerprinted it" in r.message for r in caplog.records)
+
+
+def test_a_token_file_rewritten_in_place_under_the_run_stops_it(tmp_path, tiny_data_dir):
+    data, meta = copy_data(tiny_data_dir, tmp_path / "data")
+    data_fingerprint(meta, data)
+    with open(data / "val.bin", "r+b") as f:  # same inode, other bytes
+        f.write(bytes(64))
+    os.utime(data / "val.bin", ns=(1, 1))  # a modification time that differs even on coarse clocks
+    with pytest.raises(DataError, match=r"val.bin was rewritten since this run fingerprinted it.*HINT: let "
+                                        r"prepare_data.py finish"):
+        TextDataset.from_data_dir(data, "val", BLOCK, meta)
+    assert json.loads((data / "meta.json").read_text()) == meta  # nothing on disk touched
+
+
+# -----------------------------------------------------------------------------
+# Item 15: the output disk filling mid-run, trackers that fail
+
+
+class FillingDisk:
+    """The output disk is full from the `full_from`-th metrics.jsonl append on: that append and every
+    checkpoint written after it fail as a full disk fails (ENOSPC)."""
+
+    def __init__(self, monkeypatch, full_from: int):
+        self.appends, self.full_from = 0, full_from
+        real_save = torch.save
+
+        def open_metrics(path, *args, **kwargs):
+            if Path(path).name == "metrics.jsonl":
+                self.appends += 1
+                if self.full:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return open(path, *args, **kwargs)
+
+        def save(*args, **kwargs):
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(metrics, "open", open_metrics, raising=False)
+        monkeypatch.setattr(torch, "save", save)
+
+    @property
+    def full(self) -> bool:
+        return self.appends >= self.full_from
+
+
+def test_disk_full_mid_run_warns_once_for_metrics_and_stops_at_the_checkpoint(tmp_path, tiny_model_dir,
+                                                                            tiny_data_dir, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        FillingDisk(patch, full_from=4)  # eval 0, train 1, train 2 written; full from train 3 on
+        result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, *SAVE_RUN), capsys)
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "could not append to" in line]
+    assert len(warnings) == 1 and f"{out}/metrics.jsonl (No space left on device)" in warnings[0], result.stderr
+    (line,) = error_lines(result.stderr)
+    assert f"could not save checkpoint {out}/checkpoint-4 (No space left on device)" in line
+    assert f"{out}/checkpoint-2, is intact" in line
+    assert checkpoint_names(out) == ["checkpoint-2"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [(r["kind"], r["step"]) for r in map(json.loads, lines)] == [("eval", 0), ("train", 1), ("train", 2)]
+
+
+def test_lines_held_back_by_a_full_disk_are_written_when_there_is_room(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "metrics.jsonl"
+    disk = FillingDisk(monkeypatch, full_from=2)
+    metrics.append_jsonl(path, {"step": 1})
+    metrics.append_jsonl(path, {"step": 2})  # full: held back
+    metrics.append_jsonl(path, {"step": 3})  # still full: no second warning
+    disk.full_from = 10**9  # room again
+    metrics.append_jsonl(path, {"step": 4})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert sum("could not append to" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not os.environ.get("FINETUNE_SLOW_TESTS"), reason="creating an MLflow database takes ~30 s "
+                    "on 2 busy cores; FINETUNE_SLOW_TESTS=1 runs it")
+def test_mlflow_on_a_full_disk_is_one_warning(tmp_path, capfd):
+    """A real full disk for the MLflow database (RLIMIT_FSIZE: writes beyond the size fail), in-process."""
+    pytest.importorskip("mlflow")
+    from finetune.trackers import MLflow, Trackers
+
+    trackers = Trackers([MLflow(tmp_path, {"lr": 1.0}, 0, None)])
+    capfd.readouterr()
+    size = (tmp_path / "mlflow.db").stat().st_size
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        for step in range(1, 200):
+            trackers.log({"kind": "train", "step": step, "loss": 1.0 / step, "some_metric_with_a_long_name": step})
+            if not trackers.active:
+                break
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    trackers.close()
+    err = capfd.readouterr().err
+    assert not trackers.active
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert "--report-to mlflow: logging step" in line and "reporting to it stops here" in line, err
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                     monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "mlflow"), capsys)
+    assert time.monotonic() - started < 10
+    assert_clean_error(result, "--report-to mlflow: the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9 "
+                               "does not answer", "HINT: start it")
+    assert not out.exists()  # refused before anything was loaded or written
