@@ -4,7 +4,8 @@
   while the model loads; a file rewritten in place under the run stops it with one line (item 14);
 - the output disk filling mid-run: metrics.jsonl gets one warning, the checkpoint exit 4 with the last one
   intact; MLflow on a filling disk one warning; an MLflow server that does not answer: exit 2 in seconds,
-  before anything loads (item 15).
+  before anything loads (item 15);
+- generate.py --num-samples N generates in batches, streamed to the output (item 16b).
 """
 from __future__ import annotations
 
@@ -174,3 +175,33 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, t
     assert_clean_error(result, "--report-to mlflow: the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9 "
                                "does not answer", "HINT: start it")
     assert not out.exists()  # refused before anything was loaded or written
+
+
+# -----------------------------------------------------------------------------
+# Item 16b: many samples, in batches
+
+
+def test_many_samples_are_generated_in_batches_and_streamed(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import generate
+
+    calls = []
+    real_generate_samples = generate.generate_samples
+
+    def counting(*args, num_samples, **kwargs):
+        calls.append(num_samples)
+        return real_generate_samples(*args, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_samples", counting)
+    monkeypatch.setattr(generate, "SAMPLES_PER_BATCH", 2, raising=False)
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--prompt", "The sea",
+              "--max-new-tokens", "6", "--seed", "3"]
+    assert generate.main([*common, "--num-samples", "5", "--output", str(tmp_path / "five.jsonl")]) == 0
+    assert calls == [2, 2, 1]  # never more rows at once than a batch
+    five = [json.loads(line) for line in (tmp_path / "five.jsonl").read_text().splitlines()]
+    assert [r["sample_index"] for r in five] == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().out.count("--- sample ") == 5
+    # The first batch is what one generate call seeded with --seed gives: the samples of --num-samples 2.
+    assert generate.main([*common, "--num-samples", "2", "--output", str(tmp_path / "two.jsonl")]) == 0
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in two] == [r["text"] for r in five[:2]]
+    assert len({r["text"] for r in five}) > 2  # later batches are not copies of the first
