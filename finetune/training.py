@@ -149,9 +149,16 @@ class TrainingRun:
                                       self.metrics, self.dist_info.is_main)
 
     # ---- evaluation, best/ and early-stopping bookkeeping
-    def evaluate_and_track(self) -> float:
+    def evaluate_and_track(self, stop: StopRequest | None = None) -> float | None:
+        """The validation loss, recorded (and best/ saved when it improved); None when a stop request ended
+        the evaluation (within one batch; every process then stops, and nothing is recorded)."""
         progress = self.progress
-        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
+        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info,
+                            should_stop=(lambda: stop.requested) if stop else None)
+        if val_loss is None:
+            if not stop.requested:  # another process was asked: this one stops with it
+                stop.signum = signal.SIGTERM
+            return None
         # The base model's loss (step 0) is the first "best": best/ only holds a model that beats it.
         improved = progress.best_val_loss is not None and val_loss < progress.best_val_loss
         if progress.best_val_loss is None or improved:
@@ -181,12 +188,14 @@ class TrainingRun:
         return False
 
     # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)
-    def write_samples(self, val_loss: float | None) -> None:
+    def write_samples(self, val_loss: float | None, stop: StopRequest | None = None) -> None:
+        """Samples of the --sample-prompt prompts; a stop request ends them between prompts."""
         if not self.dist_info.is_main:
             return
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
-            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx)
+            max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx,
+            should_stop=(lambda: stop.requested) if stop else None)
         samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}
                    for prompt, text in zip(self.cfg.sample_prompts, texts)]
         for sample in samples:

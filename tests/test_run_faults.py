@@ -5,7 +5,8 @@
 - the output disk filling mid-run: metrics.jsonl gets one warning, the checkpoint exit 4 with the last one
   intact; MLflow on a filling disk one warning; an MLflow server that does not answer: exit 2 in seconds,
   before anything loads (item 15);
-- generate.py --num-samples N generates in batches, streamed to the output (item 16b).
+- generate.py --num-samples N generates in batches, streamed to the output (item 16b);
+- a stop request during an evaluation takes effect within one batch: exit before step 1, save after (item 2).
 """
 from __future__ import annotations
 
@@ -205,3 +206,57 @@ def test_many_samples_are_generated_in_batches_and_streamed(tiny_model_dir, tmp_
     two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert [r["text"] for r in two] == [r["text"] for r in five[:2]]
     assert len({r["text"] for r in five}) > 2  # later batches are not copies of the first
+
+
+# -----------------------------------------------------------------------------
+# Item 2: a stop request during an evaluation
+
+
+class SignalDuringEvaluation:
+    """Sends a real SIGTERM to this process after the `after`-th validation batch of the `nth` evaluation,
+    and counts the validation batches computed after it (the evaluation's loss is finetune.loss's)."""
+
+    def __init__(self, monkeypatch, nth: int, after: int = 2):
+        from finetune import loss
+
+        self.evaluations, self.batches, self.after_signal, self.sent = 0, 0, 0, False
+        real_loss, real_evaluate = loss.next_token_loss, loss.evaluate
+
+        def evaluate(*args, **kwargs):
+            self.evaluations += 1
+            self.batches = 0
+            return real_evaluate(*args, **kwargs)
+
+        def next_token_loss(logits, input_ids, *args, **kwargs):
+            self.batches += 1
+            self.after_signal += self.sent
+            if self.evaluations == nth and self.batches == after and not self.sent:
+                self.sent = True
+                signal.raise_signal(signal.SIGTERM)  # StopRequest's handler: the run's own
+            return real_loss(logits, input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(loss, "next_token_loss", next_token_loss)
+        from finetune import training
+        monkeypatch.setattr(training, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["step-0 evaluation", "step-2 evaluation"])
+def test_a_stop_during_an_evaluation_takes_effect_within_one_batch(nth, tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                   monkeypatch, capsys):
+    out = tmp_path / "out"
+    val_blocks = load_meta(tiny_data_dir)["splits"]["val"]["tokens"] // BLOCK
+    assert val_blocks >= 10  # many batches of 1 block: an evaluation that ran to its end would show
+    with monkeypatch.context() as patch:
+        stop = SignalDuringEvaluation(patch, nth=nth)
+        result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4", "--eval-every", "2",
+                                    "--eval-batches", "0", "--batch-size", "1", "--grad-accum", "1"), capsys)
+    assert stop.sent and stop.after_signal == 0, stop.after_signal  # not one validation batch after the signal
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    if nth == 1:  # before the first step: nothing to save, the run says so
+        assert "stopped before the first training step" in result.stderr
+        assert checkpoint_names(out) == [] and evals == []
+    else:  # after it: saved at once, the cut-short evaluation not recorded
+        assert "stopped at step 2; continue with" in result.stderr
+        assert checkpoint_names(out) == ["checkpoint-2"] and [r["step"] for r in evals] == [0]
