@@ -159,13 +159,10 @@ class EpochShuffleSampler(Sampler[int]):
         return max(0, self.samples_per_replica() - self.start)
 
 
-def validation_blocks(num_blocks: int, max_batches: int | None, batch_size: int,
-                      rank: int = 0, world_size: int = 1) -> list[int]:
-    """Deterministic, non-overlapping validation blocks for this rank (all of them by default).
-
-    With `max_batches`, max_batches x batch_size x world_size blocks spread evenly over the split are
-    used, so a partial pass covers the whole validation text and is the same subset at every evaluation.
-    """
-    limit = num_blocks if max_batches is None else min(num_blocks, max_batches * batch_size * world_size)
+def validation_blocks(num_blocks: int, num_chosen: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's share of `num_chosen` validation blocks spread evenly over the split (all of them when
+    num_chosen >= num_blocks): the same blocks at every evaluation, and whatever the number of processes,
+    the ranks taking turns (their shares differ by at most one block)."""
+    limit = min(num_blocks, num_chosen)
     chosen = range(num_blocks) if limit == num_blocks else [i * num_blocks // limit for i in range(limit)]
     return list(chosen[rank::world_size])

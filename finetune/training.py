@@ -19,7 +19,7 @@ from .fsio import atomic_folder
 from .loss import evaluate
 from .metrics import append_jsonl, plot_losses
 from .models import save_pretrained_files
-from .plan import Plan, eval_batches_per_process
+from .plan import Plan, eval_blocks
 from .rundir import resume_command
 from .sampling import sample_during_training
 from .trackers import Trackers, open_trackers, parse_report_to
@@ -94,8 +94,7 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
                               pin_memory=pin, persistent_workers=cfg.num_workers > 0,
                               worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    val_batches = eval_batches_per_process(cfg, plan)
-    val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
+    val_indices = validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.rank, dist_info.world_size)
     # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))

@@ -6,7 +6,9 @@
   intact; MLflow on a filling disk one warning; an MLflow server that does not answer: exit 2 in seconds,
   before anything loads (item 15);
 - generate.py --num-samples N generates in batches, streamed to the output (item 16b);
-- a stop request during an evaluation takes effect within one batch: exit before step 1, save after (item 2).
+- a stop request during an evaluation takes effect within one batch: exit before step 1, save after (item 2);
+- the validation blocks are the same whatever the number of processes (item 4; end to end in
+  tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -260,3 +262,29 @@ def test_a_stop_during_an_evaluation_takes_effect_within_one_batch(nth, tmp_path
     else:  # after it: saved at once, the cut-short evaluation not recorded
         assert "stopped at step 2; continue with" in result.stderr
         assert checkpoint_names(out) == ["checkpoint-2"] and [r["step"] for r in evals] == [0]
+
+
+# -----------------------------------------------------------------------------
+# Item 4: the validation set and the number of processes
+
+
+@pytest.mark.parametrize("eval_batches, blocks", [(None, 32), (3, 12), (0, 100)], ids=["default", "3", "all"])
+def test_the_validation_blocks_do_not_depend_on_the_number_of_processes(eval_batches, blocks):
+    from dataclasses import replace
+
+    import finetune_generative as ft
+    from finetune.data import validation_blocks
+    from finetune.plan import eval_blocks, make_plan
+
+    cfg = replace(ft.TrainConfig(batch_size=4, grad_accum=2, epochs=1, eval_every=4), eval_batches=eval_batches)
+    meta = {"splits": {"train": {"tokens": 352 * BLOCK}, "val": {"tokens": 100 * BLOCK}}}
+    chosen = {}
+    for world_size in (1, 2, 3):
+        plan = make_plan(cfg, meta, BLOCK, world_size)
+        shares = [validation_blocks(plan.val_blocks, eval_blocks(cfg, plan), rank, world_size)
+                  for rank in range(world_size)]
+        union = sorted(block for share in shares for block in share)
+        assert len(union) == len(set(union)) == blocks  # disjoint shares, the size asked
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        chosen[world_size] = union
+    assert chosen[1] == chosen[2] == chosen[3]
