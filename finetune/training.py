@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Progress, prune_checkpoints, save_checkpoint, training_state
+from .checkpoints import Progress, list_checkpoints, prune_checkpoints, save_checkpoint, training_state
 from .distributed import DistInfo
-from .fsio import atomic_folder
+from .fsio import atomic_folder, share_identical_files, stored_bytes
 from .loss import evaluate
 from .metrics import append_jsonl, plot_losses
 from .models import save_pretrained_files
@@ -208,11 +208,14 @@ class TrainingRun:
         state = training_state(self.progress, self.optimizer, self.scheduler, self.scaler,
                                dataclasses.asdict(self.cfg), world_size=self.dist_info.world_size,
                                trackers=self.trackers.state(), **self.fingerprints)
-        path = save_checkpoint(self.output_dir, lambda folder: self.model_files.write_checkpoint(self.model, folder),
-                               state, self.dist_info)
+        path = save_checkpoint(self.output_dir, self.write_checkpoint_files, state, self.dist_info)
         if self.dist_info.is_main:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
             log.info("saved %s", path)
+
+    def write_checkpoint_files(self, folder: Path) -> None:
+        self.model_files.write_checkpoint(self.model, folder)
+        share_identical_files(folder, [self.output_dir / "best"])  # best/ of this very step: stored once
 
     def resume_command(self) -> str:
         return resume_command(self.script, self.output_dir, self.dist_info.world_size)
@@ -232,3 +235,9 @@ class TrainingRun:
         if self.dist_info.is_main:
             with atomic_folder(self.output_dir, f"the final model in {self.output_dir}", into=True) as tmp:
                 self.model_files.write_release(self.model, tmp)
+                # The newest checkpoint (this step's) and best/ (when the last evaluation was the best) often
+                # hold these very weights: hard links, not three copies (a 124M run: 2.4 GB otherwise).
+                checkpoints = list_checkpoints(self.output_dir)
+                share_identical_files(tmp, [*checkpoints[-1:], self.output_dir / "best"])
+            log.info("%s holds %.1f MB (identical files stored once)", self.output_dir,
+                     stored_bytes(self.output_dir) / 1e6)

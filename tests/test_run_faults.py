@@ -8,7 +8,8 @@
 - generate.py --num-samples N generates in batches, streamed to the output (item 16b);
 - a stop request during an evaluation takes effect within one batch: exit before step 1, save after (item 2);
 - the validation blocks are the same whatever the number of processes (item 4; end to end in
-  tests/test_distributed.py).
+  tests/test_distributed.py);
+- the final model, best/ and the checkpoint of the same step store identical weights once (item 7).
 """
 from __future__ import annotations
 
@@ -288,3 +289,24 @@ def test_the_validation_blocks_do_not_depend_on_the_number_of_processes(eval_bat
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
         chosen[world_size] = union
     assert chosen[1] == chosen[2] == chosen[3]
+
+
+# -----------------------------------------------------------------------------
+# Item 7: identical weights stored once
+
+
+def test_the_final_model_best_and_the_last_checkpoint_share_their_weights(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                          capsys):
+    from finetune.fsio import stored_bytes
+
+    out = tmp_path / "out"
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4"), capsys)  # evals at 0, 4
+    assert result.returncode == 0, result.stderr
+    final, checkpoint, best = out / "model.safetensors", out / "checkpoint-4" / "model.safetensors", \
+        out / "best" / "model.safetensors"
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4] and evals[1]["val_loss"] < evals[0]["val_loss"]  # best/ is step 4
+    assert final.samefile(checkpoint) and final.samefile(best) and final.stat().st_nlink == 3
+    size = final.stat().st_size
+    assert stored_bytes(out) < sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) - 2 * size + 1
+    assert f"{out} holds {stored_bytes(out) / 1e6:.1f} MB (identical files stored once)" in result.stderr
