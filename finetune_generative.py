@@ -593,7 +593,7 @@ def main(argv=None) -> int:
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, getattr(model_config, "hidden_size", None))  # a probe's shape
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
                               estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),

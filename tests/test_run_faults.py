@@ -9,7 +9,9 @@
 - a stop request during an evaluation takes effect within one batch: exit before step 1, save after (item 2);
 - the validation blocks are the same whatever the number of processes (item 4; end to end in
   tests/test_distributed.py);
-- the final model, best/ and the checkpoint of the same step store identical weights once (item 7).
+- the final model, best/ and the checkpoint of the same step store identical weights once (item 7);
+- --precision auto on a CPU with bf16 instructions picks bf16 only where a matmul probe shows it faster,
+  remembered in the cache (item 11).
 """
 from __future__ import annotations
 
@@ -310,3 +312,34 @@ def test_the_final_model_best_and_the_last_checkpoint_share_their_weights(tmp_pa
     size = final.stat().st_size
     assert stored_bytes(out) < sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) - 2 * size + 1
     assert f"{out} holds {stored_bytes(out) / 1e6:.1f} MB (identical files stored once)" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Item 11: --precision auto on a CPU measures before it picks bf16
+
+
+def test_precision_auto_on_a_bf16_cpu_measures_and_remembers(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from finetune import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the CPU flag says bf16 (avx512_bf16)
+    monkeypatch.setattr(runtime, "PROBE_SECONDS", 0.02, raising=False)
+    log = logging.getLogger("finetune.test-precision")
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        choice = runtime.resolve_precision("auto", cpu, hidden_size=64, log=log)
+    cache = tmp_path / "xdg-cache" / "finetune" / "cpu-precision.json"
+    ((key, measured),) = json.loads(cache.read_text()).items()
+    assert "hidden 64" in key and f"torch {torch.__version__}" in key
+    assert choice == ("bf16" if measured["bf16"] > 1.1 * measured["fp32"] else "fp32")
+    assert f"runs at {measured['bf16']:.0f} GFLOP/s in bf16, {measured['fp32']:.0f} in fp32: {choice}" in caplog.text
+
+    def measuring_again(*args):
+        raise AssertionError("the probe ran again")
+
+    monkeypatch.setattr(runtime, "matmul_gflops", measuring_again)
+    for figures, expected in (({"fp32": 293.0, "bf16": 164.0}, "fp32"), ({"fp32": 100.0, "bf16": 400.0}, "bf16")):
+        cache.write_text(json.dumps({key: figures}))
+        assert runtime.resolve_precision("auto", cpu, hidden_size=64, log=log) == expected
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: no probe
