@@ -128,7 +128,7 @@ def matmul_gflops(hidden_size: int, dtype) -> float:
     b = torch.randn(hidden_size, 4 * hidden_size, generator=generator).to(dtype)
     torch.mm(a, b)  # warm-up: kernel selection, first-touch of the output
     runs, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < PROBE_SECONDS or runs < 2:
+    while (elapsed := time.perf_counter() - started) < PROBE_SECONDS or runs < 1:
         torch.mm(a, b)
         runs += 1
     return runs * 2 * PROBE_TOKENS * hidden_size * 4 * hidden_size / elapsed / 1e9
