@@ -310,13 +310,19 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> int:
                                 gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
                 log_losses, log_tokens, log_seconds = [], 0, 0.0
             # ---- evaluate (the plan says when: --eval-every, each epoch end, the end)
+            sampled = False
             if plan.evaluates_at(progress.step):
-                val_loss = run.evaluate_and_track()
-                finished = finished or run.should_stop_early()
-                if cfg.sample_prompts and cfg.sample_every is None:
-                    run.write_samples(val_loss)
+                val_loss = run.evaluate_and_track(stop)
+                stopping = stopping or val_loss is None  # a stop during the evaluation (agreed): save now
+                finished = finished or (val_loss is not None and run.should_stop_early())
+                if cfg.sample_prompts and cfg.sample_every is None and val_loss is not None:
+                    run.write_samples(val_loss, stop)
+                    sampled = True
             if cfg.sample_prompts and cfg.sample_every and (progress.step % cfg.sample_every == 0 or finished):
-                run.write_samples(None)
+                run.write_samples(None, stop)
+                sampled = True
+            if sampled and not stopping:  # a stop while rank 0 sampled: every process agrees, then saves now
+                stopping = stop_agreed(run, stop)
             # ---- checkpoint
             if finished or stopping or plan.saves_at(progress.step):
                 run.checkpoint()
@@ -525,9 +531,9 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
     try:
         if from_scratch:  # step 0: the base model's validation loss and samples, the "before" of the run
             if not stop.requested:  # a signal while the model loaded: no need to evaluate it
-                val_loss = run.evaluate_and_track()
-                if cfg.sample_prompts:
-                    run.write_samples(val_loss)
+                val_loss = run.evaluate_and_track(stop)  # None: stopped within one batch
+                if cfg.sample_prompts and val_loss is not None:
+                    run.write_samples(val_loss, stop)
             if stop_agreed(run, stop):  # every process stops here, or none
                 if run.dist_info.is_main:
                     log.warning("%s: stopped before the first training step, so nothing was trained and there is "
@@ -587,7 +593,7 @@ def main(argv=None) -> int:
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, getattr(model_config, "hidden_size", None))  # a probe's shape
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
                               estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),

@@ -11,7 +11,9 @@ below is an error when sampling (it does not silently mean greedy): ask for --gr
 
 Seeds. The RNG is re-seeded with --seed before each prompt, so a prompt's samples depend only on
 the seed, the prompt and the settings, not on which other prompts share the run. Without --seed a
-random one is drawn and printed, so any run can be repeated.
+random one is drawn and printed, so any run can be repeated. Samples are generated 64 at a time
+(SAMPLES_PER_BATCH), each batch seeded from --seed and its index, and printed and written as it is
+done: up to 64 samples are exactly those of one generate call seeded with --seed, as before.
 
 Precision. --precision bf16/fp16 loads the weights in that dtype (half the memory, faster on a
 GPU); no autocast is used. auto means bf16 on GPUs that support it and on CPUs with native bf16
@@ -329,6 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Samples generated together: --num-samples 100000 must not ask for 100000 rows of logits at once (~20 GB for
+# GPT-2's vocabulary); a batch this size is a few MB, and still fills a GPU well for a small model.
+SAMPLES_PER_BATCH = 64
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of a batch of samples: `seed` itself for the first (so up to SAMPLES_PER_BATCH samples are
+    exactly those of one generate call seeded with it), then one seed per batch, far from seed + 1's."""
+    return seed if batch == 0 else (seed + batch * 0x9E3779B97F4A7C15) % 2**63
+
+
 def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settings, out_file) -> None:
     import torch
     from transformers import TextStreamer
@@ -339,20 +352,27 @@ def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settin
         if stream:
             print(sample_header(0, 1, 0, 1, prompt), flush=True)
         streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
-        with torch.inference_mode():
-            samples = generate_samples(model, tokenizer, prompt, gen_kwargs, num_samples=num_samples,
-                                       seed=seed, device=device, streamer=streamer)
-        for s_i, sample in enumerate(samples):
-            if not stream:
-                print(sample_header(s_i, num_samples, p_i, len(prompts), prompt))
-                print(sample.text)
-            print(flush=True)
-            if out_file is not None:
-                record = dict(prompt=prompt, prompt_index=p_i, sample_index=s_i, text=sample.text,
-                              completion=sample.completion, new_tokens=sample.new_tokens,
-                              finish_reason=sample.finish_reason, settings=settings)
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out_file.flush()  # keep what is done if the run is interrupted
+        for batch, first in enumerate(range(0, num_samples, SAMPLES_PER_BATCH)):
+            with torch.inference_mode():
+                samples = generate_samples(model, tokenizer, prompt, gen_kwargs,
+                                           num_samples=min(SAMPLES_PER_BATCH, num_samples - first),
+                                           seed=batch_seed(seed, batch), device=device, streamer=streamer)
+            for s_i, sample in enumerate(samples, first):  # each batch printed and written as it is done
+                write_sample(sample, s_i, num_samples, p_i, prompt, len(prompts), stream, settings, out_file)
+
+
+def write_sample(sample, s_i: int, num_samples: int, p_i: int, prompt: str, num_prompts: int, streamed: bool,
+                 settings: dict, out_file) -> None:
+    if not streamed:
+        print(sample_header(s_i, num_samples, p_i, num_prompts, prompt))
+        print(sample.text)
+    print(flush=True)
+    if out_file is not None:
+        record = dict(prompt=prompt, prompt_index=p_i, sample_index=s_i, text=sample.text,
+                      completion=sample.completion, new_tokens=sample.new_tokens,
+                      finish_reason=sample.finish_reason, settings=settings)
+        out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out_file.flush()  # keep what is done if the run is interrupted
 
 
 SAMPLE_FIELDS = ("prompt", "sample_index", "settings")  # every record of our --output JSONL has these

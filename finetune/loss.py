@@ -64,21 +64,41 @@ def chunked_loss_function():
     return ChunkedNextTokenLoss
 
 
-def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
-    """Mean next-token loss over the validation blocks, summed exactly across processes."""
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=None) -> float | None:
+    """Mean next-token loss over the validation blocks, summed exactly across processes.
+
+    `should_stop()` (a stop request: Ctrl-C, SIGTERM) is asked between batches, on every process together (one
+    small all-reduce per batch), so a stop takes effect within one batch: the evaluation then returns None.
+    """
     import torch
 
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
-    with torch.no_grad():
-        for batch in val_loader:
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            with ctx:
-                loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-            n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
-            totals[0] += loss.double() * n_predictions
-            totals[1] += n_predictions
+    try:
+        with torch.no_grad():
+            batches = iter(val_loader)
+            while True:
+                batch = next(batches, None)
+                if should_stop is not None:  # every process votes, also one whose share of batches is done
+                    votes = torch.tensor([float(should_stop()), float(batch is not None)], device=device)
+                    all_reduce_sum(votes, dist_info)
+                    stop_votes, batches_left = votes.tolist()
+                    if stop_votes > 0:
+                        return None
+                    if batches_left == 0:
+                        break
+                elif batch is None:
+                    break
+                if batch is None:
+                    continue
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                with ctx:
+                    loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+                n_predictions = input_ids.shape[0] * (input_ids.shape[1] - 1)
+                totals[0] += loss.double() * n_predictions
+                totals[1] += n_predictions
+    finally:
+        model.train(was_training)
     all_reduce_sum(totals, dist_info)
-    model.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")

@@ -37,6 +37,7 @@ class Plan:
     # The schedules as periods, never as sets of steps: --max-steps 10**12 must plan as fast as 10.
     eval_every: int = 0   # --eval-every (0 = none); evaluation_steps() adds 0, each epoch end and the last step
     save_every: int = 0   # --save-every (0 = none); the last step always saves, and so does a stop
+    world_size: int = 1   # processes the plan is for
 
     def evaluates_at(self, step: int) -> bool:
         periods = (self.eval_every, self.steps_per_epoch)
@@ -49,8 +50,11 @@ class Plan:
 
 
 def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
-    train_blocks = meta["splits"]["train"]["tokens"] // block_size
-    val_blocks = meta["splits"]["val"]["tokens"] // block_size
+    return plan_for_blocks(cfg, meta["splits"]["train"]["tokens"] // block_size,
+                           meta["splits"]["val"]["tokens"] // block_size, block_size, world_size)
+
+
+def plan_for_blocks(cfg, train_blocks: int, val_blocks: int, block_size: int, world_size: int) -> Plan:
     per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
     total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
@@ -62,7 +66,7 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
     plan = Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
                 sequences * world_size * block_size, total / per_epoch if per_epoch else 0.0,
                 batch_size=batch, grad_accum=accum, eval_every=cfg.eval_every or 0,
-                save_every=cfg.save_every or 0)
+                save_every=cfg.save_every or 0, world_size=world_size)
     return plan
 
 
@@ -136,6 +140,17 @@ def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
+def eval_blocks(cfg, plan: Plan) -> int:
+    """Validation blocks per evaluation, the same whatever the number of processes (they are split across
+    the processes and the losses summed, so best/ and early stopping do not depend on it): --eval-batches x
+    --batch-size, or by default eval_batches_per_process's budget for these settings in one process; every
+    block with --eval-batches 0 or when the split holds fewer."""
+    one_process = plan if plan.world_size == 1 else plan_for_blocks(cfg, plan.train_blocks, plan.val_blocks,
+                                                                    plan.block_size, 1)
+    batches = eval_batches_per_process(cfg, one_process)
+    return plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size)
+
+
 # The interpreter with torch, transformers and peft imported, before any weights load: 0.37-0.43 GiB
 # RSS measured on Linux with torch 2.13 (CPU build). Without it the estimate of a LoRA run of gpt2-medium
 # was 29 % under the measured peak (README, "Bigger models with LoRA").
@@ -192,8 +207,7 @@ def machine_memory_gib(device) -> float | None:
 
 
 def eval_description(plan: Plan, cfg, world_size: int) -> str:
-    batches = eval_batches_per_process(cfg, plan)
-    blocks = plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size * world_size)
+    blocks = eval_blocks(cfg, plan)
     steps, count = evaluation_steps(cfg, plan, limit=6), count_evaluations(cfg, plan)
     shown = ", ".join(map(str, steps)) + (f", ... ({count:,} in all)" if count > 6 else "")
     return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"

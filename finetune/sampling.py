@@ -80,7 +80,7 @@ def seed_generators(seed: int, device) -> None:
 
 def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device,
                            temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                           ctx=None) -> list[str]:
+                           ctx=None, should_stop=None) -> list[str]:
     """One sample (prompt + continuation) per prompt, for the training log. Training is not disturbed:
     the RNG states it uses and every module's train/eval mode are put back as they were.
 
@@ -88,6 +88,7 @@ def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_toke
     plain model underneath is used, so a compiled graph is not recompiled for generation shapes.
     `ctx` is the training autocast context, if any. No collective ops: calling it on one rank is fine.
     A sample is cut short where it would run past the model's context, rather than crash training.
+    `should_stop()` (a stop request) is asked before each prompt: the samples done so far are returned.
     """
     import torch
 
@@ -106,6 +107,8 @@ def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_toke
         try:
             model.eval()  # dropout off, as in real use
             for prompt in prompts:
+                if should_stop is not None and should_stop():
+                    break
                 room = n_ctx - len(tokenizer(prompt)["input_ids"]) if n_ctx else max_new_tokens
                 if room < 1:
                     samples.append(f"{prompt} [no sample: the prompt fills the model's {n_ctx}-token context]")

@@ -6,17 +6,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from .errors import UserError
 
 META_FORMAT = "finetune-gpt2-tokens"
 META_VERSION = 1
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 
 
-class DataError(Exception):
-    """Bad data or a mismatch between data and model: a message for the user, not a bug."""
+class DataError(UserError):
+    """Bad data or a mismatch between data and model: a message for the user, not a bug (one `error:` line,
+    exit 2, wherever it is raised)."""
 
 
 # -----------------------------------------------------------------------------
@@ -111,7 +116,9 @@ def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) 
 def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
     """Identifies the exact token files (their bytes, not only meta.json): a resume on other data is refused.
 
-    Reads both .bin files once (sha256 runs at over 1 GB/s), at the start of a run.
+    Reads both .bin files once (sha256 runs at over 1 GB/s), at the start of a run, through files it then
+    keeps open (hold_token_file): the run trains on the bytes fingerprinted here, even if prepare_data.py
+    replaces the files while the model loads.
     """
     digest = hashlib.sha256()
     key = {
@@ -122,9 +129,11 @@ def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
     }
     digest.update(json.dumps(key, sort_keys=True).encode())
     for filename in SPLIT_FILES.values():
-        with open(Path(data_dir) / filename, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        held = hold_token_file(Path(data_dir) / filename)
+        held.file.seek(0)
+        while chunk := held.file.read(1 << 24):
+            digest.update(chunk)
+        held.check_unchanged("while it was fingerprinted")
     return digest.hexdigest()[:16]
 
 
@@ -147,3 +156,54 @@ def reassemble(data_dir: str | os.PathLike) -> np.ndarray:
         t = r["train_tokens_before"]
     parts.append(train[t:])
     return np.concatenate(parts)
+
+
+# -----------------------------------------------------------------------------
+# Token files held open from the fingerprint to the end of the run
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: the inode (a replaced file) and its size and
+    modification time (a file rewritten in place)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@dataclass
+class HeldTokenFile:
+    """A token file opened once, at its fingerprint; the datasets map this open file, not the path, so a
+    file replaced under the run (prepare_data.py --overwrite renames new files into place) does not change
+    what it trains on. A file rewritten in place is noticed by check_unchanged()."""
+    path: Path
+    file: BinaryIO
+    identity: tuple[int, int, int, int]  # file_identity() when it was opened
+
+    def check_unchanged(self, since: str = "since this run fingerprinted it") -> None:
+        if file_identity(os.fstat(self.file.fileno())) != self.identity:
+            raise DataError(f"{self.path} was rewritten {since}, so the run would train on other data than it "
+                            f"recorded. HINT: let prepare_data.py finish before starting the run, or prepare "
+                            f"into another --output-dir, then start the run again")
+
+
+_HELD: dict[str, HeldTokenFile] = {}  # resolved path -> the file this process fingerprinted
+
+
+def hold_token_file(path: Path) -> HeldTokenFile:
+    """Open `path` (once per process and version: a file replaced since is opened anew) and keep it open."""
+    key = str(Path(path).resolve())
+    held = _HELD.get(key)
+    if held is None or held_file_replaced(held):
+        file = open(key, "rb")  # noqa: SIM115  (held for the life of the process)
+        held = _HELD[key] = HeldTokenFile(Path(path), file, file_identity(os.fstat(file.fileno())))
+    return held
+
+
+def held_file_replaced(held: HeldTokenFile) -> bool:
+    try:
+        return file_identity(os.stat(held.path)) != held.identity
+    except OSError:
+        return True
+
+
+def held_token_file(path: str | os.PathLike) -> HeldTokenFile | None:
+    """The file data_fingerprint() held for `path`, or None if this process did not fingerprint it."""
+    return _HELD.get(str(Path(path).resolve()))

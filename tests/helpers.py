@@ -185,6 +185,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
+def checkpoint_names(out: Path) -> list[str]:
+    return [p.name for p in ckpt.list_checkpoints(out)]
+
+
+SAVE_RUN = ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "6", "--save-every", "2"]
+
+
 def start(args: list, log: Path) -> subprocess.Popen:
     with open(log, "w") as stderr:
         return subprocess.Popen([sys.executable, str(REPO_ROOT / "finetune_generative.py"), *map(str, args)],

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 import torch
+
+import finetune_generative as ft
+from finetune import checkpoints as ckpt
 from helpers import (
     REPO_ROOT,
     assert_clean_error,
@@ -17,9 +20,6 @@ from helpers import (
     torchrun,
     train_records,
 )
-
-import finetune_generative as ft
-from finetune import checkpoints as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,10 @@ def two_process_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tmp_path,
                                                                     tiny_model_dir, tiny_data_dir):
     single = tmp_path / "single"
-    # 2 processes x batch 4 == 1 process x batch 8; grad-accum 2 in both.
-    assert ft.main(common_args(tiny_model_dir, tiny_data_dir, single, 8)) == 0
+    # 2 processes x batch 4 == 1 process x batch 8; grad-accum 2 in both. The validation blocks do not depend
+    # on the number of processes: 2 x batch 4 read the default 8 batches of 4 = 32 blocks of the 37 (split
+    # across the ranks, 16 each); one process reads the same 32 as 4 batches of 8.
+    assert ft.main(common_args(tiny_model_dir, tiny_data_dir, single, 8, "--eval-batches", "4")) == 0
     ddp_train, single_train = train_records(two_process_run), train_records(single)
     assert [r["step"] for r in ddp_train] == [r["step"] for r in single_train]
     assert [r["tokens"] for r in ddp_train] == [r["tokens"] for r in single_train]

@@ -22,10 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import finetune_generative as ft
+from finetune import checkpoints as ckpt
+from finetune.fsio import remove_leftovers
 from helpers import (
+    SAVE_RUN,
     assert_clean_error,
     assert_same_weights,
     base_args,
+    checkpoint_names,
     error_lines,
     newest_step,
     run_main,
@@ -33,18 +40,9 @@ from helpers import (
     train_records,
     wait_for_step,
 )
-from safetensors.torch import load_file
-
-import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune.fsio import remove_leftovers
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                     "tokenizer_config.json", "training_state.pt"]
-
-
-def checkpoint_names(out: Path) -> list[str]:
-    return [p.name for p in ckpt.list_checkpoints(out)]
 
 
 def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
@@ -125,9 +123,6 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
 
 # -----------------------------------------------------------------------------
 # A save that fails partway: disk full
-
-
-SAVE_RUN = ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "6", "--save-every", "2"]
 
 
 @pytest.fixture(scope="module")

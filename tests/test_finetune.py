@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
 
 import finetune_generative as ft
 from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
 
 
 def expected_total_steps(data_dir: Path, batch: int, accum: int, epochs: int) -> int:
@@ -321,10 +321,10 @@ def test_default_evaluation_size_follows_the_budget():
     assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
     assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=0), long_plan) is None  # the whole split
     # A partial pass is spread over the whole split, the same blocks every time, disjoint across ranks.
-    assert validation_blocks(100, 2, 5) == list(range(0, 100, 10))
-    ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]
+    assert validation_blocks(100, 10) == list(range(0, 100, 10))
+    ranks = [validation_blocks(100, 20, rank=r, world_size=2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == list(range(0, 100, 5)) and not set(ranks[0]) & set(ranks[1])
-    assert validation_blocks(7, None, 4) == list(range(7))
+    assert validation_blocks(7, 7) == validation_blocks(7, 10**9) == list(range(7))
 
 
 def test_gradient_checkpointing_trains_the_same_with_dropout(tmp_path, tiny_model_dir, tiny_data_dir):

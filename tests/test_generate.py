@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_clean_error, run_main, run_script
 
 import generate as generate_module
+from helpers import REPO_ROOT, assert_clean_error, run_main, run_script
 
 CPU = ("--device", "cpu", "--precision", "fp32")
 HEADER = re.compile(r"^--- sample (\d+)/(\d+) \((.*)\) ---$", re.MULTILINE)

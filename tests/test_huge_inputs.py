@@ -6,11 +6,10 @@ import contextlib
 import io
 import math
 
-from helpers import base_args
-
 import finetune_generative as ft
 from dataset import load_meta
 from finetune import plan as plan_module
+from helpers import base_args
 
 TRILLION = 1_000_000_000_000
 

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import finetune_generative as ft
+from finetune import checkpoints as ckpt
+from finetune import lora
 from helpers import (
     assert_clean_error,
     assert_same_weights,
@@ -30,16 +35,11 @@ from helpers import (
     train_records,
     wait_for_step,
 )
-from safetensors.torch import load_file
-
-import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune import lora
 
 LORA = ["--lora-r", "4", "--lora-dropout", "0.1"]  # adapter dropout on: the RNG must resume too
 RUN = ["--batch-size", "16", "--max-steps", "13", *LORA]  # 11 steps per epoch: 13 crosses the epoch boundary
-CHECKPOINT_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "training_state.pt"]
+CHECKPOINT_FILES = ["adapter_base.json", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "training_state.pt"]
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -382,6 +382,32 @@ def test_generate_loads_adapters_and_says_when_the_base_is_missing(lora_run, tmp
     assert error_lines(err) == [f"error: the base model {tmp_path / 'gone'} of the adapter in {moved} cannot be "
                                 f"found (no such folder). HINT: put the base model back at {tmp_path / 'gone'}, or "
                                 f"set base_model_name_or_path in {moved / 'adapter_config.json'} to where it is now"]
+
+
+def test_generate_refuses_an_adapter_pointed_at_another_base_of_the_same_shapes(lora_run, tmp_path,
+                                                                                tiny_model_dir, capsys):
+    import generate
+
+    trained_on = lora.base_fingerprint(str(tiny_model_dir))
+    for folder in (lora_run / "adapter", lora_run / "checkpoint-13"):
+        assert json.loads((folder / "adapter_base.json").read_text())["base_fingerprint"] == trained_on
+    other = tmp_path / "other-base"  # same config and shapes, other weights
+    shutil.copytree(tiny_model_dir, other)
+    build_tiny_model(other, vocab_size=json.loads((other / "config.json").read_text())["vocab_size"], seed=1)
+    moved = tmp_path / "adapter"
+    shutil.copytree(lora_run / "adapter", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(other)
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exc:
+        generate.main(["--model", str(moved), "--prompt", "x", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert error_lines(err) == [f"error: the adapter in {moved} was trained on a base with fingerprint {trained_on}, "
+                                f"but its base {other} has fingerprint {lora.base_fingerprint(str(other))} (other "
+                                f"weights or config). HINT: set base_model_name_or_path in "
+                                f"{moved / 'adapter_config.json'} to the base it was trained on, or load the merged "
+                                f"model its training run wrote"]
 
 
 def test_gradient_checkpointing_trains_the_adapters_the_same(tmp_path, tiny_model_dir, tiny_data_dir):

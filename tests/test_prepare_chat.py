@@ -10,11 +10,11 @@ import random
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, run_main
 
 import prepare_data as prep
 from finetune.chat import DEFAULT_CHAT_TEMPLATE
 from finetune.tokenfiles import load_meta
+from helpers import assert_one_line_error, run_main
 
 
 def run(args: list, capsys):

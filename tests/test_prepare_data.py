@@ -18,6 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import prepare_data as prep
+from dataset import DataError, load_meta
+from finetune.errors import UserError
+from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
+from finetune.tokenfiles import read_split, reassemble
 from helpers import (
     REPO_ROOT,
     SHARED_GPT2_TOKENIZER,
@@ -29,12 +35,6 @@ from helpers import (
     run_script,
     snapshot,
 )
-
-import prepare_data as prep
-from dataset import DataError, load_meta
-from finetune.errors import UserError
-from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
-from finetune.tokenfiles import read_split, reassemble
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").is_file(),
                                 reason="GPT-2 tokenizer not present at ../shared/gpt2-tokenizer")

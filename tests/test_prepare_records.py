@@ -13,12 +13,12 @@ import re
 import sys
 
 import pytest
-from helpers import assert_one_line_error, load, make_corpus, reference_ids, run_main
 
 import prepare_data as prep
 from dataset import load_meta
 from finetune.prepare import engines
 from finetune.tokenfiles import read_split, reassemble
+from helpers import assert_one_line_error, load, make_corpus, reference_ids, run_main
 
 
 def make_records(n: int, seed: int = 0, holes: bool = True) -> list[dict]:

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, assert_one_line_error, load, make_corpus, reference_ids, run_main, snapshot
 
 import prepare_data as prep
 from dataset import load_meta
 from finetune.prepare import writer
 from finetune.tokenfiles import reassemble
+from helpers import REPO_ROOT, assert_one_line_error, load, make_corpus, reference_ids, run_main, snapshot
 
 
 def test_second_run_into_a_locked_output_dir_is_refused(tmp_path, tiny_tokenizer_dir, capsys):

@@ -21,13 +21,13 @@ import math
 
 import pytest
 import torch
-from helpers import BLOCK, base_args, train_records
 from safetensors.torch import load_file
 
 import finetune_generative as ft
 from dataset import EpochShuffleSampler, TextDataset
 from finetune.models import make_optimizer
 from finetune.plan import make_scheduler
+from helpers import BLOCK, base_args, train_records
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO_ROOT, assert_clean_error
 
 # Imported by transformers only if it runs the folder's code: then it leaves a marker next to itself.

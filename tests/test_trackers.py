@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, base_args, error_lines, run_main
 
 import finetune_generative as ft
 from finetune import console, trackers
+from helpers import REPO_ROOT, base_args, error_lines, run_main
 
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
            "--sample-max-new-tokens", "8"]

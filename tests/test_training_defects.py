@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BLOCK, REPO_ROOT, assert_clean_error, base_args, run_main, train_records, weights
 
 import finetune_generative as ft
 import generate
@@ -27,6 +26,7 @@ from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
 from finetune.errors import first_line
 from finetune.rundir import lock_holder
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, base_args, run_main, train_records, weights
 
 
 @pytest.fixture(scope="module")
