@@ -112,6 +112,9 @@ class TrainConfig:
     cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, slower steps"""
+    device_memory_gib: float | None = None
+    """memory one process may use, in GiB, that the plan's estimate is checked against (default: the
+    device's: RAM on a CPU, the GPU's own); a run the estimate exceeds is refused before anything loads"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
@@ -156,7 +159,9 @@ class TrainConfig:
     overwrite: bool = False
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
-    """print the plan (sizes, steps, memory) and exit"""
+    """print the plan (sizes, steps, memory) and exit (exit 2 when the run would be refused)"""
+    ignore_memory_estimate: bool = False
+    """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -166,12 +171,12 @@ FLAG_GROUPS = {
     "optimization": ("--lr", "--weight-decay", "--beta1", "--beta2", "--warmup-steps", "--warmup-ratio",
                      "--scheduler", "--max-grad-norm", "--dropout"),
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
-                "--gradient-checkpointing"),
+                "--gradient-checkpointing", "--device-memory-gib"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
+    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--ignore-memory-estimate"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -187,7 +192,8 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
-RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
+RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
+               "ignore_memory_estimate"}
 
 
 def build_arg_parser(suppress_defaults: bool = False):
@@ -238,6 +244,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("weight_decay", cfg.weight_decay, allow_zero=True)
     positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
+    positive("device_memory_gib", cfg.device_memory_gib, allow_none=True)
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -572,7 +579,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
 @exit_on_user_error
 def main(argv=None) -> int:
     from finetune.models import count_parameters
-    from finetune.plan import describe_plan, estimate_memory_gib
+    from finetune.plan import describe_plan, estimate_memory_gib, memory_refusal
     from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
     from finetune.runtime import get_device, library_versions, resolve_precision
 
@@ -589,15 +596,18 @@ def main(argv=None) -> int:
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)
-    plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
-                              device, precision, dist_info.world_size, lora=lora_counts)
+    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)
+    plan_text = describe_plan(plan, cfg, meta, n_params, memory_gib, device, precision, dist_info.world_size,
+                              lora=lora_counts)
     large_adapter = lora.size_warning(lora_counts) if lora_counts else None
     if large_adapter:  # worth a word, not a refusal: a large rank can be meant
         log.warning(large_adapter)
+    too_big = memory_refusal(cfg, plan, memory_gib, device, lora_counts)
+    if cfg.dry_run and dist_info.is_main:
+        print(plan_text)
+    if too_big:  # before the weights load, not at the wall (the dry run says so by its exit code too)
+        raise UserError(too_big)
     if cfg.dry_run:
-        if dist_info.is_main:
-            print(plan_text)
         return 0
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request

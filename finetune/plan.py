@@ -241,9 +241,39 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
                         f"{', '.join(lora['targets'])}: {lora['trainable']:,} trainable of {lora['total']:,} "
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
-    available = machine_memory_gib(device)
+    available = memory_limit_gib(cfg, device)
     if available is not None and memory_gib > available:
-        hint = "try --lora-r 16" if lora is None else "lower --batch-size or --block-size"
-        lines.append(f"                 more than this machine's {available:.1f} GiB of {device.type} memory: "
-                     f"it will not fit (HINT: {hint}, or --gradient-checkpointing)")
+        anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""
+        lines.append(f"                 more than {memory_limit_description(cfg, available, device)}: "
+                     f"it will not fit{anyway}")
     return "\n".join(lines)
+
+
+def memory_limit_gib(cfg, device) -> float | None:
+    """What the memory estimate is checked against: --device-memory-gib, else the device's own memory."""
+    return cfg.device_memory_gib or machine_memory_gib(device)
+
+
+def memory_limit_description(cfg, available: float, device) -> str:
+    where = "(--device-memory-gib)" if cfg.device_memory_gib else "on this machine"
+    return f"the {available:.1f} GiB of {device.type} memory {where}"
+
+
+def memory_refusal(cfg, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
+    """Why the run is refused before anything loads: the estimate is above the device's memory (None when
+    it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
+    that lowers the estimate and is not already pulled."""
+    available = memory_limit_gib(cfg, device)
+    if cfg.ignore_memory_estimate or available is None or memory_gib <= available:
+        return None
+    levers = [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
+    if not cfg.gradient_checkpointing:
+        levers.append("add --gradient-checkpointing")
+    smaller = [f"--batch-size (now {cfg.batch_size})"] if cfg.batch_size > 1 else []
+    levers.append("lower " + " or ".join(smaller + [f"--block-size (now {plan.block_size})"]))
+    if lora is None:
+        levers.append("shard the model over more processes with --fsdp (torchrun --nproc_per_node=N)")
+    shown = ", ".join(levers[:-1]) + (", or " if len(levers) > 1 else "") + levers[-1]
+    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process, is more than "
+            f"{memory_limit_description(cfg, available, device)}, so the run would not fit and was not started. "
+            f"HINT: {shown}; or add --ignore-memory-estimate to start it anyway")

@@ -1,0 +1,55 @@
+"""Defects a new user met on the first day and an adversary found (issue 23), each reproduced as the issue
+describes it: a run the plan says will not fit, start-up files that blocked the next run, token ids beyond
+the vocabulary behind a meta.json that under-states them, messages that misled, and the end of a run."""
+from __future__ import annotations
+
+import torch
+from test_fault_injection import error_lines, run_main
+from test_finetune import BLOCK, base_args
+
+import finetune_generative as ft
+from conftest import assert_clean_error
+from finetune import plan as plan_module
+
+# -----------------------------------------------------------------------------
+# #1: a run the memory estimate says will not fit is refused before the weights load
+
+
+def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
+                                                           monkeypatch):
+    loaded = []
+    monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
+    out = tmp_path / "out"
+    # The tiny model's estimate is ~0.4 GiB (the interpreter itself): a 0.1 GiB device cannot hold it.
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--device-memory-gib", "0.1")
+    refused = run_main(args, capsys)
+    assert_clean_error(refused)
+    (line,) = error_lines(refused.stderr)
+    assert line.startswith("error: the plan's memory estimate, ~0.4")
+    assert line.endswith(
+        " GiB per process, is more than the 0.1 GiB of cpu memory (--device-memory-gib), so the run would not fit "
+        "and was not started. HINT: train LoRA adapters instead (--lora-r 16), add --gradient-checkpointing, lower "
+        f"--batch-size (now 8) or --block-size (now {BLOCK}), or shard the model over more processes with --fsdp "
+        "(torchrun --nproc_per_node=N); or add --ignore-memory-estimate to start it anyway")
+    assert not loaded and not out.exists()
+
+    dry = run_main([*args, "--dry-run"], capsys)  # the plan, and the exit code of the run it describes
+    assert dry.returncode == 2 and error_lines(dry.stderr) == [line]
+    assert "more than the 0.1 GiB of cpu memory (--device-memory-gib): it will not fit\n" in dry.stdout + "\n"
+    anyway = run_main([*args, "--dry-run", "--ignore-memory-estimate"], capsys)
+    assert anyway.returncode == 0 and not error_lines(anyway.stderr)
+    assert "it will not fit; starting anyway (--ignore-memory-estimate)" in anyway.stdout
+    assert run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run"), capsys).returncode == 0
+    assert not loaded and not out.exists()
+
+
+def test_the_memory_hint_names_only_the_levers_not_yet_pulled():
+    meta = {"splits": {"train": {"tokens": 40 * BLOCK}, "val": {"tokens": 4 * BLOCK}}}
+    cfg = ft.TrainConfig(lora_r=4, gradient_checkpointing=True, batch_size=1, device_memory_gib=0.5)
+    plan = plan_module.make_plan(cfg, meta, BLOCK, world_size=1)
+    cpu = torch.device("cpu")
+    assert plan_module.memory_refusal(cfg, plan, 0.4, cpu, lora={}) is None  # it fits
+    assert plan_module.memory_refusal(cfg, plan, 0.6, cpu, lora={}).endswith(
+        f"HINT: lower --block-size (now {BLOCK}); or add --ignore-memory-estimate to start it anyway")
+    cfg = ft.TrainConfig(batch_size=4, device_memory_gib=0.5, ignore_memory_estimate=True)
+    assert plan_module.memory_refusal(cfg, plan, 0.6, cpu, lora=None) is None
