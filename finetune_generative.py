@@ -538,8 +538,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
             if stop_agreed(run, stop):  # every process stops here, or none
                 if run.dist_info.is_main:
                     log.warning("%s: stopped before the first training step, so nothing was trained and there is "
-                                "nothing to resume; start the run again with --overwrite (it removes only what "
-                                "this run wrote)", signal.Signals(stop.signum).name)
+                                "nothing to resume; the same command starts the run again", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:

@@ -329,9 +329,13 @@ def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_
         assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], err
         assert "Traceback" not in err and "aborted by a second interrupt" not in err
         assert (f"{signum.name}: stopped before the first training step, so nothing was trained and there is "
-                f"nothing to resume; start the run again with --overwrite") in err
+                f"nothing to resume; the same command starts the run again") in err
         out = tmp_path / signum.name
         assert not list(out.glob("checkpoint-*")) and train_records(out) == []
-    # the HINT works: the same command with --overwrite
-    assert ft.main([*runs[signal.SIGTERM][1], "--overwrite"]) == 0
-    assert [r["step"] for r in train_records(tmp_path / "SIGTERM")] == [1, 2]
+    # issue 23 #3: the start-up files left (train_config.json, metrics.jsonl) are no earlier run: the same
+    # command starts again in their place, without --overwrite
+    out = tmp_path / "SIGTERM"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl", "train_config.json"]
+    assert ft.main(runs[signal.SIGTERM][1]) == 0
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert [r["step"] for r in train_records(out, "eval")] == [0, 2]  # step 0 once: the stopped run's is gone
