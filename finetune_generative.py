@@ -414,7 +414,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         tokenizer, model_config = load_tokenizer(str(resume_path)), load_config(cfg.model)
     else:
         tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
-    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer)
+    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer, data_dir=cfg.data_dir)
     context = model_context_length(model_config)
     block_size = cfg.block_size or min(context or 1024, 1024)
     if context and block_size > context:

@@ -3,9 +3,14 @@ describes it: a run the plan says will not fit, start-up files that blocked the 
 the vocabulary behind a meta.json that under-states them, messages that misled, and the end of a run."""
 from __future__ import annotations
 
+import json
+import shutil
+
+import numpy as np
 import torch
 from test_fault_injection import error_lines, run_main
 from test_finetune import BLOCK, base_args
+from transformers import AutoConfig
 
 import finetune_generative as ft
 from conftest import assert_clean_error
@@ -53,3 +58,29 @@ def test_the_memory_hint_names_only_the_levers_not_yet_pulled():
         f"HINT: lower --block-size (now {BLOCK}); or add --ignore-memory-estimate to start it anyway")
     cfg = ft.TrainConfig(batch_size=4, device_memory_gib=0.5, ignore_memory_estimate=True)
     assert plan_module.memory_refusal(cfg, plan, 0.6, cpu, lora=None) is None
+
+
+# -----------------------------------------------------------------------------
+# #16: token ids beyond the model's vocabulary, behind a meta.json that under-states them
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_whatever_meta_json_says(tmp_path, tiny_model_dir,
+                                                                            tiny_data_dir, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    assert meta["max_token_id"] < vocab and meta["dtype"] == "uint16"
+    tokens = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[123] = vocab + 7  # meta.json, the sizes and the dtype still agree: only the ids tell
+    tokens.flush()
+    del tokens
+    out = tmp_path / "out"
+    result = run_main(base_args(tiny_model_dir, data, out, "--dry-run"), capsys)
+    assert_clean_error(result)
+    assert error_lines(result.stderr) == [
+        f"error: {data / 'train.bin'} holds token id {vocab + 7} but the model's vocabulary has only {vocab} entries, "
+        f"though meta.json says the largest id is {meta['max_token_id']} (the files no longer match what "
+        f"prepare_data.py wrote). HINT: prepare the data again with this model's tokenizer: python prepare_data.py "
+        f"--tokenizer MODEL --output-dir {data}"]
+    assert result.stdout == "" and not out.exists()
