@@ -9,6 +9,7 @@ import logging
 import math
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
@@ -123,8 +124,19 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> N
                         f"HINT: choose a writable folder") from None
 
 
+def interpreter(world_size: int = 1) -> str:
+    """The interpreter that runs this (torchrun beside it for several processes), as a shell word: a command
+    printed with it works pasted where that virtual environment is not active, which `python` would not.
+    sys.executable as it is, not resolved: a venv's python is a symlink, and resolved it loses the venv."""
+    python = shlex.quote(sys.executable or "python")
+    if world_size <= 1:
+        return python
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = shlex.quote(str(torchrun)) if torchrun.is_file() else f"{python} -m torch.distributed.run"
+    return f"{launcher} --nproc_per_node={world_size}"
+
+
 def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
     """A command that continues the run from any working directory (the checkpoint keeps absolute paths)."""
-    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-    return (f"{launcher} {shlex.quote(str(script.resolve()))} --output-dir {shlex.quote(str(output_dir.resolve()))}"
-            f" --resume")
+    return (f"{interpreter(world_size)} {shlex.quote(str(script.resolve()))} --output-dir "
+            f"{shlex.quote(str(output_dir.resolve()))} --resume")

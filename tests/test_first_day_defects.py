@@ -4,7 +4,10 @@ the vocabulary behind a meta.json that under-states them, messages that misled, 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ from transformers import AutoConfig
 import finetune_generative as ft
 from conftest import assert_clean_error
 from finetune import plan as plan_module
+from finetune.rundir import resume_command
 
 # -----------------------------------------------------------------------------
 # #1: a run the memory estimate says will not fit is refused before the weights load
@@ -84,3 +88,16 @@ def test_token_ids_beyond_the_vocabulary_are_refused_whatever_meta_json_says(tmp
         f"prepare_data.py wrote). HINT: prepare the data again with this model's tokenizer: python prepare_data.py "
         f"--tokenizer MODEL --output-dir {data}"]
     assert result.stdout == "" and not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# #18: the printed resume command names the interpreter that ran (test_training_defects runs it, one process)
+
+
+def test_the_resume_command_of_several_processes_uses_this_interpreters_torchrun(tmp_path):
+    script, out = tmp_path / "train.py", tmp_path / "my run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = shlex.quote(str(torchrun)) if torchrun.is_file() else f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+    assert resume_command(script, out, world_size=2) == (
+        f"{launcher} --nproc_per_node=2 {shlex.quote(str(script))} --output-dir {shlex.quote(str(out))} --resume")
+    assert resume_command(script, out, world_size=1).startswith(f"{shlex.quote(sys.executable)} ")

@@ -285,12 +285,13 @@ def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_p
     err = (tmp_path / "resumed.txt").read_text()
     assert "in use" not in err  # the killed run's lock file did not block it
     command = err.split("continue with:\n")[1].splitlines()[0].strip()
-    assert command == (f"python {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} --output-dir "
-                       f"{shlex.quote(str(out))} --resume")
+    # issue 23 #18: the interpreter that ran, so it works where its venv is not active (PATH has no venv below)
+    assert command == (f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} "
+                       f"--output-dir {shlex.quote(str(out))} --resume")
     stopped_at = ckpt.checkpoint_step(ckpt.list_checkpoints(out)[-1])
     assert 2 < stopped_at < 20, "the run ended before SIGTERM; make it longer"
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH="/usr/bin:/bin")
     done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
