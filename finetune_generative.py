@@ -526,6 +526,25 @@ def stop_agreed(run: TrainingRun, stop: StopRequest) -> bool:
     return votes > 0
 
 
+def end_of_run_summary(run: TrainingRun) -> str:
+    """The validation loss before -> after, where the models are, and the commands to run next."""
+    from finetune.rundir import next_commands
+
+    evals = [m for m in run.metrics if m["kind"] == "eval"]  # step 0 first (a resume reads it back), then on
+    before, after = evals[0], evals[-1]
+    best = run.output_dir / "best"
+    if best.is_dir():
+        best_eval = min(evals, key=lambda m: m["val_loss"])
+        kept = f"best model (val loss {best_eval['val_loss']:.4f}, step {best_eval['step']}) in {best}"
+    else:
+        kept = "and no best/: no evaluation beat the base model's val loss at step 0"
+    prompt = run.cfg.sample_prompts[0] if run.cfg.sample_prompts else "Once upon a time"
+    commands = "".join(f"\n  {what + ':':<23}{command}"
+                       for what, command in next_commands(run.script, run.output_dir, prompt).items())
+    return (f"done: val loss {before['val_loss']:.4f} at step {before['step']} -> {after['val_loss']:.4f} at step "
+            f"{after['step']}; final model in {run.output_dir}, {kept}\nnext:{commands}")
+
+
 def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> int:
     """Step 0 (a new run), the loop, the final model; each way of stopping gets its line and exit code."""
     cfg = run.cfg
@@ -543,9 +562,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            best = run.output_dir / "best"
-            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
-                     "and no best/: no evaluation beat the base model's val loss at step 0")
+            log.info(end_of_run_summary(run))
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)

@@ -140,3 +140,11 @@ def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
     """A command that continues the run from any working directory (the checkpoint keeps absolute paths)."""
     return (f"{interpreter(world_size)} {shlex.quote(str(script.resolve()))} --output-dir "
             f"{shlex.quote(str(output_dir.resolve()))} --resume")
+
+
+def next_commands(script: Path, output_dir: Path, prompt: str) -> dict[str, str]:
+    """What to run on a finished run's final model, with the scripts beside `script`: sample, export."""
+    python, here, model = interpreter(), script.resolve().parent, shlex.quote(str(output_dir.resolve()))
+    return {"sample from it": f"{python} {shlex.quote(str(here / 'generate.py'))} --model {model} "
+                              f"--prompt {shlex.quote(prompt)}",
+            "export it (llama.cpp)": f"{python} {shlex.quote(str(here / 'export.py'))} --model {model} --to gguf"}

@@ -71,6 +71,17 @@ def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_
     assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
     assert len(shown) == sum(getattr(cfg, f) != getattr(ft.TrainConfig(), f) for f in ft.TrainConfig.__annotations__)
     assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
+    # issue 23 #9: the end says the val loss before -> after and what to run next, pasteable anywhere
+    before, after = (f"{e['val_loss']:.4f}" for e in evals)
+    python, model = shlex.quote(sys.executable), shlex.quote(str(out))
+    assert lines[-4].split(" ", 1)[1] == (
+        f"done: val loss {before} at step 0 -> {after} at step 1; final model in {out}, best model "
+        f"(val loss {after}, step 1) in {out / 'best'}")
+    assert lines[-3:] == [
+        "next:",
+        f"  sample from it:        {python} {shlex.quote(str(REPO_ROOT / 'generate.py'))} --model {model} "
+        "--prompt 'Once upon a time'",
+        f"  export it (llama.cpp): {python} {shlex.quote(str(REPO_ROOT / 'export.py'))} --model {model} --to gguf"]
 
 
 def test_no_best_folder_without_an_improvement_over_the_base_model(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
