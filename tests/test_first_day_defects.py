@@ -101,3 +101,18 @@ def test_the_resume_command_of_several_processes_uses_this_interpreters_torchrun
     assert resume_command(script, out, world_size=2) == (
         f"{launcher} --nproc_per_node=2 {shlex.quote(str(script))} --output-dir {shlex.quote(str(out))} --resume")
     assert resume_command(script, out, world_size=1).startswith(f"{shlex.quote(sys.executable)} ")
+
+
+# -----------------------------------------------------------------------------
+# #8: noise a user sees every time
+
+
+def test_greedy_does_not_offer_a_seed_to_repeat_its_samples(tiny_model_dir, capsys):
+    import generate
+
+    common = ("--device", "cpu", "--precision", "fp32", "--model", str(tiny_model_dir), "--prompt", "the river",
+              "--max-new-tokens", "4")
+    assert generate.main([*common, "--greedy"]) == 0
+    assert "--seed" not in capsys.readouterr().err  # the same text every time: no seed to pass
+    assert generate.main(list(common)) == 0
+    assert "to get the same samples again" in capsys.readouterr().err  # sampling still says it
