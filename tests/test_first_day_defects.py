@@ -116,3 +116,17 @@ def test_greedy_does_not_offer_a_seed_to_repeat_its_samples(tiny_model_dir, caps
     assert "--seed" not in capsys.readouterr().err  # the same text every time: no seed to pass
     assert generate.main(list(common)) == 0
     assert "to get the same samples again" in capsys.readouterr().err  # sampling still says it
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
+                                                         monkeypatch):
+    def interrupted(*args, **kwargs):  # what Python's own SIGINT handler raises wherever the program is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finetune.data.data_fingerprint", interrupted)  # reading the token files at start-up
+    out = tmp_path / "out"
+    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out), capsys)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["error: interrupted (Ctrl-C) while starting, before any work was done. "
+                                          "HINT: run the same command again"]
+    assert not out.exists()
