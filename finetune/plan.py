@@ -39,9 +39,23 @@ class Plan:
     save_every: int = 0   # --save-every (0 = none); the last step always saves, and so does a stop
 
     def evaluates_at(self, step: int) -> bool:
-        periods = (self.eval_every, self.steps_per_epoch)
-        return step in (0, self.total_steps) or (
-            0 < step <= self.total_steps and any(k and step % k == 0 for k in periods))
+        if step in (0, self.total_steps) or not 0 < step <= self.total_steps:
+            return 0 <= step <= self.total_steps
+        if self.eval_every and step % self.eval_every == 0:
+            return True
+        return bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0 and not self.near_evaluation(step)
+
+    @property
+    def epoch_end_window(self) -> int:
+        """An epoch end this close to an --eval-every evaluation or the last step gets no evaluation of its
+        own: a tenth of the shorter period (250 steps apart and epochs of 246: the end of the first epoch is
+        4 steps before step 250, and a plan of 0, 246, 250, ... would evaluate the same model twice)."""
+        return min(self.eval_every, self.steps_per_epoch) // 10 if self.eval_every else 0
+
+    def near_evaluation(self, step: int) -> bool:
+        window = self.epoch_end_window
+        offset = step % self.eval_every if self.eval_every else 0
+        return bool(window) and (min(offset, self.eval_every - offset) <= window or self.total_steps - step <= window)
 
     def saves_at(self, step: int) -> bool:
         return step == self.total_steps or (
@@ -102,7 +116,7 @@ def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
     previous = 0
     yield 0
     for step in merged:
-        if step > previous:
+        if step > previous and plan.evaluates_at(step):
             yield step
             previous = step
 
@@ -122,7 +136,57 @@ def count_evaluations(cfg, plan: Plan) -> int:
         count -= total // math.lcm(*periods)
     if total > 0 and not any(total % k == 0 for k in periods):
         count += 1
-    return 1 + count
+    return 1 + count - count_epoch_ends_dropped(plan)
+
+
+def count_epoch_ends_dropped(plan: Plan) -> int:
+    """The epoch ends before the last step that plan.near_evaluation() leaves out, by arithmetic: those
+    within the window of an --eval-every multiple, and the others within it of the last step."""
+    window, every, epoch = plan.epoch_end_window, plan.eval_every, plan.steps_per_epoch
+    if not window:
+        return 0
+
+    def count(first: int, last: int, low: int, high: int) -> int:  # epoch ends j = first..last at those offsets
+        return (epoch_ends_with_offset(last, epoch, every, low, high)
+                - epoch_ends_with_offset(first - 1, epoch, every, low, high)) if first <= last else 0
+
+    def near_eval_every(first: int, last: int) -> int:
+        return count(first, last, 1, window) + count(first, last, every - window, every - 1)
+
+    last = (plan.total_steps - 1) // epoch  # the epoch ends before the last step: j * epoch, j = 1..last
+    near_end = max(1, -(-(plan.total_steps - window) // epoch))  # j from here on: within the window of the end
+    others_near_end = (max(0, last - near_end + 1) - near_eval_every(near_end, last)
+                       - count(near_end, last, 0, 0))  # an --eval-every multiple itself is evaluated anyway
+    return near_eval_every(1, last) + others_near_end
+
+
+def epoch_ends_with_offset(n: int, epoch: int, every: int, low: int, high: int) -> int:
+    """How many of j * epoch (j = 1..n) lie `low`..`high` (0 <= low <= high < every) after a multiple of
+    `every`: the sum of floor((j*epoch - low) / every) - floor((j*epoch - high - 1) / every), two floor sums."""
+    if n <= 0:
+        return 0
+    def floor_sum_from_one(c: int) -> int:  # sum over j = 1..n of floor((j * epoch + c) / every)
+        c += epoch  # as i = j - 1 = 0..n-1
+        return floor_sum(n, every, epoch, c % every) + n * (c // every)
+    return floor_sum_from_one(-low) - floor_sum_from_one(-high - 1)
+
+
+def floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum of floor((a*i + b) / m) for i = 0..n-1 (a, b >= 0), in O(log m) steps (the Euclid-like
+    reduction of the AtCoder library), so a plan of 10**12 steps is counted as fast as one of 10."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return total
+        n, b = y_max // m, y_max % m
+        m, a = a, m
 
 
 def eval_batches_per_process(cfg, plan: Plan) -> int | None:

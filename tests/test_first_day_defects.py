@@ -3,7 +3,9 @@ describes it: a run the plan says will not fit, start-up files that blocked the 
 the vocabulary behind a meta.json that under-states them, messages that misled, and the end of a run."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import shlex
 import shutil
 import sys
@@ -130,3 +132,25 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_model_di
     assert result.stderr.splitlines() == ["error: interrupted (Ctrl-C) while starting, before any work was done. "
                                           "HINT: run the same command again"]
     assert not out.exists()
+
+
+def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
+    plan = plan_module.Plan(block_size=32, train_blocks=2000, val_blocks=20, steps_per_epoch=246, total_steps=400,
+                            warmup_steps=0, tokens_per_step=256, epochs=400 / 246, eval_every=250)
+    cfg = ft.TrainConfig(eval_every=250)
+    assert plan_module.evaluation_steps(cfg, plan) == [0, 250, 400]  # was 0, 246, 250, 400
+    assert plan_module.count_evaluations(cfg, plan) == 3 and not plan.evaluates_at(246)
+    # Against the rule written out (an epoch end within a tenth of the shorter period of an --eval-every
+    # evaluation or of the last step gets none of its own): listed, asked and counted by arithmetic alike.
+    rng = random.Random(0)
+    for _ in range(200):
+        epoch, every, total = rng.randint(1, 300), rng.choice([0, rng.randint(1, 400)]), rng.randint(1, 1000)
+        plan = dataclasses.replace(plan, steps_per_epoch=epoch, total_steps=total, eval_every=every)
+        window = min(every, epoch) // 10 if every else 0
+        near = lambda s: window and (min(s % every, every - s % every) <= window or total - s <= window)  # noqa: E731, B023
+        expected = sorted({0, total, *(range(every, total + 1, every) if every else ()),
+                           *(s for s in range(epoch, total, epoch) if not near(s))})
+        cfg = ft.TrainConfig(eval_every=every)
+        assert plan_module.evaluation_steps(cfg, plan) == expected, (epoch, every, total)
+        assert [s for s in range(total + 1) if plan.evaluates_at(s)] == expected
+        assert plan_module.count_evaluations(cfg, plan) == len(expected)
