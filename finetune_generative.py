@@ -37,7 +37,7 @@ from finetune.errors import (
     raise_if_problems,
 )
 from finetune.loss import next_token_loss
-from finetune.plan import Plan, make_plan, make_scheduler
+from finetune.plan import Plan, extend_plan, extension_note, make_plan, make_scheduler, restart_schedule
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
 from finetune.trackers import check_report_to
@@ -156,6 +156,10 @@ class TrainConfig:
     """continue from the newest checkpoint in --output-dir, or from the CHECKPOINT folder given"""
     skip_damaged_checkpoints: bool = False
     """with --resume: if the newest checkpoint is damaged, say so and continue from the newest one that loads"""
+    extend: bool = False
+    """with --resume: allow a larger --max-steps or --epochs than the checkpoint's, to train a run on past its
+    planned end (nothing else may change); the lr schedule is planned again over the new total with the run's
+    warmup, so the lr steps up from where it was (logged)"""
     overwrite: bool = False
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
@@ -176,7 +180,7 @@ FLAG_GROUPS = {
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--ignore-memory-estimate"),
+    "run control": ("--resume", "--extend", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--ignore-memory-estimate"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -192,7 +196,7 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
-RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
+RUN_CONTROL = {"resume", "extend", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
                "ignore_memory_estimate"}
 
 
@@ -254,6 +258,8 @@ def validate_config(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.extend and not cfg.resume:
+        problems.append("--extend is for a run continued with --resume (HINT: add --resume, or drop --extend)")
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if any(not p.strip() for p in cfg.sample_prompts):
@@ -430,9 +436,13 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     if state is not None:
-        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit}
+        extendable = ("max_steps", "epochs") if cfg.extend else ()
+        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
                                             fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+        if cfg.extend:
+            plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
+            problems += extend_problems
     lora_counts = None
     if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
         lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
@@ -511,6 +521,10 @@ def resume_run(run: TrainingRun, state: dict) -> None:
     from finetune.metrics import read_metrics, rewrite_jsonl
 
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
+    if run.cfg.extend:  # the optimizer came back with the old schedule's lr
+        lr_before = run.scheduler.get_last_lr()[0]
+        restart_schedule(run.scheduler, run.progress.step)
+        log.info(extension_note(run.cfg, run.plan, run.progress.step, lr_before, run.scheduler.get_last_lr()[0]))
     run.metrics = read_metrics(run.output_dir / "metrics.jsonl", run.progress.step)
     if run.dist_info.is_main:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
@@ -609,6 +623,8 @@ def main(argv=None) -> int:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
+    if cfg.extend:  # the warmup the plan kept, in the config the checkpoints record (a later --resume plans the same)
+        cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_steps)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device)
     n_params = count_parameters(model_config)

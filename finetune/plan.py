@@ -80,6 +80,37 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int) -> Plan:
     return plan
 
 
+def extend_plan(cfg, saved_config: dict, meta: dict, plan: Plan, world_size: int) -> tuple[Plan, list[str]]:
+    """--extend: the plan of a resumed run given a larger --max-steps or --epochs than its checkpoint's.
+    The warmup stays the run's own (a --warmup-ratio of the new total would move it into steps already
+    taken); the rest of the schedule is planned again over the new total (see extension_note)."""
+    import dataclasses
+
+    before = make_plan(dataclasses.replace(cfg, epochs=saved_config["epochs"], max_steps=saved_config["max_steps"]),
+                       meta, plan.block_size, world_size)
+    if plan.total_steps <= before.total_steps:
+        return plan, [f"--extend: the run was planned for {before.total_steps:,} steps and these settings plan "
+                      f"{plan.total_steps:,}, no more (HINT: pass a larger --max-steps, or more --epochs)"]
+    return dataclasses.replace(plan, warmup_steps=before.warmup_steps), []
+
+
+def extension_note(cfg, plan: Plan, step: int, lr_before: float, lr_after: float) -> str:
+    """What --extend does to the learning rate, for the log."""
+    return (f"--extend: training on from step {step:,} to {plan.total_steps:,}; the {cfg.scheduler} schedule is "
+            f"planned again over {plan.total_steps:,} steps with the run's {plan.warmup_steps:,} warmup steps, "
+            f"so the lr goes from {lr_before:.3g} (where the checkpoint left it) to {lr_after:.3g} at step "
+            f"{step + 1:,}, then follows the new schedule to its end")
+
+
+def restart_schedule(scheduler, steps_done: int) -> None:
+    """Set the optimizer's lr to what `scheduler` gives after `steps_done` steps. A resume restores the lr
+    of the checkpoint's schedule with the optimizer's state; after --extend planned it again, that lr is
+    stale (0 at the end of a linear decay)."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(steps_done)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
+
+
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
     """transformers.get_scheduler's schedule `name`, except that no optimizer step runs at lr 0.
 

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from test_fault_injection import error_lines, run_main
-from test_finetune import BLOCK, base_args
+from test_finetune import BLOCK, base_args, train_records
 from transformers import AutoConfig
 
 import finetune_generative as ft
 from conftest import assert_clean_error
+from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
 from finetune.rundir import resume_command
 
@@ -154,3 +156,35 @@ def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
         assert plan_module.evaluation_steps(cfg, plan) == expected, (epoch, every, total)
         assert [s for s in range(total + 1) if plan.evaluates_at(s)] == expected
         assert plan_module.count_evaluations(cfg, plan) == len(expected)
+
+
+# -----------------------------------------------------------------------------
+# #6: a finished run trained on with --resume --extend; the lr schedule planned again, and said so
+
+
+def test_a_finished_run_is_extended_with_its_schedule_planned_again(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                    capsys):
+    out = tmp_path / "out"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--warmup-steps", "1")) == 0
+    capsys.readouterr()
+    longer = ["--output-dir", str(out), "--resume", "--max-steps", "4"]
+    refused = run_main(longer, capsys)
+    assert_clean_error(refused, "--max-steps 4 differs from the checkpoint's 2; HINT: drop the flag to keep the "
+                                "checkpoint's value, or add --extend to train on past the end it was planned for")
+    for extra, message in ((["--max-steps", "2"], "--extend: the run was planned for 2 steps and these settings "
+                                                  "plan 2, no more (HINT: pass a larger --max-steps"),
+                           (["--max-steps", "4", "--lr", "1e-3"], "--lr 0.001 differs from the checkpoint's 0.003")):
+        assert_clean_error(run_main(["--output-dir", str(out), "--resume", "--extend", *extra], capsys), message)
+    assert_clean_error(run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "new", "--extend"), capsys),
+                       "--extend is for a run continued with --resume")
+
+    extended = run_main([*longer, "--extend"], capsys)
+    assert extended.returncode == 0, extended.stderr
+    assert ("--extend: training on from step 2 to 4; the linear schedule is planned again over 4 steps with the "
+            "run's 1 warmup steps, so the lr goes from 0 (where the checkpoint left it) to 0.002 at step 3, then "
+            "follows the new schedule to its end") in extended.stderr
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # linear decay over 4 steps after 1 warmup step: (4 - s) / 3 of the peak after s steps (lr 0 before)
+    assert [r["lr"] for r in records] == pytest.approx([3e-3, 3e-3, 3e-3 * 2 / 3, 3e-3 / 3])
+    assert ft.TrainConfig(**ckpt.load_training_state(out / "checkpoint-4")["config"]).warmup_steps == 1
