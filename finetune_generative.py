@@ -37,7 +37,7 @@ from finetune.errors import (
     raise_if_problems,
 )
 from finetune.loss import next_token_loss
-from finetune.plan import Plan, make_plan, make_scheduler
+from finetune.plan import Plan, extend_plan, extension_note, make_plan, make_scheduler, restart_schedule
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
 from finetune.trackers import check_report_to
@@ -112,6 +112,9 @@ class TrainConfig:
     cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, slower steps"""
+    device_memory_gib: float | None = None
+    """memory one process may use, in GiB, that the plan's estimate is checked against (default: the
+    device's: RAM on a CPU, the GPU's own); a run the estimate exceeds is refused before anything loads"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
@@ -153,10 +156,16 @@ class TrainConfig:
     """continue from the newest checkpoint in --output-dir, or from the CHECKPOINT folder given"""
     skip_damaged_checkpoints: bool = False
     """with --resume: if the newest checkpoint is damaged, say so and continue from the newest one that loads"""
+    extend: bool = False
+    """with --resume: allow a larger --max-steps or --epochs than the checkpoint's, to train a run on past its
+    planned end (nothing else may change); the lr schedule is planned again over the new total with the run's
+    warmup, so the lr steps up from where it was (logged)"""
     overwrite: bool = False
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
-    """print the plan (sizes, steps, memory) and exit"""
+    """print the plan (sizes, steps, memory) and exit (exit 2 when the run would be refused)"""
+    ignore_memory_estimate: bool = False
+    """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -166,12 +175,12 @@ FLAG_GROUPS = {
     "optimization": ("--lr", "--weight-decay", "--beta1", "--beta2", "--warmup-steps", "--warmup-ratio",
                      "--scheduler", "--max-grad-norm", "--dropout"),
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
-                "--gradient-checkpointing"),
+                "--gradient-checkpointing", "--device-memory-gib"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
+    "run control": ("--resume", "--extend", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--ignore-memory-estimate"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -187,7 +196,8 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
-RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
+RUN_CONTROL = {"resume", "extend", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
+               "ignore_memory_estimate"}
 
 
 def build_arg_parser(suppress_defaults: bool = False):
@@ -238,6 +248,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("weight_decay", cfg.weight_decay, allow_zero=True)
     positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
+    positive("device_memory_gib", cfg.device_memory_gib, allow_none=True)
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -247,6 +258,8 @@ def validate_config(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.extend and not cfg.resume:
+        problems.append("--extend is for a run continued with --resume (HINT: add --resume, or drop --extend)")
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if any(not p.strip() for p in cfg.sample_prompts):
@@ -413,7 +426,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         tokenizer, model_config = load_tokenizer(str(resume_path)), load_config(cfg.model)
     else:
         tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
-    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer)
+    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer, data_dir=cfg.data_dir)
     context = model_context_length(model_config)
     block_size = cfg.block_size or min(context or 1024, 1024)
     if context and block_size > context:
@@ -429,9 +442,13 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     if state is not None:
-        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit}
+        extendable = ("max_steps", "epochs") if cfg.extend else ()
+        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
                                             fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+        if cfg.extend:
+            plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
+            problems += extend_problems
     lora_counts = None
     if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
         lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
@@ -510,6 +527,10 @@ def resume_run(run: TrainingRun, state: dict) -> None:
     from finetune.metrics import read_metrics, rewrite_jsonl
 
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
+    if run.cfg.extend:  # the optimizer came back with the old schedule's lr
+        lr_before = run.scheduler.get_last_lr()[0]
+        restart_schedule(run.scheduler, run.progress.step)
+        log.info(extension_note(run.cfg, run.plan, run.progress.step, lr_before, run.scheduler.get_last_lr()[0]))
     run.metrics = read_metrics(run.output_dir / "metrics.jsonl", run.progress.step)
     if run.dist_info.is_main:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
@@ -525,6 +546,25 @@ def stop_agreed(run: TrainingRun, stop: StopRequest) -> bool:
     return votes > 0
 
 
+def end_of_run_summary(run: TrainingRun) -> str:
+    """The validation loss before -> after, where the models are, and the commands to run next."""
+    from finetune.rundir import next_commands
+
+    evals = [m for m in run.metrics if m["kind"] == "eval"]  # step 0 first (a resume reads it back), then on
+    before, after = evals[0], evals[-1]
+    best = run.output_dir / "best"
+    if best.is_dir():
+        best_eval = min(evals, key=lambda m: m["val_loss"])
+        kept = f"best model (val loss {best_eval['val_loss']:.4f}, step {best_eval['step']}) in {best}"
+    else:
+        kept = "and no best/: no evaluation beat the base model's val loss at step 0"
+    prompt = run.cfg.sample_prompts[0] if run.cfg.sample_prompts else "Once upon a time"
+    commands = "".join(f"\n  {what + ':':<23}{command}"
+                       for what, command in next_commands(run.script, run.output_dir, prompt).items())
+    return (f"done: val loss {before['val_loss']:.4f} at step {before['step']} -> {after['val_loss']:.4f} at step "
+            f"{after['step']}; final model in {run.output_dir}, {kept}\nnext:{commands}")
+
+
 def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> int:
     """Step 0 (a new run), the loop, the final model; each way of stopping gets its line and exit code."""
     cfg = run.cfg
@@ -537,15 +577,12 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
             if stop_agreed(run, stop):  # every process stops here, or none
                 if run.dist_info.is_main:
                     log.warning("%s: stopped before the first training step, so nothing was trained and there is "
-                                "nothing to resume; start the run again with --overwrite (it removes only what "
-                                "this run wrote)", signal.Signals(stop.signum).name)
+                                "nothing to resume; the same command starts the run again", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            best = run.output_dir / "best"
-            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
-                     "and no best/: no evaluation beat the base model's val loss at step 0")
+            log.info(end_of_run_summary(run))
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)
@@ -578,7 +615,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
 @exit_on_user_error
 def main(argv=None) -> int:
     from finetune.models import count_parameters
-    from finetune.plan import describe_plan, estimate_memory_gib
+    from finetune.plan import describe_plan, estimate_memory_gib, memory_refusal
     from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
     from finetune.runtime import get_device, library_versions, resolve_precision
 
@@ -592,18 +629,23 @@ def main(argv=None) -> int:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
+    if cfg.extend:  # the warmup the plan kept, in the config the checkpoints record (a later --resume plans the same)
+        cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_steps)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device, getattr(model_config, "hidden_size", None))  # a probe's shape
     n_params = count_parameters(model_config)
-    plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
-                              device, precision, dist_info.world_size, lora=lora_counts)
+    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)
+    plan_text = describe_plan(plan, cfg, meta, n_params, memory_gib, device, precision, dist_info.world_size,
+                              lora=lora_counts)
     large_adapter = lora.size_warning(lora_counts) if lora_counts else None
     if large_adapter:  # worth a word, not a refusal: a large rank can be meant
         log.warning(large_adapter)
+    too_big = memory_refusal(cfg, plan, memory_gib, device, lora_counts)
+    if cfg.dry_run and dist_info.is_main:
+        print(plan_text)
+    if too_big:  # before the weights load, not at the wall (the dry run says so by its exit code too)
+        raise UserError(too_big)
     if cfg.dry_run:
-        if dist_info.is_main:
-            print(plan_text)
         return 0
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     config, tokenizer = load_config(base), load_tokenizer(source if has_tokenizer else base)
     check_prompt_lengths(prompts, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    if args.seed is None:
+    if args.seed is None and not args.greedy:  # greedy decoding draws nothing: the same text every time
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
     log.info(f"loading {source}{f' onto its base {base}' if adapter else ''} on {device} ({precision})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

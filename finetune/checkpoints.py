@@ -285,8 +285,10 @@ def check_resume_compatible(state: dict, given: dict, data_dir: str, data_fp: st
         problems.append("the tokenizer differs from the checkpoint's; HINT: resume with the original --model")
     for name, value in given.items():
         if value != saved.get(name):
+            longer = ", or add --extend to train on past the end it was planned for" if name in (
+                "max_steps", "epochs") else ""
             problems.append(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
-                            f"{saved.get(name)}; HINT: drop the flag to keep the checkpoint's value")
+                            f"{saved.get(name)}; HINT: drop the flag to keep the checkpoint's value{longer}")
     if state["world_size"] != world_size:
         problems.append(f"the checkpoint was written by {state['world_size']} process(es) and this run has "
                         f"{world_size}; the data order per process would change. HINT: resume "

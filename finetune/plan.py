@@ -40,9 +40,23 @@ class Plan:
     world_size: int = 1   # processes the plan is for
 
     def evaluates_at(self, step: int) -> bool:
-        periods = (self.eval_every, self.steps_per_epoch)
-        return step in (0, self.total_steps) or (
-            0 < step <= self.total_steps and any(k and step % k == 0 for k in periods))
+        if step in (0, self.total_steps) or not 0 < step <= self.total_steps:
+            return 0 <= step <= self.total_steps
+        if self.eval_every and step % self.eval_every == 0:
+            return True
+        return bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0 and not self.near_evaluation(step)
+
+    @property
+    def epoch_end_window(self) -> int:
+        """An epoch end this close to an --eval-every evaluation or the last step gets no evaluation of its
+        own: a tenth of the shorter period (250 steps apart and epochs of 246: the end of the first epoch is
+        4 steps before step 250, and a plan of 0, 246, 250, ... would evaluate the same model twice)."""
+        return min(self.eval_every, self.steps_per_epoch) // 10 if self.eval_every else 0
+
+    def near_evaluation(self, step: int) -> bool:
+        window = self.epoch_end_window
+        offset = step % self.eval_every if self.eval_every else 0
+        return bool(window) and (min(offset, self.eval_every - offset) <= window or self.total_steps - step <= window)
 
     def saves_at(self, step: int) -> bool:
         return step == self.total_steps or (
@@ -68,6 +82,37 @@ def plan_for_blocks(cfg, train_blocks: int, val_blocks: int, block_size: int, wo
                 batch_size=batch, grad_accum=accum, eval_every=cfg.eval_every or 0,
                 save_every=cfg.save_every or 0, world_size=world_size)
     return plan
+
+
+def extend_plan(cfg, saved_config: dict, meta: dict, plan: Plan, world_size: int) -> tuple[Plan, list[str]]:
+    """--extend: the plan of a resumed run given a larger --max-steps or --epochs than its checkpoint's.
+    The warmup stays the run's own (a --warmup-ratio of the new total would move it into steps already
+    taken); the rest of the schedule is planned again over the new total (see extension_note)."""
+    import dataclasses
+
+    before = make_plan(dataclasses.replace(cfg, epochs=saved_config["epochs"], max_steps=saved_config["max_steps"]),
+                       meta, plan.block_size, world_size)
+    if plan.total_steps <= before.total_steps:
+        return plan, [f"--extend: the run was planned for {before.total_steps:,} steps and these settings plan "
+                      f"{plan.total_steps:,}, no more (HINT: pass a larger --max-steps, or more --epochs)"]
+    return dataclasses.replace(plan, warmup_steps=before.warmup_steps), []
+
+
+def extension_note(cfg, plan: Plan, step: int, lr_before: float, lr_after: float) -> str:
+    """What --extend does to the learning rate, for the log."""
+    return (f"--extend: training on from step {step:,} to {plan.total_steps:,}; the {cfg.scheduler} schedule is "
+            f"planned again over {plan.total_steps:,} steps with the run's {plan.warmup_steps:,} warmup steps, "
+            f"so the lr goes from {lr_before:.3g} (where the checkpoint left it) to {lr_after:.3g} at step "
+            f"{step + 1:,}, then follows the new schedule to its end")
+
+
+def restart_schedule(scheduler, steps_done: int) -> None:
+    """Set the optimizer's lr to what `scheduler` gives after `steps_done` steps. A resume restores the lr
+    of the checkpoint's schedule with the optimizer's state; after --extend planned it again, that lr is
+    stale (0 at the end of a linear decay)."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(steps_done)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
 
 
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
@@ -106,7 +151,7 @@ def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
     previous = 0
     yield 0
     for step in merged:
-        if step > previous:
+        if step > previous and plan.evaluates_at(step):
             yield step
             previous = step
 
@@ -126,7 +171,57 @@ def count_evaluations(cfg, plan: Plan) -> int:
         count -= total // math.lcm(*periods)
     if total > 0 and not any(total % k == 0 for k in periods):
         count += 1
-    return 1 + count
+    return 1 + count - count_epoch_ends_dropped(plan)
+
+
+def count_epoch_ends_dropped(plan: Plan) -> int:
+    """The epoch ends before the last step that plan.near_evaluation() leaves out, by arithmetic: those
+    within the window of an --eval-every multiple, and the others within it of the last step."""
+    window, every, epoch = plan.epoch_end_window, plan.eval_every, plan.steps_per_epoch
+    if not window:
+        return 0
+
+    def count(first: int, last: int, low: int, high: int) -> int:  # epoch ends j = first..last at those offsets
+        return (epoch_ends_with_offset(last, epoch, every, low, high)
+                - epoch_ends_with_offset(first - 1, epoch, every, low, high)) if first <= last else 0
+
+    def near_eval_every(first: int, last: int) -> int:
+        return count(first, last, 1, window) + count(first, last, every - window, every - 1)
+
+    last = (plan.total_steps - 1) // epoch  # the epoch ends before the last step: j * epoch, j = 1..last
+    near_end = max(1, -(-(plan.total_steps - window) // epoch))  # j from here on: within the window of the end
+    others_near_end = (max(0, last - near_end + 1) - near_eval_every(near_end, last)
+                       - count(near_end, last, 0, 0))  # an --eval-every multiple itself is evaluated anyway
+    return near_eval_every(1, last) + others_near_end
+
+
+def epoch_ends_with_offset(n: int, epoch: int, every: int, low: int, high: int) -> int:
+    """How many of j * epoch (j = 1..n) lie `low`..`high` (0 <= low <= high < every) after a multiple of
+    `every`: the sum of floor((j*epoch - low) / every) - floor((j*epoch - high - 1) / every), two floor sums."""
+    if n <= 0:
+        return 0
+    def floor_sum_from_one(c: int) -> int:  # sum over j = 1..n of floor((j * epoch + c) / every)
+        c += epoch  # as i = j - 1 = 0..n-1
+        return floor_sum(n, every, epoch, c % every) + n * (c // every)
+    return floor_sum_from_one(-low) - floor_sum_from_one(-high - 1)
+
+
+def floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum of floor((a*i + b) / m) for i = 0..n-1 (a, b >= 0), in O(log m) steps (the Euclid-like
+    reduction of the AtCoder library), so a plan of 10**12 steps is counted as fast as one of 10."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return total
+        n, b = y_max // m, y_max % m
+        m, a = a, m
 
 
 def eval_batches_per_process(cfg, plan: Plan) -> int | None:
@@ -246,9 +341,39 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
                         f"{', '.join(lora['targets'])}: {lora['trainable']:,} trainable of {lora['total']:,} "
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
-    available = machine_memory_gib(device)
+    available = memory_limit_gib(cfg, device)
     if available is not None and memory_gib > available:
-        hint = "try --lora-r 16" if lora is None else "lower --batch-size or --block-size"
-        lines.append(f"                 more than this machine's {available:.1f} GiB of {device.type} memory: "
-                     f"it will not fit (HINT: {hint}, or --gradient-checkpointing)")
+        anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""
+        lines.append(f"                 more than {memory_limit_description(cfg, available, device)}: "
+                     f"it will not fit{anyway}")
     return "\n".join(lines)
+
+
+def memory_limit_gib(cfg, device) -> float | None:
+    """What the memory estimate is checked against: --device-memory-gib, else the device's own memory."""
+    return cfg.device_memory_gib or machine_memory_gib(device)
+
+
+def memory_limit_description(cfg, available: float, device) -> str:
+    where = "(--device-memory-gib)" if cfg.device_memory_gib else "on this machine"
+    return f"the {available:.1f} GiB of {device.type} memory {where}"
+
+
+def memory_refusal(cfg, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
+    """Why the run is refused before anything loads: the estimate is above the device's memory (None when
+    it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
+    that lowers the estimate and is not already pulled."""
+    available = memory_limit_gib(cfg, device)
+    if cfg.ignore_memory_estimate or available is None or memory_gib <= available:
+        return None
+    levers = [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
+    if not cfg.gradient_checkpointing:
+        levers.append("add --gradient-checkpointing")
+    smaller = [f"--batch-size (now {cfg.batch_size})"] if cfg.batch_size > 1 else []
+    levers.append("lower " + " or ".join(smaller + [f"--block-size (now {plan.block_size})"]))
+    if lora is None:
+        levers.append("shard the model over more processes with --fsdp (torchrun --nproc_per_node=N)")
+    shown = ", ".join(levers[:-1]) + (", or " if len(levers) > 1 else "") + levers[-1]
+    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process, is more than "
+            f"{memory_limit_description(cfg, available, device)}, so the run would not fit and was not started. "
+            f"HINT: {shown}; or add --ignore-memory-estimate to start it anyway")

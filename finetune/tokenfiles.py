@@ -93,14 +93,26 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) -> list[str]:
-    """Problems (as messages) that make this data unusable with this model/tokenizer."""
+def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None,
+                             data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Problems (as messages) that make this data unusable with this model/tokenizer. With `data_dir`, the
+    token files themselves are read too (largest_token_id): meta.json may under-state their ids."""
     problems = []
     if int(meta["max_token_id"]) >= model_vocab_size:
         problems.append(
             f"the data holds token id {meta['max_token_id']} but the model's vocabulary has only "
             f"{model_vocab_size} entries (HINT: prepare the data with this model's tokenizer)"
         )
+    elif data_dir is not None:  # an id beyond the embedding would be an IndexError mid-run
+        for filename in SPLIT_FILES.values():
+            path = Path(data_dir) / filename
+            largest = largest_token_id(path, np.dtype(meta["dtype"]))
+            if largest >= model_vocab_size:
+                problems.append(
+                    f"{path} holds token id {largest} but the model's vocabulary has only {model_vocab_size} "
+                    f"entries, though meta.json says the largest id is {meta['max_token_id']} (the files no longer "
+                    f"match what prepare_data.py wrote). HINT: prepare the data again with this model's "
+                    f"tokenizer: python prepare_data.py --tokenizer MODEL --output-dir {data_dir}")
     if tokenizer is not None:
         fingerprint = tokenizer_fingerprint(tokenizer)
         recorded = meta.get("tokenizer", {}).get("fingerprint")
@@ -111,6 +123,14 @@ def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) 
                 f"has fingerprint {fingerprint} (HINT: rerun prepare_data.py with --tokenizer set to the model)"
             )
     return problems
+
+
+def largest_token_id(path: Path, dtype: np.dtype, chunk_tokens: int = 1 << 24) -> int:
+    """The largest id in a token file (-1 when empty), read in chunks of 16M tokens: constant memory."""
+    if path.stat().st_size == 0:
+        return -1
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    return max(int(tokens[i:i + chunk_tokens].max()) for i in range(0, len(tokens), chunk_tokens))
 
 
 def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:

@@ -310,7 +310,7 @@ def test_default_evaluation_size_follows_the_budget():
     from dataset import validation_blocks
 
     plan = plan_module.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
-                   warmup_steps=30, tokens_per_step=1024, epochs=3.0)
+                   warmup_steps=30, tokens_per_step=1024, epochs=3.0, eval_every=250)  # as make_plan sets it
     cfg = ft.TrainConfig(batch_size=4)
     assert plan_module.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
     assert plan_module.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8

@@ -228,7 +228,9 @@ def test_progress_lines_every_log_step_or_interval_whichever_is_rarer(monkeypatc
     # The first log step, then nothing for an hour, then the step reached at the end.
     assert [line.split(", ETA")[0] for line in lines] == ["step 4/10 (40%), loss 4.0000",
                                                          "step 10/10 (100%), loss 10.0000"]
-    assert lines[-1].endswith("ETA 00:00")
+    assert lines[-1].endswith("ETA 0s")  # a duration, not a clock time like 00:00 (issue 23 #8)
+    assert [console.format_duration(s) for s in (0, 59.4, 399, 7500, 3 * 86400 + 4 * 3600 + 5)] == [
+        "0s", "59s", "6m39s", "2h05m", "3d04h"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     from tqdm import tqdm
     bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger)
