@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, lora
+from finetune import cli, fsdp, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
@@ -36,6 +36,7 @@ from finetune.errors import (
     exit_on_user_error,
     raise_if_problems,
 )
+from finetune.fsdp import clip_gradients, no_gradient_sync
 from finetune.loss import next_token_loss
 from finetune.plan import Plan, make_plan, make_scheduler
 from finetune.rundir import output_dir_overlaps
@@ -112,6 +113,9 @@ class TrainConfig:
     cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, slower steps"""
+    fsdp: bool = False
+    """shard weights, gradients and AdamW state across the torchrun processes (PyTorch FSDP2): each holds
+    1/N of them, for models whose full fine-tuning does not fit one device (docs/distributed.md)"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
@@ -166,7 +170,7 @@ FLAG_GROUPS = {
     "optimization": ("--lr", "--weight-decay", "--beta1", "--beta2", "--warmup-steps", "--warmup-ratio",
                      "--scheduler", "--max-grad-norm", "--dropout"),
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
-                "--gradient-checkpointing"),
+                "--gradient-checkpointing", "--fsdp"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
@@ -255,6 +259,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
     problems += lora.settings_problems(cfg)
+    problems += fsdp.settings_problems(cfg)
     problems += check_report_to(cfg.report_to)
     return problems
 
@@ -356,7 +361,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     for i, batch in enumerate(window):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         # Gradients are all-reduced only on the last micro-step.
-        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else model.no_sync()
+        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else no_gradient_sync(model)
         with sync:
             with run.ctx:  # use_cache=False: GPT-2's config asks for a key/value cache training never reads
                 loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
@@ -364,8 +369,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     stats = torch.stack([loss_sum.float(), grad_norm.float().to(device),
                          torch.tensor(float(stop.requested), device=device)])
     if dist_info.enabled:  # mean loss over processes; a signal on any rank stops them all
@@ -425,7 +429,11 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if state is not None:
         given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
-                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size,
+                                            reshards=cfg.fsdp and bool(state.get("sharded")))
+        problems += fsdp.resume_problems(cfg, state)
+    if cfg.fsdp:
+        problems += fsdp.check_on_meta_model(model_config)
     lora_counts = None
     if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
         lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
@@ -459,7 +467,8 @@ def build_model(cfg: TrainConfig, tokenizer, model_source: str, device, precisio
     from finetune.models import load_model_for_training
     from finetune.training import ModelFiles
 
-    model = load_model_for_training(cfg.model if cfg.lora_r else model_source, device, tokenizer,
+    # LoRA and FSDP checkpoints hold no full model: the base loads from --model, the checkpoint's part after.
+    model = load_model_for_training(cfg.model if cfg.lora_r or cfg.fsdp else model_source, device, tokenizer,
                                     dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
     model_files = ModelFiles(tokenizer)
     if cfg.lora_r:  # the base frozen, adapters added (from the checkpoint on a resume)
@@ -482,13 +491,15 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
 
     seed_everything(cfg.seed + dist_info.rank)
     model, model_files = build_model(cfg, tokenizer, model_source, device, precision)
+    if cfg.fsdp:  # before the optimizer, which steps the shards
+        model, model_files = fsdp.shard_model(model, device, precision), fsdp.ShardedModelFiles(tokenizer, dist_info)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
-    if dist_info.enabled:
+    if dist_info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return TrainingRun(cfg=cfg, script=SCRIPT, model=model, model_files=model_files, tokenizer=tokenizer,
@@ -498,12 +509,16 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                        train_loader=train_loader, sampler=sampler, val_loader=val_loader, fingerprints=fingerprints)
 
 
-def resume_run(run: TrainingRun, state: dict) -> None:
+def resume_run(run: TrainingRun, state: dict, checkpoint: Path) -> None:
     """Optimizer, schedule, progress and RNG as the checkpoint left them; metrics.jsonl cut back to its step."""
     from finetune.checkpoints import restore_training_state
     from finetune.metrics import read_metrics, rewrite_jsonl
 
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
+    if run.model_files.sharded:  # weights and AdamW state, re-sliced to this many processes
+        run.model_files.load_shards(run.model, run.optimizer, checkpoint)
+        # The position in the epoch, per process: the same samples consumed in all, spread over this many.
+        run.progress.samples_in_epoch = run.progress.samples_in_epoch * state["world_size"] // run.dist_info.world_size
     run.metrics = read_metrics(run.output_dir / "metrics.jsonl", run.progress.step)
     if run.dist_info.is_main:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
@@ -584,10 +599,16 @@ def main(argv=None) -> int:
     resume_path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
     if state is not None:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
+        if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
+            cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size)
+            raise_if_problems([problem] if problem else [])
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.fsdp and precision == "fp16":
+        raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
+                        "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")
     n_params = count_parameters(model_config)
     plan_text = describe_plan(plan, cfg, meta, n_params,
                               estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
@@ -624,7 +645,7 @@ def main(argv=None) -> int:
             run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
                             precision, dist_info)
             if state is not None:
-                resume_run(run, state)
+                resume_run(run, state, resume_path)
             run.start_trackers(state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:
