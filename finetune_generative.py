@@ -161,6 +161,9 @@ class TrainConfig:
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
     """print the plan (sizes, steps, memory) and exit"""
+    nproc: int | None = None
+    """with --dry-run: plan for this many processes (default: the torchrun processes, or 1), with memory per
+    process for DDP and --fsdp side by side"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -175,7 +178,7 @@ FLAG_GROUPS = {
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
+    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--nproc"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -191,7 +194,7 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
-RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
+RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run", "nproc"}
 
 
 def build_arg_parser(suppress_defaults: bool = False):
@@ -242,6 +245,10 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("weight_decay", cfg.weight_decay, allow_zero=True)
     positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
+    positive("nproc", cfg.nproc, allow_none=True)
+    if cfg.nproc is not None and not cfg.dry_run:
+        problems.append("--nproc plans a run for --dry-run; a run takes its processes from torchrun. HINT: add "
+                        "--dry-run, or start it with torchrun --nproc_per_node N")
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -417,8 +424,9 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if context and block_size > context:
         problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
                         f"(HINT: use --block-size {context} or less)")
-    plan = make_plan(cfg, meta, block_size, dist_info.world_size)
-    if plan.train_blocks < dist_info.world_size or plan.train_blocks == 0:
+    world_size = cfg.nproc or dist_info.world_size  # --nproc: the processes --dry-run plans for
+    plan = make_plan(cfg, meta, block_size, world_size)
+    if plan.train_blocks < world_size or plan.train_blocks == 0:
         problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens per process (HINT: lower --block-size or add text)")
     if plan.val_blocks == 0:
@@ -587,7 +595,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
 @exit_on_user_error
 def main(argv=None) -> int:
     from finetune.models import count_parameters
-    from finetune.plan import describe_plan, estimate_memory_gib
+    from finetune.plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, sharding_line
     from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
     from finetune.runtime import get_device, library_versions, resolve_precision
 
@@ -610,9 +618,14 @@ def main(argv=None) -> int:
         raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
                         "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")
     n_params = count_parameters(model_config)
-    plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
-                              device, precision, dist_info.world_size, lora=lora_counts)
+    world_size = cfg.nproc or dist_info.world_size
+    ddp_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)
+    sharding = None
+    if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
+        fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
+        sharding = sharding_line(ddp_gib, fsdp_gib, world_size, cfg.fsdp, device)
+    plan_text = describe_plan(plan, cfg, meta, n_params, fsdp_gib if cfg.fsdp else ddp_gib, device, precision,
+                              world_size, lora=lora_counts, sharding=sharding)
     large_adapter = lora.size_warning(lora_counts) if lora_counts else None
     if large_adapter:  # worth a word, not a refusal: a large rank can be meant
         log.warning(large_adapter)

@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, build_tiny_model
 from finetune import checkpoints as ckpt
 
 VOCAB = 401
-STEPS = 24
+STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def odd_model_dir(tmp_path_factory, tiny_model_dir):
 def args(model_dir, data_dir, out, batch: int, *extra) -> list[str]:
     # Dropout off: processes draw dropout masks from different RNG streams.
     return base_args(model_dir, data_dir, out, "--dropout", "0", "--max-steps", STEPS, "--batch-size", batch,
-                     "--eval-every", "4", "--save-every", "4", *extra)
+                     "--eval-every", "8", "--eval-batches", "2", "--save-every", "0", *extra)
 
 
 def torchrun_cmd(nproc: int, *script_args) -> list[str]:
@@ -67,14 +67,14 @@ def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run,
                               "--sample-max-new-tokens", "4")),
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(train_records(out)) < 6):
+    while time.time() < deadline and (not metrics.exists() or len(train_records(out)) < 2):
         time.sleep(0.05)
     rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     rank1[0].send_signal(15)  # SIGTERM: rank 1 votes to stop, both save their shards and exit
     launcher.wait(timeout=120)
     err = (tmp_path / "stderr.txt").read_text()
     stopped_at = train_records(out)[-1]["step"]
-    assert launcher.returncode != 0 and 6 <= stopped_at < STEPS, err[-3000:]
+    assert launcher.returncode != 0 and 2 <= stopped_at < STEPS, err[-3000:]
     stop_checkpoint = out / f"checkpoint-{stopped_at}"
     assert sorted(p.name for p in (stop_checkpoint / "sharded").iterdir()) == [".metadata", "__0_0.distcp",
                                                                                "__1_0.distcp"]
@@ -110,7 +110,8 @@ def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run,
 def sharded_single_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
     """One sharded process (a process group of one, no torchrun): the start of the 1 -> 2 resume."""
     out = tmp_path_factory.mktemp("sharded1") / "out"
-    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--max-steps", "8", "--eval-batches", "0")) == 0
+    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--max-steps", "4", "--save-every", "2",
+                                "--eval-every", "4", "--eval-batches", "0")) == 0
     return out
 
 
@@ -122,18 +123,18 @@ def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_lo
 
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copytree(sharded_single_run / "checkpoint-4", out / "checkpoint-4")
+    shutil.copytree(sharded_single_run / "checkpoint-2", out / "checkpoint-2")
     result = subprocess.run(torchrun_cmd(2, "--output-dir", out, "--resume"), capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--batch-size 8 x --grad-accum 1 per process" in result.stderr
-    assert [r["step"] for r in train_records(out)] == [5, 6, 7, 8]
+    assert [r["step"] for r in train_records(out)] == [3, 4]
     assert [r["loss"] for r in train_records(out)] == pytest.approx(
-        [r["loss"] for r in train_records(sharded_single_run) if r["step"] > 4], abs=1e-5)
+        [r["loss"] for r in train_records(sharded_single_run) if r["step"] > 2], abs=1e-5)
     assert_close_weights(load_file(out / "model.safetensors"), load_file(sharded_single_run / "model.safetensors"))
     # The released folder loads with from_pretrained and gives the loss the sharded model measured at the end
     # (the validation blocks of a 2-process sharded run: those of rank 0 and rank 1, cut to the same count).
-    state = ckpt.load_training_state(out / "checkpoint-8")
+    state = ckpt.load_training_state(out / "checkpoint-4")
     data_dir, block = state["config"]["data_dir"], state["config"]["block_size"]
     val = TextDataset.from_data_dir(data_dir, "val", block)
     per_rank = [validation_blocks(len(val), None, 8, rank, 2) for rank in (0, 1)]
@@ -152,16 +153,16 @@ def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_lo
 def test_a_missing_or_short_shard_is_damaged(sharded_single_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(sharded_single_run, out)
-    (out / "checkpoint-8" / "sharded" / "__0_0.distcp").unlink()
+    (out / "checkpoint-4" / "sharded" / "__0_0.distcp").unlink()
     with pytest.raises(SystemExit) as exc:
         ft.main(["--output-dir", str(out), "--resume"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "checkpoint-8 is damaged: sharded/__0_0.distcp missing" in err
-    assert "--skip-damaged-checkpoints" in err and "checkpoint-4" in err
-    shard = out / "checkpoint-4" / "sharded" / "__0_0.distcp"
+    assert exc.value.code == 2 and "checkpoint-4 is damaged: sharded/__0_0.distcp missing" in err
+    assert "--skip-damaged-checkpoints" in err and "checkpoint-2" in err
+    shard = out / "checkpoint-2" / "sharded" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ckpt.DamagedCheckpoint, match="cut short"):
-        ckpt.read_checkpoint(out / "checkpoint-4")
+        ckpt.read_checkpoint(out / "checkpoint-2")
 
 
 def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsys):
