@@ -608,7 +608,7 @@ def main(argv=None) -> int:
     if state is not None:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
         if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
-            cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size)
+            cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size, explicit)
             raise_if_problems([problem] if problem else [])
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)

@@ -87,7 +87,7 @@ def resume_problems(cfg, state: dict) -> list[str]:
     return []
 
 
-def rescaled_for_world_size(cfg, state: dict, world_size: int):
+def rescaled_for_world_size(cfg, state: dict, world_size: int, explicit: set[str]):
     """On a resume at another number of processes: the same global batch (batch x accum x processes), so the
     run continues on the same samples per step: the per-process share is --batch-size x --grad-accum, the
     micro-batch kept where it divides the share (else the largest that does). Returns (cfg, problem or None)."""
@@ -97,6 +97,10 @@ def rescaled_for_world_size(cfg, state: dict, world_size: int):
     if saved == world_size:
         return cfg, None
     global_batch = cfg.batch_size * cfg.grad_accum * saved
+    if {"batch_size", "grad_accum"} & explicit:
+        return cfg, (f"--batch-size and --grad-accum are chosen by a resume at another number of processes "
+                     f"(the checkpoint's {saved}, now {world_size}), to keep the global batch of {global_batch} "
+                     f"sequences. HINT: drop them from the command line")
     per_process = global_batch // world_size
     if global_batch % world_size:
         return cfg, (f"the checkpoint's global batch of {global_batch} sequences ({cfg.batch_size} x "
