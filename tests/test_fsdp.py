@@ -186,4 +186,16 @@ def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsy
     refused(args(no_blocks, tiny_data_dir, out, 8, "--fsdp"), "no transformer blocks", "OpenAIGPTLMHeadModel",
             "_no_split_modules")
     refused(["--output-dir", one_process_run, "--resume", "--fsdp"], "written without --fsdp")
+    refused(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--nproc", "2"), "--nproc plans a run for --dry-run")
     assert not out.exists()
+
+
+def test_dry_run_plans_ddp_and_fsdp_side_by_side(odd_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--dry-run", "--nproc", "4")) == 0
+    text = capsys.readouterr().out
+    assert "8 x 2 accum x 4 process(es)" in text
+    line = next(t for t in text.splitlines() if t.startswith("sharding"))
+    ddp, fsdp_gib = (float(part.split("~")[1].split()[0]) for part in line.split(",")[:2])
+    assert "at 4 process(es)" in line and "(this run: FSDP)" in line and "fits this machine" in line
+    assert ddp > 0 and fsdp_gib > 0 and not out.exists()
