@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_finetune import base_args, train_records
 
 import finetune_generative as ft
+import generate
 from conftest import REPO_ROOT, build_tiny_model
 from finetune import checkpoints as ckpt
 
@@ -60,7 +61,7 @@ def one_process_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
 
 
 def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run, tmp_path, odd_model_dir,
-                                                                tiny_data_dir):
+                                                                tiny_data_dir, capsys):
     out = tmp_path / "out"
     launcher = subprocess.Popen(
         torchrun_cmd(2, *args(odd_model_dir, tiny_data_dir, out, 4, "--fsdp", "--sample-prompt", "the",
@@ -94,6 +95,9 @@ def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run,
                                                                                                    rel=1e-4)
 
     # Resumed by one process (no torchrun): resharded, the global batch kept (4 x 4 accum), the same end.
+    with pytest.raises(SystemExit):  # the resume picks the per-process batch itself
+        ft.main(["--output-dir", str(out), "--resume", "--batch-size", "4"])
+    assert "--batch-size and --grad-accum are chosen by a resume at another number" in capsys.readouterr().err
     assert ft.main(["--output-dir", str(out), "--resume"]) == 0
     assert [r["step"] for r in train_records(out)] == list(range(1, STEPS + 1))
     for a, b in zip(train_records(out), reference):
@@ -159,6 +163,9 @@ def test_a_missing_or_short_shard_is_damaged(sharded_single_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "checkpoint-4 is damaged: sharded/__0_0.distcp missing" in err
     assert "--skip-damaged-checkpoints" in err and "checkpoint-2" in err
+    with pytest.raises(SystemExit) as exc:  # generate.py cannot load shards, and says what to pass instead
+        generate.main(["--model", str(out / "checkpoint-2"), "--prompt", "the"])
+    assert exc.value.code == 2 and "checkpoint of an --fsdp run" in capsys.readouterr().err
     shard = out / "checkpoint-2" / "sharded" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ckpt.DamagedCheckpoint, match="cut short"):
