@@ -198,11 +198,18 @@ def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsy
 
 
 def test_dry_run_plans_ddp_and_fsdp_side_by_side(odd_model_dir, tiny_data_dir, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    wider = tmp_path / "wider"  # a config alone: --dry-run reads no weights
+    GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=256, n_layer=8, n_head=4).save_pretrained(wider)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(odd_model_dir / name, wider / name)
     out = tmp_path / "out"
-    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--dry-run", "--nproc", "4")) == 0
+    assert ft.main(args(wider, tiny_data_dir, out, 8, "--fsdp", "--dry-run", "--nproc", "4")) == 0
     text = capsys.readouterr().out
     assert "8 x 2 accum x 4 process(es)" in text
     line = next(t for t in text.splitlines() if t.startswith("sharding"))
     ddp, fsdp_gib = (float(part.split("~")[1].split()[0]) for part in line.split(",")[:2])
-    assert "at 4 process(es)" in line and "(this run: FSDP)" in line and "fits this machine" in line
-    assert ddp > 0 and fsdp_gib > 0 and not out.exists()
+    assert "at 4 process(es)" in line and "(this run: FSDP)" in line and "fit this machine's" in line
+    assert fsdp_gib < ddp and f"memory estimate  ~{fsdp_gib:.2f} GiB per process" in text
+    assert not out.exists()
