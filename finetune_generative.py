@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, lora
+from finetune import cli, fsdp, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
@@ -36,6 +36,7 @@ from finetune.errors import (
     exit_on_user_error,
     raise_if_problems,
 )
+from finetune.fsdp import clip_gradients, no_gradient_sync
 from finetune.loss import next_token_loss
 from finetune.plan import Plan, extend_plan, extension_note, make_plan, make_scheduler, restart_schedule
 from finetune.rundir import output_dir_overlaps
@@ -115,6 +116,9 @@ class TrainConfig:
     device_memory_gib: float | None = None
     """memory one process may use, in GiB, that the plan's estimate is checked against (default: the
     device's: RAM on a CPU, the GPU's own); a run the estimate exceeds is refused before anything loads"""
+    fsdp: bool = False
+    """shard weights, gradients and AdamW state across the torchrun processes (PyTorch FSDP2): each holds
+    1/N of them, for models whose full fine-tuning does not fit one device (docs/distributed.md)"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
@@ -166,6 +170,9 @@ class TrainConfig:
     """print the plan (sizes, steps, memory) and exit (exit 2 when the run would be refused)"""
     ignore_memory_estimate: bool = False
     """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
+    nproc: int | None = None
+    """with --dry-run: plan for this many processes (default: the torchrun processes, or 1), with memory per
+    process for DDP and --fsdp side by side"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -175,12 +182,13 @@ FLAG_GROUPS = {
     "optimization": ("--lr", "--weight-decay", "--beta1", "--beta2", "--warmup-steps", "--warmup-ratio",
                      "--scheduler", "--max-grad-norm", "--dropout"),
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
-                "--gradient-checkpointing", "--device-memory-gib"),
+                "--gradient-checkpointing", "--fsdp", "--device-memory-gib"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--extend", "--skip-damaged-checkpoints", "--overwrite", "--dry-run", "--ignore-memory-estimate"),
+    "run control": ("--resume", "--extend", "--skip-damaged-checkpoints", "--overwrite", "--dry-run",
+                    "--ignore-memory-estimate", "--nproc"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -197,7 +205,7 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
 RUN_CONTROL = {"resume", "extend", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
-               "ignore_memory_estimate"}
+               "ignore_memory_estimate", "nproc"}
 
 
 def build_arg_parser(suppress_defaults: bool = False):
@@ -249,6 +257,10 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
     positive("device_memory_gib", cfg.device_memory_gib, allow_none=True)
+    positive("nproc", cfg.nproc, allow_none=True)
+    if cfg.nproc is not None and not cfg.dry_run:
+        problems.append("--nproc plans a run for --dry-run; a run takes its processes from torchrun. HINT: add "
+                        "--dry-run, or start it with torchrun --nproc_per_node N")
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -268,6 +280,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
     problems += lora.settings_problems(cfg)
+    problems += fsdp.settings_problems(cfg)
     problems += check_report_to(cfg.report_to)
     return problems
 
@@ -375,7 +388,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     for i, batch in enumerate(window):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         # Gradients are all-reduced only on the last micro-step.
-        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else model.no_sync()
+        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else no_gradient_sync(model)
         with sync:
             with run.ctx:  # use_cache=False: GPT-2's config asks for a key/value cache training never reads
                 loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
@@ -383,8 +396,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     stats = torch.stack([loss_sum.float(), grad_norm.float().to(device),
                          torch.tensor(float(stop.requested), device=device)])
     if dist_info.enabled:  # mean loss over processes; a signal on any rank stops them all
@@ -432,8 +444,9 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if context and block_size > context:
         problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
                         f"(HINT: use --block-size {context} or less)")
-    plan = make_plan(cfg, meta, block_size, dist_info.world_size)
-    if plan.train_blocks < dist_info.world_size or plan.train_blocks == 0:
+    world_size = cfg.nproc or dist_info.world_size  # --nproc: the processes --dry-run plans for
+    plan = make_plan(cfg, meta, block_size, world_size)
+    if plan.train_blocks < world_size or plan.train_blocks == 0:
         problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens per process (HINT: lower --block-size or add text)")
     if plan.val_blocks == 0:
@@ -445,10 +458,14 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         extendable = ("max_steps", "epochs") if cfg.extend else ()
         given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
-                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size,
+                                            reshards=cfg.fsdp and bool(state.get("sharded")))
+        problems += fsdp.resume_problems(cfg, state)
         if cfg.extend:
             plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
             problems += extend_problems
+    if cfg.fsdp:
+        problems += fsdp.check_on_meta_model(model_config)
     lora_counts = None
     if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
         lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
@@ -479,10 +496,15 @@ def build_model(cfg: TrainConfig, tokenizer, model_source: str, device, precisio
     """The model to train, and how to write it: loaded, converted (LoRA), then the fast CPU dropout masks,
     last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input;
     the gain is measured in docs/lora.md)."""
+    import torch
+
     from finetune.models import load_model_for_training
     from finetune.training import ModelFiles
 
-    model = load_model_for_training(cfg.model if cfg.lora_r else model_source, device, tokenizer,
+    # LoRA and FSDP checkpoints hold no full model: the base loads from --model, the checkpoint's part after.
+    # FSDP loads into CPU memory: fully_shard moves each group to the GPU and keeps only this rank's shard there.
+    model = load_model_for_training(cfg.model if cfg.lora_r or cfg.fsdp else model_source,
+                                    torch.device("cpu") if cfg.fsdp else device, tokenizer,
                                     dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
     model_files = ModelFiles(tokenizer)
     if cfg.lora_r:  # the base frozen, adapters added (from the checkpoint on a resume)
@@ -505,13 +527,15 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
 
     seed_everything(cfg.seed + dist_info.rank)
     model, model_files = build_model(cfg, tokenizer, model_source, device, precision)
+    if cfg.fsdp:  # before the optimizer, which steps the shards
+        model, model_files = fsdp.shard_model(model, device, precision), fsdp.ShardedModelFiles(tokenizer, dist_info)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
-    if dist_info.enabled:
+    if dist_info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return TrainingRun(cfg=cfg, script=SCRIPT, model=model, model_files=model_files, tokenizer=tokenizer,
@@ -521,12 +545,16 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                        train_loader=train_loader, sampler=sampler, val_loader=val_loader, fingerprints=fingerprints)
 
 
-def resume_run(run: TrainingRun, state: dict) -> None:
+def resume_run(run: TrainingRun, state: dict, checkpoint: Path) -> None:
     """Optimizer, schedule, progress and RNG as the checkpoint left them; metrics.jsonl cut back to its step."""
     from finetune.checkpoints import restore_training_state
     from finetune.metrics import read_metrics, rewrite_jsonl
 
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
+    if run.model_files.sharded:  # weights and AdamW state, re-sliced to this many processes
+        run.model_files.load_shards(run.model, run.optimizer, checkpoint)
+        # The position in the epoch, per process: the same samples consumed in all, spread over this many.
+        run.progress.samples_in_epoch = run.progress.samples_in_epoch * state["world_size"] // run.dist_info.world_size
     if run.cfg.extend:  # the optimizer came back with the old schedule's lr
         lr_before = run.scheduler.get_last_lr()[0]
         restart_schedule(run.scheduler, run.progress.step)
@@ -615,7 +643,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
 @exit_on_user_error
 def main(argv=None) -> int:
     from finetune.models import count_parameters
-    from finetune.plan import describe_plan, estimate_memory_gib, memory_refusal
+    from finetune.plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, memory_refusal, sharding_line
     from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
     from finetune.runtime import get_device, library_versions, resolve_precision
 
@@ -627,16 +655,28 @@ def main(argv=None) -> int:
     resume_path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
     if state is not None:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
+        if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
+            cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size, explicit)
+            raise_if_problems([problem] if problem else [])
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
     if cfg.extend:  # the warmup the plan kept, in the config the checkpoints record (a later --resume plans the same)
         cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_steps)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
     precision = resolve_precision(cfg.precision, device, getattr(model_config, "hidden_size", None))  # a probe's shape
+    if cfg.fsdp and precision == "fp16":
+        raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
+                        "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")
     n_params = count_parameters(model_config)
-    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)
-    plan_text = describe_plan(plan, cfg, meta, n_params, memory_gib, device, precision, dist_info.world_size,
-                              lora=lora_counts)
+    world_size = cfg.nproc or dist_info.world_size
+    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
+    sharding = None
+    if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
+        fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
+        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device)
+        memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    plan_text = describe_plan(plan, cfg, meta, n_params, memory_gib, device, precision, world_size,
+                              lora=lora_counts, sharding=sharding)
     large_adapter = lora.size_warning(lora_counts) if lora_counts else None
     if large_adapter:  # worth a word, not a refusal: a large rank can be meant
         log.warning(large_adapter)
@@ -672,7 +712,7 @@ def main(argv=None) -> int:
             run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
                             precision, dist_info)
             if state is not None:
-                resume_run(run, state)
+                resume_run(run, state, resume_path)
             run.start_trackers(state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:

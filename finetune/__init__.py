@@ -25,6 +25,7 @@ only the ones listed before it:
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
     lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
+    fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
     modelfolder   which saved model a --model folder means (model, LoRA adapter, training output)
     export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
 """

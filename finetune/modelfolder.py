@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import lora
-from .checkpoints import CHECKPOINT_NAME
+from .checkpoints import CHECKPOINT_NAME, SHARDED_FOLDER
 from .errors import UserError
 from .models import TOKENIZER_FILES, WEIGHT_FILES
 
@@ -23,6 +23,10 @@ def check_model_folder(path: Path) -> None:
         hint = (f"HINT: pass a saved model inside it, e.g. --model {inside[0]}" if inside else
                 "HINT: pass the training script's output folder, or a checkpoint-*/ or best/ folder in it")
         raise UserError(f"{path} has no config.json, so it is not a saved model. {hint}")
+    if (path / SHARDED_FOLDER).is_dir() and not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise UserError(f"{path} is a checkpoint of an --fsdp run: its weights are shards (in {SHARDED_FOLDER}/) "
+                        f"for resuming, not a model to load. HINT: pass the run's output folder or its best/, "
+                        f"which hold the full model")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise UserError(
             f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}). "

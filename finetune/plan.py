@@ -286,6 +286,39 @@ def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision:
     return RUNTIME_GIB + max(training, loading) / 2**30
 
 
+def estimate_fsdp_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str, world_size: int,
+                             device_type: str = "cpu") -> float:
+    """Rough memory of one --fsdp process out of `world_size`: its 1/N of the fp32 weights, gradients and
+    AdamW state (16 B/param / N), plus what is whole while it runs: the root group (token and position
+    embeddings, gathered for the whole forward and backward), two blocks gathered at a time (the one running
+    and the one prefetched), activations and logits as in estimate_memory_gib; with --grad-accum > 1 the
+    full fp32 gradients, which stay unreduced between the micro-steps. Gathered weights are bf16 on a GPU in
+    bf16, fp32 otherwise. Loading can be the peak: every process loads the whole fp32 model, then shards it."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    positions = getattr(model_config, "n_positions", None) or 0
+    root = min(n_params, (model_config.vocab_size + positions) * hidden)
+    block = (n_params - root) / max(n_layer, 1)
+    gathered_bytes = 2 if device_type == "cuda" and precision == "bf16" else 4
+    activations = estimate_memory_gib(model_config, n_params, cfg, plan, precision) - RUNTIME_GIB - 16 * n_params / 2**30
+    whole = (root + 2 * block) * (gathered_bytes + 4)  # gathered weights and their unreduced gradients
+    if plan.grad_accum > 1:
+        whole += 4 * n_params
+    training = 16 * n_params / world_size + whole + activations * 2**30
+    loading = 4 * n_params + 4 * n_params / world_size
+    return RUNTIME_GIB + max(training, loading) / 2**30
+
+
+def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device) -> str:
+    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device."""
+    available = machine_memory_gib(device)
+    fits = "" if available is None else "; " + (
+        "both fit" if max(ddp_gib, fsdp_gib) <= available else "only FSDP fits" if fsdp_gib <= available
+        else "only DDP fits" if ddp_gib <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+    return (f"sharding         at {world_size} process(es) ~{ddp_gib:.2f} GiB per process with DDP, "
+            f"~{fsdp_gib:.2f} GiB with --fsdp (this run: {'FSDP' if fsdp else 'DDP'}){fits}")
+
+
 def machine_memory_gib(device) -> float | None:
     """RAM on a CPU (Linux/macOS), memory of the GPU; None where it cannot be asked."""
     import os
@@ -322,7 +355,8 @@ def batch_capped(plan: Plan, cfg, world_size: int) -> str:
 
 
 def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
-                  device, precision: str, world_size: int, lora: dict | None = None) -> str:
+                  device, precision: str, world_size: int, lora: dict | None = None,
+                  sharding: str | None = None) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -341,6 +375,8 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
                         f"{', '.join(lora['targets'])}: {lora['trainable']:,} trainable of {lora['total']:,} "
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
+    if sharding:
+        lines.append(sharding)
     available = memory_limit_gib(cfg, device)
     if available is not None and memory_gib > available:
         anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""

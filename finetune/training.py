@@ -55,10 +55,19 @@ class TrainingDiverged(Exception):
 
 class ModelFiles:
     """How a run writes its model: checkpoints (what a resume reads) and releases (best/ and the final model,
-    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both."""
+    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both; FSDP
+    (fsdp.py) writes checkpoints as shards, every process its own, and gathers the model for a release."""
+
+    sharded = False  # the model is split across processes: each takes part in every save and forward pass
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+
+    def release(self, model, final: Path, what: str, dist_info: DistInfo, into: bool = False) -> None:
+        """Publish best/ or the final model (every process calls it; here rank 0 alone writes)."""
+        if dist_info.is_main:
+            with atomic_folder(final, what, into=into) as tmp:
+                self.write_release(model, tmp)
 
     def write_checkpoint(self, model, folder: Path) -> None:
         save_pretrained_files(model, self.tokenizer, folder)
@@ -95,6 +104,10 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
                               worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_indices = validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.rank, dist_info.world_size)
+    if cfg.fsdp:  # every rank runs as many forward passes as the others (each one gathers from all of them)
+        shortest = len(validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.world_size - 1,
+                                         dist_info.world_size))
+        val_indices = val_indices[:shortest]
     # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))
@@ -170,10 +183,10 @@ class TrainingRun:
         if self.dist_info.is_main:
             log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
                      math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
-            if improved:
-                best = self.output_dir / "best"
-                with atomic_folder(best, f"the best model {best}") as tmp:
-                    self.model_files.write_release(self.model, tmp)
+        if improved:  # every rank knows: val_loss is summed across them
+            best = self.output_dir / "best"
+            self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)
+        if self.dist_info.is_main:
             if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
                 plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
@@ -189,12 +202,16 @@ class TrainingRun:
     # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)
     def write_samples(self, val_loss: float | None, stop: StopRequest | None = None) -> None:
         """Samples of the --sample-prompt prompts; a stop request ends them between prompts."""
-        if not self.dist_info.is_main:
+        if not self.dist_info.is_main and not self.model_files.sharded:
             return
+        # A sharded model samples on every rank (each forward pass gathers weights from all of them): the same
+        # seed and weights draw the same tokens everywhere, and rank 0 writes them.
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
             max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx,
             should_stop=(lambda: stop.requested) if stop else None)
+        if not self.dist_info.is_main:
+            return
         samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}
                    for prompt, text in zip(self.cfg.sample_prompts, texts)]
         for sample in samples:
@@ -205,10 +222,13 @@ class TrainingRun:
     # ---- checkpoints and the final model
     def checkpoint(self) -> None:
         self.trackers.flush()  # what the trackers hold up to this step is on disk before the checkpoint is
-        state = training_state(self.progress, self.optimizer, self.scheduler, self.scaler,
+        files, sharded = self.model_files, self.model_files.sharded
+        state = training_state(self.progress, None if sharded else self.optimizer, self.scheduler, self.scaler,
                                dataclasses.asdict(self.cfg), world_size=self.dist_info.world_size,
                                trackers=self.trackers.state(), **self.fingerprints)
-        path = save_checkpoint(self.output_dir, self.write_checkpoint_files, state, self.dist_info)
+        path = save_checkpoint(self.output_dir, self.write_checkpoint_files, state, self.dist_info,
+                               write_shards=(lambda folder: files.write_shards(self.model, self.optimizer, folder))
+                               if sharded else None, shared_folder=getattr(files, "shared_folder", None))
         if self.dist_info.is_main:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
             log.info("saved %s", path)
@@ -232,12 +252,11 @@ class TrainingRun:
 
     def save_final_model(self) -> None:
         """The final weights, tokenizer and generation config, directly in --output-dir."""
+        self.model_files.release(self.model, self.output_dir, f"the final model in {self.output_dir}",
+                                 self.dist_info, into=True)
         if self.dist_info.is_main:
-            with atomic_folder(self.output_dir, f"the final model in {self.output_dir}", into=True) as tmp:
-                self.model_files.write_release(self.model, tmp)
-                # The newest checkpoint (this step's) and best/ (when the last evaluation was the best) often
-                # hold these very weights: hard links, not three copies (a 124M run: 2.4 GB otherwise).
-                checkpoints = list_checkpoints(self.output_dir)
-                share_identical_files(tmp, [*checkpoints[-1:], self.output_dir / "best"])
+            # The newest checkpoint (this step's) and best/ (when the last evaluation was the best) often hold
+            # these very weights: hard links, not three copies (a 124M run: 2.4 GB otherwise).
+            share_identical_files(self.output_dir, [*list_checkpoints(self.output_dir)[-1:], self.output_dir / "best"])
             log.info("%s holds %.1f MB (identical files stored once)", self.output_dir,
                      stored_bytes(self.output_dir) / 1e6)
