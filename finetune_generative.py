@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, lora
+from finetune import cli, fsdp, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
@@ -36,8 +36,9 @@ from finetune.errors import (
     exit_on_user_error,
     raise_if_problems,
 )
+from finetune.fsdp import clip_gradients, no_gradient_sync
 from finetune.loss import forward_loss, trained_tokens_of_step
-from finetune.plan import Plan, make_plan, make_scheduler
+from finetune.plan import Plan, extend_plan, extension_note, make_plan, make_scheduler, restart_schedule
 from finetune.rundir import output_dir_overlaps
 from finetune.runtime import DEVICES, PRECISIONS
 from finetune.trackers import check_report_to
@@ -106,12 +107,18 @@ class TrainConfig:
     seed: int = 1337
     """seeds the shuffle order and dropout"""
     compile: bool = False
-    """torch.compile the model (on the 2-core CPU it was measured on it made steps slower; see README)"""
+    """torch.compile the model (not always faster: measure it on your machine; see docs/performance.md)"""
     torch_dropout: bool = False
     """on CPU, draw dropout masks with torch's own (slower) kernels instead of the faster generator of
     cpu_dropout.py: same keep-probability either way, but only torch's draws the masks Trainer draws"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, slower steps"""
+    device_memory_gib: float | None = None
+    """memory one process may use, in GiB, that the plan's estimate is checked against (default: the
+    device's: RAM on a CPU, the GPU's own); a run the estimate exceeds is refused before anything loads"""
+    fsdp: bool = False
+    """shard weights, gradients and AdamW state across the torchrun processes (PyTorch FSDP2): each holds
+    1/N of them, for models whose full fine-tuning does not fit one device (docs/distributed.md)"""
     # --- logging, evaluation, checkpoints
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
@@ -153,10 +160,19 @@ class TrainConfig:
     """continue from the newest checkpoint in --output-dir, or from the CHECKPOINT folder given"""
     skip_damaged_checkpoints: bool = False
     """with --resume: if the newest checkpoint is damaged, say so and continue from the newest one that loads"""
+    extend: bool = False
+    """with --resume: allow a larger --max-steps or --epochs than the checkpoint's, to train a run on past its
+    planned end (nothing else may change); the lr schedule is planned again over the new total with the run's
+    warmup, so the lr steps up from where it was (logged)"""
     overwrite: bool = False
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
-    """print the plan (sizes, steps, memory) and exit"""
+    """print the plan (sizes, steps, memory) and exit (exit 2 when the run would be refused)"""
+    ignore_memory_estimate: bool = False
+    """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
+    nproc: int | None = None
+    """with --dry-run: plan for this many processes (default: the torchrun processes, or 1), with memory per
+    process for DDP and --fsdp side by side"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -166,12 +182,13 @@ FLAG_GROUPS = {
     "optimization": ("--lr", "--weight-decay", "--beta1", "--beta2", "--warmup-steps", "--warmup-ratio",
                      "--scheduler", "--max-grad-norm", "--dropout"),
     "runtime": ("--precision", "--device", "--num-workers", "--seed", "--compile", "--torch-dropout",
-                "--gradient-checkpointing"),
+                "--gradient-checkpointing", "--fsdp", "--device-memory-gib"),
     "logging, evaluation and checkpoints": ("--log-every", "--eval-every", "--eval-batches", "--save-every",
                                             "--save-total-limit", "--early-stopping-patience", "--report-to"),
     "samples during training": ("--sample-prompt", "--sample-every", "--sample-max-new-tokens"),
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules"),
-    "run control": ("--resume", "--skip-damaged-checkpoints", "--overwrite", "--dry-run"),
+    "run control": ("--resume", "--extend", "--skip-damaged-checkpoints", "--overwrite", "--dry-run",
+                    "--ignore-memory-estimate", "--nproc"),
 }
 FLAG_OPTIONS = {
     "--sample-prompt": dict(action="append", dest="sample_prompts", metavar="TEXT"),
@@ -187,7 +204,8 @@ RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules")
 # Flags about this invocation only: a resume takes them from the command line, never from the checkpoint.
-RUN_CONTROL = {"resume", "skip_damaged_checkpoints", "overwrite", "dry_run"}
+RUN_CONTROL = {"resume", "extend", "skip_damaged_checkpoints", "overwrite", "dry_run", "device_memory_gib",
+               "ignore_memory_estimate", "nproc"}
 
 
 def build_arg_parser(suppress_defaults: bool = False):
@@ -238,6 +256,11 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("weight_decay", cfg.weight_decay, allow_zero=True)
     positive("max_grad_norm", cfg.max_grad_norm, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
+    positive("device_memory_gib", cfg.device_memory_gib, allow_none=True)
+    positive("nproc", cfg.nproc, allow_none=True)
+    if cfg.nproc is not None and not cfg.dry_run:
+        problems.append("--nproc plans a run for --dry-run; a run takes its processes from torchrun. HINT: add "
+                        "--dry-run, or start it with torchrun --nproc_per_node N")
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -247,6 +270,8 @@ def validate_config(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.extend and not cfg.resume:
+        problems.append("--extend is for a run continued with --resume (HINT: add --resume, or drop --extend)")
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if any(not p.strip() for p in cfg.sample_prompts):
@@ -255,6 +280,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
     problems += output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
     problems += lora.settings_problems(cfg)
+    problems += fsdp.settings_problems(cfg)
     problems += check_report_to(cfg.report_to)
     return problems
 
@@ -310,13 +336,19 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> int:
                                 gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
                 log_losses, log_tokens, log_seconds = [], 0, 0.0
             # ---- evaluate (the plan says when: --eval-every, each epoch end, the end)
+            sampled = False
             if plan.evaluates_at(progress.step):
-                val_loss = run.evaluate_and_track()
-                finished = finished or run.should_stop_early()
-                if cfg.sample_prompts and cfg.sample_every is None:
-                    run.write_samples(val_loss)
+                val_loss = run.evaluate_and_track(stop)
+                stopping = stopping or val_loss is None  # a stop during the evaluation (agreed): save now
+                finished = finished or (val_loss is not None and run.should_stop_early())
+                if cfg.sample_prompts and cfg.sample_every is None and val_loss is not None:
+                    run.write_samples(val_loss, stop)
+                    sampled = True
             if cfg.sample_prompts and cfg.sample_every and (progress.step % cfg.sample_every == 0 or finished):
-                run.write_samples(None)
+                run.write_samples(None, stop)
+                sampled = True
+            if sampled and not stopping:  # a stop while rank 0 sampled: every process agrees, then saves now
+                stopping = stop_agreed(run, stop)
             # ---- checkpoint
             if finished or stopping or plan.saves_at(progress.step):
                 run.checkpoint()
@@ -359,7 +391,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(window):
         # Gradients are all-reduced only on the last micro-step.
-        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else model.no_sync()
+        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else no_gradient_sync(model)
         with sync:
             with run.ctx:
                 loss, predictions = forward_loss(model, batch, device)
@@ -367,8 +399,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     stats = torch.stack([loss_sum.float(), grad_norm.float().to(device),
                          torch.tensor(float(stop.requested), device=device)])
     if dist_info.enabled:  # mean loss over processes; a signal on any rank stops them all
@@ -411,7 +442,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         tokenizer, model_config = load_tokenizer(str(resume_path)), load_config(cfg.model)
     else:
         tokenizer, model_config = load_tokenizer_and_config(str(resume_path) if resume_path else cfg.model)
-    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer)
+    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer, data_dir=cfg.data_dir)
     context = model_context_length(model_config)
     block_size = cfg.block_size or min(context or 1024, 1024)
     if context and block_size > context:
@@ -424,15 +455,16 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         blocks = packed_blocks(cfg.data_dir, meta, block_size) if chat else None
     except DataError as exc:
         raise UserError(str(exc)) from None
-    plan = make_plan(cfg, meta, block_size, dist_info.world_size, blocks)
-    if chat and plan.train_blocks < dist_info.world_size:
+    world_size = cfg.nproc or dist_info.world_size  # --nproc: the processes --dry-run plans for
+    plan = make_plan(cfg, meta, block_size, world_size, blocks)
+    if chat and plan.train_blocks < world_size:
         problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with something "
-                        f"to train, fewer than the {dist_info.world_size} process(es) (HINT: add examples with "
+                        f"to train, fewer than the {world_size} process(es) (HINT: add examples with "
                         "replies, or raise --block-size if they are longer than a block)")
     if chat and plan.val_blocks == 0:
         problems.append(f"the val split holds no example with a trained token in its first {block_size} tokens "
                         "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
-    if not chat and (plan.train_blocks < dist_info.world_size or plan.train_blocks == 0):
+    if not chat and (plan.train_blocks < world_size or plan.train_blocks == 0):
         problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
                         f"{block_size} tokens per process (HINT: lower --block-size or add text)")
     if not chat and plan.val_blocks == 0:
@@ -441,9 +473,17 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     if state is not None:
-        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit}
+        extendable = ("max_steps", "epochs") if cfg.extend else ()
+        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
-                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size)
+                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size,
+                                            reshards=cfg.fsdp and bool(state.get("sharded")))
+        problems += fsdp.resume_problems(cfg, state)
+        if cfg.extend:
+            plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
+            problems += extend_problems
+    if cfg.fsdp:
+        problems += fsdp.check_on_meta_model(model_config)
     lora_counts = None
     if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
         lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
@@ -472,12 +512,17 @@ def changed_settings(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig, tokenizer, model_source: str, device, precision: str):
     """The model to train, and how to write it: loaded, converted (LoRA), then the fast CPU dropout masks,
-    last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input:
-    124M, r 8, bf16, 4 x 256 ran at 317 vs 300 tokens/s and 2,194 vs 2,392 MiB peak RSS with them; README)."""
+    last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input;
+    the gain is measured in docs/lora.md)."""
+    import torch
+
     from finetune.models import load_model_for_training
     from finetune.training import ModelFiles
 
-    model = load_model_for_training(cfg.model if cfg.lora_r else model_source, device, tokenizer,
+    # LoRA and FSDP checkpoints hold no full model: the base loads from --model, the checkpoint's part after.
+    # FSDP loads into CPU memory: fully_shard moves each group to the GPU and keeps only this rank's shard there.
+    model = load_model_for_training(cfg.model if cfg.lora_r or cfg.fsdp else model_source,
+                                    torch.device("cpu") if cfg.fsdp else device, tokenizer,
                                     dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
     model_files = ModelFiles(tokenizer)
     if cfg.lora_r:  # the base frozen, adapters added (from the checkpoint on a resume)
@@ -501,13 +546,15 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
 
     seed_everything(cfg.seed + dist_info.rank)
     model, model_files = build_model(cfg, tokenizer, model_source, device, precision)
+    if cfg.fsdp:  # before the optimizer, which steps the shards
+        model, model_files = fsdp.shard_model(model, device, precision), fsdp.ShardedModelFiles(tokenizer, dist_info)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, meta, plan, device, dist_info)
     if cfg.compile:
         model = torch.compile(model)
-    if dist_info.enabled:
+    if dist_info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return TrainingRun(cfg=cfg, script=SCRIPT, model=model, model_files=model_files, tokenizer=tokenizer,
@@ -518,12 +565,20 @@ def build_run(cfg: TrainConfig, meta: dict, tokenizer, plan: Plan, fingerprints:
                        chat=is_chat(meta))
 
 
-def resume_run(run: TrainingRun, state: dict) -> None:
+def resume_run(run: TrainingRun, state: dict, checkpoint: Path) -> None:
     """Optimizer, schedule, progress and RNG as the checkpoint left them; metrics.jsonl cut back to its step."""
     from finetune.checkpoints import restore_training_state
     from finetune.metrics import read_metrics, rewrite_jsonl
 
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
+    if run.model_files.sharded:  # weights and AdamW state, re-sliced to this many processes
+        run.model_files.load_shards(run.model, run.optimizer, checkpoint)
+        # The position in the epoch, per process: the same samples consumed in all, spread over this many.
+        run.progress.samples_in_epoch = run.progress.samples_in_epoch * state["world_size"] // run.dist_info.world_size
+    if run.cfg.extend:  # the optimizer came back with the old schedule's lr
+        lr_before = run.scheduler.get_last_lr()[0]
+        restart_schedule(run.scheduler, run.progress.step)
+        log.info(extension_note(run.cfg, run.plan, run.progress.step, lr_before, run.scheduler.get_last_lr()[0]))
     run.metrics = read_metrics(run.output_dir / "metrics.jsonl", run.progress.step)
     if run.dist_info.is_main:
         rewrite_jsonl(run.output_dir / "metrics.jsonl", run.metrics)
@@ -539,27 +594,43 @@ def stop_agreed(run: TrainingRun, stop: StopRequest) -> bool:
     return votes > 0
 
 
+def end_of_run_summary(run: TrainingRun) -> str:
+    """The validation loss before -> after, where the models are, and the commands to run next."""
+    from finetune.rundir import next_commands
+
+    evals = [m for m in run.metrics if m["kind"] == "eval"]  # step 0 first (a resume reads it back), then on
+    before, after = evals[0], evals[-1]
+    best = run.output_dir / "best"
+    if best.is_dir():
+        best_eval = min(evals, key=lambda m: m["val_loss"])
+        kept = f"best model (val loss {best_eval['val_loss']:.4f}, step {best_eval['step']}) in {best}"
+    else:
+        kept = "and no best/: no evaluation beat the base model's val loss at step 0"
+    prompt = run.cfg.sample_prompts[0] if run.cfg.sample_prompts else "Once upon a time"
+    commands = "".join(f"\n  {what + ':':<23}{command}"
+                       for what, command in next_commands(run.script, run.output_dir, prompt).items())
+    return (f"done: val loss {before['val_loss']:.4f} at step {before['step']} -> {after['val_loss']:.4f} at step "
+            f"{after['step']}; final model in {run.output_dir}, {kept}\nnext:{commands}")
+
+
 def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> int:
     """Step 0 (a new run), the loop, the final model; each way of stopping gets its line and exit code."""
     cfg = run.cfg
     try:
         if from_scratch:  # step 0: the base model's validation loss and samples, the "before" of the run
             if not stop.requested:  # a signal while the model loaded: no need to evaluate it
-                val_loss = run.evaluate_and_track()
-                if cfg.sample_prompts:
-                    run.write_samples(val_loss)
+                val_loss = run.evaluate_and_track(stop)  # None: stopped within one batch
+                if cfg.sample_prompts and val_loss is not None:
+                    run.write_samples(val_loss, stop)
             if stop_agreed(run, stop):  # every process stops here, or none
                 if run.dist_info.is_main:
                     log.warning("%s: stopped before the first training step, so nothing was trained and there is "
-                                "nothing to resume; start the run again with --overwrite (it removes only what "
-                                "this run wrote)", signal.Signals(stop.signum).name)
+                                "nothing to resume; the same command starts the run again", signal.Signals(stop.signum).name)
                 return EXIT_SIGNAL[stop.signum]
         exit_code = train(run, stop)
         if exit_code == 0:
             run.save_final_model()
-            best = run.output_dir / "best"
-            log.info("done: final model in %s, %s", run.output_dir, f"best model in {best}" if best.is_dir() else
-                     "and no best/: no evaluation beat the base model's val loss at step 0")
+            log.info(end_of_run_summary(run))
         return exit_code
     except TrainingDiverged as exc:
         checkpoints = list_checkpoints(run.output_dir)
@@ -592,7 +663,7 @@ def run_to_the_end(run: TrainingRun, stop: StopRequest, from_scratch: bool) -> i
 @exit_on_user_error
 def main(argv=None) -> int:
     from finetune.models import count_parameters
-    from finetune.plan import describe_plan, estimate_memory_gib
+    from finetune.plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, memory_refusal, sharding_line
     from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
     from finetune.runtime import get_device, library_versions, resolve_precision
 
@@ -604,20 +675,37 @@ def main(argv=None) -> int:
     resume_path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
     if state is not None:
         cfg = cli.merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
+        if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
+            cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size, explicit)
+            raise_if_problems([problem] if problem else [])
     meta, tokenizer, model_config, plan, fingerprints, lora_counts = check_before_loading(
         cfg, explicit, dist_info, resume_path, state)
+    if cfg.extend:  # the warmup the plan kept, in the config the checkpoints record (a later --resume plans the same)
+        cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_steps)
     device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, getattr(model_config, "hidden_size", None))  # a probe's shape
+    if cfg.fsdp and precision == "fp16":
+        raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
+                        "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")
     n_params = count_parameters(model_config)
-    plan_text = describe_plan(plan, cfg, meta, n_params,
-                              estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts),
-                              device, precision, dist_info.world_size, lora=lora_counts)
+    world_size = cfg.nproc or dist_info.world_size
+    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
+    sharding = None
+    if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
+        fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
+        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device)
+        memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    plan_text = describe_plan(plan, cfg, meta, n_params, memory_gib, device, precision, world_size,
+                              lora=lora_counts, sharding=sharding)
     large_adapter = lora.size_warning(lora_counts) if lora_counts else None
     if large_adapter:  # worth a word, not a refusal: a large rank can be meant
         log.warning(large_adapter)
+    too_big = memory_refusal(cfg, plan, memory_gib, device, lora_counts)
+    if cfg.dry_run and dist_info.is_main:
+        print(plan_text)
+    if too_big:  # before the weights load, not at the wall (the dry run says so by its exit code too)
+        raise UserError(too_big)
     if cfg.dry_run:
-        if dist_info.is_main:
-            print(plan_text)
         return 0
 
     # ---- the output folder: one run at a time, an earlier run only replaced on request
@@ -644,7 +732,7 @@ def main(argv=None) -> int:
             run = build_run(cfg, meta, tokenizer, plan, fingerprints, str(resume_path or cfg.model), device,
                             precision, dist_info)
             if state is not None:
-                resume_run(run, state)
+                resume_run(run, state, resume_path)
             run.start_trackers(state)
             return run_to_the_end(run, stop, from_scratch=state is None)
         finally:

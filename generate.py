@@ -11,7 +11,9 @@ below is an error when sampling (it does not silently mean greedy): ask for --gr
 
 Seeds. The RNG is re-seeded with --seed before each prompt, so a prompt's samples depend only on
 the seed, the prompt and the settings, not on which other prompts share the run. Without --seed a
-random one is drawn and printed, so any run can be repeated.
+random one is drawn and printed, so any run can be repeated. Samples are generated 64 at a time
+(SAMPLES_PER_BATCH), each batch seeded from --seed and its index, and printed and written as it is
+done: up to 64 samples are exactly those of one generate call seeded with --seed, as before.
 
 Precision. --precision bf16/fp16 loads the weights in that dtype (half the memory, faster on a
 GPU); no autocast is used. auto means bf16 on GPUs that support it and on CPUs with native bf16
@@ -39,9 +41,9 @@ from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
 from finetune.fsio import atomic_file
+from finetune.modelfolder import check_model_folder
 from finetune.models import (
     TOKENIZER_FILES,
-    WEIGHT_FILES,
     load_config,
     load_tokenizer,
     load_weights,
@@ -157,42 +159,6 @@ def looks_local(name: str) -> bool:
         return True
     # the training script's own folder names; no Hub repo is called that
     return parts[-1] == "best" or CHECKPOINT_NAME.fullmatch(parts[-1]) is not None
-
-
-def check_model_folder(path: Path) -> None:
-    """Everything from_pretrained needs is there, so a half-written folder fails with a clear message."""
-    if not path.is_dir():
-        raise UserError(f"--model {path} is a file, not a model folder. HINT: pass the folder holding config.json")
-    if lora.is_adapter_folder(path):  # a LoRA adapter (out/adapter, a LoRA checkpoint): its base must be found
-        lora.require_peft()
-        lora.adapter_base(path)
-        return
-    if not (path / "config.json").is_file():
-        inside = saved_models_inside(path)
-        hint = (f"HINT: pass a saved model inside it, e.g. --model {inside[0]}" if inside else
-                "HINT: pass the training script's output folder, or a checkpoint-*/ or best/ folder in it")
-        raise UserError(f"{path} has no config.json, so it is not a saved model. {hint}")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise UserError(
-            f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}). "
-            "HINT: the save was probably interrupted; pass another checkpoint or save the model again"
-        )
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(
-            f"{path} has a model but no tokenizer (tokenizer.json, or vocab.json + merges.txt). "
-            "HINT: save it there with tokenizer.save_pretrained(), or copy its files from the base model"
-        )
-
-
-def saved_models_inside(path: Path) -> list[Path]:
-    """best/ first, then checkpoints newest first: the folders a user most likely meant."""
-    found = [d for d in path.iterdir() if d.is_dir() and (d / "config.json").is_file()]
-
-    def rank(d: Path):
-        step = CHECKPOINT_NAME.fullmatch(d.name)
-        return (d.name != "best", -int(step.group(1)) if step else 0, d.name)
-
-    return sorted(found, key=rank)
 
 
 def resolve_model(name: str) -> tuple[str, bool]:
@@ -361,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
     check_prompt_lengths(inputs, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    if args.seed is None:
+    if args.seed is None and not args.greedy:  # greedy decoding draws nothing: the same text every time
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
     log.info(f"loading {source}{f' onto its base {base}' if adapter else ''} on {device} ({precision})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -386,10 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Samples generated together: --num-samples 100000 must not ask for 100000 rows of logits at once (~20 GB for
+# GPT-2's vocabulary); a batch this size is a few MB, and still fills a GPU well for a small model.
+SAMPLES_PER_BATCH = 64
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of a batch of samples: `seed` itself for the first (so up to SAMPLES_PER_BATCH samples are
+    exactly those of one generate call seeded with it), then one seed per batch, far from seed + 1's."""
+    return seed if batch == 0 else (seed + batch * 0x9E3779B97F4A7C15) % 2**63
+
+
 def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settings, out_file,
         inputs: list[list[int]] | None = None) -> None:
-    """Samples for each prompt. With `inputs` (--chat: each prompt rendered as a user turn), only the reply
-    is printed and recorded, and one reply for one prompt is printed with no header."""
+    """Samples for each prompt, SAMPLES_PER_BATCH at a time. With `inputs` (--chat: each prompt rendered as a
+    user turn), only the reply is printed and recorded, and one reply for one prompt is printed with no header."""
     import torch
     from transformers import TextStreamer
 
@@ -400,22 +377,29 @@ def run(model, tokenizer, prompts, gen_kwargs, num_samples, seed, device, settin
         if stream and not chat:
             print(sample_header(0, 1, 0, 1, prompt), flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True) if stream else None
-        with torch.inference_mode():
-            samples = generate_samples(model, tokenizer, inputs[p_i] if chat else prompt, gen_kwargs,
-                                       num_samples=num_samples, seed=seed, device=device, streamer=streamer)
-        for s_i, sample in enumerate(samples):
-            if chat:
-                sample.text = sample.completion  # the reply is the text: the template's own is not shown
-            if not stream:
-                print(sample_header(s_i, num_samples, p_i, len(prompts), prompt))
-                print(sample.text)
-            print(flush=True)
-            if out_file is not None:
-                record = dict(prompt=prompt, prompt_index=p_i, sample_index=s_i, text=sample.text,
-                              completion=sample.completion, new_tokens=sample.new_tokens,
-                              finish_reason=sample.finish_reason, settings=settings)
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out_file.flush()  # keep what is done if the run is interrupted
+        for batch, first in enumerate(range(0, num_samples, SAMPLES_PER_BATCH)):
+            with torch.inference_mode():
+                samples = generate_samples(model, tokenizer, inputs[p_i] if chat else prompt, gen_kwargs,
+                                           num_samples=min(SAMPLES_PER_BATCH, num_samples - first),
+                                           seed=batch_seed(seed, batch), device=device, streamer=streamer)
+            for s_i, sample in enumerate(samples, first):  # each batch printed and written as it is done
+                if chat:
+                    sample.text = sample.completion  # the reply is the text: the template's own is not shown
+                write_sample(sample, s_i, num_samples, p_i, prompt, len(prompts), stream, settings, out_file)
+
+
+def write_sample(sample, s_i: int, num_samples: int, p_i: int, prompt: str, num_prompts: int, streamed: bool,
+                 settings: dict, out_file) -> None:
+    if not streamed:
+        print(sample_header(s_i, num_samples, p_i, num_prompts, prompt))
+        print(sample.text)
+    print(flush=True)
+    if out_file is not None:
+        record = dict(prompt=prompt, prompt_index=p_i, sample_index=s_i, text=sample.text,
+                      completion=sample.completion, new_tokens=sample.new_tokens,
+                      finish_reason=sample.finish_reason, settings=settings)
+        out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out_file.flush()  # keep what is done if the run is interrupted
 
 
 def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_file, settings) -> None:

@@ -93,3 +93,30 @@ if [[ $COMPILE == 1 ]]; then
   timeout "$(left)" "$PY" bench/train_throughput.py "${common[@]}" --contenders ours \
     --ours-args=--compile --json "$WORK/gpu-compile.json" || echo "(compile run failed or timed out: rc $?)"
 fi
+
+# FSDP (issue 22), only with more than one GPU: a short --fsdp run over every GPU in bf16 (bf16 gathered
+# weights, fp32 gradient reduction, fp32 master shards), then a resume of its checkpoint on half the GPUs
+# (DCP reshards it). Prints the last training lines of each.
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [[ $DEVICE == cuda && $NGPU -gt 1 ]]; then
+  if (( $(left) < 60 )); then echo "not enough time left for the --fsdp runs ($(left) s)"; exit 1; fi
+  echo; echo "== bf16, --fsdp on $NGPU GPUs, then resumed on $((NGPU / 2))"
+  read -r MDIR DDIR < <("$PY" - "$MODEL" "$WORK" "$TOK" <<'PYEOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "bench")
+from _common import build_model_dir, write_data_dir
+model, work, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+model_dir = build_model_dir(model, work, Path(tok) if tok else None)
+print(model_dir, write_data_dir(work / "data-fsdp", model_dir))
+PYEOF
+)
+  timeout "$(left)" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" finetune_generative.py \
+    --model "$MDIR" --data-dir "$DDIR" --output-dir "$WORK/out-fsdp" --overwrite --fsdp --precision bf16 \
+    --batch-size "$BATCH" --block-size "$BLOCK" --max-steps 40 --eval-every 0 --eval-batches 2 --log-every 10 \
+    --save-every 20 --num-workers 2 && tail -n 2 "$WORK/out-fsdp/metrics.jsonl" || echo "(fsdp run failed: rc $?)"
+  rm -rf "$WORK/out-fsdp/checkpoint-40"
+  timeout "$(left)" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$((NGPU / 2))" \
+    finetune_generative.py --output-dir "$WORK/out-fsdp" --resume && tail -n 2 "$WORK/out-fsdp/metrics.jsonl" \
+    || echo "(fsdp resume failed: rc $?)"
+fi

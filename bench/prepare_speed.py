@@ -41,7 +41,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import prepare_data  # noqa: E402  (for its safe-cut rule)
+from finetune.prepare.cuts import Cutter  # noqa: E402  (the safe-cut rule)
+from finetune.prepare.engines import GPT2_PATTERN, byte_level_ranks  # noqa: E402
+from finetune.tokenfiles import reassemble  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "gpt2-tokenizer"
 
@@ -155,21 +157,9 @@ def bare_transformers(tokenizer: str) -> dict:
     return result
 
 
-def reassemble(out_dir: Path) -> np.ndarray:
-    meta = json.loads((out_dir / "meta.json").read_text())
-    train = np.memmap(out_dir / "train.bin", dtype=meta["dtype"], mode="r")
-    val = np.memmap(out_dir / "val.bin", dtype=meta["dtype"], mode="r")
-    parts, t = [], 0
-    for r in meta["split"]["val_ranges"]:
-        parts += [train[t:r["train_tokens_before"]], val[r["val_token_start"]:r["val_token_start"] + r["tokens"]]]
-        t = r["train_tokens_before"]
-    parts.append(train[t:])
-    return np.concatenate(parts)
-
-
 def safe_pieces(text: str, added: list[str], size: int = 1_000_000) -> list[str]:
     """~size-character pieces cut where the ids cannot change (prepare_data's rule)."""
-    cutter = prepare_data.Cutter(added=added)
+    cutter = Cutter(added=added)
     pieces, start = [], 0
     while start < len(text):
         cut = cutter.last(text, start + size // 2, start + size) if start + size < len(text) else None
@@ -184,11 +174,11 @@ def tiktoken_encoding(tokenizer: str):
     import tiktoken
 
     spec = json.loads((Path(tokenizer) / "tokenizer.json").read_text(encoding="utf-8"))
-    ranks, rank_to_id = prepare_data.byte_level_ranks(spec["model"])
+    ranks, rank_to_id = byte_level_ranks(spec["model"])
     if rank_to_id != list(range(len(rank_to_id))):
         sys.exit("this tokenizer's ids are not its BPE ranks; the tiktoken baseline needs a GPT-2-like one")
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    return tiktoken.Encoding("baseline", pat_str=prepare_data.GPT2_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding("baseline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens=special), list(special)
 
 
@@ -278,7 +268,7 @@ def main() -> None:
         with open(text_path, "rb") as f:
             text = f.read(n + 4).decode("utf-8", errors="ignore")
         added = tiktoken_encoding(args.tokenizer)[1]
-        checked = text[:prepare_data.Cutter(added=added).last(text, n // 2, n) or n]  # ends at a safe cut
+        checked = text[:Cutter(added=added).last(text, n // 2, n) or n]  # ends at a safe cut
         reference = autotokenizer_ids(args.tokenizer, checked, added)
         same_hf = np.array_equal(prepared[:len(reference)], reference)
         report(args, extra, mb, rows, same_tiktoken, same_hf, len(checked.encode("utf-8")) / 1e6)

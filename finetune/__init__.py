@@ -4,23 +4,29 @@ only the ones listed before it:
 
     errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
     fsio          atomic writes of folders and files, fsync, CRC32, the output-folder lock
-    records       record inputs of prepare_data.py (JSON lines, JSON, CSV/TSV, Parquet), streamed
+    outdir        the output folder of either script: created, locked, checked (rundir adds a run's rules)
+    chat          chat/instruction records: formats, checks, the chat template, rendering to ids + loss mask
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
     runtime       device, precision, autocast, seeds, library versions
     console       the logging setup every script uses
     cli           flags generated from a config dataclass
     plan          steps, evaluation schedule, memory estimate (--dry-run)
-    tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints
+    tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints,
+                  reading the splits back (reassemble: the inverse of the split)
     data          token files for PyTorch (memmap dataset, resumable sampler); dataset.py re-exports it
     packing       chat data: whole examples packed into blocks, labels, restarting positions
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
     trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)
     models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer
+    prepare/      prepare_data.py's pipeline: sources -> pieces -> ids -> token files (its own README.md)
     cpu_dropout   faster dropout masks on CPU
     sampling      text generation, shared by generate.py and training-time samples
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
     lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
+    fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
+    modelfolder   which saved model a --model folder means (model, LoRA adapter, training output)
+    export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
 """

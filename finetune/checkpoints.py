@@ -3,9 +3,11 @@
 A checkpoint-N/ folder holds the model files (whatever `write_model_files` writes: a full model, or a LoRA
 adapter), the tokenizer, and training_state.pt: optimizer, scheduler, GradScaler, every rank's RNG
 state, the position in the data, the config and the fingerprints a resume is checked against.
+An FSDP run (fsdp.py) keeps weights and optimizer in sharded/ instead, one DCP file per rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +32,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d+)")  # the one rule; generate.py uses it too
 TRAINING_STATE_FILE = "training_state.pt"
 STATE_FORMAT_VERSION = 1
+SHARDED_FOLDER = "sharded"  # an FSDP checkpoint's weights and optimizer: DCP's .metadata + __RANK_0.distcp files
+DCP_METADATA = ".metadata"
 
 
 @dataclass
@@ -61,20 +65,25 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def training_state(progress: Progress, optimizer, scheduler, scaler, config: dict, **fingerprints) -> dict:
-    """All of a run's state but the weights and RNG, as one dict (RNG is added by save_checkpoint)."""
+    """All of a run's state but the weights and RNG, as one dict (RNG is added by save_checkpoint).
+    `optimizer` None: its state is in the shards (an FSDP run)."""
     return {"format_version": STATE_FORMAT_VERSION, **dataclasses.asdict(progress),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "sharded": optimizer is None, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "config": config, **fingerprints}
 
 
 def restore_training_state(state: dict, progress: Progress, optimizer, scheduler, scaler, rank: int) -> None:
-    """Put a run back where training_state() + save_checkpoint() left it; this rank's RNG included."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Put a run back where training_state() + save_checkpoint() left it; this rank's RNG included (a rank
+    the checkpoint had not, in a resharded FSDP run, keeps its seed; the optimizer of one is in its shards)."""
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     for name in (f.name for f in dataclasses.fields(Progress)):
         setattr(progress, name, state[name])
-    restore_rng_state(state["rng"][rank])
+    if rank < len(state["rng"]):
+        restore_rng_state(state["rng"][rank])
 
 
 def capture_rng_state() -> dict:
@@ -107,18 +116,26 @@ def restore_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, write_model_files: Callable[[Path], None], state: dict,
-                    dist_info: DistInfo) -> Path:
+                    dist_info: DistInfo, write_shards: Callable[[Path], dict] | None = None,
+                    shared_folder: Callable[[Path | None], Path] | None = None) -> Path:
     """Write checkpoint-{step}/ atomically: the model files, then training_state.pt with every rank's RNG
-    state (gathered to rank 0) and a CRC32 of each .safetensors file. A collective call: every rank calls it."""
+    state (gathered to rank 0) and a CRC32 of each .safetensors file. A collective call: every rank calls it.
+
+    With `write_shards` (FSDP) every rank also writes its shard into rank 0's temporary folder (which
+    `shared_folder` tells every rank) and returns the CRC32 of the shard files; the folder is published only
+    after all of them are written, so a kill during the save leaves no checkpoint, not a partial one."""
     import torch
 
     rng_states = all_gather_objects(capture_rng_state(), dist_info)
     final = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
-    if dist_info.is_main:
-        with atomic_folder(final, f"checkpoint {final}") as tmp:
+    with atomic_folder(final, f"checkpoint {final}") if dist_info.is_main else contextlib.nullcontext() as tmp:
+        checksums = {}
+        if write_shards is not None:
+            checksums = write_shards(shared_folder(tmp))
+        if dist_info.is_main:
             write_model_files(tmp)
             # safetensors has no checksum of its own: keep one, so a resume notices bytes changed on disk.
-            checksums = {p.name: file_crc32(p) for p in sorted(tmp.glob("*.safetensors"))}
+            checksums.update({p.name: file_crc32(p) for p in sorted(tmp.glob("*.safetensors"))})
             # Through a Python file, so that a full disk shows up as the OSError behind torch's RuntimeError.
             with open(tmp / TRAINING_STATE_FILE, "wb") as f:
                 torch.save({**state, "rng": rng_states, "file_crc32": checksums}, f)
@@ -146,7 +163,8 @@ class DamagedCheckpoint(Exception):
 
 CHECKPOINT_FILES = ("tokenizer_config.json", TRAINING_STATE_FILE)
 # The model files: a full model, or a LoRA adapter (its base is loaded from where the state says).
-MODEL_LAYOUTS = (("config.json", "model.safetensors"), ("adapter_config.json", "adapter_model.safetensors"))
+MODEL_LAYOUTS = (("config.json", "model.safetensors"), ("adapter_config.json", "adapter_model.safetensors"),
+                 ("config.json", f"{SHARDED_FOLDER}/{DCP_METADATA}"))
 
 
 STATE_KEYS = ("step", "epoch", "samples_in_epoch", "tokens_seen", "best_val_loss", "evals_without_improvement",
@@ -160,7 +178,9 @@ def read_checkpoint(checkpoint: Path) -> dict:
     Checks the files are all there, the config parses, the weights and training_state.pt
     read whole and match their checksums, and the state holds what a resume needs.
     """
-    layout = next((files for files in MODEL_LAYOUTS if (checkpoint / files[0]).is_file()), MODEL_LAYOUTS[0])
+    sharded = (checkpoint / SHARDED_FOLDER).is_dir()
+    layout = MODEL_LAYOUTS[2] if sharded else next(
+        (files for files in MODEL_LAYOUTS if (checkpoint / files[0]).is_file()), MODEL_LAYOUTS[0])
     missing = [name for name in (*layout, *CHECKPOINT_FILES) if not (checkpoint / name).is_file()]
     if missing:
         raise DamagedCheckpoint(f"{', '.join(missing)} missing")
@@ -169,7 +189,10 @@ def read_checkpoint(checkpoint: Path) -> dict:
         json.loads((checkpoint / config_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedCheckpoint(f"{config_file} is not readable JSON ({first_line(exc)})") from None
-    check_weights_file(checkpoint / weights_file)
+    if sharded:
+        check_sharded_folder(checkpoint / SHARDED_FOLDER)
+    else:
+        check_weights_file(checkpoint / weights_file)
     state = read_state_file(checkpoint / TRAINING_STATE_FILE)
     if state["format_version"] != STATE_FORMAT_VERSION:  # not damage: an older checkpoint would not help
         raise UserError(f"{checkpoint / TRAINING_STATE_FILE} has format version {state['format_version']}, "
@@ -193,6 +216,28 @@ def check_weights_file(path: Path) -> None:
                 f.get_tensor(name)
     except Exception as exc:  # safetensors' own error type, for a short or garbled file
         raise DamagedCheckpoint(f"{path.name} cannot be read ({first_line(exc)})") from None
+
+
+def check_sharded_folder(folder: Path) -> None:
+    """An FSDP checkpoint's DCP folder, seen without a process group: the metadata lists the file and byte
+    range of every piece of every tensor; each file must exist and be long enough (the CRC32s kept in
+    training_state.pt then catch changed bytes). Also refused: one rank's file missing, a cut-short one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a truncated or garbled metadata file
+        raise DamagedCheckpoint(f"{SHARDED_FOLDER}/{DCP_METADATA} cannot be read ({type(exc).__name__})") from None
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{SHARDED_FOLDER}/{name} missing (one process's shard)")
+        if path.stat().st_size < size:
+            raise DamagedCheckpoint(f"{SHARDED_FOLDER}/{name} is cut short ({path.stat().st_size:,} of "
+                                    f"{size:,} bytes)")
 
 
 def read_state_file(path: Path) -> dict:
@@ -272,7 +317,7 @@ def newest_loadable(checkpoints: list[Path], warn: bool) -> tuple[Path, dict] | 
 
 
 def check_resume_compatible(state: dict, given: dict, data_dir: str, data_fp: str, tokenizer_fp: str,
-                            world_size: int) -> list[str]:
+                            world_size: int, reshards: bool = False) -> list[str]:
     """Reasons why this checkpoint cannot continue exactly. `given`: the settings a resume must keep that
     were given on the command line (flag name -> value); only the training script knows which those are."""
     saved = state["config"]
@@ -285,9 +330,11 @@ def check_resume_compatible(state: dict, given: dict, data_dir: str, data_fp: st
         problems.append("the tokenizer differs from the checkpoint's; HINT: resume with the original --model")
     for name, value in given.items():
         if value != saved.get(name):
+            longer = ", or add --extend to train on past the end it was planned for" if name in (
+                "max_steps", "epochs") else ""
             problems.append(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
-                            f"{saved.get(name)}; HINT: drop the flag to keep the checkpoint's value")
-    if state["world_size"] != world_size:
+                            f"{saved.get(name)}; HINT: drop the flag to keep the checkpoint's value{longer}")
+    if state["world_size"] != world_size and not reshards:  # reshards: FSDP re-slices and keeps the global batch
         problems.append(f"the checkpoint was written by {state['world_size']} process(es) and this run has "
                         f"{world_size}; the data order per process would change. HINT: resume "
                         f"with --nproc_per_node={state['world_size']}")

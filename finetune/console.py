@@ -72,11 +72,22 @@ class ProgressLines:
             self.write_line(time.monotonic())
 
     def write_line(self, now: float) -> None:
-        from tqdm import tqdm
-
         done = self.step - self.first_step
-        eta = tqdm.format_interval((self.total - self.step) * (now - self.started) / done) if done else "?"
+        eta = format_duration((self.total - self.step) * (now - self.started) / done) if done else "?"
         fields = "".join(f", {name} {value}" for name, value in self.fields.items())
         self.logger.info("step %d/%d (%d%%)%s, ETA %s", self.step, self.total, 100 * self.step // max(self.total, 1),
                          fields, eta)
         self.last_line_at, self.last_line_step = now, self.step
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as `45s`, `6m39s`, `2h05m` or `3d04h`: next to the log's 06:42:27 clock stamps, tqdm's
+    `06:39` would read as a time of day."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

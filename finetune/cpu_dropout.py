@@ -2,8 +2,8 @@
 
 Why: torch's CPU dropout draws its mask with a serial Bernoulli kernel (an MKL path exists only on
 Intel CPUs). GPT-2 124M at batch 4 x 256 draws ~57M mask elements per training step (37M of them for
-the attention probabilities), and that kernel alone took 13 % of a bf16 step on the 2-core AMD CPU this
-was measured on. Here each 64-bit draw of torch's default generator yields two 32-bit uniform integers,
+the attention probabilities), and that kernel is a sizeable share of a bf16 step (measured in
+docs/performance.md). Here each 64-bit draw of torch's default generator yields two 32-bit uniform integers,
 and an element is kept when its integer is at or above a threshold: P(keep) = 1 - p to within 2^-32
 (torch's own float uniforms have 24 bits). Same distribution, different random stream: with the same
 seed the masks differ from torch's, so `--torch-dropout` switches this off for runs that must draw

@@ -12,6 +12,7 @@ not used.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,15 @@ from .tokenfiles import (  # noqa: F401  (re-exported: the names users import fr
     DataError,
     check_data_matches_model,
     data_fingerprint,
+    file_identity,
+    held_file_replaced,
+    held_token_file,
     load_meta,
     token_dtype,
     tokenizer_fingerprint,
 )
+
+log = logging.getLogger("finetune")
 
 # -----------------------------------------------------------------------------
 # Dataset
@@ -44,8 +50,10 @@ __all__ = ["META_FORMAT", "META_VERSION", "SPLIT_FILES", "DataError", "check_dat
 class TextDataset(Dataset):
     """Non-overlapping blocks of `block_size` tokens from one .bin file.
 
-    The memmap is opened lazily on first access, so the dataset pickles cheaply and each
-    DataLoader worker process opens its own map.
+    A file this process fingerprinted (data_fingerprint) is mapped from the file held open since, in this
+    process, so DataLoader workers (forked) share that map: the run trains on the bytes it fingerprinted
+    even if the path was replaced since. Otherwise the memmap is opened lazily on first access; the
+    dataset pickles cheaply and a spawned worker maps the path, after checking it is still that file.
     """
 
     def __init__(self, path: str | os.PathLike, block_size: int, dtype: str | np.dtype = "uint16"):
@@ -54,8 +62,19 @@ class TextDataset(Dataset):
         self.path = str(path)
         self.block_size = int(block_size)
         self.dtype = np.dtype(dtype)
-        self.num_tokens = os.path.getsize(self.path) // self.dtype.itemsize
         self._tokens: np.memmap | None = None
+        held = held_token_file(self.path)
+        self.identity = held.identity if held else None  # the version of the file this dataset reads
+        if held is None:
+            self.num_tokens = os.path.getsize(self.path) // self.dtype.itemsize
+            return
+        held.check_unchanged()  # rewritten in place since the fingerprint: stop, naming it
+        if held_file_replaced(held):
+            log.warning("%s was replaced since this run fingerprinted it; the run goes on with the file as it "
+                        "was then (held open), which is what its checkpoints record", self.path)
+        self.num_tokens = held.identity[2] // self.dtype.itemsize
+        if self.num_tokens:
+            self._tokens = np.memmap(held.file, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
     @classmethod
     def from_data_dir(cls, data_dir: str | os.PathLike, split: str, block_size: int,
@@ -68,6 +87,9 @@ class TextDataset(Dataset):
 
     def _map(self) -> np.memmap:
         if self._tokens is None:
+            if self.identity is not None and file_identity(os.stat(self.path)) != self.identity:
+                raise DataError(f"{self.path} changed since this run fingerprinted it. HINT: let prepare_data.py "
+                                f"finish before starting the run, then start it again")
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         return self._tokens
 
@@ -137,13 +159,10 @@ class EpochShuffleSampler(Sampler[int]):
         return max(0, self.samples_per_replica() - self.start)
 
 
-def validation_blocks(num_blocks: int, max_batches: int | None, batch_size: int,
-                      rank: int = 0, world_size: int = 1) -> list[int]:
-    """Deterministic, non-overlapping validation blocks for this rank (all of them by default).
-
-    With `max_batches`, max_batches x batch_size x world_size blocks spread evenly over the split are
-    used, so a partial pass covers the whole validation text and is the same subset at every evaluation.
-    """
-    limit = num_blocks if max_batches is None else min(num_blocks, max_batches * batch_size * world_size)
+def validation_blocks(num_blocks: int, num_chosen: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's share of `num_chosen` validation blocks spread evenly over the split (all of them when
+    num_chosen >= num_blocks): the same blocks at every evaluation, and whatever the number of processes,
+    the ranks taking turns (their shares differ by at most one block)."""
+    limit = min(num_blocks, num_chosen)
     chosen = range(num_blocks) if limit == num_blocks else [i * num_blocks // limit for i in range(limit)]
     return list(chosen[rank::world_size])

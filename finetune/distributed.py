@@ -61,6 +61,8 @@ def all_gather_objects(obj, dist_info: DistInfo) -> list:
 
 
 def shutdown(dist_info: DistInfo) -> None:
-    if dist_info.enabled:
-        import torch.distributed as dist
+    """Leave the process group: torchrun's, or the group of one a single --fsdp process made for itself."""
+    import torch.distributed as dist
+
+    if dist_info.enabled or (dist.is_available() and dist.is_initialized()):
         dist.destroy_process_group()

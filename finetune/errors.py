@@ -35,7 +35,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's main(): UserError becomes one line on stderr and exit 2, SaveFailed exit 4."""
+    """Decorator for a script's main(): UserError becomes one line on stderr and exit 2, SaveFailed exit 4,
+    a Ctrl-C the script does not handle itself (during its start-up) one line and exit 130, not a traceback."""
 
     def wrapper(argv=None):
         try:
@@ -46,6 +47,10 @@ def exit_on_user_error(main):
         except SaveFailed as exc:
             print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_SAVE_FAILED) from None
+        except KeyboardInterrupt:  # Ctrl-C where the script has no handler of its own yet (imports, loading)
+            print("error: interrupted (Ctrl-C) while starting, before any work was done. HINT: run the same "
+                  "command again", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_SIGNAL[signal.SIGINT]) from None
 
     wrapper.__name__ = main.__name__
     wrapper.__doc__ = main.__doc__

@@ -46,6 +46,44 @@ def atomic_folder(final: Path, what: str, into: bool = False):
         raise
 
 
+def share_identical_files(folder: Path, others: list[Path]) -> int:
+    """Replace each file of `folder` whose bytes equal the same-named file of one of `others` (the final model
+    and a checkpoint of the same step, say) by a hard link to that file; returns the bytes no longer stored
+    twice. Where the filesystem has no hard links the copy stays. Safe because no file of ours is ever written
+    in place: every save writes a new file aside and renames it over the old one, which leaves a linked twin
+    as it was."""
+    import filecmp
+
+    saved = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        for other in others:
+            twin = other / path.name
+            if not twin.is_file() or twin.stat().st_size != path.stat().st_size or path.samefile(twin):
+                continue
+            if not filecmp.cmp(path, twin, shallow=False):
+                continue
+            link = path.with_name(f"{TMP_PREFIX}link-{path.name}")
+            try:
+                os.link(twin, link)
+                os.replace(link, path)
+                saved += twin.stat().st_size
+            except OSError:  # no hard links here (FAT, some network filesystems), or across devices: keep the copy
+                link.unlink(missing_ok=True)
+            break
+    return saved
+
+
+def stored_bytes(folder: Path) -> int:
+    """Bytes the files under `folder` hold on disk, a hard-linked file counted once."""
+    seen, total = set(), 0
+    for path in folder.rglob("*"):
+        stat = path.lstat()
+        if path.is_file() and not path.is_symlink() and (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            total += stat.st_size
+    return total
+
+
 def remove_leftovers(folder: Path) -> None:
     """After a kill: put back a folder caught mid-publish, then delete every unfinished temporary."""
     restore_interrupted_publish(folder)
@@ -119,6 +157,25 @@ def atomic_file(path: Path, what: str):
             finally:
                 f.flush()
                 os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise_if_write_failure(exc, what)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, what: str):
+    """A temporary path next to `path` for a writer that opens files itself (GGUFWriter): when the block
+    ends, the file is flushed to disk and renamed into place; if the block fails or is interrupted, the
+    temporary is deleted and `path` is untouched. A full disk raises the one-line SaveFailed naming `what`."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:

@@ -33,6 +33,9 @@ DEFAULT_DROPOUT = 0.05
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 PEFT_MISSING = "LoRA needs the peft package, which is not installed. HINT: pip install peft"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Beside each adapter we save: the fingerprint of the base it was trained on, checked wherever it loads (an
+# adapter pointed at another base of the same shapes would load silently and generate nonsense).
+ADAPTER_BASE_FILE = "adapter_base.json"
 RELEASE_ADAPTER_DIR = "adapter"
 
 
@@ -277,10 +280,13 @@ def own_memory(model) -> None:
         tensor.data = tensor.data.clone()
 
 
-def save_adapter(peft_model, folder: Path) -> None:
+def save_adapter(peft_model, folder: Path, base_fp: str) -> None:
     # save_embedding_layers=False: "auto" asks the hub whether the base's vocabulary changed.
     peft_model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template, empty of content
+    base = peft_model.peft_config["default"].base_model_name_or_path
+    (folder / ADAPTER_BASE_FILE).write_text(json.dumps({"base_model_name_or_path": base, "base_fingerprint": base_fp},
+                                                       indent=2) + "\n", encoding="utf-8")
 
 
 class LoraModelFiles(ModelFiles):
@@ -289,9 +295,10 @@ class LoraModelFiles(ModelFiles):
     def __init__(self, tokenizer, config, base: str, dropout_override: float | None):
         super().__init__(tokenizer)
         self.config, self.base, self.dropout_override = config, base, dropout_override
+        self.base_fingerprint = base_fingerprint(base)  # as the training state records it, at the start
 
     def write_checkpoint(self, model, folder: Path) -> None:
-        save_adapter(unwrap_model(model), folder)
+        save_adapter(unwrap_model(model), folder, self.base_fingerprint)
         self.tokenizer.save_pretrained(folder)
 
     def write_release(self, model, folder: Path) -> None:
@@ -414,7 +421,23 @@ def adapter_base(folder: Path) -> str:
         raise UserError(f"the base model {base} of the adapter in {folder} cannot be found ({where}). HINT: put "
                         f"the base model back at {base}, or set base_model_name_or_path in "
                         f"{folder / ADAPTER_FILES[0]} to where it is now")
+    check_adapter_base(folder, base)
     return base
+
+
+def check_adapter_base(folder: Path, base: str) -> None:
+    """Refuse an adapter whose recorded base fingerprint is not the base's it would load onto (adapters saved
+    by other tools record none: nothing to check)."""
+    try:
+        recorded = json.loads((folder / ADAPTER_BASE_FILE).read_text(encoding="utf-8")).get("base_fingerprint")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    actual = base_fingerprint(base)
+    if recorded and actual != "unknown" and recorded != actual:
+        raise UserError(f"the adapter in {folder} was trained on a base with fingerprint {recorded}, but its base "
+                        f"{base} has fingerprint {actual} (other weights or config). HINT: set "
+                        f"base_model_name_or_path in {folder / ADAPTER_FILES[0]} to the base it was trained on, or "
+                        f"load the merged model its training run wrote")
 
 
 def load_adapter_model(folder: Path, dtype):

@@ -154,21 +154,41 @@ def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
     return max(count.item(), 1.0)
 
 
-def evaluate(model, val_loader, ctx, device, dist_info: DistInfo) -> float:
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=None) -> float | None:
     """Mean next-token loss over the validation blocks (chat: over their trained tokens), summed exactly
-    across processes."""
+    across processes.
+
+    `should_stop()` (a stop request: Ctrl-C, SIGTERM) is asked between batches, on every process together (one
+    small all-reduce per batch), so a stop takes effect within one batch: the evaluation then returns None.
+    """
     import torch
 
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted (chat: trained) tokens
-    with torch.no_grad():
-        for batch in val_loader:
-            with ctx:
-                loss, n_predictions = forward_loss(model, batch, device)
-            is_sum = "position_ids" in batch
-            totals[0] += loss.double() if is_sum else loss.double() * n_predictions
-            totals[1] += n_predictions
+    try:
+        with torch.no_grad():
+            batches = iter(val_loader)
+            while True:
+                batch = next(batches, None)
+                if should_stop is not None:  # every process votes, also one whose share of batches is done
+                    votes = torch.tensor([float(should_stop()), float(batch is not None)], device=device)
+                    all_reduce_sum(votes, dist_info)
+                    stop_votes, batches_left = votes.tolist()
+                    if stop_votes > 0:
+                        return None
+                    if batches_left == 0:
+                        break
+                elif batch is None:
+                    break
+                if batch is None:
+                    continue
+                with ctx:
+                    loss, n_predictions = forward_loss(model, batch, device)
+                is_sum = "position_ids" in batch  # chat: a sum over the trained tokens already
+                totals[0] += loss.double() if is_sum else loss.double() * n_predictions
+                totals[1] += n_predictions
+    finally:
+        model.train(was_training)
     all_reduce_sum(totals, dist_info)
-    model.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")

@@ -1,16 +1,39 @@
 """metrics.jsonl (one JSON record per line, cut back to a checkpoint on resume) and loss.png."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from .fsio import TMP_PREFIX, rewrite_text
 
+log = logging.getLogger("finetune")
+
+# Lines that could not be appended yet (a full disk), per file: written before the next line once there is
+# room again, so the file has no gap. A failed write is one warning, never the end of a run: the run's
+# checkpoints are what needs the disk, and a failed checkpoint stops it (exit 4, the last one intact).
+_unwritten: dict[Path, list[str]] = {}
+
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    pending = _unwritten.setdefault(Path(path), [])
+    pending.append(json.dumps(record) + "\n")
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(pending))
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # no half line left for the next append to run into
+            os.truncate(path, size)
+        if len(pending) == 1:  # the first line held back: say so once
+            log.warning("could not append to %s (%s); training goes on, the lines are kept and written when "
+                        "there is room again", path, exc.strerror or exc)
+        return
+    if len(pending) > 1:
+        log.info("%s: wrote the %d lines held back", path, len(pending) - 1)
+    pending.clear()
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:
@@ -29,6 +52,7 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    _unwritten.pop(Path(path), None)  # the file is written whole: nothing held back is owed to it
     rewrite_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -51,6 +75,11 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the plot waits for the next evaluation; the run goes on
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write %s (%s); it is drawn again at the next evaluation", path, exc.strerror or exc)
+    finally:
+        plt.close(fig)

@@ -37,11 +37,26 @@ class Plan:
     # The schedules as periods, never as sets of steps: --max-steps 10**12 must plan as fast as 10.
     eval_every: int = 0   # --eval-every (0 = none); evaluation_steps() adds 0, each epoch end and the last step
     save_every: int = 0   # --save-every (0 = none); the last step always saves, and so does a stop
+    world_size: int = 1   # processes the plan is for
 
     def evaluates_at(self, step: int) -> bool:
-        periods = (self.eval_every, self.steps_per_epoch)
-        return step in (0, self.total_steps) or (
-            0 < step <= self.total_steps and any(k and step % k == 0 for k in periods))
+        if step in (0, self.total_steps) or not 0 < step <= self.total_steps:
+            return 0 <= step <= self.total_steps
+        if self.eval_every and step % self.eval_every == 0:
+            return True
+        return bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0 and not self.near_evaluation(step)
+
+    @property
+    def epoch_end_window(self) -> int:
+        """An epoch end this close to an --eval-every evaluation or the last step gets no evaluation of its
+        own: a tenth of the shorter period (250 steps apart and epochs of 246: the end of the first epoch is
+        4 steps before step 250, and a plan of 0, 246, 250, ... would evaluate the same model twice)."""
+        return min(self.eval_every, self.steps_per_epoch) // 10 if self.eval_every else 0
+
+    def near_evaluation(self, step: int) -> bool:
+        window = self.epoch_end_window
+        offset = step % self.eval_every if self.eval_every else 0
+        return bool(window) and (min(offset, self.eval_every - offset) <= window or self.total_steps - step <= window)
 
     def saves_at(self, step: int) -> bool:
         return step == self.total_steps or (
@@ -52,7 +67,10 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int, blocks: tuple[i
     """`blocks`: (train, val) blocks when they are not the tokens cut into blocks (chat data, packed)."""
     if blocks is None:
         blocks = (meta["splits"]["train"]["tokens"] // block_size, meta["splits"]["val"]["tokens"] // block_size)
-    train_blocks, val_blocks = blocks
+    return plan_for_blocks(cfg, blocks[0], blocks[1], block_size, world_size)
+
+
+def plan_for_blocks(cfg, train_blocks: int, val_blocks: int, block_size: int, world_size: int) -> Plan:
     per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
     total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
@@ -64,8 +82,39 @@ def make_plan(cfg, meta: dict, block_size: int, world_size: int, blocks: tuple[i
     plan = Plan(block_size, train_blocks, val_blocks, per_epoch, total, min(warmup, total),
                 sequences * world_size * block_size, total / per_epoch if per_epoch else 0.0,
                 batch_size=batch, grad_accum=accum, eval_every=cfg.eval_every or 0,
-                save_every=cfg.save_every or 0)
+                save_every=cfg.save_every or 0, world_size=world_size)
     return plan
+
+
+def extend_plan(cfg, saved_config: dict, meta: dict, plan: Plan, world_size: int) -> tuple[Plan, list[str]]:
+    """--extend: the plan of a resumed run given a larger --max-steps or --epochs than its checkpoint's.
+    The warmup stays the run's own (a --warmup-ratio of the new total would move it into steps already
+    taken); the rest of the schedule is planned again over the new total (see extension_note)."""
+    import dataclasses
+
+    before = plan_for_blocks(dataclasses.replace(cfg, epochs=saved_config["epochs"], max_steps=saved_config["max_steps"]),
+                             plan.train_blocks, plan.val_blocks, plan.block_size, world_size)  # chat: packed blocks
+    if plan.total_steps <= before.total_steps:
+        return plan, [f"--extend: the run was planned for {before.total_steps:,} steps and these settings plan "
+                      f"{plan.total_steps:,}, no more (HINT: pass a larger --max-steps, or more --epochs)"]
+    return dataclasses.replace(plan, warmup_steps=before.warmup_steps), []
+
+
+def extension_note(cfg, plan: Plan, step: int, lr_before: float, lr_after: float) -> str:
+    """What --extend does to the learning rate, for the log."""
+    return (f"--extend: training on from step {step:,} to {plan.total_steps:,}; the {cfg.scheduler} schedule is "
+            f"planned again over {plan.total_steps:,} steps with the run's {plan.warmup_steps:,} warmup steps, "
+            f"so the lr goes from {lr_before:.3g} (where the checkpoint left it) to {lr_after:.3g} at step "
+            f"{step + 1:,}, then follows the new schedule to its end")
+
+
+def restart_schedule(scheduler, steps_done: int) -> None:
+    """Set the optimizer's lr to what `scheduler` gives after `steps_done` steps. A resume restores the lr
+    of the checkpoint's schedule with the optimizer's state; after --extend planned it again, that lr is
+    stale (0 at the end of a linear decay)."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(steps_done)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
 
 
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
@@ -104,7 +153,7 @@ def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
     previous = 0
     yield 0
     for step in merged:
-        if step > previous:
+        if step > previous and plan.evaluates_at(step):
             yield step
             previous = step
 
@@ -124,18 +173,79 @@ def count_evaluations(cfg, plan: Plan) -> int:
         count -= total // math.lcm(*periods)
     if total > 0 and not any(total % k == 0 for k in periods):
         count += 1
-    return 1 + count
+    return 1 + count - count_epoch_ends_dropped(plan)
+
+
+def count_epoch_ends_dropped(plan: Plan) -> int:
+    """The epoch ends before the last step that plan.near_evaluation() leaves out, by arithmetic: those
+    within the window of an --eval-every multiple, and the others within it of the last step."""
+    window, every, epoch = plan.epoch_end_window, plan.eval_every, plan.steps_per_epoch
+    if not window:
+        return 0
+
+    def count(first: int, last: int, low: int, high: int) -> int:  # epoch ends j = first..last at those offsets
+        return (epoch_ends_with_offset(last, epoch, every, low, high)
+                - epoch_ends_with_offset(first - 1, epoch, every, low, high)) if first <= last else 0
+
+    def near_eval_every(first: int, last: int) -> int:
+        return count(first, last, 1, window) + count(first, last, every - window, every - 1)
+
+    last = (plan.total_steps - 1) // epoch  # the epoch ends before the last step: j * epoch, j = 1..last
+    near_end = max(1, -(-(plan.total_steps - window) // epoch))  # j from here on: within the window of the end
+    others_near_end = (max(0, last - near_end + 1) - near_eval_every(near_end, last)
+                       - count(near_end, last, 0, 0))  # an --eval-every multiple itself is evaluated anyway
+    return near_eval_every(1, last) + others_near_end
+
+
+def epoch_ends_with_offset(n: int, epoch: int, every: int, low: int, high: int) -> int:
+    """How many of j * epoch (j = 1..n) lie `low`..`high` (0 <= low <= high < every) after a multiple of
+    `every`: the sum of floor((j*epoch - low) / every) - floor((j*epoch - high - 1) / every), two floor sums."""
+    if n <= 0:
+        return 0
+    def floor_sum_from_one(c: int) -> int:  # sum over j = 1..n of floor((j * epoch + c) / every)
+        c += epoch  # as i = j - 1 = 0..n-1
+        return floor_sum(n, every, epoch, c % every) + n * (c // every)
+    return floor_sum_from_one(-low) - floor_sum_from_one(-high - 1)
+
+
+def floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum of floor((a*i + b) / m) for i = 0..n-1 (a, b >= 0), in O(log m) steps (the Euclid-like
+    reduction of the AtCoder library), so a plan of 10**12 steps is counted as fast as one of 10."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return total
+        n, b = y_max // m, y_max % m
+        m, a = a, m
 
 
 def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     """--eval-batches (0 = all, returned as None), or by default the run's evaluations together get at
     most 1/20 of the micro-batches it trains (at least 8 each). A forward pass costs about half a training
-    micro-step here (measured with bench/overhead.py), so evaluating stays near 3 % of the run whatever
-    the size of the split, which a full pass at every evaluation would not (9 % in that benchmark)."""
+    micro-step, so evaluating stays a few % of the run whatever the size of the split, which a full pass
+    at every evaluation would not (bench/overhead.py measures both; docs/performance.md)."""
     if cfg.eval_batches is not None:
         return cfg.eval_batches or None
     n_evals = count_evaluations(cfg, plan)
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
+
+
+def eval_blocks(cfg, plan: Plan) -> int:
+    """Validation blocks per evaluation, the same whatever the number of processes (they are split across
+    the processes and the losses summed, so best/ and early stopping do not depend on it): --eval-batches x
+    --batch-size, or by default eval_batches_per_process's budget for these settings in one process; every
+    block with --eval-batches 0 or when the split holds fewer."""
+    one_process = plan if plan.world_size == 1 else plan_for_blocks(cfg, plan.train_blocks, plan.val_blocks,
+                                                                    plan.block_size, 1)
+    batches = eval_batches_per_process(cfg, one_process)
+    return plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size)
 
 
 # The interpreter with torch, transformers and peft imported, before any weights load: 0.37-0.43 GiB
@@ -178,6 +288,39 @@ def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision:
     return RUNTIME_GIB + max(training, loading) / 2**30
 
 
+def estimate_fsdp_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str, world_size: int,
+                             device_type: str = "cpu") -> float:
+    """Rough memory of one --fsdp process out of `world_size`: its 1/N of the fp32 weights, gradients and
+    AdamW state (16 B/param / N), plus what is whole while it runs: the root group (token and position
+    embeddings, gathered for the whole forward and backward), two blocks gathered at a time (the one running
+    and the one prefetched), activations and logits as in estimate_memory_gib; with --grad-accum > 1 the
+    full fp32 gradients, which stay unreduced between the micro-steps. Gathered weights are bf16 on a GPU in
+    bf16, fp32 otherwise. Loading can be the peak: every process loads the whole fp32 model, then shards it."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    positions = getattr(model_config, "n_positions", None) or 0
+    root = min(n_params, (model_config.vocab_size + positions) * hidden)
+    block = (n_params - root) / max(n_layer, 1)
+    gathered_bytes = 2 if device_type == "cuda" and precision == "bf16" else 4
+    activations = estimate_memory_gib(model_config, n_params, cfg, plan, precision) - RUNTIME_GIB - 16 * n_params / 2**30
+    whole = (root + 2 * block) * (gathered_bytes + 4)  # gathered weights and their unreduced gradients
+    if plan.grad_accum > 1:
+        whole += 4 * n_params
+    training = 16 * n_params / world_size + whole + activations * 2**30
+    loading = 4 * n_params + 4 * n_params / world_size
+    return RUNTIME_GIB + max(training, loading) / 2**30
+
+
+def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device) -> str:
+    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device."""
+    available = machine_memory_gib(device)
+    fits = "" if available is None else "; " + (
+        "both fit" if max(ddp_gib, fsdp_gib) <= available else "only FSDP fits" if fsdp_gib <= available
+        else "only DDP fits" if ddp_gib <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+    return (f"sharding         at {world_size} process(es) ~{ddp_gib:.2f} GiB per process with DDP, "
+            f"~{fsdp_gib:.2f} GiB with --fsdp (this run: {'FSDP' if fsdp else 'DDP'}){fits}")
+
+
 def machine_memory_gib(device) -> float | None:
     """RAM on a CPU (Linux/macOS), memory of the GPU; None where it cannot be asked."""
     import os
@@ -193,18 +336,8 @@ def machine_memory_gib(device) -> float | None:
     return None
 
 
-def count_parameters(model_config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):  # shapes only, no memory, no weights read
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def eval_description(plan: Plan, cfg, world_size: int) -> str:
-    batches = eval_batches_per_process(cfg, plan)
-    blocks = plan.val_blocks if batches is None else min(plan.val_blocks, batches * cfg.batch_size * world_size)
+    blocks = eval_blocks(cfg, plan)
     steps, count = evaluation_steps(cfg, plan, limit=6), count_evaluations(cfg, plan)
     shown = ", ".join(map(str, steps)) + (f", ... ({count:,} in all)" if count > 6 else "")
     return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
@@ -224,7 +357,8 @@ def batch_capped(plan: Plan, cfg, world_size: int) -> str:
 
 
 def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
-                  device, precision: str, world_size: int, lora: dict | None = None) -> str:
+                  device, precision: str, world_size: int, lora: dict | None = None,
+                  sharding: str | None = None) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -243,9 +377,41 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
                         f"{', '.join(lora['targets'])}: {lora['trainable']:,} trainable of {lora['total']:,} "
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
-    available = machine_memory_gib(device)
+    if sharding:
+        lines.append(sharding)
+    available = memory_limit_gib(cfg, device)
     if available is not None and memory_gib > available:
-        hint = "try --lora-r 16" if lora is None else "lower --batch-size or --block-size"
-        lines.append(f"                 more than this machine's {available:.1f} GiB of {device.type} memory: "
-                     f"it will not fit (HINT: {hint}, or --gradient-checkpointing)")
+        anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""
+        lines.append(f"                 more than {memory_limit_description(cfg, available, device)}: "
+                     f"it will not fit{anyway}")
     return "\n".join(lines)
+
+
+def memory_limit_gib(cfg, device) -> float | None:
+    """What the memory estimate is checked against: --device-memory-gib, else the device's own memory."""
+    return cfg.device_memory_gib or machine_memory_gib(device)
+
+
+def memory_limit_description(cfg, available: float, device) -> str:
+    where = "(--device-memory-gib)" if cfg.device_memory_gib else "on this machine"
+    return f"the {available:.1f} GiB of {device.type} memory {where}"
+
+
+def memory_refusal(cfg, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
+    """Why the run is refused before anything loads: the estimate is above the device's memory (None when
+    it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
+    that lowers the estimate and is not already pulled."""
+    available = memory_limit_gib(cfg, device)
+    if cfg.ignore_memory_estimate or available is None or memory_gib <= available:
+        return None
+    levers = [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
+    if not cfg.gradient_checkpointing:
+        levers.append("add --gradient-checkpointing")
+    smaller = [f"--batch-size (now {cfg.batch_size})"] if cfg.batch_size > 1 else []
+    levers.append("lower " + " or ".join(smaller + [f"--block-size (now {plan.block_size})"]))
+    if lora is None:
+        levers.append("shard the model over more processes with --fsdp (torchrun --nproc_per_node=N)")
+    shown = ", ".join(levers[:-1]) + (", or " if len(levers) > 1 else "") + levers[-1]
+    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process, is more than "
+            f"{memory_limit_description(cfg, available, device)}, so the run would not fit and was not started. "
+            f"HINT: {shown}; or add --ignore-memory-estimate to start it anyway")

@@ -5,20 +5,29 @@ What only the training script knows (its config) comes in as arguments; this mod
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
-from .fsio import folder_in_use, lock_holder, locked_folder, remove_leftovers, rewrite_text
+from .fsio import folder_in_use, lock_holder, remove_leftovers, rewrite_text
+from .metrics import read_metrics
+from .outdir import claimed_folder
 from .trackers import TRACKER_FILES
+
+log = logging.getLogger("finetune")
 
 CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folder as written by a run of ours
 # What a run of ours writes directly in --output-dir (besides best/ and checkpoint-N/): all --overwrite removes.
 RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
                  "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES)
+# What a run writes before its first training step: its config, the step-0 evaluation and samples, trackers.
+STARTUP_FILES = ("metrics.jsonl", "samples.jsonl", CONFIG_FILE, *TRACKER_FILES)
 
 
 def output_dir_overlaps(output_dir: str, sources: dict[str, str]) -> list[str]:
@@ -53,6 +62,17 @@ def written_by_us(output_dir: Path) -> bool:
             or any((c / TRAINING_STATE_FILE).is_file() for c in list_checkpoints(output_dir)))
 
 
+def stopped_before_first_step(output_dir: Path) -> bool:
+    """The folder holds only the start-up files of a run of ours stopped before its first step (its config,
+    and in metrics.jsonl nothing after step 0): nothing was trained, so it is no earlier run to keep, and
+    the same command simply starts again (those files replaced)."""
+    names = earlier_run_artifacts(output_dir)
+    if CONFIG_FILE not in names or not set(names) <= set(STARTUP_FILES):
+        return False
+    records = read_metrics(output_dir / "metrics.jsonl", up_to_step=math.inf)  # [] when there is none
+    return all(record.get("step") == 0 for record in records)
+
+
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: str | None = None) -> None:
     """With `script` (the main process only: the others would see its own lock), a run of it still writing
     to `output_dir` is refused with its PID. Without --resume an earlier run is refused, and --overwrite
@@ -61,7 +81,7 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: st
     if holder is not None:
         raise folder_in_use(output_dir, script, holder)
     earlier = earlier_run_artifacts(output_dir)
-    if not earlier or resume:
+    if not earlier or resume or stopped_before_first_step(output_dir):
         return
     shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
     if not overwrite:
@@ -76,20 +96,19 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, script: st
 
 @contextlib.contextmanager
 def locked_output_dir(output_dir: Path, script: str):
-    """Create `output_dir` and hold its lock (fsio.locked_folder) while the block runs."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to --output-dir {output_dir} ({exc.strerror}). "
-                        f"HINT: choose a writable folder") from None
-    with locked_folder(output_dir, script):
+    """Create `output_dir` and hold its lock (outdir.claimed_folder) while the block runs."""
+    with claimed_folder(output_dir, script, "cannot write to --output-dir {out} ({why}). HINT: choose a writable folder"):
         yield
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> None:
     """On the main process, after lock_output_dir and check_output_dir: remove an earlier run of ours when
     --overwrite says so, clean what a killed run left, and write the run's config (the folder's mark)."""
-    if overwrite:
+    restart = not overwrite and stopped_before_first_step(output_dir)
+    if restart:
+        log.info("%s holds only the start-up files of a run stopped before its first step (%s): starting "
+                 "again in their place", output_dir, ", ".join(earlier_run_artifacts(output_dir)))
+    if overwrite or restart:
         for name in earlier_run_artifacts(output_dir):
             path = output_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -101,8 +120,27 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> N
                         f"HINT: choose a writable folder") from None
 
 
+def interpreter(world_size: int = 1) -> str:
+    """The interpreter that runs this (torchrun beside it for several processes), as a shell word: a command
+    printed with it works pasted where that virtual environment is not active, which `python` would not.
+    sys.executable as it is, not resolved: a venv's python is a symlink, and resolved it loses the venv."""
+    python = shlex.quote(sys.executable or "python")
+    if world_size <= 1:
+        return python
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = shlex.quote(str(torchrun)) if torchrun.is_file() else f"{python} -m torch.distributed.run"
+    return f"{launcher} --nproc_per_node={world_size}"
+
+
 def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
     """A command that continues the run from any working directory (the checkpoint keeps absolute paths)."""
-    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-    return (f"{launcher} {shlex.quote(str(script.resolve()))} --output-dir {shlex.quote(str(output_dir.resolve()))}"
-            f" --resume")
+    return (f"{interpreter(world_size)} {shlex.quote(str(script.resolve()))} --output-dir "
+            f"{shlex.quote(str(output_dir.resolve()))} --resume")
+
+
+def next_commands(script: Path, output_dir: Path, prompt: str) -> dict[str, str]:
+    """What to run on a finished run's final model, with the scripts beside `script`: sample, export."""
+    python, here, model = interpreter(), script.resolve().parent, shlex.quote(str(output_dir.resolve()))
+    return {"sample from it": f"{python} {shlex.quote(str(here / 'generate.py'))} --model {model} "
+                              f"--prompt {shlex.quote(prompt)}",
+            "export it (llama.cpp)": f"{python} {shlex.quote(str(here / 'export.py'))} --model {model} --to gguf"}

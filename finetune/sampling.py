@@ -91,7 +91,7 @@ def seed_generators(seed: int, device) -> None:
 
 def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device,
                            temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                           ctx=None, chat: bool = False) -> list[str]:
+                           ctx=None, chat: bool = False, should_stop=None) -> list[str]:
     """One sample (prompt + continuation) per prompt, for the training log; with `chat`, each prompt is a
     user turn rendered with the tokenizer's chat template and the sample is the reply. Training is not disturbed:
     the RNG states it uses and every module's train/eval mode are put back as they were.
@@ -100,6 +100,7 @@ def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_toke
     plain model underneath is used, so a compiled graph is not recompiled for generation shapes.
     `ctx` is the training autocast context, if any. No collective ops: calling it on one rank is fine.
     A sample is cut short where it would run past the model's context, rather than crash training.
+    `should_stop()` (a stop request) is asked before each prompt: the samples done so far are returned.
     """
     import torch
 
@@ -118,6 +119,8 @@ def sample_during_training(model, tokenizer, prompts: list[str], *, max_new_toke
         try:
             model.eval()  # dropout off, as in real use
             for text in prompts:
+                if should_stop is not None and should_stop():
+                    break
                 prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}]) if chat else text
                 n_prompt = len(prompt) if chat else len(tokenizer(prompt)["input_ids"])
                 room = n_ctx - n_prompt if n_ctx else max_new_tokens

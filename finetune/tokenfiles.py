@@ -1,14 +1,18 @@
 """The token files' description, with no torch: meta.json's format and checks, the token dtype, the
-tokenizer and data fingerprints. prepare_data.py imports this (a torch import would cost it seconds of
-start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
+tokenizer and data fingerprints, the splits read back. prepare_data.py imports this (a torch import would
+cost it seconds of start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from .errors import UserError
 
 META_FORMAT = "finetune-gpt2-tokens"
 META_VERSION = 1
@@ -16,8 +20,9 @@ SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data only (CHAT_FORMAT.md)
 
 
-class DataError(Exception):
-    """Bad data or a mismatch between data and model: a message for the user, not a bug."""
+class DataError(UserError):
+    """Bad data or a mismatch between data and model: a message for the user, not a bug (one `error:` line,
+    exit 2, wherever it is raised)."""
 
 
 # -----------------------------------------------------------------------------
@@ -89,14 +94,26 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) -> list[str]:
-    """Problems (as messages) that make this data unusable with this model/tokenizer."""
+def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None,
+                             data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Problems (as messages) that make this data unusable with this model/tokenizer. With `data_dir`, the
+    token files themselves are read too (largest_token_id): meta.json may under-state their ids."""
     problems = []
     if int(meta["max_token_id"]) >= model_vocab_size:
         problems.append(
             f"the data holds token id {meta['max_token_id']} but the model's vocabulary has only "
             f"{model_vocab_size} entries (HINT: prepare the data with this model's tokenizer)"
         )
+    elif data_dir is not None:  # an id beyond the embedding would be an IndexError mid-run
+        for filename in SPLIT_FILES.values():
+            path = Path(data_dir) / filename
+            largest = largest_token_id(path, np.dtype(meta["dtype"]))
+            if largest >= model_vocab_size:
+                problems.append(
+                    f"{path} holds token id {largest} but the model's vocabulary has only {model_vocab_size} "
+                    f"entries, though meta.json says the largest id is {meta['max_token_id']} (the files no longer "
+                    f"match what prepare_data.py wrote). HINT: prepare the data again with this model's "
+                    f"tokenizer: python prepare_data.py --tokenizer MODEL --output-dir {data_dir}")
     if tokenizer is not None:
         fingerprint = tokenizer_fingerprint(tokenizer)
         recorded = meta.get("tokenizer", {}).get("fingerprint")
@@ -109,10 +126,20 @@ def check_data_matches_model(meta: dict, model_vocab_size: int, tokenizer=None) 
     return problems
 
 
+def largest_token_id(path: Path, dtype: np.dtype, chunk_tokens: int = 1 << 24) -> int:
+    """The largest id in a token file (-1 when empty), read in chunks of 16M tokens: constant memory."""
+    if path.stat().st_size == 0:
+        return -1
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    return max(int(tokens[i:i + chunk_tokens].max()) for i in range(0, len(tokens), chunk_tokens))
+
+
 def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
     """Identifies the exact token files (their bytes, not only meta.json): a resume on other data is refused.
 
-    Reads both .bin files once (sha256 runs at over 1 GB/s), at the start of a run.
+    Reads both .bin files once (sha256 runs at over 1 GB/s), at the start of a run, through files it then
+    keeps open (hold_token_file): the run trains on the bytes fingerprinted here, even if prepare_data.py
+    replaces the files while the model loads.
     """
     digest = hashlib.sha256()
     key = {
@@ -124,7 +151,81 @@ def data_fingerprint(meta: dict, data_dir: str | os.PathLike) -> str:
     digest.update(json.dumps(key, sort_keys=True).encode())
     masks = list(MASK_FILES.values()) if isinstance(meta.get("chat"), dict) else []
     for filename in [*SPLIT_FILES.values(), *masks]:
-        with open(Path(data_dir) / filename, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        held = hold_token_file(Path(data_dir) / filename)
+        held.file.seek(0)
+        while chunk := held.file.read(1 << 24):
+            digest.update(chunk)
+        held.check_unchanged("while it was fingerprinted")
     return digest.hexdigest()[:16]
+
+
+def read_split(data_dir: str | os.PathLike, meta: dict, split: str) -> np.ndarray:
+    """One split's token ids, memory-mapped (an empty file reads as no ids)."""
+    path = Path(data_dir) / meta["splits"][split]["file"]
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def reassemble(data_dir: str | os.PathLike) -> np.ndarray:
+    """The inverse of prepare_data.py's split: the token stream of the inputs, validation ranges put back
+    where meta.json says they came from (train alone when the validation text came from --val-input)."""
+    meta = load_meta(data_dir)
+    train, val = read_split(data_dir, meta, "train"), read_split(data_dir, meta, "val")
+    parts, t = [], 0
+    for r in meta["split"].get("val_ranges", []):
+        parts += [train[t:r["train_tokens_before"]], val[r["val_token_start"]:r["val_token_start"] + r["tokens"]]]
+        t = r["train_tokens_before"]
+    parts.append(train[t:])
+    return np.concatenate(parts)
+
+
+# -----------------------------------------------------------------------------
+# Token files held open from the fingerprint to the end of the run
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: the inode (a replaced file) and its size and
+    modification time (a file rewritten in place)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@dataclass
+class HeldTokenFile:
+    """A token file opened once, at its fingerprint; the datasets map this open file, not the path, so a
+    file replaced under the run (prepare_data.py --overwrite renames new files into place) does not change
+    what it trains on. A file rewritten in place is noticed by check_unchanged()."""
+    path: Path
+    file: BinaryIO
+    identity: tuple[int, int, int, int]  # file_identity() when it was opened
+
+    def check_unchanged(self, since: str = "since this run fingerprinted it") -> None:
+        if file_identity(os.fstat(self.file.fileno())) != self.identity:
+            raise DataError(f"{self.path} was rewritten {since}, so the run would train on other data than it "
+                            f"recorded. HINT: let prepare_data.py finish before starting the run, or prepare "
+                            f"into another --output-dir, then start the run again")
+
+
+_HELD: dict[str, HeldTokenFile] = {}  # resolved path -> the file this process fingerprinted
+
+
+def hold_token_file(path: Path) -> HeldTokenFile:
+    """Open `path` (once per process and version: a file replaced since is opened anew) and keep it open."""
+    key = str(Path(path).resolve())
+    held = _HELD.get(key)
+    if held is None or held_file_replaced(held):
+        file = open(key, "rb")  # noqa: SIM115  (held for the life of the process)
+        held = _HELD[key] = HeldTokenFile(Path(path), file, file_identity(os.fstat(file.fileno())))
+    return held
+
+
+def held_file_replaced(held: HeldTokenFile) -> bool:
+    try:
+        return file_identity(os.stat(held.path)) != held.identity
+    except OSError:
+        return True
+
+
+def held_token_file(path: str | os.PathLike) -> HeldTokenFile | None:
+    """The file data_fingerprint() held for `path`, or None if this process did not fingerprint it."""
+    return _HELD.get(str(Path(path).resolve()))

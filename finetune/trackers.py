@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from .errors import first_line
+
 log = logging.getLogger("finetune")
 
 # Tracker name -> the module it needs and the package that provides it.
@@ -58,7 +60,32 @@ def check_report_to(value: str) -> list[str]:
         elif importlib.util.find_spec(TRACKERS[name][0]) is None:
             problems.append(f"--report-to {name} needs the {TRACKERS[name][1]} package, which is not installed. "
                             f"HINT: pip install {TRACKERS[name][1]}")
+        elif name == "mlflow":
+            problems += mlflow_server_problems(os.environ.get("MLFLOW_TRACKING_URI", ""))
     return problems
+
+
+SERVER_PROBE_SECONDS = 5
+
+
+def mlflow_server_problems(uri: str) -> list[str]:
+    """An MLflow tracking server that does not answer, found out in seconds before anything loads (MLflow's
+    own client retries for minutes, silently). Only http(s) URIs are servers; files and databases are not."""
+    if not uri.lower().startswith(("http://", "https://")):
+        return []
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return []  # a server answered (whatever it said about /health)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return [f"--report-to mlflow: the tracking server MLFLOW_TRACKING_URI={uri} does not answer ({reason}). "
+                f"HINT: start it (`mlflow server --port N`), correct MLFLOW_TRACKING_URI, or unset it to log to "
+                f"mlflow.db in --output-dir"]
+    return []
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -130,6 +157,12 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "Creating initial MLflow database tables"
+        # A database error (a full disk) is logged by MLflow with its whole traceback, then raised; Trackers
+        # reports it in one warning and switches MLflow off, so MLflow's own report is not shown.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        # A server that stops answering mid-run: seconds of retries, not MLflow's minutes (when not set).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # A store of the user's (MLFLOW_TRACKING_URI) is kept in the state; ours is found in --output-dir.
         self.uri = saved["tracking_uri"] if saved else os.environ.get("MLFLOW_TRACKING_URI")
         self.client = MlflowClient(tracking_uri=self.uri or f"sqlite:///{output_dir / 'mlflow.db'}")
@@ -253,7 +286,7 @@ class Trackers:
                 with contextlib.suppress(Exception):  # keep what it holds so far, if it still can
                     tracker.close()
                 log.warning("--report-to %s: %s failed (%s: %s); reporting to it stops here, training and "
-                            "metrics.jsonl go on", tracker.name, what, type(exc).__name__, exc)
+                            "metrics.jsonl go on", tracker.name, what, type(exc).__name__, first_line(exc))
 
     def log(self, record: dict) -> None:
         self._each(f"logging step {record['step']}", lambda t: t.log(record))
@@ -286,7 +319,7 @@ def open_trackers(names: list[str], output_dir: Path, config: dict, step: int, s
             tracker = OPENERS[name](output_dir, config, step, saved.get(name))
         except Exception as exc:
             log.warning("--report-to %s: could not start it (%s: %s); training goes on without it",
-                        name, type(exc).__name__, exc)
+                        name, type(exc).__name__, first_line(exc))
             continue
         opened.append(tracker)
         log.info("reporting to %s%s", name, " (continuing its run)" if name in saved else "")

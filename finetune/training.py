@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Progress, prune_checkpoints, save_checkpoint, training_state
+from .checkpoints import Progress, list_checkpoints, prune_checkpoints, save_checkpoint, training_state
 from .distributed import DistInfo
-from .fsio import atomic_folder
+from .fsio import atomic_folder, share_identical_files, stored_bytes
 from .loss import evaluate
 from .metrics import append_jsonl, plot_losses
 from .models import save_pretrained_files
-from .plan import Plan, eval_batches_per_process
+from .plan import Plan, eval_blocks
 from .rundir import resume_command
 from .sampling import sample_during_training
 from .trackers import Trackers, open_trackers, parse_report_to
@@ -55,10 +55,19 @@ class TrainingDiverged(Exception):
 
 class ModelFiles:
     """How a run writes its model: checkpoints (what a resume reads) and releases (best/ and the final model,
-    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both."""
+    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both; FSDP
+    (fsdp.py) writes checkpoints as shards, every process its own, and gathers the model for a release."""
+
+    sharded = False  # the model is split across processes: each takes part in every save and forward pass
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+
+    def release(self, model, final: Path, what: str, dist_info: DistInfo, into: bool = False) -> None:
+        """Publish best/ or the final model (every process calls it; here rank 0 alone writes)."""
+        if dist_info.is_main:
+            with atomic_folder(final, what, into=into) as tmp:
+                self.write_release(model, tmp)
 
     def write_checkpoint(self, model, folder: Path) -> None:
         save_pretrained_files(model, self.tokenizer, folder)
@@ -97,8 +106,11 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
                               pin_memory=pin, persistent_workers=cfg.num_workers > 0,
                               worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    val_batches = eval_batches_per_process(cfg, plan)
-    val_indices = validation_blocks(len(val_set), val_batches, cfg.batch_size, dist_info.rank, dist_info.world_size)
+    val_indices = validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.rank, dist_info.world_size)
+    if cfg.fsdp:  # every rank runs as many forward passes as the others (each one gathers from all of them)
+        shortest = len(validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.world_size - 1,
+                                         dist_info.world_size))
+        val_indices = val_indices[:shortest]
     # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))
@@ -153,9 +165,16 @@ class TrainingRun:
                                       self.metrics, self.dist_info.is_main)
 
     # ---- evaluation, best/ and early-stopping bookkeeping
-    def evaluate_and_track(self) -> float:
+    def evaluate_and_track(self, stop: StopRequest | None = None) -> float | None:
+        """The validation loss, recorded (and best/ saved when it improved); None when a stop request ended
+        the evaluation (within one batch; every process then stops, and nothing is recorded)."""
         progress = self.progress
-        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info)
+        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info,
+                            should_stop=(lambda: stop.requested) if stop else None)
+        if val_loss is None:
+            if not stop.requested:  # another process was asked: this one stops with it
+                stop.signum = signal.SIGTERM
+            return None
         # The base model's loss (step 0) is the first "best": best/ only holds a model that beats it.
         improved = progress.best_val_loss is not None and val_loss < progress.best_val_loss
         if progress.best_val_loss is None or improved:
@@ -168,10 +187,10 @@ class TrainingRun:
         if self.dist_info.is_main:
             log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
                      math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
-            if improved:
-                best = self.output_dir / "best"
-                with atomic_folder(best, f"the best model {best}") as tmp:
-                    self.model_files.write_release(self.model, tmp)
+        if improved:  # every rank knows: val_loss is summed across them
+            best = self.output_dir / "best"
+            self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)
+        if self.dist_info.is_main:
             if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
                 plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
@@ -185,13 +204,18 @@ class TrainingRun:
         return False
 
     # ---- samples (rank 0 only; RNG and train/eval mode are restored by the sampler)
-    def write_samples(self, val_loss: float | None) -> None:
-        if not self.dist_info.is_main:
+    def write_samples(self, val_loss: float | None, stop: StopRequest | None = None) -> None:
+        """Samples of the --sample-prompt prompts; a stop request ends them between prompts."""
+        if not self.dist_info.is_main and not self.model_files.sharded:
             return
+        # A sharded model samples on every rank (each forward pass gathers weights from all of them): the same
+        # seed and weights draw the same tokens everywhere, and rank 0 writes them.
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
             max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx,
-            chat=self.chat)
+            chat=self.chat, should_stop=(lambda: stop.requested) if stop else None)
+        if not self.dist_info.is_main:
+            return
         samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}
                    for prompt, text in zip(self.cfg.sample_prompts, texts)]
         for sample in samples:
@@ -202,14 +226,20 @@ class TrainingRun:
     # ---- checkpoints and the final model
     def checkpoint(self) -> None:
         self.trackers.flush()  # what the trackers hold up to this step is on disk before the checkpoint is
-        state = training_state(self.progress, self.optimizer, self.scheduler, self.scaler,
+        files, sharded = self.model_files, self.model_files.sharded
+        state = training_state(self.progress, None if sharded else self.optimizer, self.scheduler, self.scaler,
                                dataclasses.asdict(self.cfg), world_size=self.dist_info.world_size,
                                trackers=self.trackers.state(), **self.fingerprints)
-        path = save_checkpoint(self.output_dir, lambda folder: self.model_files.write_checkpoint(self.model, folder),
-                               state, self.dist_info)
+        path = save_checkpoint(self.output_dir, self.write_checkpoint_files, state, self.dist_info,
+                               write_shards=(lambda folder: files.write_shards(self.model, self.optimizer, folder))
+                               if sharded else None, shared_folder=getattr(files, "shared_folder", None))
         if self.dist_info.is_main:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
             log.info("saved %s", path)
+
+    def write_checkpoint_files(self, folder: Path) -> None:
+        self.model_files.write_checkpoint(self.model, folder)
+        share_identical_files(folder, [self.output_dir / "best"])  # best/ of this very step: stored once
 
     def resume_command(self) -> str:
         return resume_command(self.script, self.output_dir, self.dist_info.world_size)
@@ -226,6 +256,11 @@ class TrainingRun:
 
     def save_final_model(self) -> None:
         """The final weights, tokenizer and generation config, directly in --output-dir."""
+        self.model_files.release(self.model, self.output_dir, f"the final model in {self.output_dir}",
+                                 self.dist_info, into=True)
         if self.dist_info.is_main:
-            with atomic_folder(self.output_dir, f"the final model in {self.output_dir}", into=True) as tmp:
-                self.model_files.write_release(self.model, tmp)
+            # The newest checkpoint (this step's) and best/ (when the last evaluation was the best) often hold
+            # these very weights: hard links, not three copies (a 124M run: 2.4 GB otherwise).
+            share_identical_files(self.output_dir, [*list_checkpoints(self.output_dir)[-1:], self.output_dir / "best"])
+            log.info("%s holds %.1f MB (identical files stored once)", self.output_dir,
+                     stored_bytes(self.output_dir) / 1e6)

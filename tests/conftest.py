@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, built locally.
+"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, built locally once per session, and
+private caches for every test. The functions they use live in helpers.py.
 
 Nothing here touches the network. The tokenizer is trained with `tokenizers` on a
 generated corpus and saved with `save_pretrained`, so every test goes through the real
@@ -7,24 +8,21 @@ generated corpus and saved with `save_pretrained`, so every test goes through th
 from __future__ import annotations
 
 import os
-import random
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_GPT2_TOKENIZER = REPO_ROOT.parent / "shared" / "gpt2-tokenizer"
 
 # Tests must never reach a model hub, even by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:  # the scripts and the finetune package, importable from every test
+    sys.path.insert(0, _REPO)
+
+from helpers import build_tiny_model, build_tiny_tokenizer, make_corpus, run_script  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,71 +39,6 @@ def private_caches(tmp_path, monkeypatch, shared_config_dir):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("MPLCONFIGDIR", str(shared_config_dir))
-
-WORDS = (
-    "the a an of to in and or but river mountain ship captain whale sea wind storm "
-    "quiet morning evening letter house garden door window old young small great "
-    "said walked looked found heard thought remembered carried opened closed "
-    "naïve café über 東京 こんにちは 🙂 🚀"
-).split()
-
-
-def make_corpus(n_chars: int, seed: int = 0) -> str:
-    """Deterministic English-like text with paragraphs, punctuation and some non-ASCII."""
-    rng = random.Random(seed)
-    parts: list[str] = []
-    size = 0
-    while size < n_chars:
-        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
-        sentence = sentence[0].upper() + sentence[1:] + rng.choice([".", ".", "!", "?", ","])
-        sep = rng.choice([" ", " ", " ", "\n", "\n\n"])
-        parts.append(sentence + sep)
-        size += len(sentence) + len(sep)
-    return "".join(parts)[:n_chars]
-
-
-def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 400):
-    """Train a byte-level BPE on the generated corpus and save it as a HF tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    corpus = make_corpus(60_000, seed=123)
-    bpe.train_from_iterator(
-        [corpus[i : i + 1000] for i in range(0, len(corpus), 1000)],
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    tok.model_max_length = 128
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def build_tiny_model(out_dir: Path, vocab_size: int, n_positions: int = 128, seed: int = 0):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(out_dir)
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -133,34 +66,6 @@ def corpus_file(tmp_path) -> Path:
     path = tmp_path / "book.txt"
     path.write_text(make_corpus(40_000, seed=1), encoding="utf-8")
     return path
-
-
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 300,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run one of the project's top-level scripts the way a user does, capturing its output."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
-        cwd=cwd or REPO_ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """A bad input must produce exit code 2, a one-line error naming the problem, and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error_lines, result.stderr
-    for line in error_lines:  # a sentence ends in one period: "..", never (an ellipsis "..." is fine)
-        assert not re.search(r"(?<!\.)\.\.(?=\s|$)", line), line
-    message = result.stderr.lower()
-    for fragment in fragments:
-        assert fragment.lower() in message, (fragment, result.stderr)
 
 
 @pytest.fixture(scope="session")

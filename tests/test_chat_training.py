@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chat_data import TEST_TEMPLATE, make_conversations, write_chat_data
-from test_finetune import assert_same_weights, train_records
 
 import finetune_generative as ft
 from finetune.data import EpochShuffleSampler, load_meta
 from finetune.models import make_optimizer
 from finetune.packing import PackedChatDataset, best_fit_decreasing, split_packing
 from finetune.plan import make_scheduler
+from helpers import TEST_TEMPLATE, assert_same_weights, make_conversations, train_records, write_chat_data
 
 BLOCK = 128
 LOSS_TOLERANCE = 1e-5

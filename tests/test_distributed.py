@@ -8,26 +8,18 @@ import sys
 
 import pytest
 import torch
-from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error, run_script
 from finetune import checkpoints as ckpt
-
-
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-         str(REPO_ROOT / "finetune_generative.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-
-
-def common_args(model_dir, data_dir, out, batch_size: int, *extra) -> list[str]:
-    # Dropout off: the two runs draw dropout masks from different RNG streams.
-    return [*base_args(model_dir, data_dir, out, "--epochs", "1", "--dropout", "0", "--save-every", "4",
-                       "--eval-every", "4"),
-            "--batch-size", str(batch_size), *extra]
+from helpers import (
+    REPO_ROOT,
+    assert_clean_error,
+    assert_same_weights,
+    common_args,
+    run_script,
+    torchrun,
+    train_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +33,10 @@ def two_process_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tmp_path,
                                                                     tiny_model_dir, tiny_data_dir):
     single = tmp_path / "single"
-    # 2 processes x batch 4 == 1 process x batch 8; grad-accum 2 in both.
-    assert ft.main(common_args(tiny_model_dir, tiny_data_dir, single, 8)) == 0
+    # 2 processes x batch 4 == 1 process x batch 8; grad-accum 2 in both. The validation blocks do not depend
+    # on the number of processes: 2 x batch 4 read the default 8 batches of 4 = 32 blocks of the 37 (split
+    # across the ranks, 16 each); one process reads the same 32 as 4 batches of 8.
+    assert ft.main(common_args(tiny_model_dir, tiny_data_dir, single, 8, "--eval-batches", "4")) == 0
     ddp_train, single_train = train_records(two_process_run), train_records(single)
     assert [r["step"] for r in ddp_train] == [r["step"] for r in single_train]
     assert [r["tokens"] for r in ddp_train] == [r["tokens"] for r in single_train]

@@ -17,41 +17,32 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error
 from finetune import checkpoints as ckpt
 from finetune.fsio import remove_leftovers
+from helpers import (
+    SAVE_RUN,
+    assert_clean_error,
+    assert_same_weights,
+    base_args,
+    checkpoint_names,
+    error_lines,
+    newest_step,
+    run_main,
+    start,
+    train_records,
+    wait_for_step,
+)
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                     "tokenizer_config.json", "training_state.pt"]
-
-
-def run_main(argv, capsys) -> subprocess.CompletedProcess:
-    """ft.main in-process (no start-up cost), with its exit code and output as a subprocess would give them."""
-    try:
-        code = ft.main([str(a) for a in argv])
-    except SystemExit as exc:  # exit_on_user_error
-        code = exc.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def checkpoint_names(out: Path) -> list[str]:
-    return [p.name for p in ckpt.list_checkpoints(out)]
 
 
 def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
@@ -72,28 +63,6 @@ def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
 
 N_KILLS = 20
 KILL_SEED = 20240607
-
-
-def start(args: list, log: Path) -> subprocess.Popen:
-    with open(log, "w") as stderr:
-        return subprocess.Popen([sys.executable, str(REPO_ROOT / "finetune_generative.py"), *map(str, args)],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def newest_step(out: Path) -> int:
-    checkpoints = ckpt.list_checkpoints(out)
-    return ckpt.checkpoint_step(checkpoints[-1]) if checkpoints else 0
-
-
-def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> bool:
-    """True once checkpoint-{step} (or later) exists; False if the process ended first."""
-    deadline = time.time() + timeout
-    while newest_step(out) < step:
-        if proc.poll() is not None:
-            return False
-        assert time.time() < deadline, f"no checkpoint-{step} after {timeout}s"
-        time.sleep(0.005)
-    return True
 
 
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_data_dir):
@@ -156,9 +125,6 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
 # A save that fails partway: disk full
 
 
-SAVE_RUN = ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "6", "--save-every", "2"]
-
-
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     """An uninterrupted 6-step run with checkpoints 2, 4, 6: the reference for the resumes below."""
@@ -207,7 +173,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, tiny_model_di
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         inject(patch)
-        result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, *SAVE_RUN), capsys)
+        result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, *SAVE_RUN), capsys)
     assert result.returncode == ft.EXIT_SAVE_FAILED == 4
     assert "Traceback" not in result.stderr
     (line,) = error_lines(result.stderr)
@@ -233,7 +199,7 @@ def test_disk_full_before_any_checkpoint_says_to_start_again(tmp_path, tiny_mode
 
     out = tmp_path / "out"
     monkeypatch.setattr(torch, "save", quota_exceeded)
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, *SAVE_RUN), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, *SAVE_RUN), capsys)
     assert result.returncode == ft.EXIT_SAVE_FAILED
     (line,) = error_lines(result.stderr)
     assert f"checkpoint {out}/checkpoint-2 (Disk quota exceeded)" in line
@@ -286,14 +252,14 @@ def test_damaged_checkpoint_is_refused_on_resume(tmp_path, six_steps, capsys, da
     out = copy_run(six_steps, tmp_path / "out")
     apply, what = DAMAGE[damage]
     apply(out / "checkpoint-6")
-    result = run_main(["--output-dir", out, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume"], capsys)
     assert_clean_error(result, f"checkpoint {out}/checkpoint-6 is damaged: {what}",
                        "HINT: add --skip-damaged-checkpoints to continue from the newest good one, checkpoint-4")
     assert len(error_lines(result.stderr)) == 1
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]  # nothing deleted, nothing trained
     # An explicit --resume of the damaged folder is refused too (where it has a training state).
     if damage != "missing_state":
-        result = run_main(["--output-dir", out, "--resume", out / "checkpoint-6"], capsys)
+        result = run_main(ft.main, ["--output-dir", out, "--resume", out / "checkpoint-6"], capsys)
         assert_clean_error(result, f"checkpoint {out}/checkpoint-6 is damaged: {what}")
 
 
@@ -301,7 +267,7 @@ def test_skip_damaged_checkpoints_falls_back_and_says_so(tmp_path, six_steps, ca
     out = copy_run(six_steps, tmp_path / "out", checkpoints=("checkpoint-2", "checkpoint-4", "checkpoint-6"))
     truncate(out / "checkpoint-6" / "model.safetensors")
     (out / "checkpoint-4" / "training_state.pt").unlink()
-    result = run_main(["--output-dir", out, "--resume", "--skip-damaged-checkpoints"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume", "--skip-damaged-checkpoints"], capsys)
     assert result.returncode == 0, result.stderr
     assert f"checkpoint {out}/checkpoint-6 is damaged: model.safetensors cannot be read" in result.stderr
     assert f"checkpoint {out}/checkpoint-4 is damaged: training_state.pt missing; skipping it" in result.stderr
@@ -313,16 +279,16 @@ def test_skip_damaged_checkpoints_falls_back_and_says_so(tmp_path, six_steps, ca
     assert torch.load(out / "checkpoint-6" / "training_state.pt", weights_only=True)["config"][
         "skip_damaged_checkpoints"] is True
     truncate(out / "checkpoint-6" / "model.safetensors")
-    assert_clean_error(run_main(["--output-dir", out, "--resume"], capsys), "checkpoint-6 is damaged")
+    assert_clean_error(run_main(ft.main, ["--output-dir", out, "--resume"], capsys), "checkpoint-6 is damaged")
 
 
 def test_skip_damaged_checkpoints_with_none_good(tmp_path, six_steps, capsys):
     out = copy_run(six_steps, tmp_path / "out")
     for name in ("checkpoint-4", "checkpoint-6"):
         garble(out / name / "training_state.pt")
-    result = run_main(["--output-dir", out, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume"], capsys)
     assert_clean_error(result, "checkpoint-6 is damaged", "no older checkpoint loads either", "--overwrite")
-    result = run_main(["--output-dir", out, "--resume", "--skip-damaged-checkpoints"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume", "--skip-damaged-checkpoints"], capsys)
     assert_clean_error(result, "checkpoint-6 is damaged", "and no older checkpoint in", "--overwrite")
 
 
@@ -360,7 +326,7 @@ def test_resume_refused_after_train_bin_was_reprepared(resumable, tmp_path, tiny
     (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[: tokens * (2 if dtype == "uint16" else 4)])
     meta["splits"]["train"]["tokens"] = tokens
     (data / "meta.json").write_text(json.dumps(meta))
-    result = run_main(["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
     assert_clean_error(result, f"the data in {data} differs from the data the checkpoint was trained on",
                        "HINT: use the original data")
 
@@ -370,7 +336,7 @@ def test_resume_refused_after_train_bin_was_replaced(resumable, tmp_path, tiny_d
     data, _ = copy_data(tiny_data_dir, tmp_path / "data")
     with open(data / "train.bin", "ab") as f:
         f.write(b"\1\0" * 10)
-    result = run_main(["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
     assert_clean_error(result, f"{data}/train.bin holds", "truncated or from another run")
 
 
@@ -379,7 +345,7 @@ def test_resume_refused_after_train_bin_was_rewritten_in_place(resumable, tmp_pa
     tokens = bytearray((data / "train.bin").read_bytes())
     tokens[:64] = bytes(64)
     (data / "train.bin").write_bytes(bytes(tokens))
-    result = run_main(["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
     assert_clean_error(result, "differs")
 
 
@@ -387,7 +353,7 @@ def test_resume_refused_after_data_was_tokenized_by_another_tokenizer(resumable,
     data, meta = copy_data(tiny_data_dir, tmp_path / "data")
     meta["tokenizer"] = {"name_or_path": "other-tokenizer", "fingerprint": "0123456789abcdef"}
     (data / "meta.json").write_text(json.dumps(meta))
-    result = run_main(["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume", "--data-dir", data], capsys)
     assert_clean_error(result, "2 problems", "the data was tokenized with 'other-tokenizer'",
                        f"the data in {data} differs")
 
@@ -399,13 +365,13 @@ def test_resume_refused_after_the_checkpoint_tokenizer_changed(resumable, capsys
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.add_tokens(["<|new-token|>"])
     tokenizer.save_pretrained(checkpoint)
-    result = run_main(["--output-dir", resumable, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume"], capsys)
     assert_clean_error(result, "the tokenizer differs from the checkpoint's", "HINT: resume with the original --model")
 
 
 def test_resume_refused_with_another_model(resumable, tmp_path, tiny_model_dir, capsys):
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model_dir, other)
-    result = run_main(["--output-dir", resumable, "--resume", "--model", other], capsys)
+    result = run_main(ft.main, ["--output-dir", resumable, "--resume", "--model", other], capsys)
     assert_clean_error(result, f"--model {other} differs from the checkpoint's {tiny_model_dir}",
                        "HINT: drop the flag")

@@ -16,41 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error, run_script
 from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
-
-BLOCK = 32
-
-
-def base_args(model_dir, data_dir, out_dir, *extra) -> list[str]:
-    return [
-        "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir),
-        "--block-size", str(BLOCK), "--batch-size", "8", "--grad-accum", "2", "--epochs", "2",
-        "--lr", "3e-3", "--warmup-steps", "3", "--precision", "fp32", "--device", "cpu",
-        "--num-workers", "0", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-        "--save-total-limit", "0", "--seed", "11", *map(str, extra),
-    ]
-
-
-def train_records(out_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
 
 
 def expected_total_steps(data_dir: Path, batch: int, accum: int, epochs: int) -> int:
@@ -339,7 +310,7 @@ def test_default_evaluation_size_follows_the_budget():
     from dataset import validation_blocks
 
     plan = plan_module.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
-                   warmup_steps=30, tokens_per_step=1024, epochs=3.0)
+                   warmup_steps=30, tokens_per_step=1024, epochs=3.0, eval_every=250)  # as make_plan sets it
     cfg = ft.TrainConfig(batch_size=4)
     assert plan_module.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
     assert plan_module.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8
@@ -350,10 +321,10 @@ def test_default_evaluation_size_follows_the_budget():
     assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=3), long_plan) == 3
     assert plan_module.eval_batches_per_process(replace(cfg, eval_batches=0), long_plan) is None  # the whole split
     # A partial pass is spread over the whole split, the same blocks every time, disjoint across ranks.
-    assert validation_blocks(100, 2, 5) == list(range(0, 100, 10))
-    ranks = [validation_blocks(100, 2, 5, rank=r, world_size=2) for r in range(2)]
+    assert validation_blocks(100, 10) == list(range(0, 100, 10))
+    ranks = [validation_blocks(100, 20, rank=r, world_size=2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == list(range(0, 100, 5)) and not set(ranks[0]) & set(ranks[1])
-    assert validation_blocks(7, None, 4) == list(range(7))
+    assert validation_blocks(7, 7) == validation_blocks(7, 10**9) == list(range(7))
 
 
 def test_gradient_checkpointing_trains_the_same_with_dropout(tmp_path, tiny_model_dir, tiny_data_dir):

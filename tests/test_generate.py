@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, assert_clean_error, run_script
+import generate as generate_module
+from helpers import REPO_ROOT, assert_clean_error, run_main, run_script
 
 CPU = ("--device", "cpu", "--precision", "fp32")
 HEADER = re.compile(r"^--- sample (\d+)/(\d+) \((.*)\) ---$", re.MULTILINE)
@@ -102,7 +103,7 @@ def test_prompts_from_stdin_and_prompt_file(tiny_model_dir, tmp_path):
 # Settings compared in-process
 
 
-def run_main(capsys, *args) -> list[str]:
+def sample_texts(capsys, *args) -> list[str]:
     """Texts printed by one in-process run (one per header)."""
     import generate
 
@@ -113,16 +114,16 @@ def run_main(capsys, *args) -> list[str]:
 
 def test_different_seed_gives_different_text(tiny_model_dir, capsys):
     common = ("--model", tiny_model_dir, "--prompt", "the river", "--temperature", "1.0", "--max-new-tokens", "24")
-    first = run_main(capsys, *common, "--seed", "1")
-    assert run_main(capsys, *common, "--seed", "1") == first
-    assert run_main(capsys, *common, "--seed", "2") != first
+    first = sample_texts(capsys, *common, "--seed", "1")
+    assert sample_texts(capsys, *common, "--seed", "1") == first
+    assert sample_texts(capsys, *common, "--seed", "2") != first
 
 
 def test_greedy_is_deterministic_whatever_the_seed(tiny_model_dir, capsys):
     common = ("--model", tiny_model_dir, "--prompt", "the river", "--greedy", "--max-new-tokens", "12")
-    first = run_main(capsys, *common, "--seed", "1")
+    first = sample_texts(capsys, *common, "--seed", "1")
     # a temperature of 0 is fine with --greedy: it is only an error when sampling
-    assert run_main(capsys, *common, "--seed", "2", "--temperature", "0") == first
+    assert sample_texts(capsys, *common, "--seed", "2", "--temperature", "0") == first
     assert len(first) == 1 and first[0].startswith("the river")
 
 
@@ -239,19 +240,10 @@ def test_prompt_and_max_new_tokens_longer_than_context(tiny_model_dir):
                        "context of 128 tokens", "lower --max-new-tokens", "HINT")
 
 
-def main_error(capsys, *args) -> subprocess.CompletedProcess:
-    """main() in-process, its exit code and output packed as a subprocess result for assert_clean_error."""
-    import generate
-
-    with pytest.raises(SystemExit) as exc:
-        generate.main([*CPU, *map(str, args)])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exc.value.code, out.out, out.err)
-
-
 def test_prompt_alone_longer_than_context(tiny_model_dir, capsys):
     long_prompt = "the river and the sea " * 40
-    result = main_error(capsys, "--model", tiny_model_dir, "--prompt", long_prompt, "--max-new-tokens", 4)
+    result = run_main(generate_module.main, [*CPU, "--model", tiny_model_dir, "--prompt", long_prompt, "--max-new-tokens", 4],
+                      capsys)
     assert_clean_error(result, "context of 128 tokens", "shorten the prompt", "HINT")
 
 
@@ -260,13 +252,13 @@ def test_truncated_weights(tiny_model_dir, tmp_path, capsys):
     shutil.copytree(tiny_model_dir, damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert_clean_error(main_error(capsys, "--model", damaged, "--prompt", "x", "--max-new-tokens", 4),
+    assert_clean_error(run_main(generate_module.main, [*CPU, "--model", damaged, "--prompt", "x", "--max-new-tokens", 4], capsys),
                        "cannot load the weights", "HINT")
 
 
 def test_hub_name_that_is_not_cached(capsys):
     # conftest sets HF_HUB_OFFLINE=1, so this fails without trying the network
-    assert_clean_error(main_error(capsys, "--model", "no-such-org/no-such-model", "--prompt", "x"),
+    assert_clean_error(run_main(generate_module.main, [*CPU, "--model", "no-such-org/no-such-model", "--prompt", "x"], capsys),
                        "no-such-org/no-such-model", "hugging face hub", "HF_HUB_OFFLINE",
                        "HINT: pass a local model folder")
 
@@ -331,7 +323,7 @@ def test_output_refuses_the_model_and_run_files(tiny_model_dir, tmp_path, capsys
         (run_dir / "best", run_dir / "best" / "tokenizer.json", ["would write into the model folder"]),
         (run_dir, tmp_path / "notes.txt", ["is not a sample file written by generate.py", "HINT"]),
     ]:
-        assert_clean_error(main_error(capsys, "--model", model, *quick, "--output", output), *words)
+        assert_clean_error(run_main(generate_module.main, [*CPU, "--model", model, *quick, "--output", output], capsys), *words)
     assert snapshot(tmp_path) == before  # nothing replaced, no temporary left
 
 

@@ -17,19 +17,29 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import common_args, torchrun
-from test_fault_injection import error_lines, newest_step, run_main, start, wait_for_step
-from test_finetune import assert_same_weights, base_args, train_records
 
 import finetune_generative as ft
-from conftest import assert_clean_error, build_tiny_model
 from finetune import checkpoints as ckpt
 from finetune import lora
+from helpers import (
+    assert_clean_error,
+    assert_same_weights,
+    base_args,
+    build_tiny_model,
+    common_args,
+    error_lines,
+    newest_step,
+    run_main,
+    start,
+    torchrun,
+    train_records,
+    wait_for_step,
+)
 
 LORA = ["--lora-r", "4", "--lora-dropout", "0.1"]  # adapter dropout on: the RNG must resume too
 RUN = ["--batch-size", "16", "--max-steps", "13", *LORA]  # 11 steps per epoch: 13 crosses the epoch boundary
-CHECKPOINT_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "training_state.pt"]
+CHECKPOINT_FILES = ["adapter_base.json", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "training_state.pt"]
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -285,7 +295,7 @@ BAD_LORA = [
 def test_bad_lora_arguments(tmp_path, tiny_model_dir, tiny_data_dir, capsys, monkeypatch, extra, message):
     loaded = []
     monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
     assert_clean_error(result, message)
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
 
@@ -321,7 +331,7 @@ def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny
     loaded = []
     monkeypatch.setattr(peft, "get_peft_model", refuse)
     monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
     assert_clean_error(result, "peft cannot wrap this gpt2 model (ValueError: Target module Conv1D() is not "
                        "supported", "HINT: train it without --lora-r")
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
@@ -330,7 +340,7 @@ def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny
 def test_lora_without_peft_is_one_line_with_the_pip_command(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
                                                            monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
     assert_clean_error(result, "LoRA needs the peft package, which is not installed", "pip install peft")
 
 
@@ -339,7 +349,7 @@ def test_resume_refused_with_other_lora_settings_or_another_base(lora_run, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     shutil.copytree(lora_run / "checkpoint-5", out / "checkpoint-5")
-    result = run_main(["--output-dir", out, "--resume", "--lora-r", "8"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume", "--lora-r", "8"], capsys)
     assert_clean_error(result, "--lora-r 8 differs from the checkpoint's 4")
     # The same base folder, other weights in it: the fingerprint tells.
     base = tmp_path / "base"
@@ -347,7 +357,7 @@ def test_resume_refused_with_other_lora_settings_or_another_base(lora_run, tmp_p
     run = tmp_path / "run"
     assert ft.main(base_args(base, tiny_data_dir, run, "--max-steps", "2", "--lora-r", "4")) == 0
     build_tiny_model(base, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"], seed=1)
-    result = run_main(["--output-dir", run, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", run, "--resume"], capsys)
     assert_clean_error(result, f"the base model {base} differs from the one the checkpoint's adapter was trained on")
 
 
@@ -372,6 +382,32 @@ def test_generate_loads_adapters_and_says_when_the_base_is_missing(lora_run, tmp
     assert error_lines(err) == [f"error: the base model {tmp_path / 'gone'} of the adapter in {moved} cannot be "
                                 f"found (no such folder). HINT: put the base model back at {tmp_path / 'gone'}, or "
                                 f"set base_model_name_or_path in {moved / 'adapter_config.json'} to where it is now"]
+
+
+def test_generate_refuses_an_adapter_pointed_at_another_base_of_the_same_shapes(lora_run, tmp_path,
+                                                                                tiny_model_dir, capsys):
+    import generate
+
+    trained_on = lora.base_fingerprint(str(tiny_model_dir))
+    for folder in (lora_run / "adapter", lora_run / "checkpoint-13"):
+        assert json.loads((folder / "adapter_base.json").read_text())["base_fingerprint"] == trained_on
+    other = tmp_path / "other-base"  # same config and shapes, other weights
+    shutil.copytree(tiny_model_dir, other)
+    build_tiny_model(other, vocab_size=json.loads((other / "config.json").read_text())["vocab_size"], seed=1)
+    moved = tmp_path / "adapter"
+    shutil.copytree(lora_run / "adapter", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(other)
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exc:
+        generate.main(["--model", str(moved), "--prompt", "x", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert error_lines(err) == [f"error: the adapter in {moved} was trained on a base with fingerprint {trained_on}, "
+                                f"but its base {other} has fingerprint {lora.base_fingerprint(str(other))} (other "
+                                f"weights or config). HINT: set base_model_name_or_path in "
+                                f"{moved / 'adapter_config.json'} to the base it was trained on, or load the merged "
+                                f"model its training run wrote"]
 
 
 def test_gradient_checkpointing_trains_the_adapters_the_same(tmp_path, tiny_model_dir, tiny_data_dir):

@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_finetune import base_args
 
-from conftest import assert_clean_error, run_script
+from helpers import assert_clean_error, base_args, run_script
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -20,8 +20,21 @@ import numpy as np
 import pytest
 
 import prepare_data as prep
-from conftest import REPO_ROOT, SHARED_GPT2_TOKENIZER, assert_clean_error, make_corpus, run_script
 from dataset import DataError, load_meta
+from finetune.errors import UserError
+from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
+from finetune.tokenfiles import read_split, reassemble
+from helpers import (
+    REPO_ROOT,
+    SHARED_GPT2_TOKENIZER,
+    assert_one_line_error,
+    load,
+    make_corpus,
+    reference_ids,
+    run_main,
+    run_script,
+    snapshot,
+)
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").is_file(),
                                 reason="GPT-2 tokenizer not present at ../shared/gpt2-tokenizer")
@@ -31,42 +44,13 @@ needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2_TOKENIZER / "tokenizer.json").i
 # Helpers and extra tokenizers
 
 
-def load(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def with_spec(path):
     tok = load(path)
-    return tok, prep.tokenizer_spec(tok)
-
-
-def reference_ids(tok, text: str) -> list[int]:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # "longer than the model's maximum length" is expected here
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    return tok, engines.tokenizer_spec(tok)
 
 
 def text_of(path: Path) -> str:
     return path.read_bytes().decode("utf-8")  # read_text() would turn \r\n into \n
-
-
-def read_split(out: Path, meta: dict, split: str) -> np.ndarray:
-    return np.fromfile(out / meta["splits"][split]["file"], dtype=meta["dtype"])
-
-
-def reassemble(out: Path) -> np.ndarray:
-    """Put the validation ranges back where meta.json says they came from."""
-    meta = load_meta(out)
-    train, val = read_split(out, meta, "train"), read_split(out, meta, "val")
-    parts, t = [], 0
-    for r in meta["split"]["val_ranges"]:
-        parts += [train[t:r["train_tokens_before"]], val[r["val_token_start"]:r["val_token_start"] + r["tokens"]]]
-        t = r["train_tokens_before"]
-    parts.append(train[t:])
-    return np.concatenate(parts)
 
 
 ADVERSARIAL = [
@@ -101,8 +85,8 @@ def adversarial_text(n_chars: int, seed: int = 0, parts_from=ADVERSARIAL) -> str
 
 
 def chunked_ids(path: Path, tok, engine, chunk_chars: int, encoding="utf-8"):
-    cutter = prep.make_cutter(tok, prep.tokenizer_spec(tok), engine)
-    pieces = list(prep.Chunker([path], [{}], encoding, cutter, chunk_chars=chunk_chars))
+    cutter = cuts.make_cutter(tok, engines.tokenizer_spec(tok), engine)
+    pieces = list(stream.Chunker([path], [{}], encoding, cutter, chunk_chars=chunk_chars))
     ids = np.concatenate([engine.encode(p.text) for p in pieces])
     return pieces, ids
 
@@ -271,7 +255,7 @@ def test_safe_cuts_keep_gpt2_pre_tokens():
             out += [special] + [w for w, _ in pre.pre_tokenize_str(segment)]
         return out
 
-    cutter = prep.Cutter(added=[special])
+    cutter = cuts.Cutter(added=[special])
     rejected_but_different, accepted_without_whitespace = 0, 0
     for seed in range(60):
         visible_only = seed >= 40  # the first 40: text with whitespace, as before the class-change rule
@@ -306,8 +290,8 @@ def test_chunked_equals_whole_on_adversarial_text_gpt2(tmp_path, engine_name):
 
 def check_chunked_equals_whole(tmp_path, tok, engine_name):
     pytest.importorskip("tiktoken")
-    hf = prep.HFEngine(tok)
-    engine = hf if engine_name == "hf" else prep.TiktokenEngine(prep.tokenizer_spec(tok), hf)
+    hf = engines.HFEngine(tok)
+    engine = hf if engine_name == "hf" else engines.TiktokenEngine(engines.tokenizer_spec(tok), hf)
     for name, parts in (("adversarial", ADVERSARIAL), ("visible_only", NO_WHITESPACE)):
         text = adversarial_text(40_000, seed=3, parts_from=parts)
         path = tmp_path / f"{name}.txt"
@@ -329,12 +313,12 @@ def test_ten_megabyte_line_without_newline(tmp_path, tiny_tokenizer_dir):
     """
     pytest.importorskip("tiktoken")
     tok = load(tiny_tokenizer_dir)
-    engine = prep.TiktokenEngine(prep.tokenizer_spec(tok), prep.HFEngine(tok))
+    engine = engines.TiktokenEngine(engines.tokenizer_spec(tok), engines.HFEngine(tok))
     base = make_corpus(1_000_000, seed=5).replace("\n", " ")
     line = base * 10
     path = tmp_path / "line.txt"
     path.write_text(line, encoding="utf-8")
-    pieces, ids = chunked_ids(path, tok, engine, prep.CHUNK_CHARS)
+    pieces, ids = chunked_ids(path, tok, engine, engines.CHUNK_CHARS)
     assert len(pieces) >= 10 and all(p.text[0] == " " for p in pieces[1:])
     assert np.array_equal(ids, engine.encode(line))
     assert engine.encode(base).tolist() == reference_ids(tok, base)
@@ -346,12 +330,12 @@ def test_text_without_whitespace_is_cut_where_the_class_changes(tmp_path, tiny_t
     text = "abc.def,東京🙂" * 20_000
     path = tmp_path / "blob.txt"
     path.write_text(text, encoding="utf-8")
-    pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
+    pieces, ids = chunked_ids(path, tok, engines.HFEngine(tok), 1000)
     assert len(pieces) > len(text) // 1000 and max(len(p.text) for p in pieces) <= 1000
     assert ids.tolist() == reference_ids(tok, text)
     # One letter repeated is a single pre-token: no safe cut anywhere, so it stays whole.
     path.write_text("a" * 5000, encoding="utf-8")
-    pieces, ids = chunked_ids(path, tok, prep.HFEngine(tok), 1000)
+    pieces, ids = chunked_ids(path, tok, engines.HFEngine(tok), 1000)
     assert len(pieces) == 1 and ids.tolist() == reference_ids(tok, "a" * 5000)
 
 
@@ -359,36 +343,36 @@ def test_other_tokenizers_get_verified_cuts(tmp_path, metaspace_tokenizer_dir):
     """Metaspace prepends "▁" to every piece, so a cut before a newline changes tokens:
     verification must reject those cuts and keep the ones that are safe."""
     tok = load(metaspace_tokenizer_dir)
-    assert prep.byte_level_regex_reason(prep.tokenizer_spec(tok))  # no proof for this tokenizer
-    hf = prep.HFEngine(tok)
+    assert engines.byte_level_regex_reason(engines.tokenizer_spec(tok))  # no proof for this tokenizer
+    hf = engines.HFEngine(tok)
     text = make_corpus(20_000, seed=4)
     path = tmp_path / "meta.txt"
     path.write_text(text, encoding="utf-8")
     pieces, ids = chunked_ids(path, tok, hf, 64)
     assert len(pieces) > 100
     assert ids.tolist() == reference_ids(tok, text)
-    unverified, verified = prep.Cutter(), prep.Cutter(hf.encode)
+    unverified, verified = cuts.Cutter(), cuts.Cutter(hf.encode)
     newline_cut = next(i for i in range(1, len(text) - 1) if text[i] == "\n" and unverified.is_safe(text, i))
     assert not verified.is_safe(text, newline_cut)  # "▁\nNext" would replace "\nNext"
 
 
 def test_engines_are_chosen_by_tokenizer(tiny_tokenizer_dir, metaspace_tokenizer_dir):
     pytest.importorskip("tiktoken")
-    engine, why = prep.choose_engine(*with_spec(tiny_tokenizer_dir), "auto", "")
+    engine, why = engines.choose_engine(*with_spec(tiny_tokenizer_dir), "auto", "")
     assert engine.name == "tiktoken", why
-    engine, why = prep.choose_engine(*with_spec(metaspace_tokenizer_dir), "auto", "")
+    engine, why = engines.choose_engine(*with_spec(metaspace_tokenizer_dir), "auto", "")
     assert engine.name == "hf" and "pre-tokenizer" in why
-    with pytest.raises(prep.UserError, match="--engine tiktoken"):
-        prep.choose_engine(*with_spec(metaspace_tokenizer_dir), "tiktoken", "")
+    with pytest.raises(UserError, match="--engine tiktoken"):
+        engines.choose_engine(*with_spec(metaspace_tokenizer_dir), "tiktoken", "")
 
 
 @needs_gpt2
 def test_tiktoken_fast_path_matches_gpt2_autotokenizer():
     pytest.importorskip("tiktoken")
     tok = load(SHARED_GPT2_TOKENIZER)
-    engine, why = prep.choose_engine(tok, prep.tokenizer_spec(tok), "auto", "")
+    engine, why = engines.choose_engine(tok, engines.tokenizer_spec(tok), "auto", "")
     assert engine.name == "tiktoken" and engine.rank_to_id is None, why  # GPT-2: ranks are ids
-    text = prep.probe_text(seed=1) + adversarial_text(50_000, seed=8) + make_corpus(50_000, seed=8)
+    text = engines.probe_text(seed=1) + adversarial_text(50_000, seed=8) + make_corpus(50_000, seed=8)
     assert engine.encode(text).tolist() == reference_ids(tok, text)
 
 
@@ -397,39 +381,39 @@ def test_tiktoken_fast_path_matches_gpt2_autotokenizer():
 
 
 def test_reader_handles_characters_across_blocks_and_reports_byte_offsets(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "BLOCK_BYTES", 7)  # many multi-byte characters straddle a block edge
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 7)  # many multi-byte characters straddle a block edge
     text = adversarial_text(3_000, seed=1)
     good = tmp_path / "good.txt"
     good.write_bytes(text.encode("utf-8"))
-    record = {}
-    assert "".join(t for t, _ in prep.read_text(good, "utf-8", record, 0)) == text
-    assert record["bytes"] == good.stat().st_size
+    facts = {}
+    assert "".join(t for t, _ in stream.read_text(good, "utf-8", facts, 0)) == text
+    assert facts["bytes"] == good.stat().st_size
     raw = text.encode("utf-8")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(raw[:2000] + b"\xff" + raw[2000:])
-    with pytest.raises(prep.UserError, match=r"0xff at byte offset 2000"):
-        for _ in prep.read_text(bad, "utf-8", {}, 0):
+    with pytest.raises(UserError, match=r"0xff at byte offset 2000"):
+        for _ in stream.read_text(bad, "utf-8", {}, 0):
             pass
 
 
 def test_val_ranges_are_seeded_stratified_and_inside():
     total = 1_000_000_000
-    ranges = prep.val_ranges(total, 0.1, seed=1)
+    ranges = split.val_ranges(total, 0.1, seed=1)
     assert len(ranges) > 10
-    assert ranges == prep.val_ranges(total, 0.1, seed=1) != prep.val_ranges(total, 0.1, seed=2)
+    assert ranges == split.val_ranges(total, 0.1, seed=1) != split.val_ranges(total, 0.1, seed=2)
     assert 0 < ranges[0][0] and ranges[-1][1] < total
     assert all(a < b <= c for (a, b), (c, _) in zip(ranges, ranges[1:]))
     assert abs(sum(b - a for a, b in ranges) / total - 0.1) < 1e-6
-    assert len(prep.val_ranges(40_000, 0.5, seed=1)) == 1
+    assert len(split.val_ranges(40_000, 0.5, seed=1)) == 1
 
 
 def test_chunker_moves_split_boundaries_to_safe_cuts(tmp_path):
     text = make_corpus(20_000, seed=2)
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    cutter = prep.Cutter()
+    cutter = cuts.Cutter()
     boundaries = [5_000, 9_000, 15_000, 15_010]
-    pieces = list(prep.Chunker([path], [{}], "utf-8", cutter, boundaries=boundaries, chunk_chars=700))
+    pieces = list(stream.Chunker([path], [{}], "utf-8", cutter, boundaries=boundaries, chunk_chars=700))
     assert "".join(p.text for p in pieces) == text
     switches = [(p.start, p.split) for a, p in zip(pieces, pieces[1:]) if a.split != p.split]
     assert [split for _, split in switches] == ["val", "train", "val", "train"][:len(switches)]
@@ -467,10 +451,6 @@ def test_uint32_path_and_narrowing(tmp_path, corpus_file):
 # Atomic outputs
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_exception_after_writing_leaves_old_outputs(prepared, tmp_path, monkeypatch, tiny_tokenizer_dir, corpus_file):
     out = tmp_path / "data"
     shutil.copytree(prepared["out"], out)
@@ -479,7 +459,7 @@ def test_exception_after_writing_leaves_old_outputs(prepared, tmp_path, monkeypa
     def boom(*args):
         raise RuntimeError("simulated crash after the token files were written")
 
-    monkeypatch.setattr(prep, "check_split_sizes", boom)
+    monkeypatch.setattr(pipeline, "check_split_sizes", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prep.main(["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out),
                    "--overwrite", "--block-size", "32"])
@@ -490,9 +470,9 @@ def test_fast_path_disagreement_restarts_with_hf(tmp_path, monkeypatch, tiny_tok
     pytest.importorskip("tiktoken")
 
     def disagree(self, piece):
-        raise prep.EngineMismatch("simulated disagreement", piece.source)
+        raise engines.EngineMismatch("simulated disagreement", piece.source)
 
-    monkeypatch.setattr(prep.TiktokenEngine, "encode_piece", disagree)
+    monkeypatch.setattr(engines.TiktokenEngine, "encode_piece", disagree)
     out = tmp_path / "data"
     prep.main(["--input", str(corpus_file), "--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(out),
                "--block-size", "32"])
@@ -526,13 +506,6 @@ def test_sigterm_mid_run_leaves_old_outputs(prepared, tmp_path, tiny_tokenizer_d
 # Bad input: one line, exit code 2, nothing written
 
 
-def assert_error_with_hint(result, *fragments: str) -> None:
-    """assert_clean_error, and the error line says how to fix it."""
-    assert_clean_error(result, *fragments)
-    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
-    assert "HINT:" in line, line
-
-
 @pytest.fixture
 def bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
@@ -561,7 +534,7 @@ def test_bad_input_fails_cleanly(bad_inputs, corpus_file, args, fragments):
     assert corpus_file.parent == bad_inputs  # book.txt sits beside the bad inputs
     before = sorted(p.name for p in bad_inputs.iterdir())
     result = run_script("prepare_data.py", *args, "--tokenizer", "unused", cwd=bad_inputs)
-    assert_error_with_hint(result, *fragments)
+    assert_one_line_error(result, *fragments)
     assert sorted(p.name for p in bad_inputs.iterdir()) == before  # nothing written (no data/ folder)
 
 
@@ -571,7 +544,7 @@ def test_existing_outputs_need_overwrite(prepared, tmp_path, tiny_tokenizer_dir,
     before = snapshot(out)
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
                         "--output-dir", out)
-    assert_error_with_hint(result, "already holds", "--overwrite")
+    assert_one_line_error(result, "already holds", "--overwrite")
     assert snapshot(out) == before
 
 
@@ -580,7 +553,7 @@ def test_undecodable_bytes_name_file_and_offset(tmp_path, tiny_tokenizer_dir):
     bad.write_bytes(("Plain text first. " * 100).encode() + "Caf\u00e9 au lait.".encode("latin-1"))
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out)
-    assert_error_with_hint(result, "latin1.txt", "not valid utf-8", "offset 1803", "--encoding")
+    assert_one_line_error(result, "latin1.txt", "not valid utf-8", "offset 1803", "--encoding")
     assert not out.exists()
 
 
@@ -588,11 +561,11 @@ def test_tokenizer_that_cannot_be_loaded(tmp_path, corpus_file):
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tmp_path / "no_such_tokenizer",
                         "--output-dir", out)
-    assert_error_with_hint(result, "cannot load tokenizer", "no_such_tokenizer", "local tokenizer folder")
+    assert_one_line_error(result, "cannot load tokenizer", "no_such_tokenizer", "local tokenizer folder")
     started = time.time()
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", "someone/not-a-real-model-xyz",
                         "--output-dir", out, env={"HF_HUB_OFFLINE": "1"})
-    assert_error_with_hint(result, "cannot load tokenizer", "HF_HUB_OFFLINE")
+    assert_one_line_error(result, "cannot load tokenizer", "HF_HUB_OFFLINE")
     assert time.time() - started < 30  # offline: no retries
     assert not out.exists()
 
@@ -601,7 +574,7 @@ def test_split_too_small_says_how_to_fix(tmp_path, corpus_file, tiny_tokenizer_d
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tiny_tokenizer_dir,
                         "--output-dir", out, "--val-fraction", "0.01")
-    assert_error_with_hint(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
+    assert_one_line_error(result, "val split", "--block-size 1024", "raise --val-fraction", "add more text")
     assert not out.exists()
 
 
@@ -622,24 +595,14 @@ def json_blob(n_chars: int) -> str:
     return json.dumps(records, ensure_ascii=False, separators=(",", ":"))
 
 
-def run_main(argv, capsys) -> subprocess.CompletedProcess:
-    """prep.main in this process, its exit and output as a CompletedProcess (for assert_error_with_hint)."""
-    try:
-        code = 0 if prep.main([str(a) for a in argv]) is not None else 1
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
-
-
 def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
-    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    monkeypatch.setattr(engines.TiktokenEngine, "piece_chars", 16 << 10)
     text = json_blob(300_000)
     assert not any(ch.isspace() for ch in text) and len(text) > 10 * (16 << 10)
     blob = tmp_path / "blob.txt"
     blob.write_text(text, encoding="utf-8")
     out = tmp_path / "data"
-    result = run_main(["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", blob, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                        "--block-size", 64, "--val-fraction", 0.2], capsys)
     assert result.returncode == 0, result.stderr
     meta = load_meta(out)
@@ -653,19 +616,19 @@ def test_one_line_json_blob_is_split_with_exact_tokens(tmp_path, tiny_tokenizer_
 
 
 def test_text_that_cannot_be_cut_says_so_and_names_val_input(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
-    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 16 << 10)
+    monkeypatch.setattr(engines.TiktokenEngine, "piece_chars", 16 << 10)
     letters = tmp_path / "letters.txt"
     letters.write_text("a" * 100_000, encoding="utf-8")
     out = tmp_path / "data"
     for fraction in ("0.1", "0.9"):  # raising --val-fraction cannot help, and the message does not say so
-        result = run_main(["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+        result = run_main(prep.main, ["--input", letters, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                            "--block-size", 64, "--val-fraction", fraction], capsys)
-        assert_error_with_hint(result, "cannot be cut", "one letter repeated", "--val-input")
+        assert_one_line_error(result, "cannot be cut", "one letter repeated", "--val-input")
         assert "--val-fraction" not in result.stderr
         assert not out.exists()
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("b" * 20_000, encoding="utf-8")
-    result = run_main(["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
+    result = run_main(prep.main, ["--input", letters, "--val-input", held_out, "--tokenizer", tiny_tokenizer_dir,
                        "--output-dir", out, "--block-size", 64], capsys)
     assert result.returncode == 0, result.stderr
     tok = load(tiny_tokenizer_dir)
@@ -694,28 +657,25 @@ def test_recorded_tokenizer_skips_transformers_and_torch_with_identical_output(
 
 
 def test_tokenizer_record_follows_the_files(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from finetune import models
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "tok"
     shutil.copytree(tiny_tokenizer_dir, folder)
-    assert models.load_recorded_tokenizer(str(folder)) is None  # never recorded
+    assert recorded.load_recorded_tokenizer(str(folder)) is None  # never recorded
     tok = load(folder)
-    assert models.remember_tokenizer(str(folder), tok, prep.probe_text())
-    recorded = models.load_recorded_tokenizer(str(folder))
+    assert recorded.remember_tokenizer(str(folder), tok, engines.probe_text())
+    fast = recorded.load_recorded_tokenizer(str(folder))
     text = adversarial_text(5_000, seed=2)
-    assert recorded(text)["input_ids"] == reference_ids(tok, text)
-    assert (len(recorded), recorded.eos_token_id, recorded.get_vocab()) == (len(tok), tok.eos_token_id, tok.get_vocab())
+    assert fast(text)["input_ids"] == reference_ids(tok, text)
+    assert (len(fast), fast.eos_token_id, fast.get_vocab()) == (len(tok), tok.eos_token_id, tok.get_vocab())
     with open(folder / "tokenizer_config.json", "a", encoding="utf-8") as f:
         f.write(" ")  # any change to a file the tokenizer is built from: a new check
-    assert models.load_recorded_tokenizer(str(folder)) is None
+    assert recorded.load_recorded_tokenizer(str(folder)) is None
 
 
 @needs_gpt2
 def test_tokenizer_whose_config_changes_its_pipeline_is_not_recorded(tmp_path, corpus_file, monkeypatch):
     """GPT-2 with add_prefix_space in tokenizer_config.json: AutoTokenizer adds the space, tokenizer.json
     alone does not; the record would change the ids, so it is refused and every run loads AutoTokenizer."""
-    from finetune import models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "gpt2_prefix_space"
@@ -723,7 +683,7 @@ def test_tokenizer_whose_config_changes_its_pipeline_is_not_recorded(tmp_path, c
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": True}))
     tok = load(folder)
-    assert not models.remember_tokenizer(str(folder), tok, prep.probe_text())
+    assert not recorded.remember_tokenizer(str(folder), tok, engines.probe_text())
     out = tmp_path / "data"
     prep.main(["--input", str(corpus_file), "--tokenizer", str(folder), "--output-dir", str(out), "--block-size", "32"])
     assert not (tmp_path / "cache").exists()

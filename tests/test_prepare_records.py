@@ -9,14 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import sys
 
 import pytest
-from test_prepare_data import load, read_split, reassemble, reference_ids
 
 import prepare_data as prep
-from conftest import make_corpus
 from dataset import load_meta
+from finetune.prepare import engines
+from finetune.tokenfiles import read_split, reassemble
+from helpers import assert_one_line_error, load, make_corpus, reference_ids, run_main
 
 
 def make_records(n: int, seed: int = 0, holes: bool = True) -> list[dict]:
@@ -72,17 +74,6 @@ def expected_stream(tok, texts: list[str]) -> list[int]:
     return [i for text in texts for i in reference_ids(tok, text) + [tok.eos_token_id]]
 
 
-def run(args: list, capsys) -> tuple[int, str, str]:
-    """prep.main in-process: (exit code, stdout, stderr)."""
-    try:
-        prep.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 # -----------------------------------------------------------------------------
 # Each format: ids per record, EOS count, skipped records, meta.json
 
@@ -93,9 +84,9 @@ def test_each_format_gives_the_ids_of_each_record(tmp_path, tiny_tokenizer_dir, 
     path = tmp_path / f"data{SUFFIX[fmt]}"
     write_records(path, records, fmt)
     out = tmp_path / "out"
-    code, stdout, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                                 "--block-size", 16], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     tok, meta = load(tiny_tokenizer_dir), load_meta(out)
     texts = texts_of(records)
     stream = reassemble(out)
@@ -110,8 +101,8 @@ def test_each_format_gives_the_ids_of_each_record(tmp_path, tiny_tokenizer_dir, 
     assert meta["sources"][0]["format"] == SUFFIX[fmt][1:] and meta["sources"][0]["bytes"] == path.stat().st_size
     assert meta["input_formats"] == [SUFFIX[fmt][1:]]
     assert meta["sources"][0].get("bom_stripped", False) == (fmt in ("csv", "tsv"))
-    assert f"{meta['records']['train']} train and {meta['records']['val']} val documents" in stdout
-    assert "18 skipped" in stdout
+    assert f"{meta['records']['train']} train and {meta['records']['val']} val documents" in result.stdout
+    assert "18 skipped" in result.stdout
 
 
 def test_text_field_picks_another_field(tmp_path, tiny_tokenizer_dir, capsys):
@@ -119,24 +110,24 @@ def test_text_field_picks_another_field(tmp_path, tiny_tokenizer_dir, capsys):
     rows = [{"text": f"ignored {i}", "body": make_corpus(300, seed=i)} for i in range(30)]
     write_records(path, rows, "jsonl")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", path, "--text-field", "body", "--tokenizer", tiny_tokenizer_dir,
+    result = run_main(prep.main, ["--input", path, "--text-field", "body", "--tokenizer", tiny_tokenizer_dir,
                            "--output-dir", out, "--block-size", 16], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     assert reassemble(out).tolist() == expected_stream(load(tiny_tokenizer_dir), [r["body"] for r in rows])
     assert load_meta(out)["records"]["text_field"] == "body"
 
 
 def test_long_record_is_cut_safely(tmp_path, tiny_tokenizer_dir, capsys, monkeypatch):
     """A record longer than a piece is tokenized in pieces cut at safe places: same ids as whole."""
-    monkeypatch.setattr(prep.TiktokenEngine, "piece_chars", 2_000)
+    monkeypatch.setattr(engines.TiktokenEngine, "piece_chars", 2_000)
     long_text = make_corpus(30_000, seed=4)
     path = tmp_path / "d.jsonl"
     write_records(path, [{"text": "short one"}, {"text": long_text}, {"text": "after"}], "jsonl")
     out = tmp_path / "out"
     write_records(tmp_path / "v.jsonl", [{"text": "held out text"}], "jsonl")
-    code, _, stderr = run(["--input", path, "--val-input", tmp_path / "v.jsonl", "--tokenizer",
+    result = run_main(prep.main, ["--input", path, "--val-input", tmp_path / "v.jsonl", "--tokenizer",
                            tiny_tokenizer_dir, "--output-dir", out, "--block-size", 4], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     tok, meta = load(tiny_tokenizer_dir), load_meta(out)
     assert read_split(out, meta, "train").tolist() == expected_stream(tok, ["short one", long_text, "after"])
     assert read_split(out, meta, "val").tolist() == expected_stream(tok, ["held out text"])
@@ -155,8 +146,8 @@ def test_split_takes_whole_records_spread_over_the_data(tmp_path, tiny_tokenizer
     outs = {}
     for name, seed in (("a", 1337), ("b", 1337), ("c", 7)):
         outs[name] = tmp_path / name
-        code, _, stderr = run([*base, "--output-dir", outs[name], "--seed", seed], capsys)
-        assert code == 0, stderr
+        result = run_main(prep.main, [*base, "--output-dir", outs[name], "--seed", seed], capsys)
+        assert result.returncode == 0, result.stderr
     for name in ("train.bin", "val.bin", "meta.json"):  # deterministic
         assert (outs["a"] / name).read_bytes() == (outs["b"] / name).read_bytes()
     assert (outs["a"] / "val.bin").read_bytes() != (outs["c"] / "val.bin").read_bytes()  # seeded
@@ -180,6 +171,36 @@ def test_split_takes_whole_records_spread_over_the_data(tmp_path, tiny_tokenizer
         assert ranges[-1]["train_tokens_before"] < len(train)
 
 
+def long_tailed_records(seed: int, n: int = 25) -> list[str]:
+    """A few long records among short ones (40 chars to 60 kB, log-normal), as real documents come."""
+    rng = random.Random(seed)
+    return [make_corpus(min(60_000, int(rng.lognormvariate(7.3, 1.4)) + 40), seed=seed * 100 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed, warned", [(15, False), (9, True)])
+def test_long_records_get_near_the_val_fraction_or_a_warning(tmp_path, tiny_tokenizer_dir, capsys, seed, warned):
+    """Seed 15 gave 1 record, 2.5 % of the text, for 10 % asked: silently. The range that came up short now
+    takes the records after it (within 7.5-12.5 %); seed 9 lands at 26 % (its range starts a long record),
+    which no whole-record split can fix: a warning says so."""
+    texts = long_tailed_records(seed)
+    path = tmp_path / "d.jsonl"
+    write_records(path, [{"text": t} for t in texts], "jsonl")
+    out = tmp_path / "out"
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--block-size", 16], capsys)
+    assert result.returncode == 0, result.stderr
+    tok, meta = load(tiny_tokenizer_dir), load_meta(out)
+    assert reassemble(out).tolist() == expected_stream(tok, texts)  # every record whole, in order
+    share = meta["splits"]["val"]["tokens"] / (meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"])
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    if warned:
+        assert share > 0.125 and len(warnings) == 1, result.stderr
+        assert f"validation holds {share:.1%} of the tokens ({meta['records']['val']} record(s))" in warnings[0]
+        assert "HINT: give validation records with --val-input, or add more records" in warnings[0]
+    else:
+        assert 0.075 <= share <= 0.125 and meta["records"]["val"] == 3 and not warnings, (share, result.stderr)
+
+
 def test_val_input_with_records_and_mixed_folder(tmp_path, tiny_tokenizer_dir, capsys):
     """A folder mixing text and record files, and a CSV as --val-input."""
     folder = tmp_path / "corpus"
@@ -193,9 +214,9 @@ def test_val_input_with_records_and_mixed_folder(tmp_path, tiny_tokenizer_dir, c
     held = make_records(12, seed=8)
     write_records(tmp_path / "held.csv", held, "csv")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", folder, "--val-input", tmp_path / "held.csv", "--tokenizer",
+    result = run_main(prep.main, ["--input", folder, "--val-input", tmp_path / "held.csv", "--tokenizer",
                            tiny_tokenizer_dir, "--output-dir", out, "--block-size", 16], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     tok, meta = load(tiny_tokenizer_dir), load_meta(out)
     assert [s["format"] for s in meta["sources"]] == ["text", "jsonl", "json", "text", "csv"]
     texts = [book, *texts_of(rec_b), *texts_of(rec_c), "# Notes\n\nLast file."]
@@ -213,9 +234,9 @@ def test_mixed_stream_with_ranges_round_trips(tmp_path, tiny_tokenizer_dir, caps
     write_records(tmp_path / "b.jsonl", records, "jsonl")
     (tmp_path / "c.txt").write_text(book[:50_000], encoding="utf-8")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt", "--tokenizer",
+    result = run_main(prep.main, ["--input", tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt", "--tokenizer",
                            tiny_tokenizer_dir, "--output-dir", out, "--block-size", 16, "--val-fraction", 0.2], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     tok = load(tiny_tokenizer_dir)
     assert reassemble(out).tolist() == expected_stream(tok, [book, *texts_of(records), book[:50_000]])
     ranges = load_meta(out)["split"]["val_ranges"]
@@ -225,15 +246,6 @@ def test_mixed_stream_with_ranges_round_trips(tmp_path, tiny_tokenizer_dir, caps
 
 # -----------------------------------------------------------------------------
 # Bad record input: one line, exit 2, file and line/row named, nothing written
-
-
-def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "HINT:" in lines[0], stderr
-    for fragment in fragments:
-        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
 
 
 GOOD = json.dumps({"text": "fine text here"})
@@ -259,14 +271,58 @@ GOOD = json.dumps({"text": "fine text here"})
     ("ragged.tsv", "id\ttext\n1\tfine\n2\n", ["ragged.tsv row 3", "1 fields"]),
     ("latin.jsonl", GOOD.encode() + b'\n{"text": "caf\xe9"}\n', ["latin.jsonl line 2", "not valid utf-8", "--encoding"]),
     ("blank.jsonl", '{"text": ""}\n{"text": null}\n{"text": "  "}\n', ["--input holds no text", "3 records"]),
+    # one record goes whole to one split: the HINT was "raise --val-fraction", which cannot help
+    ("one.json", json.dumps({"text": make_corpus(5_000, seed=1)}), ["--input holds one record", "--val-input"]),
 ])
 def test_bad_record_input(tmp_path, tiny_tokenizer_dir, capsys, name, content, fragments):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
-    assert_one_line_error(code, stderr, *fragments)
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
+    assert_one_line_error(result, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, encoding, line_end", [("jsonl", "utf-16", "\n"), ("csv", "utf-16", "\r\n"),
+                                                     ("csv", "utf-8", "\r"), ("tsv", "utf-16-le", "\r")])
+def test_records_in_other_encodings_and_line_ends(tmp_path, tiny_tokenizer_dir, capsys, fmt, encoding, line_end):
+    """UTF-16 records were "not valid utf-16" (lines were split as bytes), and a CSV with old Mac line ends
+    (a lone \\r) was "not valid CSV ... universal-newline mode"; both read as their UTF-8 twin is."""
+    records = [{"id": i, "text": make_corpus(rng_len, seed=i) + ("\r\nin a field" if i % 4 == 1 else "")}
+               for i, rng_len in enumerate([300, 1200, 40, 800] * 4)]
+    records[2]["text"] = "caf\u00e9 \U0001f600 and \u4e2d\u6587"  # two-byte, four-byte (a surrogate pair in UTF-16)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + line_end for r in records), encoding=encoding)
+    else:
+        with open(path, "w", encoding=encoding, newline="") as f:
+            if encoding == "utf-16-le":
+                f.write("\ufeff")  # a byte-order mark that this codec keeps as text: dropped, as UTF-8's is
+            csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", lineterminator=line_end,
+                       quoting=csv.QUOTE_ALL).writerows(  # QUOTE_ALL: a \n in a field is quoted with \r line ends
+                [["id", "text"], *([r["id"], r["text"]] for r in records)])
+    out = tmp_path / "out"
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                           "--encoding", encoding, "--block-size", 16, "--val-fraction", 0.3], capsys)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(out)
+    assert reassemble(out).tolist() == expected_stream(load(tiny_tokenizer_dir), texts_of(records))
+    assert meta["records"]["train"] + meta["records"]["val"] == 16 and meta["records"]["val"] > 0
+    assert meta["sources"][0]["bytes"] == path.stat().st_size
+    ends = [r["stream_bytes"][1] for r in meta["split"]["val_ranges"]]
+    assert max(ends) < path.stat().st_size  # byte offsets in the file's own bytes: never past its end
+    if encoding != "utf-8":  # a bad line is still named by its number
+        bad = tmp_path / f"bad.{fmt}"
+        lines = path.read_text(encoding=encoding).split(line_end)
+        bad.write_bytes(line_end.join([*lines[:3], '{"text": "no end', *lines[3:]]).encode(encoding)
+                        if fmt == "jsonl" else path.read_bytes()[:-1])  # half a UTF-16 character at the end
+        result = run_main(prep.main, ["--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", tmp_path / "o2",
+                               "--encoding", encoding], capsys)
+        # the line of the cut character: the line ends before it (in CSV a lone \r ends a line too), plus one
+        line = len(re.findall("\r\n?|\n", path.read_bytes().decode(encoding)[:-1])) + 1
+        assert_one_line_error(result, *(["bad.jsonl line 4", "malformed JSON"] if fmt == "jsonl" else
+                                              [f"line {line} is not valid {encoding} text",
+                                               f"at byte offset {bad.stat().st_size - 1}", "--encoding"]))
 
 
 @pytest.fixture
@@ -291,18 +347,18 @@ def parquet_files(tmp_path):
 ])
 def test_bad_parquet(parquet_files, tiny_tokenizer_dir, capsys, name, fragments):
     out = parquet_files / "out"
-    code, _, stderr = run(["--input", parquet_files / name, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out],
+    result = run_main(prep.main, ["--input", parquet_files / name, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out],
                           capsys)
-    assert_one_line_error(code, stderr, *fragments)
+    assert_one_line_error(result, *fragments)
     assert not out.exists()
 
 
 def test_parquet_without_pyarrow_names_the_pip_command(parquet_files, tiny_tokenizer_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    code, _, stderr = run(["--input", parquet_files / "good.parquet", "--tokenizer", tiny_tokenizer_dir,
+    result = run_main(prep.main, ["--input", parquet_files / "good.parquet", "--tokenizer", tiny_tokenizer_dir,
                            "--output-dir", parquet_files / "out"], capsys)
-    assert_one_line_error(code, stderr, "good.parquet needs pyarrow", "HINT: pip install pyarrow")
+    assert_one_line_error(result, "good.parquet needs pyarrow", "HINT: pip install pyarrow")
 
 
 def test_bad_record_input_replaces_nothing(tmp_path, tiny_tokenizer_dir, capsys):
@@ -310,15 +366,15 @@ def test_bad_record_input_replaces_nothing(tmp_path, tiny_tokenizer_dir, capsys)
     good = tmp_path / "good.jsonl"
     write_records(good, make_records(80, seed=3), "jsonl")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", good, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", good, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                            "--block-size", 16], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good.read_text(encoding="utf-8") * 3 + "{oops\n", encoding="utf-8")
-    code, _, stderr = run(["--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out, "--overwrite",
+    result = run_main(prep.main, ["--input", bad, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out, "--overwrite",
                            "--block-size", 16], capsys)
-    assert_one_line_error(code, stderr, "bad.jsonl line 241", "malformed JSON")
+    assert_one_line_error(result, "bad.jsonl line 241", "malformed JSON")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -334,8 +390,8 @@ def test_deeply_nested_record_is_one_error_line(tmp_path, tiny_tokenizer_dir, ca
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
-    assert_one_line_error(code, stderr, where, "nested too deeply")
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out], capsys)
+    assert_one_line_error(result, where, "nested too deeply")
     assert not out.exists()
 
 
@@ -345,7 +401,7 @@ def test_lone_surrogate_is_refused_with_either_engine(tmp_path, tiny_tokenizer_d
     path = tmp_path / "sur.jsonl"
     path.write_text(f'{GOOD}\n{{"text": "bad \\ud800 here"}}\n', encoding="utf-8")
     out = tmp_path / "out"
-    code, _, stderr = run(["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", path, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                            "--engine", engine], capsys)
-    assert_one_line_error(code, stderr, "sur.jsonl line 2", "lone surrogate (U+D800", "fix the text's encoding")
+    assert_one_line_error(result, "sur.jsonl line 2", "lone surrogate (U+D800", "fix the text's encoding")
     assert not out.exists()

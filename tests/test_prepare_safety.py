@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_prepare_data import load, reassemble, reference_ids, snapshot
-from test_prepare_records import assert_one_line_error, run
 
 import prepare_data as prep
-from conftest import REPO_ROOT, make_corpus
 from dataset import load_meta
+from finetune.prepare import writer
+from finetune.tokenfiles import reassemble
+from helpers import REPO_ROOT, assert_one_line_error, load, make_corpus, reference_ids, run_main, snapshot
 
 
 def test_second_run_into_a_locked_output_dir_is_refused(tmp_path, tiny_tokenizer_dir, capsys):
@@ -36,14 +36,14 @@ def test_second_run_into_a_locked_output_dir_is_refused(tmp_path, tiny_tokenizer
         small = tmp_path / "small.txt"
         small.write_text(make_corpus(20_000, seed=4), encoding="utf-8")
         args = ["--input", small, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out, "--block-size", 16]
-        code, _, stderr = run(args, capsys)
-        assert_one_line_error(code, stderr, f"in use by another run of prepare_data.py (PID {first.pid})")
+        result = run_main(prep.main, args, capsys)
+        assert_one_line_error(result, f"in use by another run of prepare_data.py (PID {first.pid})")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     assert (out / ".lock").exists() and list(out.glob(".train.bin.tmp-*"))  # what kill -9 leaves
-    code, _, stderr = run(args, capsys)
-    assert code == 0, stderr
+    result = run_main(prep.main, args, capsys)
+    assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
@@ -67,17 +67,17 @@ def test_folder_walk_takes_regular_files_only(tmp_path, tiny_tokenizer_dir, caps
     out = tmp_path / "out"
     signal.alarm(120)  # reading /dev/zero or the FIFO would never end
     try:
-        code, _, stderr = run(["--input", folder, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+        result = run_main(prep.main, ["--input", folder, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                                "--block-size", 16], capsys)
     finally:
         signal.alarm(0)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     meta = load_meta(out)
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.txt", "b.txt"]
     tok = load(tiny_tokenizer_dir)
     expected = reference_ids(tok, text) + [tok.eos_token_id] + reference_ids(tok, "Linked text.") + [tok.eos_token_id]
     assert reassemble(out).tolist() == expected
-    note = next(line for line in stderr.splitlines() if line.startswith("note:"))
+    note = next(line for line in result.stderr.splitlines() if line.startswith("note:"))
     assert "skipped 5 entries" in note
     for fragment in ("meta.json (an output of prepare_data.py)", "x.txt (a link to a character device, not a regular file)",
                      "y.txt (a FIFO, not a regular file)",
@@ -108,18 +108,18 @@ def test_full_disk_is_one_line_exit_4_and_keeps_earlier_outputs(tmp_path, small_
     small.write_text(make_corpus(20_000, seed=1), encoding="utf-8")
     big.write_text(make_corpus(2_000_000, seed=2), encoding="utf-8")  # ~620k tokens = 1.2 MB of uint16
     args = ["--tokenizer", tiny_tokenizer_dir, "--output-dir", out, "--block-size", 16]
-    code, _, stderr = run(["--input", small, *args], capsys)
-    assert code == 0, stderr
+    result = run_main(prep.main, ["--input", small, *args], capsys)
+    assert result.returncode == 0, result.stderr
     before = snapshot(out)
     if small_disk is None:  # no tmpfs: the disk fills up when the token files are flushed
         def full(f):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(prep, "_sync", full)
-    code, _, stderr = run(["--input", big, *args, "--overwrite"], capsys)
-    assert code == 4, stderr
-    assert "Traceback" not in stderr
-    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+        monkeypatch.setattr(writer, "_sync", full)
+    result = run_main(prep.main, ["--input", big, *args, "--overwrite"], capsys)
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "could not save train.bin, val.bin, meta.json in" in line and "HINT: free disk space" in line
     assert "No space left on device" in line or "Not enough free space" in line, line
     assert snapshot(out) == before  # earlier outputs intact, partial files and the lock gone
@@ -130,50 +130,50 @@ def test_bom_is_stripped_and_summary_gives_tokenizing_rate(tmp_path, tiny_tokeni
     book = tmp_path / "bom.txt"
     book.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     out = tmp_path / "out"
-    code, stdout, stderr = run(["--input", book, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+    result = run_main(prep.main, ["--input", book, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
                                 "--block-size", 16], capsys)
-    assert code == 0, stderr
+    assert result.returncode == 0, result.stderr
     tok = load(tiny_tokenizer_dir)
     assert reassemble(out).tolist() == reference_ids(tok, text) + [tok.eos_token_id]
     meta = load_meta(out)
     assert meta["sources"][0]["bom_stripped"] is True and meta["sources"][0]["bytes"] == len(text.encode()) + 3
-    assert f"stripped a UTF-8 byte-order mark from the start of 1 file(s): {book}" in stdout
-    first = stdout.splitlines()[0]
+    assert f"stripped a UTF-8 byte-order mark from the start of 1 file(s): {book}" in result.stdout
+    first = result.stdout.splitlines()[0]
     assert " MB/s); " in first and "tokenized in" in first and "s in all, start-up included" in first
-    assert "end to end" not in stdout
+    assert "end to end" not in result.stdout
 
 
 def test_sample_book_makes_the_quickstart_work(tmp_path, tiny_tokenizer_dir, capsys, monkeypatch):
     """A fresh clone has no book.txt: the error names --sample-book, which writes one that prepares."""
     monkeypatch.chdir(tmp_path)
-    code, _, stderr = run(["--tokenizer", tiny_tokenizer_dir], capsys)
-    assert_one_line_error(code, stderr, "--input book.txt does not exist", "python prepare_data.py --sample-book")
-    code, stdout, stderr = run(["--sample-book"], capsys)
-    assert code == 0, stderr
+    result = run_main(prep.main, ["--tokenizer", tiny_tokenizer_dir], capsys)
+    assert_one_line_error(result, "--input book.txt does not exist", "python prepare_data.py --sample-book")
+    result = run_main(prep.main, ["--sample-book"], capsys)
+    assert result.returncode == 0, result.stderr
     import pydoc_data.topics as topics
 
     expected = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     assert (tmp_path / "book.txt").read_text(encoding="utf-8") == expected and len(expected) > 100_000
-    assert "python prepare_data.py --input book.txt" in stdout
-    code, stdout, stderr = run(["--sample-book"], capsys)  # the Quickstart line run twice
-    assert code == 0 and "book.txt already holds the sample text" in stdout, stderr
+    assert "python prepare_data.py --input book.txt" in result.stdout
+    result = run_main(prep.main, ["--sample-book"], capsys)  # the Quickstart line run twice
+    assert result.returncode == 0 and "book.txt already holds the sample text" in result.stdout, result.stderr
     (tmp_path / "mine.txt").write_text("my own book", encoding="utf-8")
-    code, _, stderr = run(["--sample-book", "mine.txt"], capsys)
-    assert_one_line_error(code, stderr, "mine.txt already exists (and is not the sample)")
+    result = run_main(prep.main, ["--sample-book", "mine.txt"], capsys)
+    assert_one_line_error(result, "mine.txt already exists (and is not the sample)")
     assert (tmp_path / "mine.txt").read_text(encoding="utf-8") == "my own book"
-    code, _, stderr = run(["--input", "book.txt", "--tokenizer", tiny_tokenizer_dir], capsys)
-    assert code == 0, stderr
+    result = run_main(prep.main, ["--input", "book.txt", "--tokenizer", tiny_tokenizer_dir], capsys)
+    assert result.returncode == 0, result.stderr
     assert load_meta(tmp_path / "data")["sources"][0]["bytes"] == len(expected.encode())
 
 
 def test_every_problem_in_one_error(tmp_path, capsys):
-    code, _, stderr = run(["--input", "x.txt", "--val-fraction", "2", "--block-size", "1", "--encoding", "nope",
+    result = run_main(prep.main, ["--input", "x.txt", "--val-fraction", "2", "--block-size", "1", "--encoding", "nope",
                            "--text-field", ""], capsys)
-    assert_one_line_error(code, stderr, "4 problems with the flags", "(1) --val-fraction", "(2) --block-size",
+    assert_one_line_error(result, "4 problems with the flags", "(1) --val-fraction", "(2) --block-size",
                           "(3) unknown --encoding", "(4) --text-field is empty")
     (tmp_path / "a.csv").write_text("", encoding="utf-8")
     (tmp_path / "out").write_text("a file", encoding="utf-8")
-    code, _, stderr = run(["--input", tmp_path / "missing.txt", tmp_path / "a.csv", "--output-dir", tmp_path / "out"],
+    result = run_main(prep.main, ["--input", tmp_path / "missing.txt", tmp_path / "a.csv", "--output-dir", tmp_path / "out"],
                           capsys)
-    assert_one_line_error(code, stderr, "3 problems with the input", "missing.txt does not exist",
+    assert_one_line_error(result, "3 problems with the input", "missing.txt does not exist",
                           "a.csv is empty: no header row", "out is a file")

@@ -22,12 +22,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import BLOCK, base_args, train_records
 
 import finetune_generative as ft
 from dataset import EpochShuffleSampler, TextDataset
 from finetune.models import make_optimizer
 from finetune.plan import make_scheduler
+from helpers import BLOCK, base_args, train_records
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it

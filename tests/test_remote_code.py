@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, assert_clean_error
+from helpers import REPO_ROOT, assert_clean_error
 
 # Imported by transformers only if it runs the folder's code: then it leaves a marker next to itself.
 OWN_CODE = """

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fault_injection import error_lines, run_main
-from test_finetune import base_args
 
 import finetune_generative as ft
-from conftest import REPO_ROOT
 from finetune import console, trackers
+from helpers import REPO_ROOT, base_args, error_lines, run_main
 
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
            "--sample-max-new-tokens", "8"]
@@ -200,15 +198,15 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else
                         find_spec(name, *a))
     out = tmp_path / "out"
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "trackio"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "trackio"), capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == ["error: --report-to trackio needs the trackio package, which is not "
                                           "installed. HINT: pip install trackio"]
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorbord"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorbord"), capsys)
     assert error_lines(result.stderr) == ["error: --report-to 'tensorbord' is not one of none, tensorboard, "
                                           "mlflow, trackio, wandb (HINT: separate several with commas, e.g. "
                                           "--report-to tensorboard,mlflow)"]
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "none,tensorboard"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "none,tensorboard"), capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
                                           "cannot be combined with tensorboard. HINT: use --report-to "
@@ -230,7 +228,9 @@ def test_progress_lines_every_log_step_or_interval_whichever_is_rarer(monkeypatc
     # The first log step, then nothing for an hour, then the step reached at the end.
     assert [line.split(", ETA")[0] for line in lines] == ["step 4/10 (40%), loss 4.0000",
                                                          "step 10/10 (100%), loss 10.0000"]
-    assert lines[-1].endswith("ETA 00:00")
+    assert lines[-1].endswith("ETA 0s")  # a duration, not a clock time like 00:00 (issue 23 #8)
+    assert [console.format_duration(s) for s in (0, 59.4, 399, 7500, 3 * 86400 + 4 * 3600 + 5)] == [
+        "0s", "59s", "6m39s", "2h05m", "3d04h"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     from tqdm import tqdm
     bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger)

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fault_injection import run_main
-from test_finetune import BLOCK, base_args, train_records, weights
-from test_generate import main_error as generate_main
 
 import finetune_generative as ft
-from conftest import REPO_ROOT, assert_clean_error
+import generate
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
 from finetune.errors import first_line
 from finetune.rundir import lock_holder
+from helpers import BLOCK, REPO_ROOT, assert_clean_error, base_args, run_main, train_records, weights
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +69,17 @@ def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_
     assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
     assert len(shown) == sum(getattr(cfg, f) != getattr(ft.TrainConfig(), f) for f in ft.TrainConfig.__annotations__)
     assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
+    # issue 23 #9: the end says the val loss before -> after and what to run next, pasteable anywhere
+    before, after = (f"{e['val_loss']:.4f}" for e in evals)
+    python, model = shlex.quote(sys.executable), shlex.quote(str(out))
+    assert lines[-4].split(" ", 1)[1] == (
+        f"done: val loss {before} at step 0 -> {after} at step 1; final model in {out}, best model "
+        f"(val loss {after}, step 1) in {out / 'best'}")
+    assert lines[-3:] == [
+        "next:",
+        f"  sample from it:        {python} {shlex.quote(str(REPO_ROOT / 'generate.py'))} --model {model} "
+        "--prompt 'Once upon a time'",
+        f"  export it (llama.cpp): {python} {shlex.quote(str(REPO_ROOT / 'export.py'))} --model {model} --to gguf"]
 
 
 def test_no_best_folder_without_an_improvement_over_the_base_model(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
@@ -143,10 +152,11 @@ def test_malicious_pickle_weights_are_refused_by_training_and_generate(tmp_path,
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):  # what torch itself says (and advises)
         torch.load(evil / "pytorch_model.bin", weights_only=True)
 
-    result = run_main(base_args(evil, tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(evil, tiny_data_dir, tmp_path / "out"), capsys)
     assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "HINT: use a model saved as "
                                      "model.safetensors")
-    result = generate_main(capsys, "--model", evil, "--prompt", "x", "--max-new-tokens", 2)
+    result = run_main(generate.main, ["--device", "cpu", "--precision", "fp32", "--model", evil, "--prompt", "x",
+                                      "--max-new-tokens", 2], capsys)
     assert_refused_unsafely_loadable(result, marker, "not a safe weights file", "safetensors")
 
 
@@ -157,7 +167,7 @@ def test_tampered_training_state_is_refused_without_relaying_torch(one_step, tmp
     marker = tmp_path / "payload-ran"
     state = torch.load(state_file, weights_only=True)
     torch.save({**state, "rng": RunsCodeWhenUnpickled(marker)}, state_file)  # a valid zip: its CRCs match
-    result = run_main(["--output-dir", out, "--resume"], capsys)
+    result = run_main(ft.main, ["--output-dir", out, "--resume"], capsys)
     assert_refused_unsafely_loadable(result, marker, f"checkpoint {out}/checkpoint-1 is damaged: training_state.pt "
                                      "names Python functions to call while loading")
 
@@ -178,7 +188,7 @@ def test_first_line_cuts_long_messages_at_a_word():
 
 
 def test_data_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
-    result = run_main(base_args(tiny_model_dir, tiny_data_dir / "meta.json", tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir / "meta.json", tmp_path / "out"), capsys)
     assert_clean_error(result, f"{tiny_data_dir}/meta.json is a file, not a folder",
                        f"HINT: pass the folder prepare_data.py wrote (train.bin, val.bin and meta.json): {tiny_data_dir}")
     assert "--output-dir" not in result.stderr.split("HINT:")[1]  # never: prepare_data --output-dir <that file>
@@ -186,7 +196,7 @@ def test_data_dir_that_is_a_file(tmp_path, tiny_model_dir, tiny_data_dir, capsys
 
 
 def test_model_folder_without_config_json(tmp_path, tiny_tokenizer_dir, tiny_data_dir, capsys):
-    result = run_main(base_args(tiny_tokenizer_dir, tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args(tiny_tokenizer_dir, tiny_data_dir, tmp_path / "out"), capsys)
     assert_clean_error(result, "has no config.json, so it is not a saved model",
                        "HINT: pass the folder that holds config.json and the weights")
     assert "offline" not in result.stderr.lower() and "HF_HUB_OFFLINE" not in result.stderr
@@ -195,7 +205,7 @@ def test_model_folder_without_config_json(tmp_path, tiny_tokenizer_dir, tiny_dat
 
 def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsys):
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest
-    result = run_main(base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
+    result = run_main(ft.main, base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
     assert_clean_error(result, "HF_HUB_OFFLINE is set, so the hub was not asked",
                        "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it")
     assert "set HF_HUB_OFFLINE=1" not in result.stderr
@@ -285,12 +295,13 @@ def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_p
     err = (tmp_path / "resumed.txt").read_text()
     assert "in use" not in err  # the killed run's lock file did not block it
     command = err.split("continue with:\n")[1].splitlines()[0].strip()
-    assert command == (f"python {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} --output-dir "
-                       f"{shlex.quote(str(out))} --resume")
+    # issue 23 #18: the interpreter that ran, so it works where its venv is not active (PATH has no venv below)
+    assert command == (f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} "
+                       f"--output-dir {shlex.quote(str(out))} --resume")
     stopped_at = ckpt.checkpoint_step(ckpt.list_checkpoints(out)[-1])
     assert 2 < stopped_at < 20, "the run ended before SIGTERM; make it longer"
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH="/usr/bin:/bin")
     done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -329,9 +340,13 @@ def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_
         assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], err
         assert "Traceback" not in err and "aborted by a second interrupt" not in err
         assert (f"{signum.name}: stopped before the first training step, so nothing was trained and there is "
-                f"nothing to resume; start the run again with --overwrite") in err
+                f"nothing to resume; the same command starts the run again") in err
         out = tmp_path / signum.name
         assert not list(out.glob("checkpoint-*")) and train_records(out) == []
-    # the HINT works: the same command with --overwrite
-    assert ft.main([*runs[signal.SIGTERM][1], "--overwrite"]) == 0
-    assert [r["step"] for r in train_records(tmp_path / "SIGTERM")] == [1, 2]
+    # issue 23 #3: the start-up files left (train_config.json, metrics.jsonl) are no earlier run: the same
+    # command starts again in their place, without --overwrite
+    out = tmp_path / "SIGTERM"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl", "train_config.json"]
+    assert ft.main(runs[signal.SIGTERM][1]) == 0
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert [r["step"] for r in train_records(out, "eval")] == [0, 2]  # step 0 once: the stopped run's is gone

@@ -1,0 +1,15 @@
+"""The data pipeline of prepare_data.py: text and records in, train.bin / val.bin / meta.json out (README.md
+draws it). A module imports only the ones listed before it (and the package rooms below finetune/prepare):
+
+    settings    the frozen Settings the pipeline takes (prepare_data.py builds it from the flags)
+    records     record inputs (JSON lines, JSON, CSV/TSV, Parquet), streamed
+    sources     the inputs: files and folders walked, the checks that need no tokenizer
+    recorded    the tokenizer recorded by an earlier run, loaded without transformers
+    engines     tokenizer loading; ids from text: Hugging Face tokenizers, the tiktoken fast path
+    cuts        the safe-cut proof and the Cutter
+    split       validation ranges in the byte stream
+    stream      pieces: the inputs cut at safe places, labelled train or val
+    chatstream  chat records -> examples (ids + loss mask, finetune/chat.py), whole records per split
+    writer      token files under temporary names, the tally, meta.json, the publish
+    pipeline    pieces -> ids -> files, the checks on what came out
+"""

@@ -1,0 +1,202 @@
+"""Token files: train.bin / val.bin written under hidden temporary names, what was written tallied, and
+meta.json (read back by finetune/tokenfiles.py's load_meta) written last, when everything is renamed
+into place (an interrupted run never leaves a train.bin that looks valid)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, raise_if_write_failure
+from ..fsio import fsync_dir
+from ..tokenfiles import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
+from .engines import tokenizer_class
+from .settings import Settings
+from .stream import Piece
+
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data: one uint8 per token (docs/chat.md)
+ALL_OUTPUTS = (*OUTPUT_FILES, *MASK_FILES.values())  # what marks an earlier run's outputs in --output-dir
+
+
+class Outputs:
+    """train.bin / val.bin / meta.json under hidden temporary names until commit()."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype, masks: bool = False):
+        self.out_dir, self.dtype, self.masks = out_dir, dtype.newbyteorder("<"), masks
+        names = ("train.bin", "val.bin", *(MASK_FILES.values() if masks else ()), "meta.json")  # meta.json last
+        self.temp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in names}
+        self.files = {}
+        for split in ("train", "val"):
+            try:
+                self.files[split] = open(self.temp[f"{split}.bin"], "wb")
+                if masks:
+                    self.files[MASK_FILES[split]] = open(self.temp[MASK_FILES[split]], "wb")
+            except OSError as exc:
+                self.discard()
+                raise UserError(f"cannot write in --output-dir {out_dir} ({exc.strerror}). "
+                                "HINT: choose a folder you can write to") from None
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A failed write (disk full, quota, I/O error) becomes SaveFailed: exit 4, not a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            raise_if_write_failure(exc, f"{', '.join(OUTPUT_FILES)} in {self.out_dir}")
+            raise
+
+    def write(self, split: str, ids: np.ndarray) -> None:
+        with self.writing():
+            # file.write, not ndarray.tofile: a full disk then raises ENOSPC ("No space left on device"),
+            # where tofile says only "N requested and M written"
+            self.files[split].write(np.ascontiguousarray(ids.astype(self.dtype, copy=False)))
+
+    def write_mask(self, split: str, mask: np.ndarray) -> None:
+        """The loss-mask bytes of the ids just written to `split` (chat data)."""
+        with self.writing():
+            self.files[MASK_FILES[split]].write(np.ascontiguousarray(mask, dtype=np.uint8))
+
+    def close(self) -> None:
+        with self.writing():
+            for f in self.files.values():
+                if not f.closed:
+                    _sync(f)
+                    f.close()
+
+    def narrow_to_uint16(self) -> None:
+        with self.writing():
+            self._narrow_to_uint16()
+
+    def _narrow_to_uint16(self) -> None:
+        """Rewrite uint32 files as uint16 (dataset.load_meta wants dtype == token_dtype(max id))."""
+        for split in ("train", "val"):
+            src = self.temp[f"{split}.bin"]
+            dst = src.with_name(src.name + "16")
+            wide = np.memmap(src, dtype="<u4", mode="r") if src.stat().st_size else np.zeros(0, "<u4")
+            with open(dst, "wb") as f:
+                for i in range(0, len(wide), 1 << 24):
+                    f.write(wide[i:i + (1 << 24)].astype("<u2"))
+                _sync(f)
+            del wide
+            os.replace(dst, src)
+        self.dtype = np.dtype("<u2")
+
+    def commit(self, meta: dict) -> None:
+        """Rename into place. Old meta.json goes first and the new one comes last, so until the end
+        the folder never holds a meta.json that describes .bin files it does not match."""
+        self.close()
+        with self.writing():
+            with open(self.temp["meta.json"], "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+                _sync(f)
+            (self.out_dir / "meta.json").unlink(missing_ok=True)
+            if not self.masks:  # a plain data set replacing a chat one: its masks would describe other ids
+                for name in MASK_FILES.values():
+                    (self.out_dir / name).unlink(missing_ok=True)
+            for name in self.temp:  # in order: meta.json last
+                os.replace(self.temp[name], self.out_dir / name)
+            fsync_dir(self.out_dir)  # the renames themselves on disk
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                f.close()
+        for path in self.temp.values():
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + "16").unlink(missing_ok=True)
+
+
+def _sync(f) -> None:
+    """Data on disk before the rename that publishes it (a crash must not publish a hole)."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class Tally:
+    """Token and character counts per split and per source, and where the validation ranges landed."""
+
+    def __init__(self, sources: list[dict], track_ranges: bool):
+        self.tokens = {"train": 0, "val": 0}
+        self.chars = {"train": 0, "val": 0}
+        self.max_id = -1
+        self.sources, self.track_ranges = sources, track_ranges
+        self.ranges: list[dict] = []
+        self.previous_split = None
+
+    def add(self, piece: Piece, ids: np.ndarray) -> None:
+        if self.track_ranges and piece.split == "val":
+            if self.previous_split != "val":
+                self.ranges.append({"stream_bytes": [piece.start, piece.start],
+                                    "train_tokens_before": self.tokens["train"],
+                                    "val_token_start": self.tokens["val"], "tokens": 0})
+            self.ranges[-1]["stream_bytes"][1] = piece.start + piece.nbytes
+            self.ranges[-1]["tokens"] += len(ids)
+        self.previous_split = piece.split
+        self.tokens[piece.split] += len(ids)
+        self.chars[piece.split] += len(piece.text)
+        source = self.sources[piece.source]
+        source["chars"] += len(piece.text)
+        source["tokens"] += len(ids)
+        if len(ids):
+            self.max_id = max(self.max_id, int(ids.max()))
+
+
+
+
+def build_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict,
+               chat: dict | None = None) -> dict:
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_token_id": tally.max_id,
+        "tokenizer": {"name_or_path": settings.tokenizer,
+                      "fingerprint": getattr(tokenizer, "fingerprint", None) or tokenizer_fingerprint(tokenizer),
+                      "class": tokenizer_class(tokenizer), "add_special_tokens": False},
+        "splits": {split_name: {"file": SPLIT_FILES[split_name], "tokens": tally.tokens[split_name],
+                                "chars": tally.chars[split_name]} for split_name in ("train", "val")},
+        "sources": sources,
+        "split": split,
+        "encoding": settings.encoding,
+        "eos_after_each_source": True,
+        "input_formats": sorted({source["format"] for source in sources}),
+        **({"chat": chat} if chat else records_meta(settings.text_field, sources)),
+    }
+
+
+def records_meta(text_field: str, sources: list[dict]) -> dict:
+    """With record inputs: the field, documents per split and the records skipped (an end-of-text token
+    follows each document, i.e. each record with text)."""
+    mine = [s for s in sources if s["format"] != "text"]
+    if not mine:
+        return {}
+    skipped = {why: sum(s["skipped"][why] for s in mine) for why in ("empty", "null", "missing")}
+    return {"records": {"text_field": text_field,
+                        "formats": sorted({s["format"] for s in mine}),
+                        "train": sum(s["records"]["train"] for s in mine),
+                        "val": sum(s["records"]["val"] for s in mine),
+                        "skipped": sum(skipped.values()),
+                        "skipped_by_reason": skipped,
+                        "eos_after_each_record": True}}
+
+
+def split_policy(settings: Settings, ranges, tally: Tally) -> dict:
+    if not ranges:
+        return {"policy": "val-input", "seed": settings.seed}
+    return {
+        "policy": "val-ranges",
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
+        "stream": "the 'input' sources concatenated in order; stream_bytes index it",
+        "requested_ranges": [list(r) for r in ranges],
+        "val_ranges": tally.ranges,
+    }
+
+

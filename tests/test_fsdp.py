@@ -1,0 +1,214 @@
+"""--fsdp on CPU (gloo): 2 sharded processes train like 1 process with the same global batch; sharded
+checkpoints resume at another number of processes; releases are plain Hugging Face folders.
+
+The model has an odd vocabulary (401 rows), so the embedding's shards are uneven (201 + 200 rows).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_generative as ft
+import generate
+from finetune import checkpoints as ckpt
+from helpers import REPO_ROOT, base_args, build_tiny_model, train_records
+
+VOCAB = 401
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def odd_model_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("odd_model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    build_tiny_model(out, vocab_size=VOCAB)
+    return out
+
+
+def args(model_dir, data_dir, out, batch: int, *extra) -> list[str]:
+    # Dropout off: processes draw dropout masks from different RNG streams.
+    return base_args(model_dir, data_dir, out, "--dropout", "0", "--max-steps", STEPS, "--batch-size", batch,
+                     "--eval-every", "8", "--eval-batches", "2", "--save-every", "0", *extra)
+
+
+def torchrun_cmd(nproc: int, *script_args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+            str(REPO_ROOT / "finetune_generative.py"), *map(str, script_args)]
+
+
+def assert_close_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=tol, rtol=0), (name, (a[name] - b[name]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
+    """The reference: one plain process, batch 8 x accum 2 (the 2-process runs: 4 x 2 x 2)."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8)) == 0
+    return out
+
+
+def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run, tmp_path, odd_model_dir,
+                                                                tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        torchrun_cmd(2, *args(odd_model_dir, tiny_data_dir, out, 4, "--fsdp", "--sample-prompt", "the",
+                              "--sample-max-new-tokens", "4")),
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(train_records(out)) < 2):
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    rank1[0].send_signal(15)  # SIGTERM: rank 1 votes to stop, both save their shards and exit
+    launcher.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    stopped_at = train_records(out)[-1]["step"]
+    assert launcher.returncode != 0 and 2 <= stopped_at < STEPS, err[-3000:]
+    stop_checkpoint = out / f"checkpoint-{stopped_at}"
+    assert sorted(p.name for p in (stop_checkpoint / "sharded").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                               "__1_0.distcp"]
+    assert not (stop_checkpoint / "model.safetensors").exists()  # each rank wrote its part; none gathered
+    state = ckpt.load_training_state(stop_checkpoint)
+    assert state["sharded"] and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["optimizer"] is None and set(state["file_crc32"]) == {
+        "sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"}
+    # Sampling ran on both ranks (each forward pass gathers from both); rank 0 alone wrote the samples.
+    evals = [r["step"] for r in train_records(out, "eval")]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(evals)
+    # Sharded, 2 processes == 1 process up to the stop: same steps, tokens and losses.
+    reference = train_records(one_process_run)
+    for a, b in zip(train_records(out), reference):
+        assert (a["step"], a["tokens"]) == (b["step"], b["tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-4)
+
+    # Resumed by one process (no torchrun): resharded, the global batch kept (4 x 4 accum), the same end.
+    with pytest.raises(SystemExit):  # the resume picks the per-process batch itself
+        ft.main(["--output-dir", str(out), "--resume", "--batch-size", "4"])
+    assert "--batch-size and --grad-accum are chosen by a resume at another number" in capsys.readouterr().err
+    assert ft.main(["--output-dir", str(out), "--resume"]) == 0
+    assert [r["step"] for r in train_records(out)] == list(range(1, STEPS + 1))
+    for a, b in zip(train_records(out), reference):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    final, expected = load_file(out / "model.safetensors"), load_file(one_process_run / "model.safetensors")
+    assert_close_weights(final, expected)
+    assert "lm_head.weight" not in final  # the tie is saved once, as by save_pretrained
+    initial = load_file(odd_model_dir / "model.safetensors")["transformer.wte.weight"]
+    assert final["transformer.wte.weight"].shape[0] == VOCAB
+    assert (final["transformer.wte.weight"] != initial).any(dim=1).all()  # every row trained, 401st included
+
+
+@pytest.fixture(scope="module")
+def sharded_single_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
+    """One sharded process (a process group of one, no torchrun): the start of the 1 -> 2 resume."""
+    out = tmp_path_factory.mktemp("sharded1") / "out"
+    assert ft.main(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--max-steps", "4", "--save-every", "2",
+                                "--eval-every", "4", "--eval-batches", "0")) == 0
+    return out
+
+
+def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_loss(sharded_single_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import TextDataset, validation_blocks
+    from finetune.loss import next_token_loss
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(sharded_single_run / "checkpoint-2", out / "checkpoint-2")
+    result = subprocess.run(torchrun_cmd(2, "--output-dir", out, "--resume"), capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--batch-size 8 x --grad-accum 1 per process" in result.stderr
+    assert [r["step"] for r in train_records(out)] == [3, 4]
+    assert [r["loss"] for r in train_records(out)] == pytest.approx(
+        [r["loss"] for r in train_records(sharded_single_run) if r["step"] > 2], abs=1e-5)
+    assert_close_weights(load_file(out / "model.safetensors"), load_file(sharded_single_run / "model.safetensors"))
+    # The released folder loads with from_pretrained and gives the loss the sharded model measured at the end
+    # (the validation blocks of a 2-process sharded run: those of rank 0 and rank 1, cut to the same count).
+    state = ckpt.load_training_state(out / "checkpoint-4")
+    data_dir, block = state["config"]["data_dir"], state["config"]["block_size"]
+    val = TextDataset.from_data_dir(data_dir, "val", block)
+    per_rank = [validation_blocks(len(val), None, 8, rank, 2) for rank in (0, 1)]
+    blocks = [i for rank in per_rank for i in rank[:len(per_rank[1])]]
+    final_eval = train_records(out, "eval")[-1]
+    for folder in (out, out / "best"):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+        ids = torch.stack([val[i]["input_ids"] for i in blocks])
+        with torch.no_grad():
+            loss = next_token_loss(model(input_ids=ids).logits, ids).item()
+        assert loss == pytest.approx(final_eval["val_loss"], abs=1e-5)
+        assert model.config.architectures == ["GPT2LMHeadModel"]
+
+
+def test_a_missing_or_short_shard_is_damaged(sharded_single_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(sharded_single_run, out)
+    (out / "checkpoint-4" / "sharded" / "__0_0.distcp").unlink()
+    with pytest.raises(SystemExit) as exc:
+        ft.main(["--output-dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "checkpoint-4 is damaged: sharded/__0_0.distcp missing" in err
+    assert "--skip-damaged-checkpoints" in err and "checkpoint-2" in err
+    with pytest.raises(SystemExit) as exc:  # generate.py cannot load shards, and says what to pass instead
+        generate.main(["--model", str(out / "checkpoint-2"), "--prompt", "the"])
+    assert exc.value.code == 2 and "checkpoint of an --fsdp run" in capsys.readouterr().err
+    shard = out / "checkpoint-2" / "sharded" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ckpt.DamagedCheckpoint, match="cut short"):
+        ckpt.read_checkpoint(out / "checkpoint-2")
+
+
+def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsys):
+    from transformers import OpenAIGPTConfig
+
+    def refused(argv, *fragments):
+        with pytest.raises(SystemExit) as exc:
+            ft.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err, err
+        line = [t for t in err.splitlines() if t.startswith("error:")]
+        assert len(line) == 1 and all(f in line[0] for f in fragments), err
+
+    out = tmp_path / "out"
+    refused(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--compile"), "--fsdp with --compile")
+    refused(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--lora-r", "4"), "--fsdp with --lora-r")
+    no_blocks = tmp_path / "openai-gpt"  # its transformers class names no block class (_no_split_modules)
+    OpenAIGPTConfig(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2).save_pretrained(no_blocks)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(odd_model_dir / name, no_blocks / name)
+    refused(args(no_blocks, tiny_data_dir, out, 8, "--fsdp"), "no transformer blocks", "OpenAIGPTLMHeadModel",
+            "_no_split_modules")
+    refused(["--output-dir", one_process_run, "--resume", "--fsdp"], "written without --fsdp")
+    refused(args(odd_model_dir, tiny_data_dir, out, 8, "--fsdp", "--nproc", "2"), "--nproc plans a run for --dry-run")
+    assert not out.exists()
+
+
+def test_dry_run_plans_ddp_and_fsdp_side_by_side(odd_model_dir, tiny_data_dir, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    wider = tmp_path / "wider"  # a config alone: --dry-run reads no weights
+    GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=256, n_layer=8, n_head=4).save_pretrained(wider)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(odd_model_dir / name, wider / name)
+    out = tmp_path / "out"
+    assert ft.main(args(wider, tiny_data_dir, out, 8, "--fsdp", "--dry-run", "--nproc", "4")) == 0
+    text = capsys.readouterr().out
+    assert "8 x 2 accum x 4 process(es)" in text
+    line = next(t for t in text.splitlines() if t.startswith("sharding"))
+    ddp, fsdp_gib = (float(part.split("~")[1].split()[0]) for part in line.split(",")[:2])
+    assert "at 4 process(es)" in line and "(this run: FSDP)" in line and "fit this machine's" in line
+    assert fsdp_gib < ddp and f"memory estimate  ~{fsdp_gib:.2f} GiB per process" in text
+    assert not out.exists()
