@@ -1,7 +1,7 @@
 """Chat and instruction data (meta.json has a "chat" key): whole examples packed into blocks.
 
 The token files are those of plain text (train.bin / val.bin, the examples one after another) plus one
-uint8 per token in train.mask.bin / val.mask.bin (see CHAT_FORMAT.md):
+uint8 per token in train.mask.bin / val.mask.bin (docs/chat.md, "Token files"):
     bit 0 (1)   the token is a training target (labels[t] = input_ids[t]; -100 otherwise)
     bit 1 (2)   the token is the first of an example
 

@@ -17,7 +17,7 @@ from .errors import UserError
 META_FORMAT = "finetune-gpt2-tokens"
 META_VERSION = 1
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
-MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data only (CHAT_FORMAT.md)
+MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data only (docs/chat.md)
 
 
 class DataError(UserError):

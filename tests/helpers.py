@@ -253,8 +253,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # -----------------------------------------------------------------------------
-# Chat data folders written directly (the token files of CHAT data: ids + mask bits)
-# A writer of chat data folders for the training-side tests (the format of CHAT_FORMAT.md), made directly
+# Chat data folders written directly (ids + mask bits)
+# A writer of chat data folders for the training-side tests (the format of docs/chat.md, "Token files"), made directly
 # with numpy: each conversation rendered with a chat template set on the tiny tokenizer, the assistant
 # tokens (the template's {% generation %} spans: each reply and its end-of-turn token) marked as targets.
 #
