@@ -301,12 +301,22 @@ EXCHANGES = [("the old captain", "a quiet sea"), ("where is the whale", "under t
 
 @pytest.fixture(scope="module")
 def overfit_model(tmp_path_factory, tiny_model_dir):
-    """The tiny model trained until it knows the reply to each of 4 user turns (the test writer's data). The
-    4 conversations are repeated 32 times so that an epoch is 16 steps: the run evaluates (and writes best/
-    and loss.png) at each epoch end, which for 4 conversations in one block would be every step."""
+    """The tiny model trained until it knows the reply to each of 4 user turns, end to end: prepare_data.py
+    on a JSONL of conversations (the tiny tokenizer has no template: the default one), the training script,
+    then generate.py --chat below, so the three agree on the template token for token. The 4 conversations
+    are repeated 32 times so that an epoch is 16 steps: the run evaluates (and writes best/ and loss.png) at
+    each epoch end, which for 4 conversations in one block would be every step."""
+    import prepare_data
+
     root = tmp_path_factory.mktemp("overfit")
     conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in EXCHANGES]
-    data = write_chat_data(root / "data", tiny_tokenizer(tiny_model_dir), conversations * 32, conversations[:1])
+    for name, rows in (("train.jsonl", conversations * 32), ("val.jsonl", conversations[:1])):
+        (root / name).write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
+    data = root / "data"
+    assert prepare_data.main(["--input", str(root / "train.jsonl"), "--val-input", str(root / "val.jsonl"),
+                              "--tokenizer", str(tiny_model_dir), "--output-dir", str(data),
+                              "--block-size", "64"]) is not None
+    assert load_meta(data)["chat"]["template_source"] == "default"
     out = root / "out"
     assert ft.main(["--model", str(tiny_model_dir), "--data-dir", str(data), "--output-dir", str(out),
                     "--block-size", "64", "--batch-size", "4", "--max-steps", "120", "--lr", "1e-2", "--scheduler",
