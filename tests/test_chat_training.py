@@ -254,35 +254,33 @@ def test_validation_loss_is_over_trained_tokens(chat_run, tiny_model_dir, chat_d
 # TRL's SFTTrainer as the reference
 
 
-def test_loss_and_one_step_match_trl_sft_trainer(tmp_path, tiny_model_dir):
-    """The same 8 conversations, model and template: TRL's loss over the assistant tokens (assistant_only_loss,
-    unpacked, padded batch) and ours (packed) agree, and so do the weights after one optimizer step.
-    Aligned: one step over all examples (the sum over tokens is then order-free), constant lr without
-    warmup (our warmup starts a step ahead of transformers'), dropout 0, fused AdamW, the same clipping, and
-    TRL's bf16 and gradient checkpointing (on by default in SFTConfig) off: fp32 on both sides."""
+TRL_HYPER = ["--max-steps", 1, "--batch-size", 8, "--grad-accum", 1, "--scheduler", "constant", "--warmup-steps", 0,
+             "--lr", "1e-2", "--save-total-limit", 1]
+
+
+def assert_one_step_matches_trl(tmp_path, model_dir, data, rows: list[dict], **only_loss) -> None:
+    """Ours (packed) and TRL's SFTTrainer (unpacked, padded) on the same examples: the loss over the trained
+    tokens of one optimizer step, and the weights after it. Aligned: one step over all examples (the sum
+    over tokens is then order-free), constant lr without warmup (our warmup starts a step ahead of
+    transformers'), dropout 0, fused AdamW, the same clipping, and TRL's bf16 and gradient checkpointing (on
+    by default in SFTConfig) off: fp32 on both sides."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from safetensors.torch import load_file
 
-    conversations = make_conversations(8, seed=3, max_words=8)
-    tokenizer = tiny_tokenizer(tiny_model_dir)
-    data = write_chat_data(tmp_path / "data", tokenizer, conversations, make_conversations(2, seed=4))
-    assert split_packing(data, "train", BLOCK, load_meta(data)).truncated == 0
-    hyper = ["--max-steps", 1, "--batch-size", 8, "--grad-accum", 1, "--scheduler", "constant", "--warmup-steps", 0,
-             "--lr", "1e-2", "--save-total-limit", 1]
-    assert ft.main(chat_args(tiny_model_dir, data, tmp_path / "ours", *hyper)) == 0
+    assert ft.main(chat_args(model_dir, data, tmp_path / "ours", *TRL_HYPER)) == 0
     (ours,) = train_records(tmp_path / "ours")
-
-    model = load_model(tiny_model_dir).train()
     config = trl.SFTConfig(
-        output_dir=str(tmp_path / "trl"), assistant_only_loss=True, packing=False, max_length=BLOCK,
+        output_dir=str(tmp_path / "trl"), packing=False, max_length=BLOCK, **only_loss,
         per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1, learning_rate=1e-2,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, dataloader_num_workers=0, seed=5, disable_tqdm=True,
         bf16=False, gradient_checkpointing=False)  # TRL's defaults are True (bf16 autocast: losses 2e-5 apart)
-    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list([{"messages": m} for m in conversations]))
+    tokenizer = tiny_tokenizer(model_dir)
+    tokenizer.chat_template = load_meta(data)["chat"]["template"]
+    trainer = trl.SFTTrainer(model=load_model(model_dir).train(), args=config, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(rows))
     trainer.train()
     theirs = next(entry for entry in trainer.state.log_history if "loss" in entry)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=LOSS_TOLERANCE)
@@ -290,6 +288,34 @@ def test_loss_and_one_step_match_trl_sft_trainer(tmp_path, tiny_model_dir):
     for name, tensor in trainer.model.state_dict().items():
         if name in our_weights:
             assert (our_weights[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+def test_conversations_match_trl_assistant_only_loss(tmp_path, tiny_model_dir):
+    conversations = make_conversations(8, seed=3, max_words=8)
+    data = write_chat_data(tmp_path / "data", tiny_tokenizer(tiny_model_dir), conversations,
+                           make_conversations(2, seed=4))
+    assert split_packing(data, "train", BLOCK, load_meta(data)).truncated == 0
+    assert_one_step_matches_trl(tmp_path, tiny_model_dir, data, [{"messages": m} for m in conversations],
+                                assistant_only_loss=True)
+
+
+def test_prompt_completion_records_match_trl_completion_only_loss(tmp_path, tiny_model_dir):
+    """Prompt/completion records through prepare_data.py, trained on the completion and its end token, as
+    TRL's completion_only_loss trains them (the same file means the same tokens in both tools)."""
+    import prepare_data
+
+    words = "the old captain walked to the quiet sea and found a letter by the door of the house".split()
+    rng = np.random.default_rng(6)
+    pairs = [{"prompt": " ".join(rng.choice(words, 5)) + ":", "completion": " " + " ".join(rng.choice(words, 4))}
+             for _ in range(10)]
+    for name, rows in (("pairs.jsonl", pairs[:8]), ("held.jsonl", pairs[8:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = tmp_path / "data"
+    assert prepare_data.main(["--input", str(tmp_path / "pairs.jsonl"), "--val-input", str(tmp_path / "held.jsonl"),
+                              "--tokenizer", str(tiny_model_dir), "--output-dir", str(data),
+                              "--block-size", "16"]) is not None
+    assert load_meta(data)["chat"]["format"] == "prompt_completion"
+    assert_one_step_matches_trl(tmp_path, tiny_model_dir, data, pairs[:8], completion_only_loss=True)
 
 
 # -----------------------------------------------------------------------------
