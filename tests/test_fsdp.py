@@ -140,7 +140,7 @@ def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_lo
     state = ckpt.load_training_state(out / "checkpoint-4")
     data_dir, block = state["config"]["data_dir"], state["config"]["block_size"]
     val = TextDataset.from_data_dir(data_dir, "val", block)
-    per_rank = [validation_blocks(len(val), None, 8, rank, 2) for rank in (0, 1)]
+    per_rank = [validation_blocks(len(val), len(val), rank, 2) for rank in (0, 1)]
     blocks = [i for rank in per_rank for i in rank[:len(per_rank[1])]]
     final_eval = train_records(out, "eval")[-1]
     for folder in (out, out / "best"):
