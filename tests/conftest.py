@@ -18,11 +18,23 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (-n 2, the README's command) each worker and every script it starts computes on one
+# thread: two workers then fill the two cores without oversubscribing them, and a worker's subprocess start-up
+# (imports, loading) overlaps the other's compute.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # the scripts and the finetune package, importable from every test
     sys.path.insert(0, _REPO)
 
 from helpers import build_tiny_model, build_tiny_tokenizer, make_corpus, run_script  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # in case torch was imported before the variables above were set
 
 
 @pytest.fixture(scope="session")
