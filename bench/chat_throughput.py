@@ -10,7 +10,7 @@ words: a system turn in 30 % of them, 1 to 4 user/assistant exchanges, each user
 each reply a log-normal number of words (median 40, clipped to 2-400), so conversations run from about
 20 to about 1,500 tokens, some longer than the block (truncated by both tools). They are rendered with
 the template below (GPT-2 has none; eos ends each turn, no token is added) and written as a chat data
-folder (token files + masks, CHAT_FORMAT.md) by tests/chat_data.py's writer; the same conversations go to
+folder (token files + masks, docs/chat.md) by the tests' writer (tests/helpers.py, write_chat_data); the same conversations go to
 TRL as a "messages" dataset with assistant_only_loss=True, so both train the same replies.
 
 The contenders, each in its own process, alternating rounds (ours, trl, ours, trl, ...):
@@ -106,7 +106,7 @@ def run_checked(cmd: list[str]) -> None:
 
 
 def build_data(args, model_dir: Path, root: Path) -> Path:
-    from chat_data import write_chat_data
+    from helpers import write_chat_data
     from transformers import AutoTokenizer
 
     folder = root / f"data-{args.conversations}-{args.seed}"
