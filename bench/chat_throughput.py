@@ -106,8 +106,9 @@ def run_checked(cmd: list[str]) -> None:
 
 
 def build_data(args, model_dir: Path, root: Path) -> Path:
-    from helpers import write_chat_data
     from transformers import AutoTokenizer
+
+    from helpers import write_chat_data
 
     folder = root / f"data-{args.conversations}-{args.seed}"
     if not (folder / "meta.json").is_file():

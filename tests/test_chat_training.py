@@ -20,7 +20,7 @@ from finetune.data import EpochShuffleSampler, load_meta
 from finetune.models import make_optimizer
 from finetune.packing import PackedChatDataset, best_fit_decreasing, split_packing
 from finetune.plan import make_scheduler
-from helpers import TEST_TEMPLATE, assert_same_weights, make_conversations, train_records, write_chat_data
+from helpers import TEST_TEMPLATE, assert_same_weights, make_conversations, torchrun, train_records, write_chat_data
 
 BLOCK = 128
 LOSS_TOLERANCE = 1e-5
@@ -60,6 +60,23 @@ def chat_run(tmp_path_factory, tiny_model_dir, chat_data_dir):
     out = tmp_path_factory.mktemp("chat_run") / "out"
     assert ft.main(chat_args(tiny_model_dir, chat_data_dir, out, "--save-every", 2)) == 0
     return out
+
+
+def test_two_processes_train_chat_data_like_one(tmp_path, tiny_model_dir, chat_data_dir):
+    """torchrun, 2 processes x batch 1 against 1 process x batch 2 (the same global batch, the same blocks in
+    each of the 4 full steps): the step's trained tokens are counted over both ranks, so the per-step losses
+    and the weights agree."""
+    from safetensors.torch import load_file
+
+    steps = ("--max-steps", 4)
+    assert ft.main(chat_args(tiny_model_dir, chat_data_dir, tmp_path / "one", *steps)) == 0
+    result = torchrun(2, *chat_args(tiny_model_dir, chat_data_dir, tmp_path / "two", *steps, "--batch-size", 1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    w_one, w_two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert max((w_two[k] - w_one[k]).abs().max().item() for k in w_one) <= 1e-5
 
 
 # -----------------------------------------------------------------------------
