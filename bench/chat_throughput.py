@@ -45,16 +45,8 @@ from _common import REPO, build_model_dir  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ 'Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ message['role'] | capitalize + ':\n' + message['content'] + eos_token + '\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:\n' }}{%- endif -%}"
-)
+from helpers import TEST_TEMPLATE, write_chat_data  # noqa: E402  (the tests' chat-data writer and template)
+
 WORDS = ("the a of to in and river mountain ship captain whale sea wind storm quiet morning evening letter house "
          "garden door window old young small great said walked looked found heard thought remembered carried "
          "opened closed because while under over between after before again never always").split()
@@ -108,13 +100,12 @@ def run_checked(cmd: list[str]) -> None:
 def build_data(args, model_dir: Path, root: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from helpers import write_chat_data
 
     folder = root / f"data-{args.conversations}-{args.seed}"
     if not (folder / "meta.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         val = make_conversations(max(8, args.conversations // 50), args.seed + 1)
-        write_chat_data(folder, tokenizer, make_conversations(args.conversations, args.seed), val, TEMPLATE)
+        write_chat_data(folder, tokenizer, make_conversations(args.conversations, args.seed), val, TEST_TEMPLATE)
     return folder
 
 
@@ -145,7 +136,7 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = TEST_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     stamps, processed = [], []
 

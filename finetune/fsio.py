@@ -149,21 +149,8 @@ def atomic_file(path: Path, what: str):
     """A text file written under a temporary name next to `path`, then put in its place (fsync, rename),
     also when the body is interrupted (Ctrl-C keeps what was written so far); after kill -9 the old file
     is still whole. A full disk raises the project's one-line error naming `what`."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            try:
-                yield f
-            finally:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise_if_write_failure(exc, what)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, what) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f  # closed (flushed) here; atomic_path then fsyncs it and renames it into place
 
 
 @contextlib.contextmanager
