@@ -37,20 +37,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # in case torch was imported before the variables above were set
 
 
-@pytest.fixture(scope="session")
-def shared_config_dir(tmp_path_factory) -> Path:
-    """matplotlib's font cache, built once per session instead of once per test."""
-    return tmp_path_factory.mktemp("mplconfig")
+@pytest.fixture(scope="session", autouse=True)
+def session_caches(tmp_path_factory):
+    """Private caches for the session's own fixtures: session- and module-scoped fixtures (which run
+    prepare_data, build models) start before any test's `private_caches`, so they get these. matplotlib's
+    font cache stays here for the whole session instead of being rebuilt for every test."""
+    root = tmp_path_factory.mktemp("session-caches")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg-cache"))
+        patch.setenv("HF_HOME", str(root / "hf-home"))
+        patch.setenv("MPLCONFIGDIR", str(root / "mplconfig"))
+        yield root
 
 
 @pytest.fixture(autouse=True)
-def private_caches(tmp_path, monkeypatch, shared_config_dir):
+def private_caches(tmp_path, monkeypatch, session_caches):
     """Every cache a script could write goes into this test's temp folder, never the user's ~/.cache:
     running the tests leaves the machine as it was, and no test sees what another left behind.
     Subprocesses inherit the environment, so scripts run by `run_script` are covered too."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("MPLCONFIGDIR", str(shared_config_dir))
 
 
 @pytest.fixture(scope="session")
