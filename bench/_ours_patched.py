@@ -103,8 +103,7 @@ def apply_patches(fg) -> None:
         def hf_next_token_loss(logits, input_ids, rows_per_chunk=64):
             return ForCausalLMLoss(logits, input_ids, vocab_size=logits.shape[-1])
 
-        patch(fg, "next_token_loss", hf_next_token_loss)  # the training step's
-        patch(loss, "next_token_loss", hf_next_token_loss)  # evaluate()'s
+        patch(loss, "next_token_loss", hf_next_token_loss)  # what forward_loss (training and evaluation) calls
     if "loop_adamw" in PATCHES:
         original_make_optimizer = models.make_optimizer
 
@@ -142,8 +141,8 @@ def apply_patches(fg) -> None:
     if "no_eval0" in PATCHES:
         original_evaluate = training.TrainingRun.evaluate_and_track
 
-        def evaluate_and_track(self):
-            return float("nan") if self.progress.step == 0 else original_evaluate(self)
+        def evaluate_and_track(self, stop=None):
+            return float("nan") if self.progress.step == 0 else original_evaluate(self, stop)
 
         patch(training.TrainingRun, "evaluate_and_track", evaluate_and_track)
 

@@ -9,7 +9,8 @@ only the ones listed before it:
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
     runtime       device, precision, autocast, seeds, library versions
     console       the logging setup every script uses
-    cli           flags generated from a config dataclass
+    cli           flags generated from config dataclasses (one --help group per dataclass)
+    config        the training script's settings: TrainConfig, its flag groups, their validation
     plan          steps, evaluation schedule, memory estimate (--dry-run)
     tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints,
                   reading the splits back (reassemble: the inverse of the split)
@@ -18,15 +19,18 @@ only the ones listed before it:
     loss          next-token loss, validation loss
     metrics       metrics.jsonl, loss.png
     trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)
-    models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer
+    models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer; ModelFiles (how a
+                  run writes its model, which lora and fsdp override)
     prepare/      prepare_data.py's pipeline: sources -> pieces -> ids -> token files (its own README.md)
     cpu_dropout   faster dropout masks on CPU
     sampling      text generation, shared by generate.py and training-time samples
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
-    training      the run object the loop works with (record, evaluate, sample, save)
     lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
     fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
+    training      the run object the loop works with (record, evaluate, sample, save), stop requests, loaders
+    preflight     what a run checks before its weights load (settings, resume, data vs model, plan, memory)
+    build         a run assembled from its checks: model and converters, optimizer, schedule, data, resume
     modelfolder   which saved model a --model folder means (model, LoRA adapter, training output)
     export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
 """

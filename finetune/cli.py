@@ -1,8 +1,8 @@
-"""Command-line flags from a config dataclass: the docstring under each field is its --help text.
+"""Command-line flags from config dataclasses: one flag per field, one --help group per dataclass.
 
-The script lists its flags by name, grouped (`FLAG_GROUPS`), so grepping a flag finds the line that
-maps it to its field; a flag's field is its name without the dashes (`--max-steps` -> `max_steps`)
-unless `FLAG_OPTIONS` gives a `dest`.
+A group's docstring is its title; the docstring under each field is the flag's --help text. A flag is the
+field's name with dashes (`max_steps` -> `--max-steps`) unless the field's metadata gives `flag`; the rest
+of the metadata (choices, nargs, action, metavar, const) goes to argparse as it is.
 """
 from __future__ import annotations
 
@@ -33,33 +33,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def field_of(flag: str, options: dict) -> str:
-    return options.get(flag, {}).get("dest") or flag[2:].replace("-", "_")
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def build_arg_parser(config_cls, groups: dict[str, tuple[str, ...]], options: dict[str, dict], description: str,
-                     suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """One flag per field of `config_cls`. With suppress_defaults, only flags given on the command line
-    appear in the parsed namespace (how a resume tells what was given)."""
-    defaults = config_cls()
-    docs = field_docs(config_cls)
-    kinds = {f.name: f.type for f in dataclasses.fields(config_cls)}
+def own_fields(group) -> list[dataclasses.Field]:
+    """The fields declared in `group` itself, in the order written."""
+    own = group.__dict__.get("__annotations__", {})
+    return [f for f in dataclasses.fields(group) if f.name in own]
+
+
+def build_arg_parser(groups, description: str, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """One flag per field of the `groups` dataclasses, one --help group each. With suppress_defaults, only
+    flags given on the command line appear in the parsed namespace (how a resume tells what was given)."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
-    for title, flags in groups.items():
-        group = parser.add_argument_group(title)
-        for flag in flags:
-            name = field_of(flag, options)
-            kind = kinds[name]
-            spec = {"help": docs[name].replace("%", "%%"), "dest": name,
-                    "default": argparse.SUPPRESS if suppress_defaults else getattr(defaults, name)}
-            if kind == "bool":
+    for group_cls in groups:
+        group = parser.add_argument_group(inspect.getdoc(group_cls))
+        docs = field_docs(group_cls)
+        for f in own_fields(group_cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            options = {k: v for k, v in f.metadata.items() if k != "flag"}
+            spec = {"help": docs[f.name].replace("%", "%%"), "dest": f.name,
+                    "default": argparse.SUPPRESS if suppress_defaults else default}
+            if f.type == "bool":
                 spec["action"] = "store_true"
-            elif "choices" not in options.get(flag, {}) and "action" not in options.get(flag, {}):
-                spec["type"] = int if "int" in kind else float if "float" in kind else str
-            spec.update(options.get(flag, {}))
-            group.add_argument(flag, **spec)
-    if set(kinds) - {field_of(f, options) for flags in groups.values() for f in flags}:
-        raise AssertionError("every config field needs a flag in FLAG_GROUPS")
+            elif "choices" not in options and "action" not in options:
+                spec["type"] = int if "int" in f.type else float if "float" in f.type else str
+            group.add_argument(flag_of(f), **{**spec, **options})
     return parser
 
 

@@ -15,11 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoints import DCP_METADATA, SHARDED_FOLDER
 from .distributed import DistInfo, all_gather_objects
 from .fsio import atomic_folder, file_crc32
-from .training import ModelFiles
+from .models import ModelFiles
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger("finetune")
 
@@ -29,7 +33,7 @@ log = logging.getLogger("finetune")
 # Checks before anything loads
 
 
-def settings_problems(cfg) -> list[str]:
+def settings_problems(cfg: TrainConfig) -> list[str]:
     """What --fsdp cannot be combined with, seen from the flags alone."""
     if not cfg.fsdp:
         return []
@@ -77,7 +81,7 @@ def check_on_meta_model(model_config) -> list[str]:
             f"HINT: train this model without --fsdp (torchrun alone replicates it), or use --lora-r"]
 
 
-def resume_problems(cfg, state: dict) -> list[str]:
+def resume_problems(cfg: TrainConfig, state: dict) -> list[str]:
     """An FSDP run resumes only an FSDP checkpoint: the other kind keeps the whole optimizer in one file."""
     sharded = bool(state.get("sharded"))
     if cfg.fsdp and not sharded:
@@ -87,7 +91,7 @@ def resume_problems(cfg, state: dict) -> list[str]:
     return []
 
 
-def rescaled_for_world_size(cfg, state: dict, world_size: int, explicit: set[str]):
+def rescaled_for_world_size(cfg: TrainConfig, state: dict, world_size: int, explicit: set[str]):
     """On a resume at another number of processes: the same global batch (batch x accum x processes), so the
     run continues on the same samples per step: the per-process share is --batch-size x --grad-accum, the
     micro-batch kept where it divides the share (else the largest that does). Returns (cfg, problem or None)."""

@@ -23,10 +23,13 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError, first_line
-from .models import WEIGHT_FILES, hub_offline, hub_reachable, load_weights, looks_like_path, set_dropout, unwrap_model
-from .training import ModelFiles
+from .models import WEIGHT_FILES, ModelFiles, hub_offline, hub_reachable, load_weights, looks_like_path, set_dropout, unwrap_model
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 DEFAULT_DROPOUT = 0.05
 # peft asks models for `is_gradient_checkpointing`, which transformers 5.x renamed (it warns on each wrap).
@@ -39,11 +42,11 @@ ADAPTER_BASE_FILE = "adapter_base.json"
 RELEASE_ADAPTER_DIR = "adapter"
 
 
-def alpha(cfg) -> float:
+def alpha(cfg: TrainConfig) -> float:
     return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
 
 
-def dropout(cfg) -> float:
+def dropout(cfg: TrainConfig) -> float:
     return cfg.lora_dropout if cfg.lora_dropout is not None else DEFAULT_DROPOUT
 
 
@@ -64,7 +67,7 @@ def require_peft() -> None:
 # Checks before anything loads
 
 
-def settings_problems(cfg) -> list[str]:
+def settings_problems(cfg: TrainConfig) -> list[str]:
     """The LoRA flags' own problems (part of validate_config: nothing is loaded yet)."""
     problems = []
     if cfg.lora_r < 0:
@@ -100,12 +103,12 @@ def block_linear_layers(model) -> dict[str, list[str]]:
     return layers
 
 
-def given_target_names(cfg) -> list[str]:
+def given_target_names(cfg: TrainConfig) -> list[str]:
     """--lora-target-modules split at commas, empty names kept (check_on_meta_model refuses them)."""
     return [name.strip() for item in cfg.lora_target_modules for name in item.split(",")]
 
 
-def target_names(cfg, layers: dict[str, list[str]]) -> list[str]:
+def target_names(cfg: TrainConfig, layers: dict[str, list[str]]) -> list[str]:
     """--lora-target-modules (commas allowed), or every linear layer of the blocks."""
     return given_target_names(cfg) or sorted(layers)
 
@@ -123,14 +126,14 @@ def in_features(module) -> int:
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
-def lora_config(cfg, targets: list[str], fan_in_fan_out: bool):
+def lora_config(cfg: TrainConfig, targets: list[str], fan_in_fan_out: bool):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=alpha(cfg), lora_dropout=dropout(cfg), target_modules=targets,
                       fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
 
 
-def check_on_meta_model(cfg, model_config) -> tuple[list[str], dict]:
+def check_on_meta_model(cfg: TrainConfig, model_config) -> tuple[list[str], dict]:
     """Wrap a weightless (meta-device) copy of the model: (problems, parameter counts). Finds wrong target
     names and models peft cannot wrap before any weights load, and counts what LoRA will train."""
     import torch
@@ -242,7 +245,7 @@ def resume_problems(state: dict, base_fp: str, model: str) -> list[str]:
 # The converter and the model files
 
 
-def to_lora(model, cfg, tokenizer, source: str, precision: str):
+def to_lora(model, cfg: TrainConfig, tokenizer, source: str, precision: str):
     """The loaded base wrapped with the adapters (their weights read from `source` when it is a LoRA
     checkpoint), the frozen linear weights in the autocast dtype; and how to write it."""
     import torch

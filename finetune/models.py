@@ -13,7 +13,9 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from .distributed import DistInfo
 from .errors import UserError, first_line, refused_pickle
+from .fsio import atomic_folder
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -210,6 +212,30 @@ def unwrap_model(model):
 def save_pretrained_files(model, tokenizer, folder: Path) -> None:
     unwrap_model(model).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+
+
+class ModelFiles:
+    """How a run writes its model: checkpoints (what a resume reads) and releases (best/ and the final model,
+    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both; FSDP
+    (fsdp.py) writes checkpoints as shards, every process its own, and gathers the model for a release."""
+
+    sharded = False  # the model is split across processes: each takes part in every save and forward pass
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def release(self, model, final: Path, what: str, dist_info: DistInfo, into: bool = False) -> None:
+        """Publish best/ or the final model (every process calls it; here rank 0 alone writes)."""
+        if dist_info.is_main:
+            with atomic_folder(final, what, into=into) as tmp:
+                self.write_release(model, tmp)
+
+    def write_checkpoint(self, model, folder: Path) -> None:
+        save_pretrained_files(model, self.tokenizer, folder)
+
+    def write_release(self, model, folder: Path) -> None:
+        save_pretrained_files(model, self.tokenizer, folder)
+
 
 
 def count_parameters(model_config) -> int:

@@ -10,9 +10,11 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# `cfg` below is the training script's config (any object with its field names): the plan reads it,
-# never imports it.
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 
 
 def steps_per_epoch(num_blocks: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
@@ -63,14 +65,14 @@ class Plan:
             0 < step <= self.total_steps and bool(self.save_every) and step % self.save_every == 0)
 
 
-def make_plan(cfg, meta: dict, block_size: int, world_size: int, blocks: tuple[int, int] | None = None) -> Plan:
+def make_plan(cfg: TrainConfig, meta: dict, block_size: int, world_size: int, blocks: tuple[int, int] | None = None) -> Plan:
     """`blocks`: (train, val) blocks when they are not the tokens cut into blocks (chat data, packed)."""
     if blocks is None:
         blocks = (meta["splits"]["train"]["tokens"] // block_size, meta["splits"]["val"]["tokens"] // block_size)
     return plan_for_blocks(cfg, blocks[0], blocks[1], block_size, world_size)
 
 
-def plan_for_blocks(cfg, train_blocks: int, val_blocks: int, block_size: int, world_size: int) -> Plan:
+def plan_for_blocks(cfg: TrainConfig, train_blocks: int, val_blocks: int, block_size: int, world_size: int) -> Plan:
     per_epoch = steps_per_epoch(train_blocks, cfg.batch_size, cfg.grad_accum, world_size)
     total = cfg.max_steps if cfg.max_steps else per_epoch * cfg.epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
@@ -86,7 +88,7 @@ def plan_for_blocks(cfg, train_blocks: int, val_blocks: int, block_size: int, wo
     return plan
 
 
-def extend_plan(cfg, saved_config: dict, meta: dict, plan: Plan, world_size: int) -> tuple[Plan, list[str]]:
+def extend_plan(cfg: TrainConfig, saved_config: dict, meta: dict, plan: Plan, world_size: int) -> tuple[Plan, list[str]]:
     """--extend: the plan of a resumed run given a larger --max-steps or --epochs than its checkpoint's.
     The warmup stays the run's own (a --warmup-ratio of the new total would move it into steps already
     taken); the rest of the schedule is planned again over the new total (see extension_note)."""
@@ -100,7 +102,7 @@ def extend_plan(cfg, saved_config: dict, meta: dict, plan: Plan, world_size: int
     return dataclasses.replace(plan, warmup_steps=before.warmup_steps), []
 
 
-def extension_note(cfg, plan: Plan, step: int, lr_before: float, lr_after: float) -> str:
+def extension_note(cfg: TrainConfig, plan: Plan, step: int, lr_before: float, lr_after: float) -> str:
     """What --extend does to the learning rate, for the log."""
     return (f"--extend: training on from step {step:,} to {plan.total_steps:,}; the {cfg.scheduler} schedule is "
             f"planned again over {plan.total_steps:,} steps with the run's {plan.warmup_steps:,} warmup steps, "
@@ -145,7 +147,7 @@ def warmup_from_step_one(steps_done: int, schedule, warmup_steps: int, total_ste
     return (steps_done + 1) / warmup_steps if steps_done < warmup_steps else schedule(steps_done)
 
 
-def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
+def iter_evaluation_steps(cfg: TrainConfig, plan: Plan) -> Iterator[int]:
     """The steps the loop evaluates at, ascending: 0, every --eval-every, each epoch end, the last step.
     Lazy (ranges merged), so a plan of 10**12 steps costs nothing until someone walks it."""
     periods = [k for k in (cfg.eval_every, plan.steps_per_epoch) if k]
@@ -158,12 +160,12 @@ def iter_evaluation_steps(cfg, plan: Plan) -> Iterator[int]:
             previous = step
 
 
-def evaluation_steps(cfg, plan: Plan, limit: int | None = None) -> list[int]:
+def evaluation_steps(cfg: TrainConfig, plan: Plan, limit: int | None = None) -> list[int]:
     """iter_evaluation_steps() as a list: all of them, or the first `limit`."""
     return list(itertools.islice(iter_evaluation_steps(cfg, plan), limit))
 
 
-def count_evaluations(cfg, plan: Plan) -> int:
+def count_evaluations(cfg: TrainConfig, plan: Plan) -> int:
     """len(evaluation_steps()) by arithmetic: multiples of each period up to the last step, those of
     both counted once, the last step when neither period lands on it, and step 0."""
     total = plan.total_steps
@@ -226,7 +228,7 @@ def floor_sum(n: int, m: int, a: int, b: int) -> int:
         m, a = a, m
 
 
-def eval_batches_per_process(cfg, plan: Plan) -> int | None:
+def eval_batches_per_process(cfg: TrainConfig, plan: Plan) -> int | None:
     """--eval-batches (0 = all, returned as None), or by default the run's evaluations together get at
     most 1/20 of the micro-batches it trains (at least 8 each). A forward pass costs about half a training
     micro-step, so evaluating stays a few % of the run whatever the size of the split, which a full pass
@@ -237,7 +239,7 @@ def eval_batches_per_process(cfg, plan: Plan) -> int | None:
     return max(8, plan.total_steps * cfg.grad_accum // (20 * n_evals))
 
 
-def eval_blocks(cfg, plan: Plan) -> int:
+def eval_blocks(cfg: TrainConfig, plan: Plan) -> int:
     """Validation blocks per evaluation, the same whatever the number of processes (they are split across
     the processes and the losses summed, so best/ and early stopping do not depend on it): --eval-batches x
     --batch-size, or by default eval_batches_per_process's budget for these settings in one process; every
@@ -254,7 +256,7 @@ def eval_blocks(cfg, plan: Plan) -> int:
 RUNTIME_GIB = 0.4
 
 
-def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str,
+def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan: Plan, precision: str,
                         lora: dict | None = None) -> float:
     """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits, for the
     micro-batch as it runs (plan.batch_size).
@@ -288,7 +290,7 @@ def estimate_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision:
     return RUNTIME_GIB + max(training, loading) / 2**30
 
 
-def estimate_fsdp_memory_gib(model_config, n_params: int, cfg, plan: Plan, precision: str, world_size: int,
+def estimate_fsdp_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan: Plan, precision: str, world_size: int,
                              device_type: str = "cpu") -> float:
     """Rough memory of one --fsdp process out of `world_size`: its 1/N of the fp32 weights, gradients and
     AdamW state (16 B/param / N), plus what is whole while it runs: the root group (token and position
@@ -336,14 +338,14 @@ def machine_memory_gib(device) -> float | None:
     return None
 
 
-def eval_description(plan: Plan, cfg, world_size: int) -> str:
+def eval_description(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
     blocks = eval_blocks(cfg, plan)
     steps, count = evaluation_steps(cfg, plan, limit=6), count_evaluations(cfg, plan)
     shown = ", ".join(map(str, steps)) + (f", ... ({count:,} in all)" if count > 6 else "")
     return f"{blocks:,} of {plan.val_blocks:,} val blocks, at steps {shown}"
 
 
-def batch_capped(plan: Plan, cfg, world_size: int) -> str:
+def batch_capped(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
     """What the batch line says when the flags ask for more than the train split holds."""
     capped = []
     if plan.batch_size < cfg.batch_size:
@@ -356,7 +358,7 @@ def batch_capped(plan: Plan, cfg, world_size: int) -> str:
             f"{plan.train_blocks // world_size:,} blocks per process)")
 
 
-def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
+def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int, lora: dict | None = None,
                   sharding: str | None = None) -> str:
     lines = [
@@ -387,17 +389,17 @@ def describe_plan(plan: Plan, cfg, meta: dict, n_params: int, memory_gib: float,
     return "\n".join(lines)
 
 
-def memory_limit_gib(cfg, device) -> float | None:
+def memory_limit_gib(cfg: TrainConfig, device) -> float | None:
     """What the memory estimate is checked against: --device-memory-gib, else the device's own memory."""
     return cfg.device_memory_gib or machine_memory_gib(device)
 
 
-def memory_limit_description(cfg, available: float, device) -> str:
+def memory_limit_description(cfg: TrainConfig, available: float, device) -> str:
     where = "(--device-memory-gib)" if cfg.device_memory_gib else "on this machine"
     return f"the {available:.1f} GiB of {device.type} memory {where}"
 
 
-def memory_refusal(cfg, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
+def memory_refusal(cfg: TrainConfig, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
     """Why the run is refused before anything loads: the estimate is above the device's memory (None when
     it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
     that lowers the estimate and is not already pulled."""

@@ -1,7 +1,5 @@
 """What the training loop works with besides the step itself: stop requests, the data loaders, and the run
 object that records metrics, evaluates, samples and saves (each a one-line call from the loop).
-
-`cfg` is the training script's config; this module reads its fields and never imports the script.
 """
 from __future__ import annotations
 
@@ -11,18 +9,26 @@ import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoints import Progress, list_checkpoints, prune_checkpoints, save_checkpoint, training_state
-from .distributed import DistInfo
-from .fsio import atomic_folder, share_identical_files, stored_bytes
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum
+from .fsio import share_identical_files, stored_bytes
 from .loss import evaluate
 from .metrics import append_jsonl, plot_losses
-from .models import save_pretrained_files
+from .models import ModelFiles
 from .plan import Plan, eval_blocks
 from .rundir import resume_command
 from .sampling import sample_during_training
 from .trackers import Trackers, open_trackers, parse_report_to
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedTokenizerBase
+
+    from .data import EpochShuffleSampler
 
 log = logging.getLogger("finetune")
 
@@ -48,32 +54,23 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def agree(self, votes: float) -> bool:
+        """Given the stop requests of all processes counted together: whether they all stop now (a process
+        that was not asked stops with the others, as if sent SIGTERM)."""
+        if votes > 0 and not self.requested:
+            self.signum = signal.SIGTERM
+        return votes > 0
+
+    def agreed(self, device, dist_info: DistInfo) -> bool:
+        """Count the requests across processes (one all-reduce) and agree(). The training step counts them in
+        the all-reduce it makes anyway (the script's train_step)."""
+        import torch
+
+        return self.agree(all_reduce_sum(torch.tensor(float(self.requested), device=device), dist_info).item())
+
 
 class TrainingDiverged(Exception):
     pass
-
-
-class ModelFiles:
-    """How a run writes its model: checkpoints (what a resume reads) and releases (best/ and the final model,
-    what users load). A full fine-tune saves the whole model in both; LoRA (lora.py) overrides both; FSDP
-    (fsdp.py) writes checkpoints as shards, every process its own, and gathers the model for a release."""
-
-    sharded = False  # the model is split across processes: each takes part in every save and forward pass
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def release(self, model, final: Path, what: str, dist_info: DistInfo, into: bool = False) -> None:
-        """Publish best/ or the final model (every process calls it; here rank 0 alone writes)."""
-        if dist_info.is_main:
-            with atomic_folder(final, what, into=into) as tmp:
-                self.write_release(model, tmp)
-
-    def write_checkpoint(self, model, folder: Path) -> None:
-        save_pretrained_files(model, self.tokenizer, folder)
-
-    def write_release(self, model, folder: Path) -> None:
-        save_pretrained_files(model, self.tokenizer, folder)
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +83,7 @@ def ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
+def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: DistInfo):
     """(train loader, its resumable sampler, validation loader over the plan's evaluation blocks)."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -102,8 +99,10 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
                                   num_replicas=dist_info.world_size)
     pin = device.type == "cuda"
     # Private generators: seeding workers and iterators must not consume the global RNG (dropout).
+    # Workers start with each epoch's iterator and stop with it (TrainingRun.start_epoch, close): not persistent,
+    # so that dropping the iterator is what shuts them down.
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                              pin_memory=pin, persistent_workers=cfg.num_workers > 0,
+                              pin_memory=pin,
                               worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_indices = validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.rank, dist_info.world_size)
@@ -124,26 +123,27 @@ def make_loaders(cfg, meta: dict, plan: Plan, device, dist_info: DistInfo):
 @dataclass
 class TrainingRun:
     """Everything main() sets up, and what the loop does besides stepping: record, evaluate, sample, save."""
-    cfg: Any                   # the training script's TrainConfig
+    cfg: TrainConfig
     script: Path               # the training script, for the printed resume command
-    model: Any                 # as trained: possibly wrapped by DDP / torch.compile
+    model: torch.nn.Module     # as trained: possibly wrapped by DDP / torch.compile, sharded by FSDP
     model_files: ModelFiles
-    tokenizer: Any
-    optimizer: Any
-    scheduler: Any
-    scaler: Any                # torch.amp.GradScaler, enabled for fp16 only
-    ctx: Any                   # the autocast context of the forward pass
-    device: Any
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    ctx: Any                   # the autocast context of the forward pass (a nullcontext in fp32)
+    device: torch.device
     dist_info: DistInfo
     plan: Plan
-    train_loader: Any
-    sampler: Any               # data.EpochShuffleSampler
-    val_loader: Any
+    train_loader: DataLoader
+    sampler: EpochShuffleSampler
+    val_loader: DataLoader
     fingerprints: dict         # data, tokenizer (and base model) fingerprints a resume is checked against
     progress: Progress = field(default_factory=Progress)
     metrics: list[dict] = field(default_factory=list)
     trackers: Trackers = field(default_factory=Trackers)  # --report-to; start_trackers() opens them
     chat: bool = False         # chat data: samples are replies to the prompts, rendered with the chat template
+    batches: Any = None        # the iterator over this epoch's batches (its worker processes live as long as it)
 
     @property
     def output_dir(self) -> Path:
@@ -171,9 +171,8 @@ class TrainingRun:
         progress = self.progress
         val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info,
                             should_stop=(lambda: stop.requested) if stop else None)
-        if val_loss is None:
-            if not stop.requested:  # another process was asked: this one stops with it
-                stop.signum = signal.SIGTERM
+        if val_loss is None:  # the evaluation counted the requests of every process: all stop
+            stop.agree(1)
             return None
         # The base model's loss (step 0) is the first "best": best/ only holds a model that beats it.
         improved = progress.best_val_loss is not None and val_loss < progress.best_val_loss
@@ -244,15 +243,20 @@ class TrainingRun:
     def resume_command(self) -> str:
         return resume_command(self.script, self.output_dir, self.dist_info.world_size)
 
+    # ---- the data of an epoch
+    def start_epoch(self) -> None:
+        """The sampler at the run's position in its epoch, and a fresh iterator over the batches from there."""
+        self.batches = None  # the previous epoch's workers stop before the next ones start
+        self.sampler.set_epoch(self.progress.epoch)
+        self.sampler.set_start(self.progress.samples_in_epoch)
+        self.batches = iter(self.train_loader)
+
     def close(self) -> None:
         """Stop the trackers and the DataLoader's worker processes. The workers ignore SIGTERM (the main
-        process saves on it), so leaving them to the interpreter's exit, which terminates and joins them,
-        can hang there; shutting the persistent iterator down asks them to exit instead."""
+        process saves on it), so they are not left to the interpreter's exit, which can hang joining them:
+        the run holds the one reference to the epoch's iterator, and dropping it asks them to exit."""
         self.trackers.close()
-        iterator = getattr(self.train_loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-            self.train_loader._iterator = None
+        self.batches = None
 
     def save_final_model(self) -> None:
         """The final weights, tokenizer and generation config, directly in --output-dir."""

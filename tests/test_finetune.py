@@ -21,6 +21,7 @@ import finetune_generative as ft
 from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
+from finetune.config import TrainConfig, parse_config
 from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
 
 
@@ -296,9 +297,9 @@ def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model
 def test_evaluations_happen_at_the_planned_steps_on_a_bounded_subset(tmp_path, tiny_model_dir, tiny_data_dir):
     args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--eval-every", "3")
     assert ft.main(args) == 0
-    cfg, _ = ft.parse_config(args)
+    cfg, _ = parse_config(args)
     meta = load_meta(tiny_data_dir)
-    plan = ft.make_plan(cfg, meta, BLOCK, world_size=1)
+    plan = plan_module.make_plan(cfg, meta, BLOCK, world_size=1)
     steps = plan_module.evaluation_steps(cfg, plan)
     assert [r["step"] for r in train_records(tmp_path / "out", "eval")] == steps
     assert steps[0] == 0 and steps[-1] == plan.total_steps and plan.steps_per_epoch in steps
@@ -311,7 +312,7 @@ def test_default_evaluation_size_follows_the_budget():
 
     plan = plan_module.Plan(block_size=256, train_blocks=800, val_blocks=88, steps_per_epoch=200, total_steps=600,
                    warmup_steps=30, tokens_per_step=1024, epochs=3.0, eval_every=250)  # as make_plan sets it
-    cfg = ft.TrainConfig(batch_size=4)
+    cfg = TrainConfig(batch_size=4)
     assert plan_module.evaluation_steps(cfg, plan) == [0, 200, 250, 400, 500, 600]
     assert plan_module.eval_batches_per_process(cfg, plan) == 8  # 600 / (20 x 6) = 5, raised to the minimum of 8
     long_plan = replace(plan, steps_per_epoch=5000, total_steps=10_000)

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 import finetune_generative as ft
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
+from finetune.config import TrainConfig
 from finetune.rundir import resume_command
 from helpers import BLOCK, assert_clean_error, base_args, error_lines, run_main, train_records
 
@@ -56,13 +57,13 @@ def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_
 
 def test_the_memory_hint_names_only_the_levers_not_yet_pulled():
     meta = {"splits": {"train": {"tokens": 40 * BLOCK}, "val": {"tokens": 4 * BLOCK}}}
-    cfg = ft.TrainConfig(lora_r=4, gradient_checkpointing=True, batch_size=1, device_memory_gib=0.5)
+    cfg = TrainConfig(lora_r=4, gradient_checkpointing=True, batch_size=1, device_memory_gib=0.5)
     plan = plan_module.make_plan(cfg, meta, BLOCK, world_size=1)
     cpu = torch.device("cpu")
     assert plan_module.memory_refusal(cfg, plan, 0.4, cpu, lora={}) is None  # it fits
     assert plan_module.memory_refusal(cfg, plan, 0.6, cpu, lora={}).endswith(
         f"HINT: lower --block-size (now {BLOCK}); or add --ignore-memory-estimate to start it anyway")
-    cfg = ft.TrainConfig(batch_size=4, device_memory_gib=0.5, ignore_memory_estimate=True)
+    cfg = TrainConfig(batch_size=4, device_memory_gib=0.5, ignore_memory_estimate=True)
     assert plan_module.memory_refusal(cfg, plan, 0.6, cpu, lora=None) is None
 
 
@@ -137,7 +138,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_model_di
 def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
     plan = plan_module.Plan(block_size=32, train_blocks=2000, val_blocks=20, steps_per_epoch=246, total_steps=400,
                             warmup_steps=0, tokens_per_step=256, epochs=400 / 246, eval_every=250)
-    cfg = ft.TrainConfig(eval_every=250)
+    cfg = TrainConfig(eval_every=250)
     assert plan_module.evaluation_steps(cfg, plan) == [0, 250, 400]  # was 0, 246, 250, 400
     assert plan_module.count_evaluations(cfg, plan) == 3 and not plan.evaluates_at(246)
     # Against the rule written out (an epoch end within a tenth of the shorter period of an --eval-every
@@ -150,7 +151,7 @@ def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
         near = lambda s: window and (min(s % every, every - s % every) <= window or total - s <= window)  # noqa: E731, B023
         expected = sorted({0, total, *(range(every, total + 1, every) if every else ()),
                            *(s for s in range(epoch, total, epoch) if not near(s))})
-        cfg = ft.TrainConfig(eval_every=every)
+        cfg = TrainConfig(eval_every=every)
         assert plan_module.evaluation_steps(cfg, plan) == expected, (epoch, every, total)
         assert [s for s in range(total + 1) if plan.evaluates_at(s)] == expected
         assert plan_module.count_evaluations(cfg, plan) == len(expected)
@@ -185,4 +186,4 @@ def test_a_finished_run_is_extended_with_its_schedule_planned_again(tmp_path, ti
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # linear decay over 4 steps after 1 warmup step: (4 - s) / 3 of the peak after s steps (lr 0 before)
     assert [r["lr"] for r in records] == pytest.approx([3e-3, 3e-3, 3e-3 * 2 / 3, 3e-3 / 3])
-    assert ft.TrainConfig(**ckpt.load_training_state(out / "checkpoint-4")["config"]).warmup_steps == 1
+    assert TrainConfig(**ckpt.load_training_state(out / "checkpoint-4")["config"]).warmup_steps == 1

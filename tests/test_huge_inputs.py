@@ -9,6 +9,7 @@ import math
 import finetune_generative as ft
 from dataset import load_meta
 from finetune import plan as plan_module
+from finetune.config import parse_config
 from helpers import base_args
 
 TRILLION = 1_000_000_000_000
@@ -21,7 +22,7 @@ def test_a_dry_run_of_a_trillion_steps_prints_the_plan(tmp_path, tiny_model_dir,
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         assert ft.main(args) == 0
     printed = out.getvalue()
-    epoch = ft.make_plan(ft.parse_config(args)[0], load_meta(tiny_data_dir), 32, world_size=1).steps_per_epoch
+    epoch = plan_module.make_plan(parse_config(args)[0], load_meta(tiny_data_dir), 32, world_size=1).steps_per_epoch
     assert f"{epoch:,} per epoch, {TRILLION:,} total" in printed
     # every 250 steps and every epoch end (the last step is both); those of both counted once; and step 0;
     # less the epoch ends within a tenth of the shorter period of a multiple of 250 (issue 23 #8), which
@@ -41,8 +42,8 @@ def test_the_plan_answers_by_arithmetic_what_the_listed_steps_say(tiny_model_dir
     """evaluates_at/saves_at/count_evaluations agree with the listed steps, here small enough to list."""
     args = base_args(tiny_model_dir, tiny_data_dir, "unused", "--max-steps", "50", "--eval-every", "7",
                      "--save-every", "4")
-    cfg, _ = ft.parse_config(args)
-    plan = ft.make_plan(cfg, load_meta(tiny_data_dir), 32, world_size=1)
+    cfg, _ = parse_config(args)
+    plan = plan_module.make_plan(cfg, load_meta(tiny_data_dir), 32, world_size=1)
     listed = plan_module.evaluation_steps(cfg, plan)
     assert [s for s in range(60) if plan.evaluates_at(s)] == listed
     assert plan_module.count_evaluations(cfg, plan) == len(listed)

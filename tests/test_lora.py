@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 import finetune_generative as ft
 from finetune import checkpoints as ckpt
 from finetune import lora
+from finetune.build import build_model
+from finetune.config import TrainConfig
 from helpers import (
     assert_clean_error,
     assert_same_weights,
@@ -185,7 +187,7 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computes():
     config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0,
                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     ids = torch.randint(0, 300, (2, 16))
-    cfg = ft.TrainConfig(lora_r=4, lora_dropout=0.0)
+    cfg = TrainConfig(lora_r=4, lora_dropout=0.0)
     results = []
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(1)
@@ -213,9 +215,9 @@ def test_adapter_dropout_uses_the_fast_cpu_masks_unless_torch_dropout(torch_drop
 
     from finetune.cpu_dropout import ATTENTION_NAME, CPUDropout
 
-    cfg = ft.TrainConfig(model=str(tiny_model_dir), lora_r=4, lora_dropout=0.1, torch_dropout=torch_dropout)
+    cfg = TrainConfig(model=str(tiny_model_dir), lora_r=4, lora_dropout=0.1, torch_dropout=torch_dropout)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    peft_model, _ = ft.build_model(cfg, tokenizer, str(tiny_model_dir), torch.device("cpu"), "fp32")
+    peft_model, _ = build_model(cfg, tokenizer, str(tiny_model_dir), torch.device("cpu"), "fp32")
     adapter_dropouts = [m for name, m in peft_model.named_modules() if name.endswith("lora_dropout.default")]
     assert len(adapter_dropouts) == 2 * 4 and all(m.p == 0.1 for m in adapter_dropouts)  # 2 layers x 4 linears
     dropouts = [m for m in peft_model.modules() if isinstance(m, torch.nn.Dropout)]

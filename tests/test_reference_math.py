@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import finetune_generative as ft
 from dataset import EpochShuffleSampler, TextDataset
+from finetune.config import TrainConfig
 from finetune.models import make_optimizer
 from finetune.plan import make_scheduler
 from helpers import BLOCK, base_args, train_records
@@ -89,7 +90,7 @@ def test_weight_decay_groups_and_optimizer_match_trainer(tiny_model_dir, tmp_pat
     """Ours decays params with dim >= 2; the Trainer all but biases and LayerNorm: for GPT-2, the same set."""
     model = reference_model(tiny_model_dir)
     names = {id(p): n for n, p in model.named_parameters()}
-    cfg = ft.TrainConfig(**HYPER)
+    cfg = TrainConfig(**HYPER)
     ours = make_optimizer(model, torch.device("cpu"), lr=cfg.lr, weight_decay=cfg.weight_decay,
                           betas=(cfg.beta1, cfg.beta2))
     trainer = Trainer(model=model, args=trainer_args(tmp_path, batch_size=8, grad_accum=1))

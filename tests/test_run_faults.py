@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 import finetune_generative as ft
 from finetune import metrics
+from finetune.config import TrainConfig
 from finetune.data import DataError, TextDataset, data_fingerprint, load_meta
 from helpers import SAVE_RUN, assert_clean_error, base_args, checkpoint_names, error_lines, run_main
 
@@ -277,11 +278,10 @@ def test_a_stop_during_an_evaluation_takes_effect_within_one_batch(nth, tmp_path
 def test_the_validation_blocks_do_not_depend_on_the_number_of_processes(eval_batches, blocks):
     from dataclasses import replace
 
-    import finetune_generative as ft
     from finetune.data import validation_blocks
     from finetune.plan import eval_blocks, make_plan
 
-    cfg = replace(ft.TrainConfig(batch_size=4, grad_accum=2, epochs=1, eval_every=4), eval_batches=eval_batches)
+    cfg = replace(TrainConfig(batch_size=4, grad_accum=2, epochs=1, eval_every=4), eval_batches=eval_batches)
     meta = {"splits": {"train": {"tokens": 352 * BLOCK}, "val": {"tokens": 100 * BLOCK}}}
     chosen = {}
     for world_size in (1, 2, 3):

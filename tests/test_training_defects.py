@@ -5,6 +5,7 @@ signals during step 0."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import finetune_generative as ft
 import generate
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
+from finetune.config import TrainConfig, parse_config
 from finetune.errors import first_line
 from finetune.rundir import lock_holder
 from helpers import BLOCK, REPO_ROOT, assert_clean_error, base_args, run_main, train_records, weights
@@ -63,11 +65,12 @@ def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_
         if not line.startswith("  --"):
             break
         shown.append(line)
-    cfg = ft.TrainConfig(**json.loads((out / "train_config.json").read_text()))
-    assert cfg == ft.parse_config(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1"))[0]
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    assert cfg == parse_config(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1"))[0]
     assert "  --max-steps 1" in shown and "  --lr 0.003" in shown and "  --batch-size 8" not in shown
     assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
-    assert len(shown) == sum(getattr(cfg, f) != getattr(ft.TrainConfig(), f) for f in ft.TrainConfig.__annotations__)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(shown) == sum(getattr(cfg, name) != getattr(TrainConfig(), name) for name in names)
     assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
     # issue 23 #9: the end says the val loss before -> after and what to run next, pasteable anywhere
     before, after = (f"{e['val_loss']:.4f}" for e in evals)
@@ -104,7 +107,7 @@ def test_plan_and_memory_for_a_batch_larger_than_the_train_split(tiny_model_dir)
 
     meta = {"splits": {"train": {"tokens": 11 * BLOCK + 5}, "val": {"tokens": 3 * BLOCK}}}
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    huge, fitting = ft.TrainConfig(batch_size=100_000), ft.TrainConfig(batch_size=11)
+    huge, fitting = TrainConfig(batch_size=100_000), TrainConfig(batch_size=11)
     plan = plan_module.make_plan(huge, meta, BLOCK, world_size=1)
     assert (plan.batch_size, plan.grad_accum, plan.tokens_per_step, plan.steps_per_epoch) == (11, 1, 11 * BLOCK, 1)
     assert plan == plan_module.make_plan(fitting, meta, BLOCK, world_size=1)
@@ -114,10 +117,10 @@ def test_plan_and_memory_for_a_batch_larger_than_the_train_split(tiny_model_dir)
     assert "11 x 1 accum x 1 process(es), 11 sequences, 352 tokens per step (--batch-size 100000 cut to what " \
            "runs: the train split holds 11 blocks per process)" in text
     # two processes share the 11 blocks: 5 each; a --grad-accum beyond one epoch's micro-batches is cut too
-    plan = plan_module.make_plan(ft.TrainConfig(batch_size=2, grad_accum=8), meta, BLOCK, world_size=2)
+    plan = plan_module.make_plan(TrainConfig(batch_size=2, grad_accum=8), meta, BLOCK, world_size=2)
     assert (plan.batch_size, plan.grad_accum, plan.tokens_per_step) == (2, 3, 2 * 5 * BLOCK)
     assert "--grad-accum 8 cut to what runs: the train split holds 5 blocks per process" in \
-        plan_module.describe_plan(plan, ft.TrainConfig(batch_size=2, grad_accum=8), meta, 1, 0.0, "cpu", "fp32", 2)
+        plan_module.describe_plan(plan, TrainConfig(batch_size=2, grad_accum=8), meta, 1, 0.0, "cpu", "fp32", 2)
 
 
 # -----------------------------------------------------------------------------
@@ -294,7 +297,9 @@ def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_p
     assert resumed.wait(timeout=180) == 143, (tmp_path / "resumed.txt").read_text()
     err = (tmp_path / "resumed.txt").read_text()
     assert "in use" not in err  # the killed run's lock file did not block it
-    command = err.split("continue with:\n")[1].splitlines()[0].strip()
+    after = err.split("continue with:\n")[1].splitlines()
+    command = after[0].strip()
+    assert after[1:] == [], after  # issue 23 #8: the resume command is the last line, no progress line after it
     # issue 23 #18: the interpreter that ran, so it works where its venv is not active (PATH has no venv below)
     assert command == (f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} "
                        f"--output-dir {shlex.quote(str(out))} --resume")

@@ -1,0 +1,171 @@
+"""Everything a run checks before its weights load: the settings, the checkpoint a --resume continues, the data
+against the model's config and tokenizer, the plan and its memory. Problems are collected, then raised as one
+UserError (every line at once), so a bad run costs seconds, not a model load.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import fsdp, lora
+from .checkpoints import check_resume_compatible, load_resume_checkpoint
+from .config import RESUME_MUST_MATCH, RUN_CONTROL, TrainConfig, validate_config
+from .distributed import DistInfo
+from .errors import UserError, raise_if_problems
+from .plan import Plan, extend_plan, make_plan
+from .rundir import output_dir_overlaps
+from .trackers import check_report_to
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+
+def settings_problems(cfg: TrainConfig) -> list[str]:
+    """The settings' own problems and those of each feature's flags: nothing is read from disk yet."""
+    return (validate_config(cfg)
+            + output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
+            + lora.settings_problems(cfg) + fsdp.settings_problems(cfg) + check_report_to(cfg.report_to))
+
+
+@dataclass
+class Resume:
+    """The checkpoint a --resume continues from, and its training state."""
+    path: Path
+    state: dict
+
+
+def resumed_config(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo) -> tuple[TrainConfig, Resume | None]:
+    """With --resume: the checkpoint, and the config it recorded with the flags given now on top of it."""
+    from .cli import merge_resumed_config
+
+    path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
+    if state is None:
+        return cfg, None
+    cfg = merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
+    if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
+        cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size, explicit)
+        raise_if_problems([problem] if problem else [])
+    return cfg, Resume(path, state)
+
+
+@dataclass
+class Preflight:
+    """What the checks found, passed on to the set-up: the run is built from it."""
+    meta: dict                        # the data's meta.json
+    tokenizer: PreTrainedTokenizerBase
+    model_config: PretrainedConfig
+    plan: Plan
+    fingerprints: dict                # data, tokenizer (and LoRA base) fingerprints a resume is checked against
+    lora_counts: dict | None          # parameter counts of the adapters (lora.check_on_meta_model), LoRA runs only
+
+
+def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo, resume: Resume | None) -> Preflight:
+    """Everything that can be checked from meta.json, the model config and the tokenizer, before the weights
+    load; raises one UserError listing every problem."""
+    from .data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
+    from .models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
+    from .packing import is_chat, packed_blocks
+
+    state = resume.state if resume else None
+    try:
+        meta = load_meta(cfg.data_dir)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    if cfg.lora_r and resume:  # a LoRA checkpoint holds the adapter and tokenizer; the config is the base's
+        tokenizer, model_config = load_tokenizer(str(resume.path)), load_config(cfg.model)
+    else:
+        tokenizer, model_config = load_tokenizer_and_config(str(resume.path) if resume else cfg.model)
+    problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer, data_dir=cfg.data_dir)
+    context = model_context_length(model_config)
+    block_size = cfg.block_size or min(context or 1024, 1024)
+    if context and block_size > context:
+        problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
+                        f"(HINT: use --block-size {context} or less)")
+    chat = is_chat(meta)
+    if chat:  # the template trained with goes into every tokenizer saved (checkpoints, best/, the final model)
+        tokenizer.chat_template = meta["chat"]["template"]
+    try:
+        blocks = packed_blocks(cfg.data_dir, meta, block_size) if chat else None
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    world_size = cfg.nproc or dist_info.world_size  # --nproc: the processes --dry-run plans for
+    plan = make_plan(cfg, meta, block_size, world_size, blocks)
+    problems += data_size_problems(meta, plan, block_size, world_size, chat)
+    fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    if state is not None:
+        extendable = ("max_steps", "epochs") if cfg.extend else ()
+        given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
+        problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
+                                            fingerprints["tokenizer_fingerprint"], dist_info.world_size,
+                                            reshards=cfg.fsdp and bool(state.get("sharded")))
+        problems += fsdp.resume_problems(cfg, state)
+        if cfg.extend:
+            plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
+            problems += extend_problems
+    if cfg.fsdp:
+        problems += fsdp.check_on_meta_model(model_config)
+    lora_counts = None
+    if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
+        lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
+        problems += lora_problems
+        fingerprints["base_fingerprint"] = lora.base_fingerprint(cfg.model)
+        if state is not None:
+            problems += lora.resume_problems(state, fingerprints["base_fingerprint"], cfg.model)
+    raise_if_problems(problems)
+    return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts)
+
+
+def data_size_problems(meta: dict, plan: Plan, block_size: int, world_size: int, chat: bool) -> list[str]:
+    """Too little data for a block per process, or no validation block."""
+    problems = []
+    if chat and plan.train_blocks < world_size:
+        problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with something "
+                        f"to train, fewer than the {world_size} process(es) (HINT: add examples with "
+                        "replies, or raise --block-size if they are longer than a block)")
+    if chat and plan.val_blocks == 0:
+        problems.append(f"the val split holds no example with a trained token in its first {block_size} tokens "
+                        "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
+    if not chat and (plan.train_blocks < world_size or plan.train_blocks == 0):
+        problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
+                        f"{block_size} tokens per process (HINT: lower --block-size or add text)")
+    if not chat and plan.val_blocks == 0:
+        problems.append(f"the val split ({meta['splits']['val']['tokens']} tokens) holds no full block of "
+                        f"{block_size} tokens (HINT: lower --block-size or raise prepare_data.py --val-fraction)")
+    return problems
+
+
+@dataclass
+class MemoryPlan:
+    """The plan as printed, with the memory per process, and why the run is refused (None: it may start)."""
+    text: str
+    refusal: str | None
+    large_adapter: str | None         # a warning: the adapters approach the model's size
+
+
+def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, device: Any, precision: str) -> MemoryPlan:
+    """Memory per process for this engine (and DDP against FSDP when there is more than one process), checked
+    against the device's memory before the weights load."""
+    from .models import count_parameters
+    from .plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, memory_refusal, sharding_line
+
+    model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
+    n_params = count_parameters(model_config)
+    world_size = cfg.nproc or dist_info.world_size
+    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
+    sharding = None
+    if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
+        fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
+        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device)
+        memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
+                         lora=lora_counts, sharding=sharding)
+    return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts),
+                      lora.size_warning(lora_counts) if lora_counts else None)
+
+
+def with_extended_warmup(cfg: TrainConfig, plan: Plan) -> TrainConfig:
+    """--extend: the warmup the plan kept, in the config the checkpoints record (a later --resume plans the same)."""
+    return dataclasses.replace(cfg, warmup_steps=plan.warmup_steps) if cfg.extend else cfg
