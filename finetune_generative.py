@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.checkpoints import list_checkpoints
 from finetune.config import TrainConfig, changed_settings, parse_config
@@ -39,6 +40,8 @@ from finetune.fsdp import clip_gradients, no_gradient_sync
 from finetune.loss import forward_loss, trained_tokens_of_step
 from finetune.preflight import (
     MemoryPlan,
+    Preflight,
+    Resume,
     check_before_loading,
     plan_memory,
     resumed_config,
@@ -46,6 +49,9 @@ from finetune.preflight import (
     with_extended_warmup,
 )
 from finetune.training import StopRequest, TrainingDiverged, TrainingRun
+
+if TYPE_CHECKING:
+    import torch
 
 SCRIPT = Path(__file__).resolve()
 log = logging.getLogger("finetune")
@@ -180,11 +186,18 @@ class FineTune:
     """One run, in order: check (nothing loaded yet) -> setup (the output folder, model, optimizer, data) ->
     train (step 0, the loop) -> finish (the final model); cleanup always. How it ended is for main() to say."""
 
+    # set by check()
+    resume: Resume | None             # the checkpoint a --resume continues
+    preflight: Preflight              # meta.json, tokenizer, model config, plan, fingerprints
+    device: torch.device
+    precision: str                    # fp32 | bf16 | fp16, resolved from --precision
+    # set by setup()
+    run: TrainingRun | None = None
+
     def __init__(self, cfg: TrainConfig, explicit: set[str], dist_info: DistInfo):
         self.cfg, self.explicit, self.dist_info = cfg, explicit, dist_info
         self.stop = StopRequest()
         self.exits = contextlib.ExitStack()  # what setup() took (the folder's lock, signal handlers, the run's workers)
-        self.run: TrainingRun | None = None
 
     def check(self) -> MemoryPlan:
         """The checkpoint a --resume continues (its settings under the flags given now), the data against the
