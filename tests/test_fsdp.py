@@ -1,12 +1,15 @@
 """--fsdp on CPU (gloo): 2 sharded processes train like 1 process with the same global batch; sharded
-checkpoints resume at another number of processes; releases are plain Hugging Face folders.
+checkpoints resume at another number of processes, and a kill -9 during a sharded save leaves only checkpoints
+that load; releases are plain Hugging Face folders.
 
 The model has an odd vocabulary (401 rows), so the embedding's shards are uneven (201 + 200 rows).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,11 +18,13 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import finetune_generative as ft
 import generate
 from finetune import checkpoints as ckpt
-from helpers import REPO_ROOT, base_args, build_tiny_model, train_records
+from finetune.fsio import TMP_PREFIX
+from helpers import REPO_ROOT, base_args, build_tiny_model, newest_step, train_records
 
 VOCAB = 401
 STEPS = 16
@@ -169,6 +174,79 @@ def test_a_missing_or_short_shard_is_damaged(sharded_single_run, tmp_path, capsy
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ckpt.DamagedCheckpoint, match="cut short"):
         ckpt.read_checkpoint(out / "checkpoint-2")
+
+
+def published_name(temporary) -> str:
+    """checkpoint-N of its temporary folder .tmp-checkpoint-N-PID."""
+    return temporary.name[len(TMP_PREFIX):].rsplit("-", 1)[0]
+
+
+def stop_in_a_sharded_save(launcher: subprocess.Popen, out, after: int, timeout: float = 120):
+    """SIGSTOP every process of the run as soon as a shard file appears in the temporary folder of a checkpoint
+    later than checkpoint-{after}; returns that folder. A stop that comes too late (the training state already
+    written, or the folder published) lets the run go on to its next save."""
+    deadline = time.time() + timeout
+    while launcher.poll() is None:
+        assert time.time() < deadline, f"no sharded save caught in {timeout}s"
+        if newest_step(out) >= after:
+            for shard in out.glob(f"{TMP_PREFIX}checkpoint-*/sharded/*.distcp"):
+                processes = [launcher, *psutil.Process(launcher.pid).children(recursive=True)]
+                for process in processes:
+                    process.send_signal(signal.SIGSTOP)
+                folder = shard.parent.parent
+                if (folder.is_dir() and not (folder / "training_state.pt").exists()
+                        and not (out / published_name(folder)).exists()):
+                    return folder
+                for process in processes:
+                    process.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError("the run ended before a sharded save was caught")
+
+
+def test_kill9_during_a_sharded_save_leaves_only_checkpoints_that_load(one_process_run, tmp_path, odd_model_dir,
+                                                                       tiny_data_dir, capsys):
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    launcher = subprocess.Popen(
+        torchrun_cmd(2, *args(odd_model_dir, tiny_data_dir, out, 4, "--fsdp", "--save-every", "1",
+                              "--save-total-limit", "3")),
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        partial = stop_in_a_sharded_save(launcher, out, after=2)
+        caught = sorted(p.relative_to(partial).as_posix() for p in partial.rglob("*") if p.is_file())
+    except BaseException:
+        print(log.read_text()[-3000:])
+        raise
+    finally:  # kill -9 of every process of the run (torchrun starts each worker in a session of its own)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:
+                process.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=60)
+    killed_at = ckpt.checkpoint_step(out / published_name(partial))
+    print(f"killed in the save of checkpoint-{killed_at}; its temporary folder held {caught}")
+
+    # Every checkpoint left is complete: its files and checksums, and every tensor of its shards reads.
+    left = ckpt.list_checkpoints(out)
+    assert [ckpt.checkpoint_step(p) for p in left] == list(range(max(1, killed_at - 3), killed_at)), caught
+    for checkpoint in left:
+        state = ckpt.read_checkpoint(checkpoint)
+        assert state["sharded"] and state["step"] == ckpt.checkpoint_step(checkpoint)
+        dcp_to_torch_save(checkpoint / "sharded", tmp_path / "full.pt")
+        full = torch.load(tmp_path / "full.pt", weights_only=True)
+        assert full["model"]["transformer.wte.weight"].shape == (VOCAB, 32) and full["optimizer"]["state"]
+    # The half-written one, had it been published, would be refused as damaged, not resumed from.
+    with pytest.raises(ckpt.DamagedCheckpoint, match="missing"):
+        ckpt.read_checkpoint(partial)
+
+    # --resume continues from the newest complete checkpoint and ends as the uninterrupted run: here in one
+    # process (resharded, and no second torchrun start to wait for), saving at the end only.
+    assert ft.main(["--output-dir", str(out), "--resume", "--save-every", "0"]) == 0
+    assert f"resuming from {left[-1]}" in capsys.readouterr().err
+    assert not list(out.glob(f"{TMP_PREFIX}*"))  # the killed save's leftovers are deleted at the start
+    reference = train_records(one_process_run)
+    assert [r["step"] for r in train_records(out)] == list(range(1, STEPS + 1))
+    for a, b in zip(train_records(out), reference):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    assert_close_weights(load_file(out / "model.safetensors"), load_file(one_process_run / "model.safetensors"))
 
 
 def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsys):
