@@ -321,8 +321,9 @@ def compare_commit(args, extra: list[str], work: Path, text_path: Path, book: Pa
             seconds = [r["seconds"] for r in rows[side, run]]
             medians[side] = float(np.median(seconds))
             peak = max(r["peak_mb"] for r in rows[side, run])
+            rate = f"{mb / medians[side]:.1f} MB/s, " if run == "prepare" else ""
             print(f"{label} {side:6s}: {medians[side]:.2f}s ({' / '.join(f'{x:.2f}' for x in seconds)}), "
-                  f"{mb / medians[side] if run == 'prepare' else 1 / medians[side]:.1f} MB/s, peak RSS {peak:.0f} MB")
+                  f"{rate}peak RSS {peak:.0f} MB")
         print(f"  after / before: {medians['after'] / medians['before']:.3f} (time)")
     print("outputs byte-identical before / after" if not differ else f"outputs DIFFER: {', '.join(differ)}")
     if differ:

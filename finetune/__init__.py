@@ -25,8 +25,8 @@ only the ones listed before it:
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     training      the run object the loop works with (record, evaluate, sample, save)
-    lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
+    lora          LoRA with peft: the converter, adapter checkpoints, merged releases
     fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
-    modelfolder   which saved model a --model folder means (model, LoRA adapter, training output)
+    modelfolder   which saved model a --model folder means (model, LoRA adapter, training output); adapter loading
     export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
 """
