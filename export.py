@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune import lora
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error
 from finetune.export import require_gguf
@@ -20,7 +19,7 @@ from finetune.export.gguf_writer import DEFAULT_OUTTYPE, OUTTYPES, check_archite
 from finetune.export.modelfile import modelfile, written_by_export
 from finetune.export.vocab import read_vocab
 from finetune.fsio import atomic_file
-from finetune.modelfolder import check_model_folder
+from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
 from finetune.models import load_config, load_tokenizer, load_weights
 
 
@@ -62,7 +61,7 @@ def load_model(folder: Path, adapter: bool):
     """fp32 weights (the export converts from there); an adapter merged into a fresh copy of its base."""
     import torch
 
-    return lora.load_adapter_model(folder, torch.float32) if adapter else load_weights(str(folder), torch.float32)
+    return load_adapter_model(folder, torch.float32) if adapter else load_weights(str(folder), torch.float32)
 
 
 @exit_on_user_error
@@ -75,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--model {folder} does not exist. HINT: pass a local model folder (export.py does not "
                         f"download; the training script saves OUT, OUT/best and OUT/checkpoint-N)")
     check_model_folder(folder)
-    adapter = lora.is_adapter_folder(folder)
+    adapter = is_adapter_folder(folder)
     out, model_file = output_paths(args, folder)
-    config = load_config(lora.adapter_base(folder) if adapter else str(folder))
+    config = load_config(adapter_base(folder) if adapter else str(folder))
     check_architecture(config)
     tokenizer = load_tokenizer(str(folder))
     vocab = read_vocab(tokenizer, config.vocab_size)
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(plan.text)
     if plan.warning:
         log.warning(plan.warning)
-    merged = f", adapter merged into {lora.adapter_base(folder)}" if adapter else ""
+    merged = f", adapter merged into {adapter_base(folder)}" if adapter else ""
     log.info(f"wrote {out} ({summary.architecture}, {args.outtype}, {summary.n_tensors} tensors, "
           f"{summary.n_bytes / 2**20:.1f} MiB{merged}) and {model_file}; run it with "
           f"`llama-cli -m {out}` or `ollama create NAME -f {model_file}`")

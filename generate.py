@@ -36,12 +36,11 @@ import secrets
 import sys
 from pathlib import Path
 
-from finetune import lora
 from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
 from finetune.fsio import atomic_file
-from finetune.modelfolder import check_model_folder
+from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
 from finetune.models import (
     TOKENIZER_FILES,
     load_config,
@@ -316,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = get_device(args.device)
     precision = resolve_precision(args.precision, device)
-    adapter = is_local and lora.is_adapter_folder(Path(source))
-    base = lora.adapter_base(Path(source)) if adapter else source
+    adapter = is_local and is_adapter_folder(Path(source))
+    base = adapter_base(Path(source)) if adapter else source
     has_tokenizer = not adapter or any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
     config, tokenizer = load_config(base), load_tokenizer(source if has_tokenizer else base)
     if args.chat and not tokenizer.chat_template:
@@ -331,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"seed {seed} (pass --seed {seed} to get the same samples again)")
     log.info(f"loading {source}{f' onto its base {base}' if adapter else ''} on {device} ({precision})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    model = lora.load_adapter_model(Path(source), dtype) if adapter else load_weights(source, dtype)
+    model = load_adapter_model(Path(source), dtype) if adapter else load_weights(source, dtype)
     model = model.to(device).eval()
 
     gen_kwargs = generation_kwargs(model, tokenizer, max_new_tokens=args.max_new_tokens, greedy=args.greedy,

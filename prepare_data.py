@@ -44,20 +44,20 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import ctypes
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from finetune.chat import FORMAT_FLAG_VALUES, ChatTemplate, choose_template, describe
+from finetune.chat import FORMAT_FLAG_VALUES, choose_template, describe
+from finetune.console import human_bytes
 from finetune.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
 from finetune.outdir import claimed_output_files, existing_outputs_problems
 from finetune.prepare.chatstream import ChatRun, chat_renderer
 from finetune.prepare.cuts import make_cutter
 from finetune.prepare.engines import EngineMismatch, HFEngine, choose_engine, load_tokenizer, tokenizer_class, tokenizer_spec
-from finetune.prepare.pipeline import human_bytes, tokenize_to_files
+from finetune.prepare.pipeline import keep_rss_flat, tokenize_to_files
 from finetune.prepare.settings import Settings
 from finetune.prepare.sources import (
     RECORD_EXTENSIONS,
@@ -66,8 +66,9 @@ from finetune.prepare.sources import (
     chat_run_format,
     input_problems,
     read_sample,
+    write_sample_book,
 )
-from finetune.prepare.writer import ALL_OUTPUTS
+from finetune.prepare.writer import ALL_OUTPUTS, input_notes
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -144,7 +145,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
 def settings_from(args: argparse.Namespace) -> Settings:
     """The pipeline's settings from the flags; every problem with the flags in one error."""
     problems = []
@@ -210,92 +210,12 @@ def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float,
           f"{blocks:,} blocks = {steps:,} optimizer steps; validation: {tokens['val'] // s.block_size:,} blocks")
 
 
-def chat_notes(chat: dict) -> list[str]:
-    """What the summary says about chat records: examples, what is trained, what was skipped."""
-    source = "joined as TRL does" if chat["format"] == "prompt_completion" else \
-        describe(ChatTemplate(chat["template"], chat["template_source"]))
-    replies = "completions" if chat["format"] == "prompt_completion" else "replies"
-    trained = "every token trained (--train-on-everything)" if not chat["train_only_replies"] else \
-        f"trained: the {replies} and their end tokens"
-    examples, skipped = chat["examples"], chat["skipped"]
-    notes = [f"chat records ({chat['format']}, {source}): {examples['train']:,} train and {examples['val']:,} val "
-             f"examples, whole records; {trained}: {chat['trained_tokens']['train']:,} train and "
-             f"{chat['trained_tokens']['val']:,} val target tokens"]
-    if any(skipped.values()):
-        notes.append(f"skipped {skipped['no_assistant_turn']:,} conversation(s) without an assistant turn and "
-                     f"{skipped['nothing_to_train']:,} example(s) with nothing to train")
-    if chat.get("prompt_tokens_merged"):
-        notes.append(f"in {chat['prompt_tokens_merged']:,} prompt/completion record(s) the prompt's last token merges "
-                     "with the completion's first; training starts at that token, as in TRL (a prompt ending "
-                     "in a space or newline avoids it)")
-    return notes
-
-
-def input_notes(meta: dict) -> list[str]:
-    """What the summary says about records (documents per split, skipped) and byte-order marks."""
-    notes = chat_notes(meta["chat"]) if "chat" in meta else []
-    records = meta.get("records")
-    if records:
-        why = ", ".join(f"{n:,} {reason}" for reason, n in records["skipped_by_reason"].items() if n)
-        notes.append(f"records ({', '.join(records['formats'])}, field {records['text_field']!r}): "
-                     f"{records['train']:,} train and {records['val']:,} val documents, whole records; "
-                     f"{records['skipped']:,} skipped" + (f" ({why})" if why else ""))
-    bom = [s["path"] for s in meta["sources"] if s.get("bom_stripped")]
-    if bom:
-        notes.append(f"stripped a UTF-8 byte-order mark from the start of {len(bom)} file(s): "
-                     + ", ".join(bom[:3]) + (" ..." if len(bom) > 3 else ""))
-    return notes
-
-
-
 # -----------------------------------------------------------------------------
 # Main
 
 
-def keep_rss_flat() -> None:
-    """Stop glibc from keeping freed 1 MB text and token buffers in its heap.
-
-    glibc raises its mmap threshold each time a large mmapped block is freed; after that the
-    pieces' buffers come from the heap, and RSS creeps up with the input (docs/performance.md). A
-    fixed threshold keeps large blocks in mmap, returned to the OS on free.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
-
-
-def write_sample_book(path: Path) -> None:
-    """--sample-book: the Python documentation that ships with CPython, as one text file.
-
-    Run again (the Quickstart line twice) it finds its own sample and succeeds; any other file there
-    is never replaced."""
-    try:
-        import pydoc_data.topics as topics
-    except ImportError:
-        raise UserError("--sample-book: this Python has no pydoc_data module (some distributions ship it "
-                        "separately). HINT: use any text file of your own as --input") from None
-    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
-    if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and \
-            path.read_text(encoding="utf-8") == text:
-        print(f"{path} already holds the sample text. Next: python prepare_data.py --input {path}")
-        return
-    if path.exists():
-        raise UserError(f"--sample-book: {path} already exists (and is not the sample). HINT: use it (python "
-                        f"prepare_data.py --input {path}), or give --sample-book another path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise UserError(f"--sample-book: cannot write {path} ({exc.strerror}). "
-                        "HINT: choose a folder you can write to") from None
-    print(f"wrote {path}: {human_bytes(path.stat().st_size)} of the Python documentation bundled with CPython "
-          f"(pydoc_data). Next: python prepare_data.py --input {path}")
 
 
 @exit_on_user_error

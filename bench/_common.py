@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -265,9 +266,14 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
                timeout: float | None = None) -> dict:
     """Run `cmd` and measure its memory.
 
-    peak_rss_mib: the kernel's high-water mark of the process's resident memory (ru_maxrss from wait4 for
-    this one child: exact, no polling; the max over it and the descendants it reaped, e.g. DataLoader
-    workers, whichever is larger, not their sum).
+    peak_rss_mib: the kernel's high-water mark of the child's resident memory. ru_maxrss (wait4) alone is
+    wrong when this process is large: a child starts as a copy of its parent, and the kernel carries that
+    copy's resident size into the child's ru_maxrss across exec, so a 2 GB parent reports 2 GB for any
+    child. So VmHWM (/proc/PID/status, the high-water mark of the program's own memory, reset at exec) is
+    read every 50 ms while it runs, and ru_maxrss counts only when it exceeds this process's own peak at
+    the start (then it can only be the child's, or that of the descendants it reaped, e.g. DataLoader
+    workers, whichever is larger, not their sum). What the last 50 ms of a child below that size add is
+    not seen.
     peak_tree_mib: polled every `interval` s (cheap; can miss sub-second spikes): main RSS + the USS of
     its children at the same instant (a forked worker's shared pages are counted once).
     Also the wall time, the run's own CPU seconds, foreign_cpu_share (the share of the machine's CPUs
@@ -276,6 +282,7 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
 
     load_before = loadavg()
     busy_before, _ = cpu_busy_seconds()
+    inherited_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the most a child's ru_maxrss inherits
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
@@ -302,8 +309,10 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout if timeout else None
+    hwm = 0.0  # MiB, VmHWM as last read
     try:
         while True:
+            hwm = max(hwm, vm_hwm_mib(proc.pid) or 0.0)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -320,7 +329,8 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
     thread.join()
     if log_path:
         out.close()
-    peak_rss = usage.ru_maxrss / 1024  # KiB on Linux
+    # ru_maxrss is KiB on Linux; at or below what the child may have inherited it says nothing of the child
+    peak_rss = max(hwm, usage.ru_maxrss / 1024 if usage.ru_maxrss > inherited_kib else 0.0)
     busy_after, _ = cpu_busy_seconds()
     # CPU time the rest of the machine used while this ran, as a share of all CPUs: the contention.
     own = usage.ru_utime + usage.ru_stime
@@ -330,12 +340,59 @@ def run_polled(cmd: list[str], env: dict | None = None, interval: float = 1.0, l
             "load_before": load_before, "load_after": loadavg()}
 
 
+def vm_hwm_mib(pid: int) -> float | None:
+    """The peak resident memory of a running process's program (VmHWM), in MiB; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def kill_group(pgid: int) -> None:
     import signal
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def prepare_rss_main(doc: str, default_mb: float, stem: str, what: str, write, sizes_of: tuple[str, ...] = ()) -> None:
+    """The main() of the prepare_*_rss benchmarks: write --mb MB of JSON lines with `write(path, n_bytes)` (it
+    returns how many `what` it wrote), run prepare_data.py on them in a subprocess (anything else on the
+    command line goes to it), and report the wall time, the child's peak RSS (run_polled) and the sizes
+    of the outputs named in `sizes_of`."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=default_mb, help="MB of JSON lines (default: %(default)s)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER_DIR))
+    parser.add_argument("--workdir", default=None, help="keep the input and outputs here (default: a temp dir)")
+    args, extra = parser.parse_known_args()  # anything else goes to prepare_data.py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / f"{stem}_{args.mb:g}mb.jsonl"
+        started = time.perf_counter()
+        count = write(path, int(args.mb * 1e6))
+        print(f"wrote {path.stat().st_size / 1e6:.1f} MB, {count:,} {what} in {time.perf_counter() - started:.0f} s")
+        cmd = [sys.executable, str(REPO / "prepare_data.py"), "--input", str(path), "--tokenizer", args.tokenizer,
+               "--output-dir", str(work / "data"), "--overwrite", *extra]
+        log = work / "prepare.log"
+        result = run_polled(cmd, log_path=log)
+        if result["rc"] != 0:
+            sys.exit(f"prepare_data.py failed:\n{tail(log, 40)}")
+        sizes = "".join(f"; {name} {(work / 'data' / name).stat().st_size / 1e6:.1f} MB" for name in sizes_of)
+        lines = log.read_text(errors="replace").splitlines()
+    summary = lines[max((i for i, line in enumerate(lines) if line.startswith("wrote ")), default=0):]
+    print(f"prepare_data.py {' '.join(extra)}".rstrip() + f": {result['wall_s']:.0f} s wall, peak RSS "
+          f"{result['peak_rss_mib']:.0f} MiB{sizes}")
+    print("summary:\n  " + "\n  ".join(summary))
 
 
 def steady_tokens_per_s(step_times: list[float], tokens_per_step: int, skip: int) -> tuple[float, float]:

@@ -26,18 +26,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_model_dir, count_params, write_data_dir  # noqa: E402
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+from _common import REPO, build_model_dir, count_params, vm_hwm_mib, write_data_dir  # noqa: E402
 
 
 def run_contender(name: str, model_dir: Path, data_dir: Path, out: Path, args) -> dict:
@@ -56,7 +45,7 @@ def run_contender(name: str, model_dir: Path, data_dir: Path, out: Path, args) -
                 rank = child.environ().get("RANK")
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            rss = peak_rss_mib(child.pid) if rank is not None else None
+            rss = vm_hwm_mib(child.pid) if rank is not None else None
             if rss is not None:
                 peaks[int(rank)] = max(peaks.get(int(rank), 0.0), rss)
         time.sleep(0.2)

@@ -7,10 +7,11 @@
 The commit is checked out with `git worktree add --detach` into a temporary folder (removed at the end).
 Corpora, written once and given to both checkouts under the same absolute paths: one text file of
 --mb MB (the Python documentation bundled with CPython, repeated), a folder of text files (.txt and .md),
-a JSON-lines file and a CSV file (paragraphs of it as records). Each corpus runs with each engine:
+paragraphs of it as records in JSON lines, a JSON array, CSV and TSV, and pairs of paragraphs as chat
+records (user, assistant; skipped when the commit has no chat records). Each corpus runs with each engine:
 --engine tiktoken and --engine hf with the GPT-2 tokenizer in ../shared/gpt2-tokenizer (when present),
-and both with a tiny byte-level BPE built as the tests build theirs. train.bin, val.bin and meta.json
-must be equal byte for byte (meta.json names only the inputs' and the tokenizer's paths, and those are
+and both with a tiny byte-level BPE built as the tests build theirs. train.bin, val.bin, meta.json (and
+chat's mask files) must be equal byte for byte (meta.json names only the inputs' and the tokenizer's paths, and those are
 the same for both), and so must `prepare_data.py --help`. Exit status 1 when anything differs.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 OUTPUTS = ("train.bin", "val.bin", "meta.json")
+MASKS = ("train.mask.bin", "val.mask.bin")  # chat records
 
 
 def write_corpora(folder: Path, mb: float) -> dict[str, list[str]]:
@@ -46,12 +48,21 @@ def write_corpora(folder: Path, mb: float) -> dict[str, list[str]]:
     with open(folder / "rows.jsonl", "w", encoding="utf-8") as f:
         for i, p in enumerate(paragraphs):
             f.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
-    with open(folder / "rows.csv", "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "text"])
-        writer.writerows(enumerate(paragraphs))
+    for name, delimiter in (("rows.csv", ","), ("rows.tsv", "\t")):
+        with open(folder / name, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["id", "text"])
+            writer.writerows(enumerate(paragraphs))
+    with open(folder / "rows.json", "w", encoding="utf-8") as f:
+        json.dump([{"id": i, "text": p} for i, p in enumerate(paragraphs)], f, indent=1, ensure_ascii=False)
+    with open(folder / "chats.jsonl", "w", encoding="utf-8") as f:
+        for i in range(0, len(paragraphs) - 1, 2):
+            messages = [{"role": "user", "content": paragraphs[i]}, {"role": "assistant", "content": paragraphs[i + 1]}]
+            f.write(json.dumps({"id": i, "messages": messages}, ensure_ascii=False) + "\n")
     return {"text": [str(folder / "book.txt")], "folder": [str(books)],
-            "jsonl": [str(folder / "rows.jsonl")], "csv": [str(folder / "rows.csv")]}
+            "jsonl": [str(folder / "rows.jsonl")], "json": [str(folder / "rows.json")],
+            "csv": [str(folder / "rows.csv")], "tsv": [str(folder / "rows.tsv")],
+            "chat": [str(folder / "chats.jsonl")]}
 
 
 def run_prepare(checkout: Path, args: list[str], cache: Path) -> subprocess.CompletedProcess:
@@ -62,7 +73,10 @@ def run_prepare(checkout: Path, args: list[str], cache: Path) -> subprocess.Comp
 
 def compare(name: str, before: Path, after: Path) -> list[str]:
     """What differs between two output folders (empty: byte-identical)."""
-    return [f"{name}: {file} differs" for file in OUTPUTS if (before / file).read_bytes() != (after / file).read_bytes()]
+    files = [*OUTPUTS, *(m for m in MASKS if (before / m).exists() or (after / m).exists())]
+    return [f"{name}: {file} differs" for file in files
+            if not (before / file).exists() or not (after / file).exists()
+            or (before / file).read_bytes() != (after / file).read_bytes()]
 
 
 def main() -> int:
@@ -107,6 +121,9 @@ def compare_checkouts(old: Path, new: Path, work: Path, args) -> int:
     if helps[0] != helps[1]:
         problems.append("--help differs:\n" + "".join(difflib.unified_diff(
             helps[0].splitlines(True), helps[1].splitlines(True), "before", "after")))
+    if "--chat-format" not in helps[0]:
+        print(f"note: {args.commit} has no chat records: the chat corpus is not compared")
+        del corpora["chat"]
     for tok_name, tok_path in tokenizers.items():
         for engine in ("tiktoken", "hf"):
             for corpus, inputs in corpora.items():
@@ -123,7 +140,7 @@ def compare_checkouts(old: Path, new: Path, work: Path, args) -> int:
                     outs.append(out)
                 if len(outs) == 2:
                     found = compare(name, *outs)
-                    size = sum((outs[1] / f).stat().st_size for f in OUTPUTS)
+                    size = sum(f.stat().st_size for f in outs[1].iterdir())
                     print(f"{name:38s} {'identical' if not found else 'DIFFERENT'} ({size:,} bytes of output)")
                     problems += found
     for problem in problems:

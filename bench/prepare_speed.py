@@ -22,6 +22,13 @@ shared the machine's load (the load average is printed before and after):
    subprocess.
 5. Checks: prepare_data.py's ids (validation ranges put back) equal tiktoken's for the whole
    corpus, and AutoTokenizer's for its first --check-mb MB.
+
+With --compare-commit COMMIT, instead: prepare_data.py of COMMIT (a `git worktree add --detach` checkout,
+removed at the end) and of the working tree, side by side: each round runs both on the corpus and on the
+1 MB book (each with its own recorded tokenizer), in alternating order, and the report gives each side's
+medians and the ratio after / before. The two sides' outputs must be byte-identical.
+
+    python bench/prepare_speed.py --compare-commit e95220c --mb 50 --rounds 5
 """
 from __future__ import annotations
 
@@ -124,8 +131,9 @@ def python_source(path: Path, n_bytes: int) -> int:
 # Runs
 
 
-def run_prepare(text_path: Path, out_dir: Path, tokenizer: str, extra: list[str], cache: Path) -> dict:
-    cmd = [sys.executable, str(REPO_ROOT / "prepare_data.py"), "--input", str(text_path), "--tokenizer", tokenizer,
+def run_prepare(text_path: Path, out_dir: Path, tokenizer: str, extra: list[str], cache: Path,
+                checkout: Path = REPO_ROOT) -> dict:
+    cmd = [sys.executable, str(checkout / "prepare_data.py"), "--input", str(text_path), "--tokenizer", tokenizer,
            "--output-dir", str(out_dir), "--overwrite", *extra]
     result = run_child(cmd, {**os.environ, "XDG_CACHE_HOME": str(cache)})
     if result["returncode"] != 0:
@@ -232,6 +240,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="text generator seed (--corpus generated)")
     parser.add_argument("--workdir", default=None, help="keep the text and outputs here (default: a temp dir)")
     parser.add_argument("--tiktoken-child", nargs=2, metavar=("IDS", "TEXT"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare-commit", default=None, metavar="COMMIT",
+                        help="time prepare_data.py of COMMIT against the working tree's, side by side")
     args, extra = parser.parse_known_args()  # anything else goes to prepare_data.py, e.g. --num-workers 1
     if args.tiktoken_child:
         return tiktoken_child(*args.tiktoken_child, args.tokenizer)
@@ -248,6 +258,8 @@ def main() -> None:
         with open(text_path, "rb") as f:
             book.write_bytes(f.read(1_000_000).decode("utf-8", errors="ignore").encode("utf-8"))
         mb = text_path.stat().st_size / 1e6
+        if args.compare_commit:
+            return compare_commit(args, extra, work, text_path, book, mb)
         warm, cold = work / "record-cache", work / "empty-cache"
         run_prepare(book, work / "warmup", args.tokenizer, [], warm)  # records the tokenizer (a first run)
 
@@ -274,6 +286,48 @@ def main() -> None:
         report(args, extra, mb, rows, same_tiktoken, same_hf, len(checked.encode("utf-8")) / 1e6)
         if not (same_tiktoken and same_hf):
             sys.exit("token ids differ")
+
+
+def compare_commit(args, extra: list[str], work: Path, text_path: Path, book: Path, mb: float) -> None:
+    """--compare-commit: the commit's prepare_data.py and the working tree's, alternating, on the same text."""
+    before = work / "before-checkout"
+    subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-q", str(before),
+                    args.compare_commit], check=True)
+    try:
+        sides = {"before": before, "after": REPO_ROOT}
+        for side, checkout in sides.items():  # records the tokenizer for each side (a first run, not timed)
+            run_prepare(book, work / f"warmup-{side}", args.tokenizer, [], work / f"cache-{side}", checkout)
+        print(load_line("before:"))
+        rows = {(side, run): [] for side in sides for run in ("prepare", "book")}
+        for round_no in range(args.rounds):
+            for side in (("before", "after") if round_no % 2 == 0 else ("after", "before")):
+                cache, checkout = work / f"cache-{side}", sides[side]
+                rows[side, "prepare"].append(run_prepare(text_path, work / f"data-{side}", args.tokenizer, extra,
+                                                         cache, checkout))
+                rows[side, "book"].append(run_prepare(book, work / f"book-{side}", args.tokenizer, extra, cache,
+                                                      checkout))
+        print(load_line("after: "))
+        differ = [f"{folder}/{name}" for folder in ("data", "book") for name in ("train.bin", "val.bin", "meta.json")
+                  if (work / f"{folder}-before" / name).read_bytes() != (work / f"{folder}-after" / name).read_bytes()]
+    finally:
+        subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(before)], check=True)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"text: {mb:.1f} MB ({args.corpus}); tokenizer {args.tokenizer}; {cpus} CPUs; {args.rounds} rounds, "
+          f"alternating; before = {args.compare_commit}, after = the working tree; medians (rounds listed)")
+    for run, label in (("prepare", f"{mb:.0f} MB, prepare_data.py {' '.join(extra)}".rstrip()),
+                       ("book", "1 MB book, tokenizer recorded")):
+        medians = {}
+        for side in ("before", "after"):
+            seconds = [r["seconds"] for r in rows[side, run]]
+            medians[side] = float(np.median(seconds))
+            peak = max(r["peak_mb"] for r in rows[side, run])
+            rate = f"{mb / medians[side]:.1f} MB/s, " if run == "prepare" else ""
+            print(f"{label} {side:6s}: {medians[side]:.2f}s ({' / '.join(f'{x:.2f}' for x in seconds)}), "
+                  f"{rate}peak RSS {peak:.0f} MB")
+        print(f"  after / before: {medians['after'] / medians['before']:.3f} (time)")
+    print("outputs byte-identical before / after" if not differ else f"outputs DIFFER: {', '.join(differ)}")
+    if differ:
+        sys.exit(1)
 
 
 def report(args, extra, mb, rows, same_tiktoken, same_hf, checked_mb) -> None:

@@ -26,11 +26,11 @@ only the ones listed before it:
     sampling      text generation, shared by generate.py and training-time samples
     checkpoints   the training state; checkpoint folders written, validated, pruned
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
-    lora          LoRA with peft: the converter, adapter checkpoints, merged releases, adapter loading
+    lora          LoRA with peft: the converter, adapter checkpoints, merged releases
     fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
     training      the run object the loop works with (record, evaluate, sample, save), stop requests, loaders
     preflight     what a run checks before its weights load (settings, resume, data vs model, plan, memory)
     build         a run assembled from its checks: model and converters, optimizer, schedule, data, resume
-    modelfolder   which saved model a --model folder means (model, LoRA adapter, training output)
+    modelfolder   which saved model a --model folder means (model, LoRA adapter, training output); adapter loading
     export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
 """

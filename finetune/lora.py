@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError, first_line
-from .models import WEIGHT_FILES, ModelFiles, hub_offline, hub_reachable, load_weights, looks_like_path, set_dropout, unwrap_model
+from .models import WEIGHT_FILES, ModelFiles, load_weights, set_dropout, unwrap_model
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -396,62 +396,3 @@ def merge_into_base(base: str, peft_model, config, dropout_override: float | Non
     if dropout_override is not None:
         set_dropout(merged, dropout_override)  # as a full fine-tune saves it: the config says what was trained
     return merged
-
-
-# -----------------------------------------------------------------------------
-# Loading an adapter folder (generate.py)
-
-
-def is_adapter_folder(path: Path) -> bool:
-    return (path / ADAPTER_FILES[0]).is_file()
-
-
-def adapter_base(folder: Path) -> str:
-    """The base an adapter folder names; a clear error when it is not recorded or cannot be found."""
-    try:
-        base = json.loads((folder / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{folder / ADAPTER_FILES[0]} is not readable JSON ({first_line(exc)}). HINT: save the "
-                        f"adapter again") from None
-    if not (folder / ADAPTER_FILES[1]).is_file():
-        raise UserError(f"{folder} has adapter_config.json but no {ADAPTER_FILES[1]}. HINT: the save was probably "
-                        f"interrupted; pass another checkpoint")
-    if not base:
-        raise UserError(f"{folder / ADAPTER_FILES[0]} does not name its base model (base_model_name_or_path). "
-                        f"HINT: set it to the base's folder or hub name")
-    if base_folder(base) is None and (looks_like_path(base) or hub_offline() or not hub_reachable()):
-        where = "no such folder" if looks_like_path(base) else "not in the local Hugging Face cache, hub not asked"
-        raise UserError(f"the base model {base} of the adapter in {folder} cannot be found ({where}). HINT: put "
-                        f"the base model back at {base}, or set base_model_name_or_path in "
-                        f"{folder / ADAPTER_FILES[0]} to where it is now")
-    check_adapter_base(folder, base)
-    return base
-
-
-def check_adapter_base(folder: Path, base: str) -> None:
-    """Refuse an adapter whose recorded base fingerprint is not the base's it would load onto (adapters saved
-    by other tools record none: nothing to check)."""
-    try:
-        recorded = json.loads((folder / ADAPTER_BASE_FILE).read_text(encoding="utf-8")).get("base_fingerprint")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return
-    actual = base_fingerprint(base)
-    if recorded and actual != "unknown" and recorded != actual:
-        raise UserError(f"the adapter in {folder} was trained on a base with fingerprint {recorded}, but its base "
-                        f"{base} has fingerprint {actual} (other weights or config). HINT: set "
-                        f"base_model_name_or_path in {folder / ADAPTER_FILES[0]} to the base it was trained on, or "
-                        f"load the merged model its training run wrote")
-
-
-def load_adapter_model(folder: Path, dtype):
-    """Base + adapter, merged (generation runs at the speed of the plain model)."""
-    require_peft()
-    from peft import PeftModel
-
-    base = adapter_base(folder)
-    model = load_weights(base, dtype)
-    try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    except Exception as exc:  # noqa: BLE001 - a damaged adapter, or one made for another base
-        raise UserError(f"cannot load the adapter in {folder} onto {base} ({type(exc).__name__}: "
-                        f"{first_line(exc)}). HINT: check that it was trained on this base") from None

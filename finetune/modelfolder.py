@@ -1,22 +1,24 @@
 """Which saved model a --model folder means (generate.py, export.py): a model folder, a LoRA adapter
-folder (its base must be found), or a training output whose saved models are inside it."""
+folder (its base must be found; the adapter is loaded merged into it), or a training output whose saved
+models are inside it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from . import lora
 from .checkpoints import CHECKPOINT_NAME, SHARDED_FOLDER
-from .errors import UserError
-from .models import TOKENIZER_FILES, WEIGHT_FILES
+from .errors import UserError, first_line
+from .models import TOKENIZER_FILES, WEIGHT_FILES, hub_offline, hub_reachable, load_weights, looks_like_path
 
 
 def check_model_folder(path: Path) -> None:
     """Everything from_pretrained needs is there, so a half-written folder fails with a clear message."""
     if not path.is_dir():
         raise UserError(f"--model {path} is a file, not a model folder. HINT: pass the folder holding config.json")
-    if lora.is_adapter_folder(path):  # a LoRA adapter (out/adapter, a LoRA checkpoint): its base must be found
+    if is_adapter_folder(path):  # a LoRA adapter (out/adapter, a LoRA checkpoint): its base must be found
         lora.require_peft()
-        lora.adapter_base(path)
+        adapter_base(path)
         return
     if not (path / "config.json").is_file():
         inside = saved_models_inside(path)
@@ -48,3 +50,62 @@ def saved_models_inside(path: Path) -> list[Path]:
         return (d.name != "best", -int(step.group(1)) if step else 0, d.name)
 
     return sorted(found, key=rank)
+
+
+# -----------------------------------------------------------------------------
+# A LoRA adapter folder: its base, and the model it makes (generate.py, export.py)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / lora.ADAPTER_FILES[0]).is_file()
+
+
+def adapter_base(folder: Path) -> str:
+    """The base an adapter folder names; a clear error when it is not recorded or cannot be found."""
+    try:
+        base = json.loads((folder / lora.ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{folder / lora.ADAPTER_FILES[0]} is not readable JSON ({first_line(exc)}). HINT: save the "
+                        f"adapter again") from None
+    if not (folder / lora.ADAPTER_FILES[1]).is_file():
+        raise UserError(f"{folder} has adapter_config.json but no {lora.ADAPTER_FILES[1]}. HINT: the save was probably "
+                        f"interrupted; pass another checkpoint")
+    if not base:
+        raise UserError(f"{folder / lora.ADAPTER_FILES[0]} does not name its base model (base_model_name_or_path). "
+                        f"HINT: set it to the base's folder or hub name")
+    if lora.base_folder(base) is None and (looks_like_path(base) or hub_offline() or not hub_reachable()):
+        where = "no such folder" if looks_like_path(base) else "not in the local Hugging Face cache, hub not asked"
+        raise UserError(f"the base model {base} of the adapter in {folder} cannot be found ({where}). HINT: put "
+                        f"the base model back at {base}, or set base_model_name_or_path in "
+                        f"{folder / lora.ADAPTER_FILES[0]} to where it is now")
+    check_adapter_base(folder, base)
+    return base
+
+
+def check_adapter_base(folder: Path, base: str) -> None:
+    """Refuse an adapter whose recorded base fingerprint is not the base's it would load onto (adapters saved
+    by other tools record none: nothing to check)."""
+    try:
+        recorded = json.loads((folder / lora.ADAPTER_BASE_FILE).read_text(encoding="utf-8")).get("base_fingerprint")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    actual = lora.base_fingerprint(base)
+    if recorded and actual != "unknown" and recorded != actual:
+        raise UserError(f"the adapter in {folder} was trained on a base with fingerprint {recorded}, but its base "
+                        f"{base} has fingerprint {actual} (other weights or config). HINT: set "
+                        f"base_model_name_or_path in {folder / lora.ADAPTER_FILES[0]} to the base it was trained on, or "
+                        f"load the merged model its training run wrote")
+
+
+def load_adapter_model(folder: Path, dtype):
+    """Base + adapter, merged (generation runs at the speed of the plain model)."""
+    lora.require_peft()
+    from peft import PeftModel
+
+    base = adapter_base(folder)
+    model = load_weights(base, dtype)
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - a damaged adapter, or one made for another base
+        raise UserError(f"cannot load the adapter in {folder} onto {base} ({type(exc).__name__}: "
+                        f"{first_line(exc)}). HINT: check that it was trained on this base") from None

@@ -1,4 +1,4 @@
-"""The token files' description, with no torch: meta.json's format and checks, the token dtype, the
+"""The token files' description, with no torch: meta.json's format, its writing and its checks, the token dtype, the
 tokenizer and data fingerprints, the splits read back. prepare_data.py imports this (a torch import would
 cost it seconds of start-up); finetune/data.py re-exports it next to the PyTorch dataset."""
 from __future__ import annotations
@@ -43,6 +43,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def token_dtype(max_token_id: int) -> np.dtype:
     """uint16 when every id fits (GPT-2's 50k vocabulary), else uint32 (Llama-3, Qwen...)."""
     return np.dtype(np.uint16) if max_token_id < 2**16 else np.dtype(np.uint32)
+
+
+def build_meta(tokenizer, *, name_or_path: str, tokenizer_class: str, dtype: np.dtype, max_token_id: int,
+               tokens: dict[str, int], chars: dict[str, int], sources: list[dict], split: dict, encoding: str,
+               **extra) -> dict:
+    """meta.json as prepare_data.py writes it and load_meta reads it: the format, how to read the token
+    files, the tokenizer that made them, the splits, where the text came from (`sources`, `split`), then
+    `extra` (prepare's "records" or "chat" facts)."""
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_token_id": max_token_id,
+        "tokenizer": {"name_or_path": name_or_path,
+                      "fingerprint": getattr(tokenizer, "fingerprint", None) or tokenizer_fingerprint(tokenizer),
+                      "class": tokenizer_class, "add_special_tokens": False},
+        "splits": {split_name: {"file": SPLIT_FILES[split_name], "tokens": tokens[split_name],
+                                "chars": chars[split_name]} for split_name in ("train", "val")},
+        "sources": sources,
+        "split": split,
+        "encoding": encoding,
+        "eos_after_each_source": True,
+        "input_formats": sorted({source["format"] for source in sources}),
+        **extra,
+    }
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """meta.json's bytes (2-space indent, UTF-8 as is, a final newline), on disk (fsync) before the caller
+    renames it into place."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:

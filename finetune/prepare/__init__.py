@@ -2,7 +2,11 @@
 draws it). A module imports only the ones listed before it (and the package rooms below finetune/prepare):
 
     settings    the frozen Settings the pipeline takes (prepare_data.py builds it from the flags)
-    records     record inputs (JSON lines, JSON, CSV/TSV, Parquet), streamed
+    lines       a record file's bytes as decoded lines with their offsets (JSON lines, CSV/TSV), its sha256
+    jsonrecords JSON lines and .json files, value by value
+    csvrecords  CSV and TSV files: the header checked, row by row
+    parquetrecords  Parquet files (pyarrow): the text column, or whole rows
+    records     record inputs: the reader by extension, the text field, what was skipped; whole records
     sources     the inputs: files and folders walked, the checks that need no tokenizer
     recorded    the tokenizer recorded by an earlier run, loaded without transformers
     engines     tokenizer loading; ids from text: Hugging Face tokenizers, the tiktoken fast path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chat import ChatRenderer, ChatTemplate, FormatChooser, choose_template, example_of, parse_cell
+from ..chat import ChatRenderer, ChatTemplate, FormatChooser, choose_template, describe, example_of, parse_cell
 from ..errors import UserError
 from .engines import CHECK_EVERY, EngineMismatch
 from .records import read_objects, record_format
@@ -140,3 +140,24 @@ def check_examples(examples: dict, renderer: ChatRenderer, separate_val: bool, v
                 fix = f"{'raise' if split == 'val' else 'lower'} --val-fraction (now {val_fraction}), or give --val-input"
             raise UserError(f"the {split} split holds no example ({examples['train' if split == 'val' else 'val']:,} "
                             f"in the other). HINT: {fix}, or add more records")
+
+
+def chat_notes(chat: dict) -> list[str]:
+    """What the summary says about chat records: examples, what is trained, what was skipped."""
+    source = "joined as TRL does" if chat["format"] == "prompt_completion" else \
+        describe(ChatTemplate(chat["template"], chat["template_source"]))
+    replies = "completions" if chat["format"] == "prompt_completion" else "replies"
+    trained = "every token trained (--train-on-everything)" if not chat["train_only_replies"] else \
+        f"trained: the {replies} and their end tokens"
+    examples, skipped = chat["examples"], chat["skipped"]
+    notes = [f"chat records ({chat['format']}, {source}): {examples['train']:,} train and {examples['val']:,} val "
+             f"examples, whole records; {trained}: {chat['trained_tokens']['train']:,} train and "
+             f"{chat['trained_tokens']['val']:,} val target tokens"]
+    if any(skipped.values()):
+        notes.append(f"skipped {skipped['no_assistant_turn']:,} conversation(s) without an assistant turn and "
+                     f"{skipped['nothing_to_train']:,} example(s) with nothing to train")
+    if chat.get("prompt_tokens_merged"):
+        notes.append(f"in {chat['prompt_tokens_merged']:,} prompt/completion record(s) the prompt's last token merges "
+                     "with the completion's first; training starts at that token, as in TRL (a prompt ending "
+                     "in a space or newline avoids it)")
+    return notes

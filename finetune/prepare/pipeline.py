@@ -2,6 +2,7 @@
 and meta.json. prepare_data.py calls tokenize_to_files once (twice when the fast path falls back)."""
 from __future__ import annotations
 
+import ctypes
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import FormatChooser
+from ..console import human_bytes
 from ..errors import UserError
 from ..tokenfiles import token_dtype
 from .chatstream import ChatRun, chat_examples, chat_meta, chat_renderer, check_examples
@@ -20,7 +22,7 @@ from .records import record_format
 from .settings import Settings
 from .split import range_sizes, val_ranges
 from .stream import Piece, PieceStream
-from .writer import Outputs, Tally, build_meta, split_policy
+from .writer import Outputs, Tally, run_meta, split_policy
 
 
 def encode_pieces(pieces, engine, workers: int) -> Iterator[tuple[Piece, np.ndarray]]:
@@ -77,7 +79,7 @@ def tokenize_to_files(settings: Settings, inputs: list[Path], val_inputs: list[P
             warn_if_val_share_off(tally, settings.val_fraction, sum(r["val"] for r in records))
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
-        meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally))
+        meta = run_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally))
         outputs.commit(meta)
         return meta
     except BaseException:  # error, Ctrl-C or SIGTERM: leave nothing behind
@@ -112,8 +114,8 @@ def chat_to_files(settings: Settings, inputs: list[Path], val_inputs: list[Path]
         check_examples(counts, renderer, bool(val_inputs), settings.val_fraction)
         if dtype.itemsize == 4 and tally.max_id < 2**16:
             outputs.narrow_to_uint16()
-        meta = build_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally),
-                          chat=chat_meta(renderer, chat, counts, trained))
+        meta = run_meta(settings, tokenizer, outputs.dtype, tally, sources, split_policy(settings, ranges, tally),
+                        chat=chat_meta(renderer, chat, counts, trained))
         outputs.commit(meta)
         return meta
     except BaseException:  # error, Ctrl-C or SIGTERM: leave nothing behind
@@ -211,9 +213,14 @@ def warn_if_val_share_off(tally: Tally, fraction: float, val_records: int) -> No
               file=sys.stderr)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB"):
-        if n < 1000:
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"
+def keep_rss_flat() -> None:
+    """Stop glibc from keeping freed 1 MB text and token buffers in its heap.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed; after that the
+    pieces' buffers come from the heap, and RSS creeps up with the input (docs/performance.md). A
+    fixed threshold keeps large blocks in mmap, returned to the OS on free.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

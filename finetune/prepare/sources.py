@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..chat import CHAT_FORMATS, format_of
+from ..console import human_bytes
 from ..errors import UserError
 from .records import RECORD_FORMATS, check_record_file, first_fields, record_format
 
@@ -169,3 +170,32 @@ def chat_run_format(inputs: list[Path], val_inputs: list[Path], encoding: str, c
                         "HINT: prepare them separately, or pass --chat-format text to read every record's "
                         "--text-field as plain text")
     return fmt
+
+
+def write_sample_book(path: Path) -> None:
+    """--sample-book: the Python documentation that ships with CPython, as one text file.
+
+    Run again (the Quickstart line twice) it finds its own sample and succeeds; any other file there
+    is never replaced."""
+    try:
+        import pydoc_data.topics as topics
+    except ImportError:
+        raise UserError("--sample-book: this Python has no pydoc_data module (some distributions ship it "
+                        "separately). HINT: use any text file of your own as --input") from None
+    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    if path.is_file() and path.stat().st_size == len(text.encode("utf-8")) and \
+            path.read_text(encoding="utf-8") == text:
+        print(f"{path} already holds the sample text. Next: python prepare_data.py --input {path}")
+        return
+    if path.exists():
+        raise UserError(f"--sample-book: {path} already exists (and is not the sample). HINT: use it (python "
+                        f"prepare_data.py --input {path}), or give --sample-book another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise UserError(f"--sample-book: cannot write {path} ({exc.strerror}). "
+                        "HINT: choose a folder you can write to") from None
+    print(f"wrote {path}: {human_bytes(path.stat().st_size)} of the Python documentation bundled with CPython "
+          f"(pydoc_data). Next: python prepare_data.py --input {path}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .engines import CHUNK_CHARS
-from .records import RecordStats, is_utf8, read_records, record_format
+from .lines import is_utf8
+from .records import RecordStats, read_records, record_format
 from .sources import BLOCK_BYTES
 from .split import RecordSplit, split_at
 

@@ -1,10 +1,9 @@
 """Token files: train.bin / val.bin written under hidden temporary names, what was written tallied, and
-meta.json (read back by finetune/tokenfiles.py's load_meta) written last, when everything is renamed
+meta.json (built, written and read back by finetune/tokenfiles.py) written last, when everything is renamed
 into place (an interrupted run never leaves a train.bin that looks valid)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import numpy as np
 
 from ..errors import UserError, raise_if_write_failure
 from ..fsio import fsync_dir
-from ..tokenfiles import META_FORMAT, META_VERSION, SPLIT_FILES, tokenizer_fingerprint
+from ..tokenfiles import MASK_FILES, build_meta, write_meta
+from .chatstream import chat_notes
 from .engines import tokenizer_class
 from .settings import Settings
 from .stream import Piece
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
-MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data: one uint8 per token (docs/chat.md)
 ALL_OUTPUTS = (*OUTPUT_FILES, *MASK_FILES.values())  # what marks an earlier run's outputs in --output-dir
 
 
@@ -90,10 +89,7 @@ class Outputs:
         the folder never holds a meta.json that describes .bin files it does not match."""
         self.close()
         with self.writing():
-            with open(self.temp["meta.json"], "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-                _sync(f)
+            write_meta(self.temp["meta.json"], meta)
             (self.out_dir / "meta.json").unlink(missing_ok=True)
             if not self.masks:  # a plain data set replacing a chat one: its masks would describe other ids
                 for name in MASK_FILES.values():
@@ -146,29 +142,13 @@ class Tally:
             self.max_id = max(self.max_id, int(ids.max()))
 
 
-
-
-def build_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict,
-               chat: dict | None = None) -> dict:
-    return {
-        "format": META_FORMAT,
-        "version": META_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "max_token_id": tally.max_id,
-        "tokenizer": {"name_or_path": settings.tokenizer,
-                      "fingerprint": getattr(tokenizer, "fingerprint", None) or tokenizer_fingerprint(tokenizer),
-                      "class": tokenizer_class(tokenizer), "add_special_tokens": False},
-        "splits": {split_name: {"file": SPLIT_FILES[split_name], "tokens": tally.tokens[split_name],
-                                "chars": tally.chars[split_name]} for split_name in ("train", "val")},
-        "sources": sources,
-        "split": split,
-        "encoding": settings.encoding,
-        "eos_after_each_source": True,
-        "input_formats": sorted({source["format"] for source in sources}),
-        **({"chat": chat} if chat else records_meta(settings.text_field, sources)),
-    }
+def run_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict,
+             chat: dict | None = None) -> dict:
+    """This run's meta.json (tokenfiles.build_meta), with the chat facts or the records' (records_meta)."""
+    return build_meta(tokenizer, name_or_path=settings.tokenizer, tokenizer_class=tokenizer_class(tokenizer),
+                      dtype=dtype, max_token_id=tally.max_id, tokens=tally.tokens, chars=tally.chars,
+                      sources=sources, split=split, encoding=settings.encoding,
+                      **({"chat": chat} if chat else records_meta(settings.text_field, sources)))
 
 
 def records_meta(text_field: str, sources: list[dict]) -> dict:
@@ -200,3 +180,17 @@ def split_policy(settings: Settings, ranges, tally: Tally) -> dict:
     }
 
 
+def input_notes(meta: dict) -> list[str]:
+    """What the summary says about records (documents per split, skipped) and byte-order marks."""
+    notes = chat_notes(meta["chat"]) if "chat" in meta else []
+    records = meta.get("records")
+    if records:
+        why = ", ".join(f"{n:,} {reason}" for reason, n in records["skipped_by_reason"].items() if n)
+        notes.append(f"records ({', '.join(records['formats'])}, field {records['text_field']!r}): "
+                     f"{records['train']:,} train and {records['val']:,} val documents, whole records; "
+                     f"{records['skipped']:,} skipped" + (f" ({why})" if why else ""))
+    bom = [s["path"] for s in meta["sources"] if s.get("bom_stripped")]
+    if bom:
+        notes.append(f"stripped a UTF-8 byte-order mark from the start of {len(bom)} file(s): "
+                     + ", ".join(bom[:3]) + (" ..." if len(bom) > 3 else ""))
+    return notes
