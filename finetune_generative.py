@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, fsdp, lora
+from finetune import cli, fsdp, launcher, lora
 from finetune.checkpoints import list_checkpoints, load_resume_checkpoint
 from finetune.console import progress_display, setup_logging
 from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
@@ -171,8 +171,9 @@ class TrainConfig:
     ignore_memory_estimate: bool = False
     """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
     nproc: int | None = None
-    """with --dry-run: plan for this many processes (default: the torchrun processes, or 1), with memory per
-    process for DDP and --fsdp side by side"""
+    """train in this many processes on this machine, started by this command (as torchrun --standalone
+    --nproc_per_node N would; Ctrl-C or SIGTERM stops them all after a checkpoint); with --dry-run: plan for
+    this many processes (default: the torchrun processes, or 1), with memory per process for DDP and --fsdp"""
 
 
 # Every flag, by group, in --help order. A flag sets the field of its name (`--max-steps` -> max_steps).
@@ -258,9 +259,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     positive("warmup_steps", cfg.warmup_steps, allow_none=True, allow_zero=True)
     positive("device_memory_gib", cfg.device_memory_gib, allow_none=True)
     positive("nproc", cfg.nproc, allow_none=True)
-    if cfg.nproc is not None and not cfg.dry_run:
-        problems.append("--nproc plans a run for --dry-run; a run takes its processes from torchrun. HINT: add "
-                        "--dry-run, or start it with torchrun --nproc_per_node N")
+    problems += launcher.nproc_problems(cfg.nproc, cfg.dry_run)
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -670,6 +669,8 @@ def main(argv=None) -> int:
     # ---- settings: validated before anything loads; a resume keeps the checkpoint's unless given
     cfg, explicit = parse_config(argv)
     raise_if_problems(validate_config(cfg))
+    if launcher.wanted(cfg.nproc, cfg.dry_run):  # --nproc N: this process starts the N that train, and waits
+        return launcher.launch(cfg.nproc, str(SCRIPT), sys.argv[1:] if argv is None else list(map(str, argv)), cfg.device)
     dist_info = setup_distributed(cfg.device)
     setup_logging("finetune", dist_info.is_main)
     resume_path, state = load_resume_checkpoint(cfg.resume, Path(cfg.output_dir), cfg.skip_damaged_checkpoints)
