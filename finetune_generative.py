@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune import launcher
 from finetune.checkpoints import list_checkpoints
 from finetune.config import TrainConfig, changed_settings, parse_config
 from finetune.console import progress_display, setup_logging
@@ -322,6 +323,8 @@ def end_of_run_summary(run: TrainingRun) -> str:
 def main(argv=None) -> int:
     cfg, explicit = parse_config(argv)
     raise_if_problems(settings_problems(cfg))  # the flags alone, before anything is read
+    if launcher.wanted(cfg.nproc, cfg.dry_run):  # --nproc N: this process starts the N that train, and waits
+        return launcher.launch(cfg.nproc, str(SCRIPT), sys.argv[1:] if argv is None else list(map(str, argv)), cfg.device)
     dist_info = setup_distributed(cfg.device)
     setup_logging("finetune", dist_info.is_main)
     recipe = FineTune(cfg, explicit, dist_info)

@@ -7,6 +7,7 @@ only the ones listed before it:
     outdir        the output folder of either script: created, locked, checked (rundir adds a run's rules)
     chat          chat/instruction records: formats, checks, the chat template, rendering to ids + loss mask
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
+    launcher      --nproc N: starts the N processes itself with torch's launcher, answers for them
     runtime       device, precision, autocast, seeds, library versions
     console       the logging setup every script uses
     cli           flags generated from config dataclasses (one --help group per dataclass)

@@ -337,5 +337,5 @@ def check_resume_compatible(state: dict, given: dict, data_dir: str, data_fp: st
     if state["world_size"] != world_size and not reshards:  # reshards: FSDP re-slices and keeps the global batch
         problems.append(f"the checkpoint was written by {state['world_size']} process(es) and this run has "
                         f"{world_size}; the data order per process would change. HINT: resume "
-                        f"with --nproc_per_node={state['world_size']}")
+                        f"with --nproc {state['world_size']} (or torchrun --nproc_per_node={state['world_size']})")
     return problems

@@ -170,8 +170,9 @@ class RunControl:
     ignore_memory_estimate: bool = False
     """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
     nproc: int | None = None
-    """with --dry-run: plan for this many processes (default: the torchrun processes, or 1), with memory per
-    process for DDP and --fsdp side by side"""
+    """train in this many processes on this machine, started by this command (as torchrun --standalone
+    --nproc_per_node N would; Ctrl-C or SIGTERM stops them all after a checkpoint); with --dry-run: plan for
+    this many processes (default: the torchrun processes, or 1), with memory per process for DDP and --fsdp"""
 
 
 # --help order. dataclasses take the fields of the last base first, hence TrainConfig's bases in reverse.
@@ -236,9 +237,6 @@ def validate_config(cfg: TrainConfig) -> list[str]:
               "device_memory_gib": (True, False), "nproc": (True, False)}
     for name, (allow_none, allow_zero) in limits.items():
         positive(name, allow_none, allow_zero)
-    if cfg.nproc is not None and not cfg.dry_run:
-        problems.append("--nproc plans a run for --dry-run; a run takes its processes from torchrun. HINT: add "
-                        "--dry-run, or start it with torchrun --nproc_per_node N")
     if cfg.block_size is not None and cfg.block_size == 1:
         problems.append("--block-size must be at least 2 (one token predicts the next)")
     if not 0 <= cfg.warmup_ratio < 1:

@@ -11,7 +11,8 @@ writing the model (`LoraModelFiles`); the training loop does not know LoRA is on
 - With bf16/fp16 autocast, the frozen linear weights of the blocks are held in that dtype: autocast casts
   them to it for every matmul anyway, so the arithmetic is the same and their memory is halved (README,
   "Bigger models with LoRA"). Embeddings, LayerNorms and the adapters stay fp32. A release merges the
-  adapter into the base reloaded in fp32, never into the rounded copy.
+  adapter into the base reloaded in fp32, never into the rounded copy; a base stored in bf16/fp16 is
+  written in fp32 then, since rounding it back would lose part of the adapter's delta (logged once).
 - peft puts a plain nn.Dropout on each adapter's input; the training script gives the converted model the
   fast CPU masks of cpu_dropout.py afterwards, so these get them as the base model's dropouts do.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from .models import WEIGHT_FILES, ModelFiles, load_weights, set_dropout, unwrap_
 if TYPE_CHECKING:
     from .config import TrainConfig
 
+log = logging.getLogger("finetune")
 DEFAULT_DROPOUT = 0.05
 # peft asks models for `is_gradient_checkpointing`, which transformers 5.x renamed (it warns on each wrap).
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -299,6 +302,7 @@ class LoraModelFiles(ModelFiles):
         super().__init__(tokenizer)
         self.config, self.base, self.dropout_override = config, base, dropout_override
         self.base_fingerprint = base_fingerprint(base)  # as the training state records it, at the start
+        self.widening_said = False
 
     def write_checkpoint(self, model, folder: Path) -> None:
         save_adapter(unwrap_model(model), folder, self.base_fingerprint)
@@ -306,10 +310,17 @@ class LoraModelFiles(ModelFiles):
 
     def write_release(self, model, folder: Path) -> None:
         peft_model = unwrap_model(model)
-        if not write_merged_files(self.base, peft_model, folder, self.dropout_override, self.tokenizer):
+        widened = write_merged_files(self.base, peft_model, folder, self.dropout_override, self.tokenizer)
+        if widened is None:
             merged = merge_into_base(self.base, peft_model, self.config, self.dropout_override)
             merged.generation_config.pad_token_id = self.tokenizer.pad_token_id
             merged.save_pretrained(folder, safe_serialization=True)
+        elif widened and not self.widening_said:  # once a run, at its first release
+            log.info("the base %s stores its weights in %s: the merged models (best/, the final model) are written in "
+                     "float32, the base's weights plus the adapter's delta unrounded (%.1f MB instead of %.1f); "
+                     "adapter/ beside them holds the adapter alone", self.base, widened,
+                     (folder / "model.safetensors").stat().st_size / 1e6, base_weights_bytes(self.base) / 1e6)
+            self.widening_said = True
         self.tokenizer.save_pretrained(folder)
         (folder / RELEASE_ADAPTER_DIR).mkdir()
         self.write_checkpoint(peft_model, folder / RELEASE_ADAPTER_DIR)
@@ -317,6 +328,10 @@ class LoraModelFiles(ModelFiles):
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                       "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+# A base stored in 16 bits is merged and written in fp32: an adapter's delta is often below half a bf16 step
+# of the weight it is added to, so a merged model rounded back to bf16 would lose part of what was trained.
+WIDENED = {"BF16": "F32", "F16": "F32"}
+ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 def safetensors_header(f) -> tuple[int, dict]:
@@ -324,13 +339,21 @@ def safetensors_header(f) -> tuple[int, dict]:
     return header_size, json.loads(f.read(header_size))
 
 
-def write_merged_files(base: str, peft_model, folder: Path, dropout_override: float | None, tokenizer) -> bool:
+def base_weights_bytes(base: str) -> int:
+    source = base_folder(base)
+    return (source / "model.safetensors").stat().st_size if source is not None else 0
+
+
+def write_merged_files(base: str, peft_model, folder: Path, dropout_override: float | None, tokenizer) -> str | None:
     """The base's model.safetensors with each adapter's delta (peft's get_delta_weight, which
     merge_and_unload adds) added to its weight, streamed one tensor at a time with plain reads and writes:
-    the same tensors, shapes and dtypes, so the same header, and no second copy of the model in memory (a
-    memory map would keep every page read resident; peft's merge, the fallback, reloads the whole base).
-    False, with nothing written, for a base this does not handle (not one local model.safetensors, or
-    tensor names that do not match the adapted layers)."""
+    the same tensors and shapes, and no second copy of the model in memory (a memory map would keep every
+    page read resident; peft's merge, the fallback, reloads the whole base). The dtypes are the base's, but
+    a bf16/fp16 base is written in fp32 (WIDENED): its weights exactly, plus the deltas in fp32. Returns the
+    dtype widened from ("bfloat16"), "" when none was, or None, with nothing written, for a base this does
+    not handle (not one local model.safetensors, or tensor names that do not match the adapted layers)."""
+    import math
+
     import torch
     from transformers import AutoConfig, GenerationConfig
 
@@ -338,7 +361,7 @@ def write_merged_files(base: str, peft_model, folder: Path, dropout_override: fl
 
     source = base_folder(base)
     if source is None or not (source / "model.safetensors").is_file():
-        return False
+        return None
     prefix = "base_model.model."
     layers = {name[len(prefix):] + ".weight": module for name, module in peft_model.named_modules()
               if hasattr(module, "get_delta_weight") and name.startswith(prefix)}
@@ -347,30 +370,42 @@ def write_merged_files(base: str, peft_model, folder: Path, dropout_override: fl
     # The hub's gpt2 file names its tensors without the "transformer." prefix: match on the name's end.
     owner = {key: next((n for n in layers if n == key or n.endswith("." + key)), None) for key in header}
     if {n for n in owner.values() if n} != set(layers):
-        return False
-    header["__metadata__"] = {**header.get("__metadata__", {}), "format": "pt"}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        return None
+    tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    written, offset = {}, 0  # the header written: the same names in the same order, offsets for the new dtypes
+    for key in tensors:
+        dtype = WIDENED.get(header[key]["dtype"], header[key]["dtype"])
+        size = math.prod(header[key]["shape"]) * ITEM_BYTES[dtype]
+        written[key] = {"dtype": dtype, "shape": header[key]["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    widened = sorted({SAFETENSORS_DTYPES[header[k]["dtype"]] for k in tensors if header[k]["dtype"] in WIDENED})
+    out_header = {"__metadata__": {**header.get("__metadata__", {}), "format": "pt"},
+                  **{k: written[k] for k in header if k != "__metadata__"}}
+    header_bytes = json.dumps(out_header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     with open(source / "model.safetensors", "rb") as f, open(folder / "model.safetensors", "wb") as out:
         header_size, _ = safetensors_header(f)
         out.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
         for key in tensors:
-            info = header[key]
-            start, end = info["data_offsets"]
-            f.seek(8 + header_size + start)
-            data = f.read(end - start)
-            if owner[key] is not None:
+            info, start_end = header[key], header[key]["data_offsets"]
+            f.seek(8 + header_size + start_end[0])
+            data = f.read(start_end[1] - start_end[0])
+            if owner[key] is not None or info["dtype"] in WIDENED:
                 dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
-                weight = torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"])
-                with torch.no_grad():
-                    weight += layers[owner[key]].get_delta_weight("default").to("cpu", dtype)
+                to = getattr(torch, SAFETENSORS_DTYPES[written[key]["dtype"]])
+                weight = torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"]).to(to)  # exact
+                if owner[key] is not None:
+                    with torch.no_grad():
+                        weight += layers[owner[key]].get_delta_weight("default").to("cpu", to)
                 data = weight.contiguous().view(torch.uint8).numpy().tobytes()
-            assert len(data) == end - start  # same dtype and shape: the header's offsets still hold
+            start, end = written[key]["data_offsets"]
+            assert len(data) == end - start
             out.write(data)
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     if dropout_override is not None:
         set_config_dropout(config, dropout_override)  # as a full fine-tune saves it: what was trained
+    if widened:  # from_pretrained's dtype="auto" would read the fp32 weights back into the base's dtype
+        config.dtype = torch.float32
     config.save_pretrained(folder)
     try:
         generation = GenerationConfig.from_pretrained(source)
@@ -378,7 +413,7 @@ def write_merged_files(base: str, peft_model, folder: Path, dropout_override: fl
         generation = GenerationConfig.from_model_config(config)
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(folder)
-    return True
+    return ", ".join(widened)
 
 
 def merge_into_base(base: str, peft_model, config, dropout_override: float | None):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fsdp, lora
+from . import fsdp, launcher, lora
 from .checkpoints import check_resume_compatible, load_resume_checkpoint
 from .config import RESUME_MUST_MATCH, RUN_CONTROL, TrainConfig, validate_config
 from .distributed import DistInfo
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def settings_problems(cfg: TrainConfig) -> list[str]:
     """The settings' own problems and those of each feature's flags: nothing is read from disk yet."""
-    return (validate_config(cfg)
+    return (validate_config(cfg) + launcher.nproc_problems(cfg.nproc, cfg.dry_run)
             + output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
             + lora.settings_problems(cfg) + fsdp.settings_problems(cfg) + check_report_to(cfg.report_to))
 

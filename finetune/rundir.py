@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
 from .fsio import folder_in_use, lock_holder, remove_leftovers, rewrite_text
+from .launcher import LAUNCHED_BY_NPROC
 from .metrics import read_metrics
 from .outdir import claimed_folder
 from .trackers import TRACKER_FILES
@@ -133,9 +135,12 @@ def interpreter(world_size: int = 1) -> str:
 
 
 def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
-    """A command that continues the run from any working directory (the checkpoint keeps absolute paths)."""
-    return (f"{interpreter(world_size)} {shlex.quote(str(script.resolve()))} --output-dir "
-            f"{shlex.quote(str(output_dir.resolve()))} --resume")
+    """A command that continues the run from any working directory (the checkpoint keeps absolute paths):
+    started the way this run was, under torchrun or by `--nproc N` (launcher.py)."""
+    by_nproc = world_size > 1 and os.environ.get(LAUNCHED_BY_NPROC) == str(world_size)
+    launcher = interpreter() if by_nproc else interpreter(world_size)
+    return (f"{launcher} {shlex.quote(str(script.resolve()))}{f' --nproc {world_size}' if by_nproc else ''} "
+            f"--output-dir {shlex.quote(str(output_dir.resolve()))} --resume")
 
 
 def next_commands(script: Path, output_dir: Path, prompt: str) -> dict[str, str]:

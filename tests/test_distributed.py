@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,14 +13,21 @@ import torch
 
 import finetune_generative as ft
 from finetune import checkpoints as ckpt
+from finetune import launcher
 from helpers import (
     REPO_ROOT,
     assert_clean_error,
+    assert_one_line_error,
     assert_same_weights,
+    base_args,
     common_args,
+    newest_step,
+    run_main,
     run_script,
+    start,
     torchrun,
     train_records,
+    wait_for_step,
 )
 
 
@@ -100,3 +109,47 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_
     assert "--resume" in err
     state = ckpt.load_training_state(checkpoints[0])
     assert state["step"] == step and len(state["rng"]) == 2
+
+
+def test_nproc_starts_the_processes_and_a_sigterm_ends_with_our_exit_code_not_a_traceback(
+        tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """`--nproc 2` without torchrun: this command starts the 2 processes (launcher.py). A SIGTERM to it mid-run
+    stops both after one checkpoint, and it exits 143 with a line of ours, not torchrun's SignalException
+    traceback; it sets OMP_NUM_THREADS itself (one line, not torchrun's banner); the resume command it prints
+    continues with --nproc 2 to the end."""
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--batch-size", "4", "--grad-accum", "1", "--max-steps", "60",
+                     "--save-every", "2", "--nproc", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher chooses it
+    proc = start(args, log)
+    assert wait_for_step(proc, out, 2), log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    err = log.read_text()
+    assert "Traceback" not in err and "SignalException" not in err and "*****" not in err, err[-3000:]
+    threads, _ = launcher.thread_count(2, {})
+    assert f"starting 2 processes on this machine (torch.distributed, as torchrun would); OMP_NUM_THREADS={threads} " \
+           "each (" in err.splitlines()[0]
+    assert err.splitlines()[-1].endswith(" SIGTERM: passed on to the 2 processes; all have stopped (exit code 143)")
+    step = newest_step(out)
+    assert 2 < step < 60 and step == train_records(out)[-1]["step"]
+    resume = err.splitlines()[err.splitlines().index(next(t for t in err.splitlines() if "continue with:" in t)) + 1]
+    assert shlex.split(resume) == [sys.executable, str(REPO_ROOT / "finetune_generative.py"), "--nproc", "2",
+                                   "--output-dir", str(out), "--resume"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_script("finetune_generative.py", *shlex.split(resume)[2:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OMP_NUM_THREADS=1 each (from the environment)" in result.stderr and "Traceback" not in result.stderr
+    assert [r["step"] for r in train_records(out)] == list(range(1, 61))
+
+
+def test_nproc_under_torchrun_must_be_its_number_and_each_gpu_takes_one_process(tmp_path, tiny_model_dir,
+                                                                              tiny_data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--nproc", "4"), capsys)
+    assert_one_line_error(result, "--nproc 4 under torchrun, which started 2 process(es)", "drop --nproc")
+    assert not (tmp_path / "out").exists()
+    assert launcher.device_problems(4, "auto", cuda_devices=2) == [
+        "--nproc 4 processes need 4 GPUs, one each, and this machine has 2. HINT: --nproc 2, or --device cpu"]
+    assert launcher.device_problems(4, "cpu", 2) == launcher.device_problems(2, "cuda", 2) == []
+    assert launcher.device_problems(4, "auto", cuda_devices=0) == []  # no GPU: gloo on the CPU

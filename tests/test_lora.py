@@ -105,6 +105,37 @@ def test_merged_model_equals_base_plus_adapter_and_keeps_the_embedding(lora_run,
     assert generated[0]["generated_text"].startswith("The ship")
 
 
+def test_a_base_saved_in_bf16_merges_into_float32_with_the_delta_unrounded(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                           capsys):
+    """A bf16 base: the merged model is written in float32 (the base's values exactly, plus the adapter's
+    delta as peft computes it), not rounded back to bf16, which would lose part of the delta; said once."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "bf16-base"
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    build_tiny_model(tmp_path / "fp32", vocab_size=vocab).to(torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, base / name)
+    out = tmp_path / "out"
+    result = run_main(ft.main, base_args(base, tiny_data_dir, out, "--max-steps", "4", *LORA), capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = [t for t in result.stderr.splitlines() if "stores its weights in bfloat16" in t]
+    assert len(said) == 1 and "the merged models (best/, the final model) are written in float32" in said[0], said
+    stored, merged = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16} and merged.keys() == stored.keys()
+    assert {t.dtype for t in merged.values()} == {torch.float32}
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          out / "adapter").merge_and_unload().state_dict()
+    for key, tensor in merged.items():  # bitwise what peft's merge gives on the base read in fp32
+        assert torch.equal(tensor, reference[key]), key
+    assert torch.equal(merged["transformer.wte.weight"], stored["transformer.wte.weight"].float())
+    adapted = merged["transformer.h.0.attn.c_attn.weight"]
+    assert not torch.equal(adapted.to(torch.bfloat16).float(), adapted)  # in bf16 the merge would be rounded
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+
+
 def test_resume_equals_uninterrupted_across_epoch_boundary(lora_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
