@@ -241,7 +241,10 @@ def main(argv=None) -> int:
     else:
         peak = {**matmul_peak(args.device, args.matmul_seconds), "source": "measured"}
     tokens = args.batch_size * args.block_size
-    roof_precision = "fp32" if args.precision == "fp32" else "bf16"
+    from finetune.runtime import cpu_has_native_bf16  # defaults on a CPU without bf16: auto is fp32 (no probe)
+
+    auto_is_fp32 = args.precision == "defaults" and args.device == "cpu" and not cpu_has_native_bf16()
+    roof_precision = "fp32" if args.precision == "fp32" or auto_is_fp32 else "bf16"
     peak["gemm_roof_" + roof_precision] = model_gemm_peak(model_dir, tokens, args.device, roof_precision)
     print(f"model {args.model}: {n_params / 1e6:.1f}M parameters; {flops_per_token / 1e9:.3f} GFLOP per "
           f"trained token ({formula})", flush=True)
