@@ -5,6 +5,7 @@
     python bench/train_throughput.py --precision defaults    # ours with no flag (auto) vs Trainer defaults
     python bench/train_throughput.py --model small --steps 100
     python bench/train_throughput.py --contenders ours,patched --patches old_gelu   # what one lever buys
+    python bench/train_throughput.py --precision defaults --contenders ours,ours_fp32   # auto vs --precision fp32
 
 Each contender runs as its own subprocess (so its peak memory is its own), and the contenders ALTERNATE
 (ours, trainer, ours, trainer, ...) so that drift in the machine's speed hits both alike. Everything is
@@ -23,6 +24,8 @@ and the model's own dropout (unless --dropout).
   patched   bench/_ours_patched.py: ours with the levers named by --patches switched (see that file).
   baseline  the finetune_generative.py of another checkout (--baseline-repo), same flags: before/after a
             change, side by side in one invocation.
+  ours_fp32 ours with `--precision fp32` added last: with `--precision defaults`, what `auto` chose on this
+            machine against fp32, side by side (auto must never be the slower one).
 
 Steady-state tokens/s = batch x block x (measured steps) / (their summed seconds), the first --skip
 steps (warm-up, torch.compile) left out. MFU = tokens/s x training FLOPs per token / the matmul peak this
@@ -85,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=None, help="override the model's dropout, both sides")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--contenders", default="ours,trainer",
-                   help="comma list of ours, trainer, patched (patched = ours + --patches)")
+                   help="comma list of ours, trainer, patched (patched = ours + --patches), baseline, ours_fp32 "
+                        "(ours + --precision fp32)")
     p.add_argument("--patches", default="",
                    help="levers switched for the 'patched' contender (see bench/_ours_patched.py)")
     p.add_argument("--baseline-repo", default=None,
@@ -180,6 +184,8 @@ def run_one(args, name, round_no, model_dir, data_dir, runs_dir) -> dict:
                                 repo=Path(args.baseline_repo))
     else:
         cmd, env = ours_command(args, model_dir, data_dir, out_dir / "run", patched=name == "patched")
+        if name == "ours_fp32":
+            cmd += ["--precision", "fp32"]  # the last --precision wins
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -208,8 +214,9 @@ def run_one(args, name, round_no, model_dir, data_dir, runs_dir) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if not contenders or set(contenders) - {"ours", "trainer", "patched", "baseline"}:
-        raise SystemExit(f"--contenders must name ours, trainer, patched and/or baseline, got {args.contenders!r}")
+    if not contenders or set(contenders) - {"ours", "trainer", "patched", "baseline", "ours_fp32"}:
+        raise SystemExit(f"--contenders must name ours, trainer, patched, baseline and/or ours_fp32, got "
+                         f"{args.contenders!r}")
     if "baseline" in contenders and not (Path(args.baseline_repo or "") / "finetune_generative.py").is_file():
         raise SystemExit("the baseline contender needs --baseline-repo DIR, a checkout with finetune_generative.py "
                          "(e.g. `git worktree add /tmp/before <commit>`)")
@@ -234,7 +241,10 @@ def main(argv=None) -> int:
     else:
         peak = {**matmul_peak(args.device, args.matmul_seconds), "source": "measured"}
     tokens = args.batch_size * args.block_size
-    roof_precision = "fp32" if args.precision == "fp32" else "bf16"
+    from finetune.runtime import cpu_has_native_bf16  # defaults on a CPU without bf16: auto is fp32 (no probe)
+
+    auto_is_fp32 = args.precision == "defaults" and args.device == "cpu" and not cpu_has_native_bf16()
+    roof_precision = "fp32" if args.precision == "fp32" or auto_is_fp32 else "bf16"
     peak["gemm_roof_" + roof_precision] = model_gemm_peak(model_dir, tokens, args.device, roof_precision)
     print(f"model {args.model}: {n_params / 1e6:.1f}M parameters; {flops_per_token / 1e9:.3f} GFLOP per "
           f"trained token ({formula})", flush=True)
@@ -299,6 +309,12 @@ def summarize(rows, contenders, flops_per_token, peak, args) -> dict:
             "wall_s": statistics.mean(r["wall_s"] for r in good),
             "first_step_s": statistics.mean(r["step_seconds"][0] for r in good),
         }
+    if "ours" in out and "ours_fp32" in out:  # round by round: the runs of a round ran next to each other
+        by_round = {(r["contender"], r["round"]): r["tokens_per_s"] for r in rows if r["step_seconds"]}
+        out["ours"]["ratio_vs_fp32_rounds"] = [by_round[("ours", n)] / by_round[("ours_fp32", n)]
+                                               for n in range(1, args.rounds + 1)
+                                               if ("ours", n) in by_round and ("ours_fp32", n) in by_round]
+        out["ours"]["ratio_vs_fp32"] = out["ours"]["tokens_per_s"] / out["ours_fp32"]["tokens_per_s"]
     if "trainer" in out:
         for name in out:
             if name != "trainer":
@@ -321,6 +337,10 @@ def print_summary(summary, args) -> None:
               f"{s['tokens_per_s_median_step']:17.1f} {ratio:>10s} {100 * s['mfu_vs_bf16_peak']:11.1f}% "
               f"{100 * s['mfu_vs_own_peak']:10.1f}% {s['peak_rss_mib']:12.0f} {s['peak_tree_mib']:8.0f} "
               f"{s['wall_s']:7.0f}")
+    if "ratio_vs_fp32" in summary.get("ours", {}):
+        rounds = ", ".join(f"{r:.2f}x" for r in summary["ours"]["ratio_vs_fp32_rounds"])
+        print(f"ours ({summary['ours']['precision']}) vs ours --precision fp32: {summary['ours']['ratio_vs_fp32']:.2f}x "
+              f"(round by round: {rounds})")
     for name, s in summary.items():
         roof = f"{100 * s['share_of_gemm_roof']:.0f}% of the GEMM roof" if s["share_of_gemm_roof"] else ""
         print(f"{name}: {roof}; other processes used up to {100 * s['max_foreign_cpu_share']:.0f}% of the CPUs "
