@@ -360,6 +360,27 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+def write_jsonl_of(path: Path, n_bytes: int, record, per_block: int, seed: int = 0) -> int:
+    """JSON lines of `record(rng, source, number)` until the file holds n_bytes (written `per_block` at a time);
+    returns how many. `source` is the text of CPython's bundled pydoc topics, for realistic prose."""
+    import pydoc_data.topics as topics
+    import random
+
+    source = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    rng = random.Random(seed)
+    written = count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < n_bytes:
+            lines = []
+            for _ in range(per_block):
+                lines.append(json.dumps(record(rng, source, count), ensure_ascii=False))
+                count += 1
+            block = "\n".join(lines) + "\n"
+            f.write(block)
+            written += len(block.encode("utf-8"))
+    return count
+
+
 def prepare_rss_main(doc: str, default_mb: float, stem: str, what: str, write, sizes_of: tuple[str, ...] = ()) -> None:
     """The main() of the prepare_*_rss benchmarks: write --mb MB of JSON lines with `write(path, n_bytes)` (it
     returns how many `what` it wrote), run prepare_data.py on them in a subprocess (anything else on the

@@ -13,13 +13,12 @@ goes to prepare_data.py (e.g. --engine hf).
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import prepare_rss_main  # noqa: E402
+from _common import prepare_rss_main, write_jsonl_of  # noqa: E402
 
 
 def conversation(rng: random.Random, source: str, number: int) -> dict:
@@ -39,21 +38,7 @@ def conversation(rng: random.Random, source: str, number: int) -> dict:
 
 def write_jsonl(path: Path, n_bytes: int, seed: int = 0) -> int:
     """Conversations until the file holds n_bytes; returns how many."""
-    import pydoc_data.topics as topics
-
-    source = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
-    rng = random.Random(seed)
-    written = count = 0
-    with open(path, "w", encoding="utf-8") as f:
-        while written < n_bytes:
-            lines = []
-            for _ in range(500):
-                lines.append(json.dumps(conversation(rng, source, count), ensure_ascii=False))
-                count += 1
-            block = "\n".join(lines) + "\n"
-            f.write(block)
-            written += len(block.encode("utf-8"))
-    return count
+    return write_jsonl_of(path, n_bytes, conversation, per_block=500, seed=seed)
 
 
 def main() -> None:

@@ -10,34 +10,23 @@ runs prepare_data.py on it in a subprocess and reports wall time and the child's
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import prepare_rss_main  # noqa: E402
+from _common import prepare_rss_main, write_jsonl_of  # noqa: E402
+
+
+def text_record(rng: random.Random, source: str, number: int) -> dict:
+    start, length = rng.randrange(len(source) - 4000), rng.randint(200, 4000)
+    text = "" if number % 50 == 49 else source[start:start + length]
+    return {"id": number, "text": text, "source": "pydoc_data"}
 
 
 def write_jsonl(path: Path, n_bytes: int, seed: int = 0) -> int:
     """Records until the file holds n_bytes; returns how many."""
-    import pydoc_data.topics as topics
-
-    source = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
-    rng = random.Random(seed)
-    written = count = 0
-    with open(path, "w", encoding="utf-8") as f:
-        while written < n_bytes:
-            lines = []
-            for _ in range(1000):
-                start, length = rng.randrange(len(source) - 4000), rng.randint(200, 4000)
-                text = "" if count % 50 == 49 else source[start:start + length]
-                lines.append(json.dumps({"id": count, "text": text, "source": "pydoc_data"}, ensure_ascii=False))
-                count += 1
-            block = "\n".join(lines) + "\n"
-            f.write(block)
-            written += len(block.encode("utf-8"))
-    return count
+    return write_jsonl_of(path, n_bytes, text_record, per_block=1000, seed=seed)
 
 
 def main() -> None:
