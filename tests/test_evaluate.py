@@ -264,3 +264,44 @@ def test_token_files_of_another_tokenizer_are_refused_before_loading(tmp_path, t
     build_tiny_model(other, vocab_size=len(AutoTokenizer.from_pretrained(other)))
     result = run_main(evaluate.main, ["--model", other, "--data-dir", tiny_data_dir], capsys)
     assert_one_line_error(result, "does not fit --model", "tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# The report card and model card every training run writes
+
+
+def test_run_writes_a_report_card_and_a_model_card_that_huggingface_hub_reads(trained_run):
+    from huggingface_hub import ModelCard
+
+    evals = train_records(trained_run, "eval")
+    report = json.loads((trained_run / "report_card.json").read_text(encoding="utf-8"))
+    labels = [m["label"] for m in report["models"]]
+    assert labels[0] == "base (step 0)" and labels[-1].startswith("final")
+    results = report["evaluations"][0]["results"]
+    assert results[labels[0]]["figures"]["loss"] == evals[0]["val_loss"]
+    final = results[labels[-1]]["figures"]
+    assert final["loss"] == evals[-1]["val_loss"]
+    assert final["bits_per_byte"] < results[labels[0]]["figures"]["bits_per_byte"]  # it learned
+    card = ModelCard.load(trained_run / "README.md")
+    assert card.data.base_model and card.data.library_name == "transformers"
+    by_type = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_type["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-6)
+    assert by_type["bits_per_byte"] == pytest.approx(final["bits_per_byte"], abs=1e-6)
+    assert card.data.eval_results[0].dataset_split == "validation"
+    assert "![training and validation loss](loss.png)" in card.text
+
+
+def test_a_readme_the_user_wrote_is_never_replaced(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = "# My model\n\nNotes I wrote myself.\n"
+    (out / "README.md").write_text(mine, encoding="utf-8")
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", 2)) == 0
+    assert (out / "README.md").read_text(encoding="utf-8") == mine
+    assert (out / "report_card.md").is_file()
+    # ours is rewritten by the next run into that folder
+    (out / "README.md").unlink()
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", 2, "--overwrite")) == 0
+    from finetune.evaluation.card import MARKER
+
+    assert MARKER in (out / "README.md").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ from ..fsio import atomic_file
 from .metrics import FIGURES, headline
 
 REPORT_FORMAT, REPORT_VERSION = "finetune-eval", 1
-JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "eval.json", "eval.md", "eval.png"
+JSON_FILE = "eval.json"
 CHANGED_SHOWN = 5  # documents most worse / most better between the first and the last model
 SHOWN_FIGURES = ("loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "acc", "acc_norm",
                  "exact_match", "tokens", "bytes", "questions")
@@ -121,7 +121,7 @@ def console_table(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def markdown(report: dict, plot: bool) -> str:
+def markdown(report: dict, plot: str | None) -> str:
     labels = [m["label"] for m in report["models"]]
     out = ["# Evaluation", "", f"Created {report['created']} with evaluate.py.", "", "## Models", "",
            "| model | source | fingerprint | precision | context |", "|---|---|---|---|---|"]
@@ -139,7 +139,7 @@ def markdown(report: dict, plot: bool) -> str:
             out += [f"| {p['name']} | {fmt(p['before'])} | {fmt(p['after'])} | {p['change']:+.4g} |"
                     for p in changed["worse"] + changed["better"]]
     if plot:
-        out += ["", f"![per input]({PLOT_FILE})"]
+        out += ["", f"![per input]({plot})"]
     out += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(out)
 
@@ -187,11 +187,13 @@ def plot_by_input(report: dict, path: Path) -> bool:
     return True
 
 
-def write_report(report: dict, folder: Path) -> list[Path]:
+def write_report(report: dict, folder: Path, stem: str = "eval", plot: bool = True) -> list[Path]:
+    """{stem}.json, {stem}.md and (with `plot`) {stem}.png in `folder`, each replaced whole."""
     folder.mkdir(parents=True, exist_ok=True)
-    plotted = plot_by_input(report, folder / PLOT_FILE)
-    with atomic_file(folder / JSON_FILE, f"{folder / JSON_FILE}") as f:
+    json_file, markdown_file, plot_file = (folder / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
+    plotted = plot and plot_by_input(report, plot_file)
+    with atomic_file(json_file, str(json_file)) as f:
         f.write(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    with atomic_file(folder / MARKDOWN_FILE, f"{folder / MARKDOWN_FILE}") as f:
-        f.write(markdown(report, plotted))
-    return [folder / JSON_FILE, folder / MARKDOWN_FILE, *([folder / PLOT_FILE] if plotted else [])]
+    with atomic_file(markdown_file, str(markdown_file)) as f:
+        f.write(markdown(report, plot_file.name if plotted else None))
+    return [json_file, markdown_file, *([plot_file] if plotted else [])]
