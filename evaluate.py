@@ -63,6 +63,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help='a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, '
                             'acc_norm) or {"prompt", "answer"} (exact match of a greedy completion); repeatable')
 
+    group.add_argument("--lm-eval", metavar="TASKS",
+                       help="also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on "
+                            "the same models, in this process (needs `pip install lm-eval`; most tasks download "
+                            "their data from the hub once)")
+    group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of lm-eval task YAML files of your own")
+    group.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
+
+    group = parser.add_argument_group("samples")
+    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                       help="a prompt each model completes, shown side by side (repeatable); a chat model answers it "
+                            "as a user turn through its template")
+    group.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file with one prompt per line")
+    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="of each sample (default: 64)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+
     group = parser.add_argument_group("output")
     group.add_argument("--output", metavar="DIR",
                        help="folder for eval.json, eval.md and eval.png (default: eval/ in the first model's "
@@ -79,9 +94,11 @@ def check_settings(args: argparse.Namespace) -> None:
                         "e.g. 512 for GPT-2")
     if args.stride is not None and not args.input:
         problems.append("--stride applies to --input documents, and none is given. HINT: add --input FILE")
-    if not (args.data_dir or args.input or args.tasks):
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}. HINT: try 64")
+    if not (args.data_dir or args.input or args.tasks or args.lm_eval or args.prompt or args.prompt_file):
         problems.append("nothing to evaluate on. HINT: pass --data-dir DIR (the val split), --input FILE (text or "
-                        "records) or --tasks FILE.jsonl")
+                        "records), --tasks FILE.jsonl, --lm-eval TASKS or --prompt TEXT")
     raise_if_problems(problems)
 
 
@@ -229,7 +246,46 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
     for path in args.tasks:
         evaluations.append(TaskEvaluation(path, read_tasks(Path(path))))
         data.append({"name": path, "kind": "tasks", "sha256": file_sha256(Path(path))})
+    if args.lm_eval:
+        from finetune.evaluation.lmeval import LmEvalEvaluation, check_task_names, require_lm_eval, task_names
+
+        require_lm_eval()
+        names = task_names(args.lm_eval)
+        check_task_names(names, args.lm_eval_include)
+        evaluations.append(LmEvalEvaluation(names, args.lm_eval_include, args.lm_eval_limit))
     return evaluations, data
+
+
+def read_prompts(args) -> list[str]:
+    from generate import read_prompt_file
+
+    prompts = list(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
+    for i, text in enumerate(prompts, 1):
+        if not text.strip():
+            raise UserError(f"prompt {i} is empty. HINT: give the model some text to continue")
+    return prompts
+
+
+def samples_of(scorer, prompts: list[str], args) -> list[str]:
+    """Each prompt's sampled completion (a chat model: its reply through its template), seeded alike."""
+    import torch
+
+    from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+
+    chat = bool(getattr(scorer.tokenizer, "chat_template", None))
+    kwargs = generation_kwargs(scorer.model, scorer.tokenizer, max_new_tokens=args.max_new_tokens)
+    texts = []
+    for prompt in prompts:
+        ids = chat_prompt_ids(scorer.tokenizer, [{"role": "user", "content": prompt}]) if chat else scorer.encode(prompt)
+        room = scorer.context - len(ids)
+        if room < 1:
+            texts.append("[no sample: the prompt fills the model's context]")
+            continue
+        with torch.no_grad():
+            (sample,) = generate_samples(scorer.model, scorer.tokenizer, ids, dict(kwargs, max_new_tokens=min(
+                args.max_new_tokens, room)), num_samples=1, seed=args.seed, device=scorer.device, ctx=scorer.ctx)
+        texts.append(sample.completion)
+    return texts
 
 
 def check_data_dir_tokenizer(args, model: dict, tokenizer, config) -> None:
@@ -260,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     models = resolve_models(args.model)
     folder = output_folder(args, models)
     evaluations, data = build_evaluations(args)
+    prompts = read_prompts(args)
     for model in models:  # cheap (config and tokenizer): a mismatch is found before any weights load
         config, tokenizer, _ = load_tokenizer_of(model)
         if args.data_dir:
@@ -271,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = get_device(args.device)
     results = [{} for _ in evaluations]
-    records = []
+    records, samples = [], [{"prompt": p, "completions": {}} for p in prompts]
     for model in models:
         scorer = load_scorer(model, args, device)
         check_stride(args, model, scorer.context)
@@ -281,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_config(Path(model["source"])) if model["local"] else None
                 evaluation = ValSplitEvaluation(args.data_dir, evaluation.meta, args.batch_size, run)
             results[i][model["label"]] = evaluation.run(scorer)
+        for sample, text in zip(samples, samples_of(scorer, prompts, args)):
+            sample["completions"][model["label"]] = text
         if scorer.seconds:
             log.info("%s: %d tokens scored in %.1f s (%.0f tokens/s)", model["label"], scorer.tokens_scored,
                      scorer.seconds, scorer.tokens_scored / scorer.seconds)
         del scorer
     settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
-    report = build_report(records, list(zip(evaluations, results)), settings, library_versions(), data)
+    report = build_report(records, list(zip(evaluations, results)), settings, library_versions(), data, samples)
     sys.stdout.write(console_table(report))
     if folder is not None:
         written = write_report(report, folder)

@@ -305,3 +305,32 @@ def test_a_readme_the_user_wrote_is_never_replaced(tmp_path, tiny_model_dir, tin
     from finetune.evaluation.card import MARKER
 
     assert MARKER in (out / "README.md").read_text(encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# Samples side by side; lm-eval absent
+
+
+def test_prompts_are_sampled_by_every_model_as_generate_py_samples_them(tiny_model_dir, trained_run, tmp_path,
+                                                                       capsys):
+    import generate
+
+    report, stdout = evaluate_json(["--model", tiny_model_dir, "--model", trained_run, "--prompt", "The old captain",
+                                    "--max-new-tokens", 12, "--seed", 3], capsys, tmp_path / "e")
+    (sample,) = report["samples"]
+    assert list(sample["completions"]) == [m["label"] for m in report["models"]]
+    result = run_main(generate.main, ["--model", trained_run, "--prompt", "The old captain", "--max-new-tokens", 12,
+                                      "--seed", 3, "--device", "cpu", "--precision", "fp32",
+                                      "--output", tmp_path / "g.jsonl"], capsys)
+    assert result.returncode == 0, result.stderr
+    generated = json.loads((tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert sample["completions"][str(trained_run)] == generated["completion"]
+    assert json.dumps(generated["completion"], ensure_ascii=False) in stdout
+
+
+def test_lm_eval_absent_is_one_line_with_the_pip_command(tiny_model_dir, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    result = run_main(evaluate.main, ["--model", tiny_model_dir, "--lm-eval", "hellaswag"], capsys)
+    assert_one_line_error(result, "lm-evaluation-harness", "pip install lm-eval")

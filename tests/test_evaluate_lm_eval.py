@@ -15,6 +15,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import evaluate  # noqa: E402
 from helpers import WORDS, make_corpus, run_main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # lm-eval indexes its thousands of task files on every TaskManager
 RELATIVE = 1e-4  # word/byte perplexity and bits per byte: float32 logits summed in different orders
 
 
@@ -82,3 +83,33 @@ def test_multiple_choice_acc_equals_lm_evals(tiny_model_dir, task_folder, tmp_pa
     found = ours(["--model", tiny_model_dir, "--tasks", data_file], capsys, tmp_path / "e")
     assert found["acc"] == theirs["acc,none"]
     assert found["acc_norm"] == theirs["acc_norm,none"]
+
+
+def test_lm_eval_pass_through_adds_its_figures(tiny_model_dir, task_folder, tmp_path, capsys):
+    """--lm-eval on a local task (the rolling one above): lm-eval's bits per byte beside ours, equal."""
+    docs = [{"text": make_corpus(2000, seed=300 + i)} for i in range(3)]
+    data_file = write_task(task_folder, "pass_rolling", docs,
+                           "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                           "metric_list:\n  - metric: bits_per_byte\n")
+    out = tmp_path / "e"
+    result = run_main(evaluate.main, ["--model", tiny_model_dir, "--input", data_file, "--lm-eval", "pass_rolling",
+                                      "--lm-eval-include", task_folder, "--device", "cpu", "--precision", "fp32",
+                                      "--output", out], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    label = report["models"][0]["label"]
+    ours_bpb = report["evaluations"][0]["results"][label]["figures"]["bits_per_byte"]
+    theirs_bpb = report["evaluations"][1]["results"][label]["figures"]["pass_rolling/bits_per_byte"]
+    assert ours_bpb == pytest.approx(theirs_bpb, rel=RELATIVE)
+    assert "pass_rolling/bits_per_byte" in result.stdout
+
+
+def test_lm_eval_bad_tasks_are_one_error_line(tiny_model_dir, capsys):
+    from helpers import assert_one_line_error
+
+    result = run_main(evaluate.main, ["--model", tiny_model_dir, "--lm-eval", "no_such_task_anywhere"], capsys)
+    assert_one_line_error(result, "no task 'no_such_task_anywhere'")
+    # a task whose data set is on the hub, which the tests never reach (HF_DATASETS_OFFLINE)
+    result = run_main(evaluate.main, ["--model", tiny_model_dir, "--lm-eval", "lambada_openai", "--device", "cpu"],
+                      capsys)
+    assert_one_line_error(result, "data set could not be read", "hub")

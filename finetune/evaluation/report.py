@@ -62,7 +62,7 @@ def changed_documents(first: list[dict], last: list[dict]) -> dict:
 
 
 def build_report(models: list[dict], evaluations: list[tuple], settings: dict, versions: dict,
-                 data: list[dict]) -> dict:
+                 data: list[dict], samples: list[dict] | None = None) -> dict:
     """`evaluations`: (evaluation, {model label: Result}) in order."""
     entries = []
     labels = [m["label"] for m in models]
@@ -77,8 +77,8 @@ def build_report(models: list[dict], evaluations: list[tuple], settings: dict, v
         entries.append(entry)
     return finite({"format": REPORT_FORMAT, "version": REPORT_VERSION,
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "models": models, "evaluations": entries, "data": data, "settings": settings,
-                   "versions": versions})
+                   "models": models, "evaluations": entries, "samples": samples or [], "data": data,
+                   "settings": settings, "versions": versions})
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +93,9 @@ def figure_rows(entry: dict, labels: list[str]) -> list[tuple[str, list]]:
         values = [results[label]["figures"].get(name) for label in labels]
         if any(v is not None for v in values):
             rows.append((FIGURES.get(name, (name,))[0], values))
+    others = [n for n in results[labels[0]]["figures"] if n not in FIGURES and n not in SHOWN_FIGURES
+              and isinstance(results[labels[0]]["figures"][n], float)]  # lm-eval's task/metric figures
+    rows += [(name, [results[label]["figures"].get(name) for label in labels]) for name in others]
     inputs = list(results[labels[0]]["by_input"])
     if len(inputs) > 1:
         for name in inputs:
@@ -118,7 +121,16 @@ def console_table(report: dict) -> str:
         for note in entry["notes"]:
             lines.append(f"  ({note})")
         lines.append("")
+    for sample in report.get("samples", []):
+        lines.append(f"sample, prompt {json.dumps(sample['prompt'], ensure_ascii=False)}:")
+        lines += [f"  {label}: {json.dumps(text, ensure_ascii=False)}" for label, text in sample["completions"].items()]
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def cell(text: str) -> str:
+    """Text in a Markdown table cell: one line, no column break."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown(report: dict, plot: str | None) -> str:
@@ -138,6 +150,10 @@ def markdown(report: dict, plot: str | None) -> str:
                     "| document | before | after | change |", "|---|---|---|---|"]
             out += [f"| {p['name']} | {fmt(p['before'])} | {fmt(p['after'])} | {p['change']:+.4g} |"
                     for p in changed["worse"] + changed["better"]]
+    if report.get("samples"):
+        out += ["", "## Samples", "", "| prompt | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        out += ["| " + " | ".join(cell(t) for t in [s["prompt"], *(s["completions"].get(label, "") for label in labels)])
+                + " |" for s in report["samples"]]
     if plot:
         out += ["", f"![per input]({plot})"]
     out += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
