@@ -334,3 +334,72 @@ def test_lm_eval_absent_is_one_line_with_the_pip_command(tiny_model_dir, monkeyp
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     result = run_main(evaluate.main, ["--model", tiny_model_dir, "--lm-eval", "hellaswag"], capsys)
     assert_one_line_error(result, "lm-evaluation-harness", "pip install lm-eval")
+
+
+# -----------------------------------------------------------------------------
+# Chat records: the replies scored, through each model's own template
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with the tests' chat template saved beside it (as a chat run saves it)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from helpers import TEST_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("chat_model") / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEST_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_chat_records_score_the_replies_only(chat_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import render
+
+    conversations = make_conversations(5, seed=4)
+    records = tmp_path / "chats.jsonl"
+    records.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations), encoding="utf-8")
+    report, _ = evaluate_json(["--model", chat_model_dir, "--input", records], capsys, tmp_path / "e")
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
+    nll, targets = 0.0, 0
+    for messages in conversations:  # short conversations: one forward pass each, the reply tokens summed
+        ids, mask = render(tokenizer, messages)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        for t in range(1, len(ids)):
+            if mask[t] & 1:
+                nll -= logprobs[t - 1, ids[t]].item()
+                targets += 1
+    found = figures(report)
+    assert found["tokens"] == targets and found["documents"] == 5
+    assert found["loss"] == pytest.approx(nll / targets, rel=1e-5)
+
+
+def test_chat_model_answers_tasks_through_its_template(chat_model_dir, tmp_path, capsys):
+    """The choices' log-likelihoods after the question rendered as a user turn (not as plain text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.sampling import chat_prompt_ids
+
+    tasks = tmp_path / "quiz.jsonl"
+    tasks.write_text(json.dumps({"question": "How is the sea?", "choices": ["quiet", "old ship"], "answer": 0}) + "\n",
+                     encoding="utf-8")
+    report, _ = evaluate_json(["--model", chat_model_dir, "--tasks", tasks], capsys, tmp_path / "e")
+    (row,) = report["evaluations"][0]["results"][report["models"][0]["label"]]["documents"]
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
+    context = chat_prompt_ids(tokenizer, [{"role": "user", "content": "How is the sea?"}])
+    for choice, found in zip(["quiet", "old ship"], row["loglikelihoods"]):
+        answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        ids = context + answer
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0], -1)
+        expected = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(answer))
+        assert found == pytest.approx(expected, rel=1e-5)
