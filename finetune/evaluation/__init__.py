@@ -5,7 +5,9 @@
     scoring    a loaded model that scores windows and continuations in batches, and greedy completions
     documents  --input files as documents (the readers of prepare_data.py)
     datadir    the val split of a --data-dir, in the blocks the training script scores
+    perplexity --input documents scored whole: loss, bits per byte, word perplexity, per input and document
     tasks      --tasks files: multiple choice and exact match
+    lmeval     --lm-eval: lm-evaluation-harness on the loaded models (optional package)
     report     eval.json, eval.md, the plot and the console table
     card       the report card and model card README.md written at the end of a training run
 

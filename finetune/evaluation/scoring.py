@@ -18,6 +18,8 @@ from .windows import Window
 
 log = logging.getLogger("evaluate")
 PROGRESS_SECONDS = 30.0  # a progress line at most this often on a long evaluation
+ROWS_PER_CHUNK = 1024    # positions whose fp32 logits are held at once (206 MB for GPT-2; smaller chunks re-read the
+                         # output matrix so often that they ran 1.5x slower on a CPU)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Scorer:
         self.ctx = autocast_context(device, precision)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._byte_lengths: np.ndarray | None = None
+        self.head = plain_output_layer(model)
         self.tokens_scored = 0
         self.seconds = 0.0
 
@@ -81,19 +84,36 @@ class Scorer:
         inputs = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
         for row, w in enumerate(windows):
             inputs[row, :len(w.tokens) - 1] = torch.tensor(w.tokens[:-1])
-        with torch.no_grad(), self.ctx:
-            logits = self.model(input_ids=inputs.to(self.device), use_cache=False).logits
         results = []
-        with torch.no_grad():
+        with torch.no_grad(), self.ctx:
+            hidden = self.hidden_states(inputs.to(self.device))
             for row, w in enumerate(windows):
                 n_inputs = len(w.tokens) - 1
-                rows = logits[row, n_inputs - w.n_targets:n_inputs].float()
-                targets = torch.tensor(w.tokens[-w.n_targets:], device=rows.device)
-                picked = torch.log_softmax(rows, dim=-1).gather(1, targets[:, None])[:, 0]
-                results.append(picked.double().cpu().numpy())
+                targets = torch.tensor(w.tokens[-w.n_targets:], device=hidden.device)
+                results.append(self.logprobs(hidden[row, n_inputs - w.n_targets:n_inputs], targets))
                 self.tokens_scored += w.n_targets
         self.seconds += time.perf_counter() - started
         return results
+
+    def hidden_states(self, input_ids):
+        """What the output layer reads (the base model's last hidden state), or the logits themselves for a
+        model whose head does more than one matmul (soft-capping, scaling): see logprobs()."""
+        if self.head is None:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logprobs(self, rows, targets) -> np.ndarray:
+        """log p(target) of each row, ROWS_PER_CHUNK rows of fp32 logits at a time: the (batch, length, vocab)
+        logits are never held whole (1.6 GB for GPT-2 at 8 x 1024), which on a CPU is most of the time."""
+        import torch
+
+        out = []
+        for start in range(0, len(rows), ROWS_PER_CHUNK):
+            chunk = rows[start:start + ROWS_PER_CHUNK]
+            logits = (chunk if self.head is None else self.head(chunk)).float()
+            picked = logits.gather(1, targets[start:start + ROWS_PER_CHUNK, None])[:, 0]
+            out.append((picked - torch.logsumexp(logits, dim=-1)).double())
+        return torch.cat(out).cpu().numpy()
 
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes of each token id (of its piece of text): what bits per byte divides by on token files."""
@@ -119,6 +139,20 @@ class Scorer:
         sample = decode_sample(self.tokenizer, prompt_ids, out[0, len(prompt_ids):].tolist(),
                                set(eos if isinstance(eos, list) else [eos]))
         return sample.completion
+
+
+def plain_output_layer(model):
+    """The output layer when the logits are exactly base_model(...) -> output layer (GPT-2, Llama, Qwen2, ...);
+    None for models that scale or soft-cap the logits after it (Gemma 2, Cohere, Granite), which are then
+    scored from their full logits."""
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in
+           ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")):
+        return None
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if head is None or base is None or base is model or type(model).__name__.endswith("Peft"):
+        return None
+    return head
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
