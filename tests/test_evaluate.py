@@ -403,3 +403,21 @@ def test_chat_model_answers_tasks_through_its_template(chat_model_dir, tmp_path,
             logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0], -1)
         expected = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(answer))
         assert found == pytest.approx(expected, rel=1e-5)
+
+
+def test_models_with_different_tokenizers_compare_per_byte(tiny_model_dir, heldout_texts, tmp_path, capsys):
+    """Each model tokenizes the text itself: token counts differ, the bytes and words divided by do not."""
+    from transformers import AutoTokenizer
+
+    from helpers import build_tiny_model, build_tiny_tokenizer
+
+    other = tmp_path / "other"
+    build_tiny_tokenizer(other, vocab_size=300)
+    build_tiny_model(other, vocab_size=len(AutoTokenizer.from_pretrained(other)))
+    report, _ = evaluate_json(["--model", tiny_model_dir, "--model", other, "--input", heldout_texts["like"]],
+                              capsys, tmp_path / "e")
+    a, b = figures(report, model=0), figures(report, model=1)
+    assert a["tokens"] != b["tokens"]
+    assert a["bytes"] == b["bytes"] == len(heldout_texts["like"].read_bytes())
+    assert a["words"] == b["words"]
+    assert report["models"][0]["tokenizer_fingerprint"] != report["models"][1]["tokenizer_fingerprint"]
