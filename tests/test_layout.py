@@ -98,3 +98,17 @@ def test_help_loads_without_torch(script):
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "--" in result.stdout
+
+
+def test_importing_the_package_changes_no_global_state():
+    """Nothing is registered or filtered at import time: importing every room leaves the warnings filters and
+    transformers' attention registry as they were."""
+    code = ("import warnings, pkgutil, importlib, finetune\n"
+            "from transformers import AttentionInterface\n"
+            "filters, names = list(warnings.filters), set(AttentionInterface._global_mapping)\n"
+            "for info in pkgutil.walk_packages(finetune.__path__, 'finetune.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]\n"
+            "assert set(AttentionInterface._global_mapping) == names\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
