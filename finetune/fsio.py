@@ -9,6 +9,7 @@ import re
 import shutil
 import zlib
 from pathlib import Path
+from stat import S_ISREG
 
 from .errors import UserError, raise_if_write_failure
 
@@ -188,21 +189,19 @@ def locked_folder(folder: Path, script: str, remove_at_exit: bool = False):
     process dies (kill -9 included), so it never goes stale. A second run is refused with that PID.
     `remove_at_exit` deletes the lock file on the way out (prepare_data leaves only its outputs behind);
     a run that then finds its locked file unlinked or replaced locks the new one instead.
+    The lock file is opened without following a link (open_lock_file): a folder received from elsewhere
+    with `.lock -> ~/.bashrc` is refused, and the file the link names is never opened, let alone emptied.
     """
     path = folder / LOCK_FILE
     while True:
-        try:
-            lock = open(path, "a+")
-        except OSError as exc:
-            raise UserError(f"cannot write to --output-dir {folder} ({exc.strerror}). "
-                            f"HINT: choose a writable folder") from None
+        lock = open_lock_file(path, folder)
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             lock.seek(0)
-            holder = lock.read().strip() or "unknown"
+            holder = lock.read(64).strip() or "unknown"
             lock.close()
             raise folder_in_use(folder, script, holder) from None
         if _same_file(path, lock):
@@ -220,19 +219,53 @@ def locked_folder(folder: Path, script: str, remove_at_exit: bool = False):
         lock.close()  # releases the lock
 
 
+def open_lock_file(path: Path, folder: Path, create: bool = True):
+    """`folder/.lock` opened for reading and writing (created when missing and `create`), never through a
+    link: O_NOFOLLOW refuses a symbolic link, O_NONBLOCK keeps a FIFO from blocking the open, and anything
+    but a regular file with one name (a FIFO, a device, a hard link to someone's file) is refused too, before
+    a byte of it is read or written. None when `create` is false and there is no lock file."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise foreign_lock_file(path, "a symbolic link") from None
+        if not create:
+            return None  # no lock file, or none a run of ours could have opened to lock either
+        raise UserError(f"cannot write to --output-dir {folder} ({exc.strerror}). "
+                        f"HINT: choose a writable folder") from None
+    stat = os.fstat(fd)
+    if not _is_plain_file(stat):
+        os.close(fd)
+        kind = "not a regular file" if not S_ISREG(stat.st_mode) else f"a hard link with {stat.st_nlink} names"
+        raise foreign_lock_file(path, kind)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
+
+
+def _is_plain_file(stat: os.stat_result) -> bool:
+    return S_ISREG(stat.st_mode) and stat.st_nlink == 1
+
+
+def foreign_lock_file(path: Path, kind: str) -> UserError:
+    return UserError(f"{path} is {kind}, not a lock file of this tool, so it is left as it is (and whatever it "
+                     f"points to is not touched). HINT: remove {path} (`rm {path}` removes a link, not its "
+                     f"target), then run the same command again")
+
+
 def _same_file(path: Path, f) -> bool:
     try:
-        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        return os.lstat(path).st_ino == os.fstat(f.fileno()).st_ino
     except FileNotFoundError:
         return False
 
 
 def lock_holder(output_dir: Path) -> str | None:
     """The PID of the run holding `output_dir`'s lock (locked_folder), or None when no run holds it (a lock file left by a
-    killed run holds nothing: the kernel dropped its lock)."""
-    try:
-        lock = open(output_dir / LOCK_FILE)
-    except OSError:
+    killed run holds nothing: the kernel dropped its lock). A lock file that is a link or not a plain file
+    is refused (open_lock_file), never followed."""
+    lock = open_lock_file(output_dir / LOCK_FILE, output_dir, create=False)
+    if lock is None:
         return None
     with lock:
         try:
@@ -240,7 +273,7 @@ def lock_holder(output_dir: Path) -> str | None:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            return lock.read().strip() or "unknown"
+            return lock.read(64).strip() or "unknown"
         return None  # closing the file drops the shared lock again
 
 

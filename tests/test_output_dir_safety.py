@@ -73,3 +73,31 @@ def test_overwrite_removes_only_what_our_run_wrote(tmp_path, tiny_model_dir, tin
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "extra" / "keep.txt").read_text() == "mine too"
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_lock_that_is_a_symlink_is_refused_on_resume_and_its_target_untouched(tmp_path, tiny_model_dir,
+                                                                                tiny_data_dir, capsys):
+    """A run folder received from elsewhere with `.lock -> ../notes.txt`: --resume used to open the lock with
+    "a+", following the link, and replace the notes by its PID. Now the lock is refused in one line, and so is
+    a new run into a folder holding only such a link."""
+    import finetune_generative as ft
+    from helpers import run_main
+
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--save-every", "2")
+    assert ft.main(args) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n", encoding="utf-8")
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to("../notes.txt")
+    before = snapshot(out)
+    result = run_main(ft.main, [*args[:-2], "--resume"], capsys)  # the same run, continued
+    assert_clean_error(result, f"{out / '.lock'} is a symbolic link", "HINT: remove")
+    assert notes.read_text(encoding="utf-8") == "my notes\n" and snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").symlink_to("../notes.txt")
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, fresh, "--max-steps", "2"), capsys)
+    assert_clean_error(result, "is a symbolic link")
+    assert notes.read_text(encoding="utf-8") == "my notes\n"
+    assert [p.name for p in fresh.iterdir()] == [".lock"]
