@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import zlib
 from pathlib import Path
 from stat import S_ISREG
@@ -158,8 +159,10 @@ def atomic_file(path: Path, what: str):
 def atomic_path(path: Path, what: str):
     """A temporary path next to `path` for a writer that opens files itself (GGUFWriter): when the block
     ends, the file is flushed to disk and renamed into place; if the block fails or is interrupted, the
-    temporary is deleted and `path` is untouched. A full disk raises the one-line SaveFailed naming `what`."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    temporary is deleted and `path` is untouched. A full disk raises the one-line SaveFailed naming `what`.
+    The temporaries a killed writer of the same `path` left (kill -9 runs no cleanup) go first."""
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path, os.getpid())
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -171,6 +174,57 @@ def atomic_path(path: Path, what: str):
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(path: Path, pid: int) -> Path:
+    """Where atomic_path writes `path` before the rename: hidden, and naming the writer's PID."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{pid}")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries of `path` (temporary_name) whose writer is no longer running: a kill -9 or a
+    power cut left them, and nothing else would ever remove them (a 76 MB hidden .gguf, say). Only files of
+    exactly our naming, each with the PID of a process that is gone, so a writer still at work keeps its file."""
+    removed = []
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{path.name}-") + r"(\d+)")
+    with contextlib.suppress(OSError):  # a folder we cannot list: nothing to clean here
+        for leftover in path.parent.iterdir():
+            match = pattern.fullmatch(leftover.name)
+            if match and not process_alive(int(match.group(1))) and leftover.is_file() and not leftover.is_symlink():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+                    removed.append(leftover)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where it arrives inside sigterm_raises(), so that `finally` blocks and context managers
+    run as for Ctrl-C: a temporary file is published or removed, never left behind. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` mistakes it for an error to report."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the block runs, SIGTERM (`timeout`, a scheduler, `kill`) raises Terminated instead of ending the
+    process at once, which would skip every cleanup."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def file_crc32(path: Path) -> int:
