@@ -196,9 +196,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_stdin() -> str:
+    """stdin as UTF-8, whatever the locale: under C or C.UTF-8, Python decodes stdin with surrogateescape, so
+    invalid bytes would come through as lone surrogates (and fail later, in the tokenizer) instead of here."""
     try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
+        stream = getattr(sys.stdin, "buffer", None)
+        text = stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+        text.encode("utf-8")  # a text stream that let surrogates through
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise UserError("stdin (--prompt -) is not valid UTF-8 text. HINT: convert it to UTF-8") from None
     # `echo text |` adds a newline the user did not mean as part of the prompt
     return text.rstrip("\r\n")

@@ -7,6 +7,7 @@ Everything runs on the CPU in fp32 so results do not depend on the machine's GPU
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import generate as generate_module
-from helpers import REPO_ROOT, assert_clean_error, run_main, run_script
+from helpers import REPO_ROOT, assert_clean_error, assert_one_line_error, run_main, run_script
 
 CPU = ("--device", "cpu", "--precision", "fp32")
 HEADER = re.compile(r"^--- sample (\d+)/(\d+) \((.*)\) ---$", re.MULTILINE)
@@ -347,7 +348,6 @@ def test_output_replaces_its_own_samples_atomically(tiny_model_dir, tmp_path):
 
 def test_prompt_file_folder_or_device_is_named_as_such(tmp_path, monkeypatch):
     import importlib
-    import os
     from pathlib import Path
 
     from finetune.errors import UserError
@@ -413,3 +413,29 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_run(tiny_model_dir, t
         writer.kill()
         writer.wait()
     assert not stale.exists() and out.is_file() and running.read_text() == '{"prompt": "y"}\n'
+
+
+@pytest.mark.parametrize("locale,chat", [("C", False), ("C.UTF-8", True)])
+def test_stdin_that_is_not_utf8_is_one_line_under_any_locale(tiny_model_dir, locale, chat):
+    """Under a C or C.UTF-8 locale Python reads stdin with surrogateescape, so invalid bytes used to pass the
+    check and crash in the tokenizer (TypeError: TextEncodeInput); now they are the documented line."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "generate.py"), *CPU, "--model", str(tiny_model_dir), "--prompt", "-",
+         *(["--chat"] if chat else [])],
+        input=b"The old \xff\xfe captain\n", capture_output=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "LC_ALL": locale, "LANG": locale, "PYTHONIOENCODING": ""})
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert_one_line_error(result, "stdin (--prompt -) is not valid UTF-8 text", "HINT: convert it to UTF-8")
+
+
+@pytest.mark.parametrize("config,fragment", [("[]", "holds a JSON list, not the object of settings"),
+                                             ('{"base_model_name_or_path": 123}',
+                                              "base_model_name_or_path is a number (123)")])
+def test_adapter_config_that_is_not_an_object_or_names_no_base_is_one_line(tmp_path, capsys, config, fragment):
+    pytest.importorskip("peft")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config, encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    result = run_main(generate_module.main, [*CPU, "--model", adapter, "--prompt", "x"], capsys)
+    assert_one_line_error(result, f"{adapter / 'adapter_config.json'}", fragment, "HINT:")
