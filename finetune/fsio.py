@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 from stat import S_ISREG
 
 from .errors import UserError, raise_if_write_failure
+
+log = logging.getLogger("finetune")
 
 TMP_PREFIX = ".tmp-"  # every temporary name starts so; a new run deletes the leftovers of a killed one
 LOCK_FILE = ".lock"
@@ -36,7 +39,7 @@ def atomic_folder(final: Path, what: str, into: bool = False):
             fsync_tree(tmp)
             for path in tmp.iterdir():
                 if path.is_dir() and (final / path.name).is_dir():  # a LoRA release's adapter/ of an earlier save
-                    shutil.rmtree(final / path.name)
+                    remove_our_folder(final / path.name, path)
                 os.replace(path, final / path.name)
             tmp.rmdir()
             fsync_dir(final)
@@ -90,7 +93,10 @@ def remove_leftovers(folder: Path) -> None:
     """After a kill: put back a folder caught mid-publish, then delete every unfinished temporary."""
     restore_interrupted_publish(folder)
     for leftover in folder.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # a file, or a link (to a folder outside the run, say): the link goes, never what it points to
+            leftover.unlink(missing_ok=True)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -113,7 +119,12 @@ def fsync_dir(folder: Path) -> None:
 def publish_folder(tmp: Path, final: Path) -> None:
     """Replace `final` by `tmp` so that a reader sees either the old or the new folder, whole."""
     fsync_tree(tmp)
+    if final.is_symlink():  # a link someone put in place of our folder: replaced, what it points to untouched
+        log.warning("%s was a symbolic link (to %s); replaced by the folder this run writes there, the link's "
+                    "target left as it is", final, os.readlink(final))
+        final.unlink()
     if final.exists():
+        move_foreign_files_aside(final, tmp)  # first: a kill after this leaves them safe, not in the trash
         trash = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
         os.replace(final, trash)  # a kill from here to the next rename: restore_interrupted_publish
         try:
@@ -125,6 +136,71 @@ def publish_folder(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+# Where a run puts the files it finds in a folder of its own (best/, a checkpoint-N/ it prunes, adapter/) that
+# its saves do not write, before it replaces or deletes that folder: an export, notes. Never deleted by a run.
+MOVED_ASIDE = "moved-aside"
+
+
+def remove_our_folder(folder: Path, written_by_us: Path | set[str]) -> None:
+    """Delete a folder a run wrote (an old best/ or adapter/, a pruned checkpoint), but never a file the run
+    did not write: whatever `written_by_us` (the folder the same save writes now, or a set of names) does
+    not hold is moved aside first (move_foreign_files_aside). A symbolic link in its place is removed as a
+    link: what it points to is outside the run and never touched."""
+    if folder.is_symlink():
+        log.warning("%s is a symbolic link (to %s), not a folder this run wrote: removed the link, its target "
+                    "left as it is", folder, os.readlink(folder))
+        folder.unlink()
+        return
+    move_foreign_files_aside(folder, written_by_us)
+    # Renamed first, so that a kill during the delete leaves a .tmp-* leftover (deleted at the next start),
+    # not a half folder under its name.
+    doomed = folder.with_name(f"{TMP_PREFIX}deleted-{folder.name}-{os.getpid()}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def move_foreign_files_aside(folder: Path, written_by_us: Path | set[str]) -> list[Path]:
+    """Move each entry of `folder` that the run's saves do not write to MOVED_ASIDE/<folder name>/ next to
+    `folder`, with a warning; returns where they went. What the run writes is `written_by_us`: the new
+    folder the same save just wrote (compared name by name, into subfolders such as a release's adapter/),
+    or a set of names. A file of ours that a later save no longer writes is moved aside too: kept, not lost."""
+    foreign = _foreign_entries(folder, written_by_us)
+    if not foreign:
+        return []
+    aside = _free_name(folder.parent / MOVED_ASIDE / folder.name)
+    moved = []
+    for entry in foreign:
+        target = aside / entry.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, target)
+        moved.append(target)
+    log.warning("%s held %s, which this run did not write; moved to %s before the run replaced or deleted %s",
+                folder, ", ".join(str(e.relative_to(folder)) for e in foreign), aside, folder.name)
+    return moved
+
+
+def _foreign_entries(folder: Path, written_by_us: Path | set[str]) -> list[Path]:
+    if isinstance(written_by_us, set):
+        return sorted(p for p in folder.iterdir() if p.name not in written_by_us)
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        ours = written_by_us / entry.name
+        if not os.path.lexists(ours) or entry.is_symlink() != ours.is_symlink():
+            foreign.append(entry)
+        elif entry.is_dir() and not entry.is_symlink() and ours.is_dir():
+            foreign += _foreign_entries(entry, ours)
+    return foreign
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... whichever does not exist yet."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def restore_interrupted_publish(output_dir: Path) -> None:
@@ -173,7 +249,8 @@ def atomic_path(path: Path, what: str):
         raise_if_write_failure(exc, what)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hide the error that got us here (EROFS: there is no tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def temporary_name(path: Path, pid: int) -> Path:
