@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import REPO_ROOT, build_tiny_model
@@ -135,11 +136,12 @@ def max_logit_diff(a, b, vocab: int) -> float:
 
 
 # the bounds: f32 is exact up to float rounding; f16/bf16/q8_0 as measured on these tiny models, with margin
-BOUNDS = {"f32": 1e-6, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}
+BOUNDS = {"f32": 1e-6, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2, "q4_0": 0.3}
 
 
-@pytest.mark.parametrize("kinds,outtypes", [(("gpt2",), ("f32", "f16", "bf16", "q8_0")), (("gpt2-untied",), ("f32",)),
-                                            (("llama",), ("f32", "q8_0")), (("qwen2",), ("f32", "f16"))],
+@pytest.mark.parametrize("kinds,outtypes", [(("gpt2",), ("f32", "f16", "bf16", "q8_0", "q4_0")),
+                                            (("gpt2-untied",), ("f32",)), (("llama",), ("f32", "q8_0", "q4_0")),
+                                            (("qwen2",), ("f32", "f16"))],
                          ids=["gpt2", "gpt2-untied", "llama", "qwen2"])
 def test_round_trip_logits(tiny_models, tmp_path, kinds, outtypes):
     """Each outtype written, read back and rebuilt: the logits equal the original's within BOUNDS."""
@@ -158,6 +160,40 @@ def test_round_trip_logits(tiny_models, tmp_path, kinds, outtypes):
         assert types[matrix] == outtype.upper()
         assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay f32 whatever the outtype
         assert ("output.weight" in types) == (kind in ("gpt2-untied", "llama"))  # a tied output is written once
+
+
+def q4_0_blocks_as_llama_cpp_reads_them(raw) -> np.ndarray:
+    """The values of Q4_0 bytes, decoded from llama.cpp's block layout (ggml-common.h block_q4_0: an fp16 scale d,
+    then 16 bytes whose low nibbles are values 0-15 and high nibbles values 16-31, each (nibble - 8) * d;
+    ggml-quants.c dequantize_row_q4_0), written here from that description, not with gguf's own decoder."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    nibbles = np.concatenate([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], axis=1).astype(np.float32)
+    return (nibbles - 8) * d
+
+
+def test_q4_0_blocks_are_llama_cpps_layout_within_the_quantization_bound(tiny_models, tmp_path):
+    """Each Q4_0 matrix decoded as llama.cpp decodes it equals gguf's own dequantization, and every weight is
+    within its block's step |d| = max|block| / 8 of the original (rounding to the nearest of 16 levels is half a
+    step off at most; the one value the top level clips, a full step), with the fp16 rounding of d on top."""
+    folder = copy_model(tiny_models["llama"], tmp_path / "m")
+    assert run_export("--model", folder, "--outtype", "q4_0") == 0
+    model = load_original(folder)
+    original = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    hf_names = {name_map.get_name(k, try_suffixes=(".weight", ".bias")): k for k in original}
+    checked = 0
+    for tensor in gguf.GGUFReader(folder / "model-q4_0.gguf").tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+            continue
+        ours = q4_0_blocks_as_llama_cpp_reads_them(tensor.data)
+        assert np.array_equal(ours.reshape(-1), gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1))
+        weights = layout_back(hf_names[tensor.name], ours.reshape(tensor.data.shape[0], -1), model.config).numpy()
+        blocks = original[hf_names[tensor.name]].reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 8
+        assert np.all(np.abs(weights.reshape(-1, 32) - blocks) <= step * (1 + 2**-8) + 1e-12), tensor.name
+        checked += 1
+    assert checked == 2 * 7 + 2  # q, k, v, o, gate, up, down in each block; token embedding and output
 
 
 def test_gpt2_layout_and_metadata(tiny_models, tmp_path):
@@ -459,6 +495,9 @@ def test_newline_in_the_folder_name_and_a_huge_outtype(tiny_models, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: argument --outtype: invalid choice") and "(100,002 characters)" in err  # quotes too
     assert len(err) < 400, len(err)
+    assert_refused(capsys, run_export("--model", model, "--output", tmp_path / "a\nFROM b.gguf"),
+                   "has a control character")
+    assert not (tmp_path / "a\nFROM b.gguf").exists()
 
 
 @pytest.mark.parametrize("config", ["[]", '{"base_model_name_or_path": 7}'])
