@@ -22,7 +22,7 @@ from finetune.export import require_gguf
 from finetune.export.gguf_writer import DEFAULT_OUTTYPE, OUTTYPES, check_architecture, write_gguf
 from finetune.export.modelfile import modelfile, written_by_export
 from finetune.export.vocab import read_vocab
-from finetune.fsio import TMP_PREFIX, Terminated, atomic_file, sigterm_raises
+from finetune.fsio import TMP_PREFIX, Terminated, atomic_file, remove_stale_temporaries, sigterm_raises
 from finetune.lora import RELEASE_ADAPTER_DIR
 from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
 from finetune.models import load_config, load_tokenizer, load_weights, model_context_length
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = modelfile(out, model_file, str(folder), tokenizer, vocab.chat_template, model_context_length(config))
     model = load_model(folder, adapter)
     out.parent.mkdir(exist_ok=True)  # RUN/export/ (the folder of an --output exists: checked above)
+    # What a killed export left here, whichever file it was writing (a later export of that very file
+    # would remove it too, but another --outtype never would)
+    remove_stale_temporaries(out.parent, r".+\.gguf|.+\.Modelfile")
     try:
         with sigterm_raises():  # a temporary .gguf is removed on SIGTERM, as on Ctrl-C or a full disk
             summary = write_gguf(out, model, model.config, vocab, args.outtype, name=folder.resolve().name)

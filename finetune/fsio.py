@@ -237,7 +237,7 @@ def atomic_path(path: Path, what: str):
     ends, the file is flushed to disk and renamed into place; if the block fails or is interrupted, the
     temporary is deleted and `path` is untouched. A full disk raises the one-line SaveFailed naming `what`.
     The temporaries a killed writer of the same `path` left (kill -9 runs no cleanup) go first."""
-    remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent, re.escape(path.name))
     tmp = temporary_name(path, os.getpid())
     try:
         yield tmp
@@ -258,19 +258,22 @@ def temporary_name(path: Path, pid: int) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}-{pid}")
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporaries of `path` (temporary_name) whose writer is no longer running: a kill -9 or a
-    power cut left them, and nothing else would ever remove them (a 76 MB hidden .gguf, say). Only files of
-    exactly our naming, each with the PID of a process that is gone, so a writer still at work keeps its file."""
+def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
+    """Delete the temporaries in `folder` (temporary_name) of files whose name matches the regular expression
+    `name` and whose writer is no longer running: a kill -9 or a power cut left them, and nothing else would
+    ever remove them (a 76 MB hidden .gguf, say). Only files of exactly our naming, each with the PID of a
+    process that is gone, so a writer still at work keeps its file."""
     removed = []
-    pattern = re.compile(re.escape(f"{TMP_PREFIX}{path.name}-") + r"(\d+)")
+    pattern = re.compile(re.escape(TMP_PREFIX) + f"(?:{name})" + r"-(\d+)")
     with contextlib.suppress(OSError):  # a folder we cannot list: nothing to clean here
-        for leftover in path.parent.iterdir():
+        for leftover in folder.iterdir():
             match = pattern.fullmatch(leftover.name)
             if match and not process_alive(int(match.group(1))) and leftover.is_file() and not leftover.is_symlink():
                 with contextlib.suppress(OSError):
                     leftover.unlink()
                     removed.append(leftover)
+    if removed:
+        log.info("removed %s, left by a writer that was killed", ", ".join(str(p) for p in removed))
     return removed
 
 

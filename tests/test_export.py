@@ -451,7 +451,7 @@ def test_sigterm_during_an_export_leaves_no_temporary_and_the_next_export_remove
 
     model = copy_model(tiny_models["gpt2"], tmp_path / "m")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = model / f".tmp-model-f16.gguf-{int(dead.stdout)}"  # what kill -9 of an export left
+    killed = model / f".tmp-model-q8_0.gguf-{int(dead.stdout)}"  # what kill -9 of a q8_0 export left
     killed.write_bytes(b"GGUF" + bytes(1000))
     real, written = gguf.GGUFWriter.write_tensor_data, []
 
