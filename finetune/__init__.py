@@ -1,4 +1,4 @@
-"""Support code of the three scripts (prepare_data.py, finetune_generative.py, generate.py), one room
+"""Support code of the scripts (prepare_data.py, finetune_generative.py, generate.py, export.py), one room
 per concern. Scripts import the package; the package never imports a script. Inside, a module imports
 only the ones listed before it:
 

@@ -119,7 +119,8 @@ def load_adapter_model(folder: Path, dtype):
     base = adapter_base(folder)
     model = load_weights(base, dtype)
     try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with lora.quiet_peft_wrap():
+            return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - a damaged adapter, or one made for another base
         raise UserError(f"cannot load the adapter in {folder} onto {base} ({type(exc).__name__}: "
                         f"{first_line(exc)}). HINT: check that it was trained on this base") from None
