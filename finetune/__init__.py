@@ -3,7 +3,8 @@ per concern. Scripts import the package; the package never imports a script. Ins
 only the ones listed before it:
 
     errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
-    fsio          atomic writes of folders and files, fsync, CRC32, the output-folder lock
+    fsio          atomic writes of folders and files (what a run did not write is moved aside, never deleted),
+                  fsync, CRC32, the output-folder lock (never through a link), SIGTERM as an exception
     outdir        the output folder of either script: created, locked, checked (rundir adds a run's rules)
     chat          chat/instruction records: formats, checks, the chat template, rendering to ids + loss mask
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)
