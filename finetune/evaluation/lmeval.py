@@ -48,7 +48,7 @@ def hf_evaluate_first() -> None:
     saved, path = sys.modules.pop("evaluate", None), sys.path[:]
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != ours]
     try:
-        import evaluate  # noqa: F401  - Hugging Face's
+        importlib.import_module("evaluate")  # Hugging Face's package (this project's script is kept out of the path)
     except ImportError:
         if saved is not None:
             sys.modules["evaluate"] = saved
