@@ -44,10 +44,6 @@ CHUNK_TOKENS = 1 << 24  # tokens read at a time while scanning the mask files
 log = logging.getLogger("finetune")
 
 
-def is_chat(meta: dict) -> bool:
-    return isinstance(meta.get("chat"), dict)
-
-
 @dataclass(frozen=True)
 class Packing:
     """Which examples go into which block, as offsets (no token is copied)."""
