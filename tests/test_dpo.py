@@ -1,0 +1,320 @@
+"""Preference tuning with DPO (issue 30): TRL's DPOTrainer as the reference (the same tokens, then losses,
+rewards, accuracy and weights step by step), the ln 2 guard at step 0 and a wrong reference caught by it,
+packed equals unpacked, exact resume on the saved reference, LoRA's reference (the base, adapter off).
+
+Pairs are prepared by prepare_data.py from JSON lines with the tiny tokenizer; everything runs on the CPU in fp32.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_generative as ft
+import prepare_data
+from finetune.data import load_meta
+from finetune.objectives import preference
+from finetune.pairs import PackedPairDataset
+from helpers import WORDS, assert_one_line_error, run_main, train_records
+
+LN2 = math.log(2.0)
+TOLERANCE = 1e-5
+LR = 1e-2
+BLOCK = 64
+N_TRAIN = 12
+
+
+def style_pairs(n: int, seed: int) -> list[dict]:
+    """Pairs whose chosen answers all end the same way (a style to learn), rejected ones not."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isascii()]
+
+    def text(low, high):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+
+    return [{"prompt": text(3, 8) + ":", "chosen": " " + text(1, 5) + " the captain said",
+             "rejected": " " + text(2, 7)} for _ in range(n)]
+
+
+def conversational(rows: list[dict]) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def prepare(folder: Path, model_dir, train: list[dict], val: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data"
+    assert prepare_data.main(["--input", str(write_jsonl(folder / "train.jsonl", train)),
+                              "--val-input", str(write_jsonl(folder / "val.jsonl", val)),
+                              "--tokenizer", str(model_dir), "--output-dir", str(data),
+                              "--block-size", str(BLOCK)]) is not None
+    return data
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return style_pairs(N_TRAIN, seed=1), style_pairs(4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory, tiny_model_dir, rows):
+    return prepare(tmp_path_factory.mktemp("pairs"), tiny_model_dir, *rows)
+
+
+def dpo_args(model_dir, data_dir, out, *extra) -> list[str]:
+    """Every pair in each step (one micro-batch holds all blocks), constant lr, no warmup, dropout 0, fp32."""
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--block-size", str(BLOCK), "--batch-size", "64", "--grad-accum", "1", "--max-steps", "3",
+            "--lr", str(LR), "--scheduler", "constant", "--warmup-steps", "0", "--weight-decay", "0",
+            "--dropout", "0", "--precision", "fp32", "--device", "cpu", "--num-workers", "0", "--log-every", "1",
+            "--eval-every", "0", "--save-every", "0", "--save-total-limit", "0", "--seed", "3", *map(str, extra)]
+
+
+def stored_pairs(data: Path, split: str = "train") -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids of each pair as prepare_data.py stored them, in file order."""
+    meta = load_meta(data)
+    ids = np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+    mask = np.fromfile(data / f"{split}.mask.bin", dtype=np.uint8)
+    starts = [*np.flatnonzero(mask & 2).tolist(), len(ids)]
+    pairs = []
+    for a, b in zip(starts, starts[1:]):
+        m, t = mask[a:b], ids[a:b]
+        pairs.append((t[(m & 1) == 0].tolist(), t[(m & 5) == 1].tolist(), t[(m & 5) == 5].tolist()))
+    return pairs
+
+
+def load_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def trl_trainer(tmp_path, model_dir, train_rows, **extra):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+        per_device_train_batch_size=len(train_rows), gradient_accumulation_steps=1, max_steps=3,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=3, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=False, max_length=None, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return trl.DPOTrainer(model=load_model(model_dir), args=config, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(train_rows))
+
+
+# -----------------------------------------------------------------------------
+# TRL's DPOTrainer as the reference
+
+
+@pytest.mark.parametrize("style", ["standard", "conversational"])
+def test_same_tokens_as_trl(tmp_path, tiny_model_dir, rows, style):
+    """The same file means the same prompt / chosen / rejected tokens as DPOTrainer's (its tokenize step)."""
+    from finetune.chat import DEFAULT_CHAT_TEMPLATE
+
+    train, val = rows if style == "standard" else (conversational(rows[0]), conversational(rows[1]))
+    data = prepare(tmp_path, tiny_model_dir, train, val)
+    assert load_meta(data)["preference"]["format"] == style
+    if style == "conversational":  # the tiny tokenizer has no template: prepare_data.py renders with the default
+        trl = pytest.importorskip("trl")
+        tokenizer_dir = tmp_path / "tok"
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.save_pretrained(tokenizer_dir)
+        shutil.copy(Path(tiny_model_dir) / "config.json", tokenizer_dir)
+        shutil.copy(Path(tiny_model_dir) / "model.safetensors", tokenizer_dir)
+        trainer = trl_trainer(tmp_path, tokenizer_dir, train)
+        del trl
+    else:
+        trainer = trl_trainer(tmp_path, tiny_model_dir, train)
+    theirs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
+    assert stored_pairs(data) == theirs
+
+
+@pytest.mark.slow
+def test_three_steps_match_trl_dpotrainer(tmp_path, tiny_model_dir, pair_data, rows):
+    """Loss, rewards and accuracy at each of the first 3 steps within 1e-5 of DPOTrainer's (sigmoid, beta 0.1,
+    precomputed reference, fp32, dropout 0, constant lr, every pair in each step), and the weights after them:
+    our update and theirs agree to lr/10 in every element. Step 0 is ln 2."""
+    out = tmp_path / "ours"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out)) == 0
+    ours = train_records(out)
+    step0 = train_records(out, "eval")[0]
+    assert abs(step0["val_loss"] - LN2) <= 1e-6 and abs(ours[0]["loss"] - LN2) <= 1e-6
+
+    trainer = trl_trainer(tmp_path, tiny_model_dir, rows[0])
+    start = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
+    trainer.train()
+    theirs = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/chosen" in entry]
+    assert len(ours) == len(theirs) == 3
+    for mine, their in zip(ours, theirs):
+        for key, trl_key in (("loss", "loss"), ("rewards_chosen", "rewards/chosen"),
+                             ("rewards_rejected", "rewards/rejected"), ("rewards_margin", "rewards/margins"),
+                             ("rewards_accuracy", "rewards/accuracies")):
+            assert mine[key] == pytest.approx(their[trl_key], abs=TOLERANCE), (mine["step"], key)
+    assert ours[-1]["rewards_accuracy"] > 0.5  # it learned something, so the comparison is not of zeros
+    our_weights = load_file(out / "model.safetensors")
+    for name, tensor in trainer.model.state_dict().items():
+        if name in our_weights:
+            ours_update, their_update = our_weights[name] - start[name], tensor - start[name]
+            assert (ours_update - their_update).abs().max().item() <= LR / 10, name
+
+
+# -----------------------------------------------------------------------------
+# The reference and the guard
+
+
+def test_wrong_reference_is_caught_at_step_zero(tmp_path, tiny_model_dir, pair_data, monkeypatch, capsys):
+    """A reference from another model than the one trained (here: the starting weights nudged) stops the run
+    with one line before any step."""
+    original = preference.reference_table
+
+    def from_another_model(model, *args, **kwargs):
+        with torch.no_grad():
+            weight = preference.unwrapped(model).get_input_embeddings().weight
+            nudge = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+            weight += nudge
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                weight -= nudge
+
+    monkeypatch.setattr(preference, "reference_table", from_another_model)
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, tmp_path / "out"), capsys)
+    assert_one_line_error(result, "not ln 2", "reference log-probabilities")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_reference_is_computed_once_and_read_back_on_resume(tmp_path, tiny_model_dir, pair_data, monkeypatch):
+    """Resume equals uninterrupted (bitwise), and the resumed run reads the reference the run kept instead of
+    computing it from the checkpoint (which is no longer the starting model)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "4", "--eval-every", "2"]
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, full, *args)) == 0
+    assert (full / preference.REFERENCE_FILE).is_file()
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, cut, *args[:1], "2", *args[2:])) == 0
+    computed = []
+    monkeypatch.setattr(preference, "reference_table", lambda *a, **k: computed.append(1))
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, cut, *args, "--resume", "--extend")) == 0
+    assert not computed
+    assert [r["loss"] for r in train_records(cut)] == [r["loss"] for r in train_records(full)]
+    for name, tensor in load_file(full / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(cut / "model.safetensors")[name]), name
+
+
+# -----------------------------------------------------------------------------
+# Packing
+
+
+def test_packed_pairs_have_the_logps_they_have_alone(tiny_model_dir, pair_data):
+    """A pair's log-probabilities in a block packed with others equal those of the pair alone, unpadded (the
+    positions restart and attention stays inside each sequence)."""
+    meta = load_meta(pair_data)
+    packed = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
+    assert np.diff(packed.packing.block_offsets).max() > 1  # blocks hold several pairs
+    model = load_model(tiny_model_dir).eval()
+    batch = torch.utils.data.default_collate([packed[i] for i in range(len(packed))])
+    with torch.no_grad():
+        logps, held = preference.pair_logps(model, batch, torch.device("cpu"))
+    by_number = dict(zip(batch["pairs"][held].tolist(), logps[held].tolist()))
+    assert sorted(by_number) == list(range(N_TRAIN))
+    for number, (prompt, chosen, rejected) in enumerate(stored_pairs(pair_data)):
+        for which, completion in enumerate((chosen, rejected)):
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            alone = log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
+            # a sum of ~20 fp32 log-probabilities of ~-3 each: rounding bounded relative to the sum
+            assert by_number[number][which] == pytest.approx(alone, rel=1e-6, abs=TOLERANCE)
+
+
+def test_packed_training_equals_unpacked(tmp_path, tiny_model_dir, pair_data):
+    """Per-step loss within 1e-5 whether pairs share blocks (64 tokens) or each has its own (the longest pair's
+    length rounded up: one pair per block, as an unpacked batch)."""
+    meta = load_meta(pair_data)
+    longest = max(2 * len(p) + len(c) + len(r) for p, c, r in stored_pairs(pair_data))
+    alone = PackedPairDataset.from_data_dir(pair_data, "train", longest, meta)
+    assert len(alone) == N_TRAIN  # one pair per block
+    packed = ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "packed")) == 0
+    unpacked = ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "unpacked", "--block-size", longest)) == 0
+    assert packed and unpacked
+    for a, b in zip(train_records(tmp_path / "packed"), train_records(tmp_path / "unpacked"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE)
+
+
+def test_long_pairs_cut_from_the_left_and_identical_leftovers_skipped():
+    from finetune.pairs import fit_to_block, pack_pairs
+
+    prompt, chosen, rejected = np.array([10, 10, 1]), np.array([3, 30, 30]), np.array([2, 30, 30])
+    kept = fit_to_block(prompt, chosen, rejected, 32)
+    assert [k.tolist() for k in kept] == [[10, 1, 1], [3, 15, 15], [2, 15, 15]]
+    # two pairs whose completions agree on their first 15 tokens: the second is cut there, nothing to compare
+    tokens, mask = [], []
+    for completion_tail in ([6] * 30, [5] * 15 + [6] * 15):
+        ids = [7] + [5] * 30 + completion_tail
+        tokens += ids
+        mask += [2] + [1] * 30 + [5] * 30
+    packing = pack_pairs(np.array(tokens), np.array(mask, dtype=np.uint8), 32)
+    assert (packing.examples, packing.truncated, packing.skipped) == (2, 2, 1)
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("row, fragments", [
+    ({"prompt": "Hi:", "chosen": " yes", "rejected": " yes"}, ("prefers nothing",)),
+    ({"prompt": "Hi:", "chosen": " yes"}, ("'rejected'",)),
+    ({"prompt": "", "chosen": " yes", "rejected": " no"}, ("empty", "'prompt'")),
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "yes"}],
+      "rejected": [{"role": "assistant", "content": "no"}]}, ("chosen[0]", "assistant")),
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yes"}],
+      "rejected": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "no"}]},
+     ("prompts of 'chosen' and 'rejected' differ",)),
+    ({"prompt": "Hi:", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": " no"}, ("mixes formats",)),
+])
+def test_bad_pairs_are_one_line_errors(tmp_path, tiny_model_dir, capsys, row, fragments):
+    good = style_pairs(6, seed=5)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*good[:3], row, *good[3:]])
+    result = run_main(prepare_data.main, ["--input", path, "--tokenizer", tiny_model_dir,
+                                          "--output-dir", tmp_path / "data"], capsys)
+    assert_one_line_error(result, "pairs.jsonl", "line 4", "HINT", *fragments)
+    assert not (tmp_path / "data" / "meta.json").exists()
+
+
+def test_standard_and_conversational_pairs_do_not_mix(tmp_path, tiny_model_dir, capsys):
+    rows = style_pairs(6, seed=5)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*rows[:3], *conversational(rows[3:])])
+    result = run_main(prepare_data.main, ["--input", path, "--tokenizer", tiny_model_dir,
+                                          "--output-dir", tmp_path / "data"], capsys)
+    assert_one_line_error(result, "line 4", "one format", "HINT")
+
+
+def test_pairs_refused_for_a_resume_of_a_text_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, pair_data, capsys):
+    out = tmp_path / "out"
+    text_run = dpo_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--batch-size", "2",
+                        "--block-size", "32")
+    assert ft.main(text_run) == 0
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, out, "--resume"), capsys)
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "preference data" in line and "trained on text data" in line and "HINT" in line
