@@ -318,3 +318,51 @@ def test_pairs_refused_for_a_resume_of_a_text_checkpoint(tmp_path, tiny_model_di
     assert result.returncode == 2
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "preference data" in line and "trained on text data" in line and "HINT" in line
+
+
+# -----------------------------------------------------------------------------
+# Processes and LoRA
+
+
+@pytest.mark.slow
+def test_two_processes_train_pairs_like_one(tmp_path, tiny_model_dir, pair_data):
+    """torchrun, 2 processes x batch 2 against 1 process x batch 4 (the same blocks in each step): the pairs
+    of a step are counted over both ranks and the reference is computed in shares, so the losses, rewards and
+    the updates agree."""
+    from helpers import torchrun
+
+    steps = ("--max-steps", 2, "--eval-every", 1)
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "one", *steps, "--batch-size", 4)) == 0
+    result = torchrun(2, *dpo_args(tiny_model_dir, pair_data, tmp_path / "two", *steps, "--batch-size", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind, keys in (("train", ("loss", "rewards_chosen", "rewards_margin", "rewards_accuracy")),
+                       ("eval", ("val_loss", "val_rewards_chosen", "val_rewards_accuracy"))):
+        one, two = train_records(tmp_path / "one", kind), train_records(tmp_path / "two", kind)
+        assert len(one) == len(two) >= 2
+        for a, b in zip(one, two):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], abs=TOLERANCE), (kind, a["step"], key)
+    assert abs(train_records(tmp_path / "two", "eval")[0]["val_loss"] - LN2) <= 1e-6
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    w_one, w_two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert set(w_one) == set(w_two) and set(w_one) <= set(start)
+    for name in w_one:
+        assert ((w_two[name] - start[name]) - (w_one[name] - start[name])).abs().max().item() <= LR / 10, name
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, tiny_model_dir, pair_data):
+    """Under LoRA the reference is the base model (the adapter switched off): the kept reference equals the
+    base model's log-probabilities, step 0 is ln 2, and the run trains (the loss moves off ln 2)."""
+    out = tmp_path / "lora"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--lora-r", 4, "--lora-dropout", 0)) == 0
+    assert abs(train_records(out, "eval")[0]["val_loss"] - LN2) <= 1e-6
+    assert abs(train_records(out)[0]["loss"] - LN2) <= 1e-6 and train_records(out)[-1]["loss"] < LN2 - 1e-3
+    kept = np.load(out / preference.REFERENCE_FILE)["train"]
+    meta = load_meta(pair_data)
+    dataset = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logps, held = preference.pair_logps(load_model(tiny_model_dir).eval(), batch, torch.device("cpu"))
+    base = np.zeros_like(kept)
+    base[batch["pairs"][held].numpy()] = logps[held].double().numpy()
+    np.testing.assert_allclose(kept, base, rtol=1e-6, atol=TOLERANCE)
