@@ -260,9 +260,11 @@ def main(argv=None):
         renderer = chat_renderer(tokenizer, settings, HFEngine(tokenizer), template)  # a bad template fails here
         chat = ChatRun(chat_format, renderer.template)
         how = "prompt + completion + end token, no template text" if chat_format == "prompt_completion" else \
-            f"standard pairs: prompt + completion + end token; conversational: {describe(renderer.template)}" \
-            if chat_format == "preference" else f"rendered with {describe(renderer.template)}"
-        print(f"chat records ({chat_format}): {how}", file=sys.stderr)
+            f"rendered with {describe(renderer.template)}"
+        if chat_format == "preference":
+            how = f"TRL's tokens: standard pairs joined as prompt + completion + end token, conversational ones {how}"
+        print(f"{'preference pairs' if chat_format == 'preference' else 'chat records'} ({chat_format}): {how}",
+              file=sys.stderr)
 
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     tokenize_started = time.time()
