@@ -116,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "prompt + chosen + rejected: preference pairs for DPO, docs/preference.md; else plain "
                            "text from --text-field); messages: every chat record as a conversation "
                            "(prompt/completion and instruction records become turns); prompt_completion, "
-                           "instruction, preference: insist on that format; text: every record as plain text (default: %(default)s)")
+                           "instruction, preference: insist on that format; text: every record as plain text "
+                           "(default: %(default)s)")
     chat.add_argument("--chat-template", default=None, metavar="FILE",
                       help="Jinja chat template to render conversations with, instead of the tokenizer's own "
                            "(or, for a tokenizer without one, the default template of docs/chat.md)")

@@ -223,6 +223,23 @@ def test_reference_is_computed_once_and_read_back_on_resume(tmp_path, tiny_model
         assert torch.equal(tensor, load_file(cut / "model.safetensors")[name]), name
 
 
+def test_resume_without_the_kept_reference_is_refused(tmp_path, tiny_model_dir, pair_data, capsys):
+    """Full fine-tuning: the checkpoint is no longer the starting model, so a lost reference file cannot be
+    recomputed from it; one line, nothing trained."""
+    out = tmp_path / "out"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--max-steps", 1)) == 0
+    (out / preference.REFERENCE_FILE).unlink()
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, out, "--max-steps", 2, "--resume", "--extend"),
+                      capsys)
+    assert_one_line_error(result, preference.REFERENCE_FILE, "missing", "--overwrite")
+    assert len(train_records(out)) == 1
+
+
+def test_fsdp_is_refused_for_pairs_before_loading(tmp_path, tiny_model_dir, pair_data, capsys):
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, tmp_path / "out", "--fsdp", "--dry-run"), capsys)
+    assert_one_line_error(result, "--fsdp does not train preference data")
+
+
 # -----------------------------------------------------------------------------
 # Packing
 
