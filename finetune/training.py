@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,13 +180,12 @@ class TrainingRun:
             progress.best_val_loss = val_loss
         if progress.step > 0:
             progress.evals_without_improvement = 0 if improved else progress.evals_without_improvement + 1
-        self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
-                     "tokens": progress.tokens_seen, "val_loss": val_loss,
-                     "val_perplexity": math.exp(min(val_loss, 50.0)),
-                     **self.objective.eval_metrics(self.device, self.dist_info)})
+        record = {"kind": "eval", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+                  "val_loss": val_loss, **self.objective.eval_metrics(val_loss, self.device, self.dist_info)}
+        self.record(record)
         if self.dist_info.is_main:
-            log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
-                     math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
+            log.info("step %d: val loss %.4f, %s%s", progress.step, val_loss, self.objective.describe_eval(record),
+                     " (best so far, saved to best/)" if improved else "")
         if improved:  # every rank knows: val_loss is summed across them
             best = self.output_dir / "best"
             self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)

@@ -2,6 +2,7 @@
 micro-batch and how a step weighs them, its validation loss and what it logs. One instance per run."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class Objective:
         """Extra fields of a train record: the objective's own statistics since the last one."""
         return {}
 
-    def eval_metrics(self, device, dist_info: DistInfo) -> dict:
-        """Extra fields of an eval record: the objective's own statistics over the last evaluation."""
-        return {}
+    def eval_metrics(self, val_loss: float, device, dist_info: DistInfo) -> dict:
+        """Fields of an eval record besides the loss: a cross-entropy's perplexity, or the objective's own
+        statistics over the evaluation."""
+        return {"val_perplexity": math.exp(min(val_loss, 50.0))}
+
+    def describe_eval(self, record: dict) -> str:
+        """What the log line of an evaluation says after the loss."""
+        return f"perplexity {record['val_perplexity']:.2f}"

@@ -304,9 +304,15 @@ class PreferenceObjective(Objective):
     def train_metrics(self, device, dist_info) -> dict:
         return self.reduced("train", "", device, dist_info)
 
-    def eval_metrics(self, device, dist_info) -> dict:
+    def eval_metrics(self, val_loss, device, dist_info) -> dict:
         self.guard_eval = False
         return self.reduced("eval", "val_", device, dist_info)
+
+    def describe_eval(self, record: dict) -> str:
+        if "val_rewards_accuracy" not in record:
+            return "no pair"
+        return (f"reward accuracy {record['val_rewards_accuracy']:.2f}, margin {record['val_rewards_margin']:.4f}, "
+                f"chosen log-prob {record['val_logps_chosen']:.2f}")
 
     def reduced(self, mode: str, prefix: str, device, dist_info) -> dict:
         import torch
