@@ -429,3 +429,32 @@ def test_lora_matches_trl_dpotrainer_with_peft(tmp_path, tiny_model_dir, pair_da
     for name, start in made["adapter"].items():
         ours_update, their_update = our_adapter[name] - start, their_adapter[name].detach() - start
         assert (ours_update - their_update).abs().max().item() <= LR / 10, name
+
+
+@pytest.mark.slow
+def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_model_dir):
+    """Every chosen answer ends "the captain said", no rejected one does: after 15 steps the held-out reward
+    accuracy is above 0.9 (0 at step 0: no pair is preferred yet) and greedy answers to held-out prompts use the
+    phrase, where the starting model's never do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    val = style_pairs(16, seed=2)
+    data = prepare(tmp_path, tiny_model_dir, style_pairs(48, seed=1), val)
+    out = tmp_path / "out"
+    assert ft.main(dpo_args(tiny_model_dir, data, out, "--max-steps", 15)) == 0
+    evals = train_records(out, "eval")
+    assert evals[0]["val_rewards_accuracy"] == 0.0 and evals[-1]["val_rewards_accuracy"] > 0.9
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def answers_in_style(folder) -> int:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        count = 0
+        for row in val:
+            ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+            with torch.no_grad():
+                answer = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+            count += "said" in tokenizer.decode(answer)
+        return count
+
+    assert answers_in_style(tiny_model_dir) == 0
+    assert answers_in_style(out) >= len(val) // 4  # 9 of 16 measured
