@@ -206,6 +206,7 @@ def test_wrong_reference_is_caught_at_step_zero(tmp_path, tiny_model_dir, pair_d
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_reference_is_computed_once_and_read_back_on_resume(tmp_path, tiny_model_dir, pair_data, monkeypatch):
     """Resume equals uninterrupted (bitwise), and the resumed run reads the reference the run kept instead of
     computing it from the checkpoint (which is no longer the starting model)."""
@@ -266,6 +267,7 @@ def test_packed_pairs_have_the_logps_they_have_alone(tiny_model_dir, pair_data):
             assert by_number[number][which] == pytest.approx(alone, rel=1e-6, abs=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_packed_training_equals_unpacked(tmp_path, tiny_model_dir, pair_data):
     """Per-step loss within 1e-5 whether pairs share blocks (64 tokens) or each has its own (the longest pair's
     length rounded up: one pair per block, as an unpacked batch)."""
@@ -328,6 +330,7 @@ def test_standard_and_conversational_pairs_do_not_mix(tmp_path, tiny_model_dir, 
     assert_one_line_error(result, "line 4", "one format", "HINT")
 
 
+@pytest.mark.slow
 def test_pairs_refused_for_a_resume_of_a_text_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, pair_data, capsys):
     out = tmp_path / "out"
     text_run = dpo_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--batch-size", "2",
@@ -369,6 +372,7 @@ def test_two_processes_train_pairs_like_one(tmp_path, tiny_model_dir, pair_data)
         assert ((w_two[name] - start[name]) - (w_one[name] - start[name])).abs().max().item() <= LR / 10, name
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, tiny_model_dir, pair_data):
     """Under LoRA the reference is the base model (the adapter switched off): the kept reference equals the
     base model's log-probabilities, step 0 is ln 2, and the run trains (the loss moves off ln 2)."""
