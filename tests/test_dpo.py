@@ -6,10 +6,7 @@ Pairs are prepared by prepare_data.py from JSON lines with the tiny tokenizer; e
 """
 from __future__ import annotations
 
-import json
 import math
-import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,50 +15,26 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_generative as ft
-import prepare_data
 from finetune.data import load_meta
 from finetune.objectives import preference
 from finetune.pairs import PackedPairDataset
-from helpers import WORDS, assert_one_line_error, run_main, train_records
+from helpers import (
+    PAIR_BLOCK,
+    assert_one_line_error,
+    load_fp32_model,
+    prepare_pairs,
+    run_main,
+    stored_pairs,
+    style_pairs,
+    train_records,
+    trl_dpo_trainer,
+)
 
 LN2 = math.log(2.0)
 TOLERANCE = 1e-5
 LR = 1e-2
-BLOCK = 64
+BLOCK = PAIR_BLOCK
 N_TRAIN = 12
-
-
-def style_pairs(n: int, seed: int) -> list[dict]:
-    """Pairs whose chosen answers all end the same way (a style to learn), rejected ones not."""
-    rng = random.Random(seed)
-    words = [w for w in WORDS if w.isascii()]
-
-    def text(low, high):
-        return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
-
-    return [{"prompt": text(3, 8) + ":", "chosen": " " + text(1, 5) + " the captain said",
-             "rejected": " " + text(2, 7)} for _ in range(n)]
-
-
-def conversational(rows: list[dict]) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
-             "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def prepare(folder: Path, model_dir, train: list[dict], val: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "data"
-    assert prepare_data.main(["--input", str(write_jsonl(folder / "train.jsonl", train)),
-                              "--val-input", str(write_jsonl(folder / "val.jsonl", val)),
-                              "--tokenizer", str(model_dir), "--output-dir", str(data),
-                              "--block-size", str(BLOCK)]) is not None
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +44,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def pair_data(tmp_path_factory, tiny_model_dir, rows):
-    return prepare(tmp_path_factory.mktemp("pairs"), tiny_model_dir, *rows)
+    return prepare_pairs(tmp_path_factory.mktemp("pairs"), tiny_model_dir, *rows)
 
 
 def dpo_args(model_dir, data_dir, out, *extra) -> list[str]:
@@ -83,73 +56,8 @@ def dpo_args(model_dir, data_dir, out, *extra) -> list[str]:
             "--eval-every", "0", "--save-every", "0", "--save-total-limit", "0", "--seed", "3", *map(str, extra)]
 
 
-def stored_pairs(data: Path, split: str = "train") -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids of each pair as prepare_data.py stored them, in file order."""
-    meta = load_meta(data)
-    ids = np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
-    mask = np.fromfile(data / f"{split}.mask.bin", dtype=np.uint8)
-    starts = [*np.flatnonzero(mask & 2).tolist(), len(ids)]
-    pairs = []
-    for a, b in zip(starts, starts[1:]):
-        m, t = mask[a:b], ids[a:b]
-        pairs.append((t[(m & 1) == 0].tolist(), t[(m & 5) == 1].tolist(), t[(m & 5) == 5].tolist()))
-    return pairs
-
-
-def load_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
-                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-def trl_trainer(tmp_path, model_dir, train_rows, model=None, **extra):
-    """DPOTrainer with our settings on `train_rows` (the model of `model_dir`, or `model`: a peft model)."""
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    config = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
-        per_device_train_batch_size=len(train_rows), gradient_accumulation_steps=1, max_steps=3,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=3, disable_tqdm=True,
-        bf16=False, gradient_checkpointing=False, max_length=None, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return trl.DPOTrainer(model=model if model is not None else load_model(model_dir), args=config,
-                          processing_class=tokenizer,
-                          train_dataset=Dataset.from_list(train_rows))
-
-
 # -----------------------------------------------------------------------------
 # TRL's DPOTrainer as the reference
-
-
-@pytest.mark.parametrize("style", ["standard", "conversational"])
-def test_same_tokens_as_trl(tmp_path, tiny_model_dir, rows, style):
-    """The same file means the same prompt / chosen / rejected tokens as DPOTrainer's (its tokenize step)."""
-    from finetune.chat import DEFAULT_CHAT_TEMPLATE
-
-    train, val = rows if style == "standard" else (conversational(rows[0]), conversational(rows[1]))
-    data = prepare(tmp_path, tiny_model_dir, train, val)
-    assert load_meta(data)["preference"]["format"] == style
-    if style == "conversational":  # the tiny tokenizer has no template: prepare_data.py renders with the default
-        trl = pytest.importorskip("trl")
-        tokenizer_dir = tmp_path / "tok"
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        tokenizer.save_pretrained(tokenizer_dir)
-        shutil.copy(Path(tiny_model_dir) / "config.json", tokenizer_dir)
-        shutil.copy(Path(tiny_model_dir) / "model.safetensors", tokenizer_dir)
-        trainer = trl_trainer(tmp_path, tokenizer_dir, train)
-        del trl
-    else:
-        trainer = trl_trainer(tmp_path, tiny_model_dir, train)
-    theirs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
-    assert stored_pairs(data) == theirs
 
 
 @pytest.mark.slow
@@ -163,7 +71,7 @@ def test_three_steps_match_trl_dpotrainer(tmp_path, tiny_model_dir, pair_data, r
     step0 = train_records(out, "eval")[0]
     assert abs(step0["val_loss"] - LN2) <= 1e-6 and abs(ours[0]["loss"] - LN2) <= 1e-6
 
-    trainer = trl_trainer(tmp_path, tiny_model_dir, rows[0])
+    trainer = trl_dpo_trainer(tmp_path, tiny_model_dir, rows[0])
     start = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
     trainer.train()
     theirs = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/chosen" in entry]
@@ -251,7 +159,7 @@ def test_packed_pairs_have_the_logps_they_have_alone(tiny_model_dir, pair_data):
     meta = load_meta(pair_data)
     packed = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
     assert np.diff(packed.packing.block_offsets).max() > 1  # blocks hold several pairs
-    model = load_model(tiny_model_dir).eval()
+    model = load_fp32_model(tiny_model_dir).eval()
     batch = torch.utils.data.default_collate([packed[i] for i in range(len(packed))])
     with torch.no_grad():
         logps, held = preference.pair_logps(model, batch, torch.device("cpu"))
@@ -299,35 +207,7 @@ def test_long_pairs_cut_from_the_left_and_identical_leftovers_skipped():
 
 
 # -----------------------------------------------------------------------------
-# Bad input
-
-
-@pytest.mark.parametrize("row, fragments", [
-    ({"prompt": "Hi:", "chosen": " yes", "rejected": " yes"}, ("prefers nothing",)),
-    ({"prompt": "Hi:", "chosen": " yes"}, ("'rejected'",)),
-    ({"prompt": "", "chosen": " yes", "rejected": " no"}, ("empty", "'prompt'")),
-    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "yes"}],
-      "rejected": [{"role": "assistant", "content": "no"}]}, ("chosen[0]", "assistant")),
-    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yes"}],
-      "rejected": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "no"}]},
-     ("prompts of 'chosen' and 'rejected' differ",)),
-    ({"prompt": "Hi:", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": " no"}, ("mixes formats",)),
-])
-def test_bad_pairs_are_one_line_errors(tmp_path, tiny_model_dir, capsys, row, fragments):
-    good = style_pairs(6, seed=5)
-    path = write_jsonl(tmp_path / "pairs.jsonl", [*good[:3], row, *good[3:]])
-    result = run_main(prepare_data.main, ["--input", path, "--tokenizer", tiny_model_dir,
-                                          "--output-dir", tmp_path / "data"], capsys)
-    assert_one_line_error(result, "pairs.jsonl", "line 4", "HINT", *fragments)
-    assert not (tmp_path / "data" / "meta.json").exists()
-
-
-def test_standard_and_conversational_pairs_do_not_mix(tmp_path, tiny_model_dir, capsys):
-    rows = style_pairs(6, seed=5)
-    path = write_jsonl(tmp_path / "pairs.jsonl", [*rows[:3], *conversational(rows[3:])])
-    result = run_main(prepare_data.main, ["--input", path, "--tokenizer", tiny_model_dir,
-                                          "--output-dir", tmp_path / "data"], capsys)
-    assert_one_line_error(result, "line 4", "one format", "HINT")
+# Resume across objectives
 
 
 @pytest.mark.slow
@@ -385,7 +265,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, tiny_model_di
     dataset = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        logps, held = preference.pair_logps(load_model(tiny_model_dir).eval(), batch, torch.device("cpu"))
+        logps, held = preference.pair_logps(load_fp32_model(tiny_model_dir).eval(), batch, torch.device("cpu"))
     base = np.zeros_like(kept)
     base[batch["pairs"][held].numpy()] = logps[held].double().numpy()
     np.testing.assert_allclose(kept, base, rtol=1e-6, atol=TOLERANCE)
@@ -416,9 +296,9 @@ def test_lora_matches_trl_dpotrainer_with_peft(tmp_path, tiny_model_dir, pair_da
     assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--lora-r", 4, "--lora-dropout", 0)) == 0
     ours = train_records(out)
 
-    peft_model = get_peft_model(load_model(tiny_model_dir), made["config"])
+    peft_model = get_peft_model(load_fp32_model(tiny_model_dir), made["config"])
     set_peft_model_state_dict(peft_model, made["adapter"])
-    trainer = trl_trainer(tmp_path, tiny_model_dir, rows[0], model=peft_model)
+    trainer = trl_dpo_trainer(tmp_path, tiny_model_dir, rows[0], model=peft_model)
     trainer.train()
     theirs = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/chosen" in entry]
     assert len(ours) == len(theirs) == 3
@@ -443,7 +323,7 @@ def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     val = style_pairs(16, seed=2)
-    data = prepare(tmp_path, tiny_model_dir, style_pairs(48, seed=1), val)
+    data = prepare_pairs(tmp_path, tiny_model_dir, style_pairs(48, seed=1), val)
     out = tmp_path / "out"
     assert ft.main(dpo_args(tiny_model_dir, data, out, "--max-steps", 15)) == 0
     evals = train_records(out, "eval")
