@@ -8,7 +8,7 @@ The data. --pairs standard preference pairs (seed --seed) made from a fixed list
 10-120 words ending in ":", a chosen and a rejected completion of a log-normal number of words each (median
 30, clipped to 2-300), so a pair runs from about 30 to about 700 tokens. The same JSON lines go to
 prepare_data.py (ours) and, as a dataset, to DPOTrainer: both tokenize them to the same ids
-(tests/test_dpo.py::test_same_tokens_as_trl).
+(tests/test_prepare_preference.py::test_same_tokens_as_trl).
 
 The contenders, each in its own process, alternating rounds (ours, trl, ours, trl, ...):
   ours  `python finetune_generative.py --max-steps N --log-every 1 --eval-every 0 --save-every 0`, unmodified:
