@@ -6,6 +6,7 @@ Pairs are prepared by prepare_data.py from JSON lines with the tiny tokenizer; e
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -342,3 +343,11 @@ def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_
 
     assert answers_in_style(tiny_model_dir) == 0
     assert answers_in_style(out) >= len(val) // 4  # 9 of 16 measured
+    # the function evaluation code reuses: per-pair log-probabilities of a split, for any model
+    from finetune.distributed import DistInfo
+
+    dataset = PackedPairDataset.from_data_dir(data, "val", BLOCK, load_meta(data))
+    tables = [preference.logps_table(load_fp32_model(folder), dataset, 8, contextlib.nullcontext(),
+                                     torch.device("cpu"), DistInfo()) for folder in (tiny_model_dir, out)]
+    ratios = tables[1] - tables[0]
+    assert float(np.mean(ratios[:, 0] > ratios[:, 1])) == pytest.approx(evals[-1]["val_rewards_accuracy"])

@@ -132,9 +132,11 @@ def adapter_off(model):
     return disable() if disable is not None else contextlib.nullcontext()
 
 
-def reference_table(model, dataset, batch_size: int, ctx, device, dist_info: DistInfo) -> np.ndarray:
-    """The reference log-probabilities of every pair of one split, float64 (pairs, 2), NaN for a skipped pair:
-    each process scores every world_size-th block, then the tables are summed."""
+def logps_table(model, dataset, batch_size: int, ctx, device, dist_info: DistInfo, adapter: bool = True) -> np.ndarray:
+    """(log pi(chosen), log pi(rejected)) of every pair of a PackedPairDataset, float64 (pairs in the split, 2),
+    NaN for a skipped pair, in eval mode (`adapter` False: a LoRA model's base). Each process scores every
+    world_size-th block, then the tables are summed. Evaluation code (preference accuracy) can call it with
+    any model and DistInfo() for one process."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -144,12 +146,11 @@ def reference_table(model, dataset, batch_size: int, ctx, device, dist_info: Dis
     was_training = inner.training
     inner.eval()
     try:
-        with torch.no_grad(), adapter_off(inner):
+        with torch.no_grad(), contextlib.nullcontext() if adapter else adapter_off(inner):
             for batch in DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False):
                 with ctx:
                     logps, held = pair_logps(inner, batch, device)
-                numbers = batch["pairs"].to(device)[held]
-                table[numbers] = logps[held].double()
+                table[batch["pairs"].to(device)[held]] = logps[held].double()
     finally:
         inner.train(was_training)
     all_reduce_sum(table, dist_info)
@@ -158,6 +159,11 @@ def reference_table(model, dataset, batch_size: int, ctx, device, dist_info: Dis
     skipped[dataset.packing.numbers] = False
     table[skipped] = np.nan
     return table
+
+
+def reference_table(model, dataset, batch_size: int, ctx, device, dist_info: DistInfo) -> np.ndarray:
+    """The reference log-probabilities of one split: the starting model's (under LoRA, the base's)."""
+    return logps_table(model, dataset, batch_size, ctx, device, dist_info, adapter=False)
 
 
 # -----------------------------------------------------------------------------
