@@ -36,13 +36,13 @@ from .packing import CHUNK_TOKENS, IGNORE_INDEX, TARGET_BIT, best_fit_decreasing
 from .tokenfiles import SPLIT_FILES
 
 REJECTED_BIT = 4
-MIN_BLOCK = 4  # one prompt token and one completion token per sequence
+MIN_PAIR_TOKENS = 2  # one completion token per sequence (a prompt can merge whole into its completions)
 log = logging.getLogger("finetune")
 
 
 def pairs_per_block(block_size: int) -> int:
-    """The most pairs a block can hold (each sequence at least one prompt and one completion token)."""
-    return max(1, block_size // MIN_BLOCK)
+    """The most pairs a block can hold."""
+    return max(1, block_size // MIN_PAIR_TOKENS)
 
 
 @dataclass(frozen=True)
