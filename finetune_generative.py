@@ -38,7 +38,6 @@ from finetune.errors import (
     raise_if_problems,
 )
 from finetune.fsdp import clip_gradients, no_gradient_sync
-from finetune.loss import forward_loss, trained_tokens_of_step
 from finetune.preflight import (
     MemoryPlan,
     Preflight,
@@ -137,25 +136,22 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     """One optimizer step over the micro-batches of `window` (`window_samples` sequences in all):
     (loss, grad norm, whether to stop after it).
 
-    The loss of a step is the mean over all its predicted tokens: each micro-batch is weighted by its share
-    of the predictions, so a short last micro-batch of an epoch counts per token, not per batch. Chat data:
-    the mean over the step's trained tokens (finetune/loss.py, trained_tokens_of_step).
+    The loss of a step is the objective's mean over the whole step (text: over its predictions; chat: over
+    its trained tokens; preference: over its pairs): each micro-batch's loss is weighted by the share the
+    objective gives it (finetune/objectives/).
     """
     import torch
 
     cfg, model, device, dist_info, scaler = run.cfg, run.model, run.device, run.dist_info, run.scaler
-    window_predictions = window_samples * (run.plan.block_size - 1)
-    # chat data: each micro-batch's loss is a sum over its trained tokens, divided by those of the whole step
-    # (x processes: DDP averages the gradients); a micro-batch with none adds 0
-    step_targets = trained_tokens_of_step(window, device, dist_info) if "position_ids" in window[0] else None
+    shares = run.objective.micro_batch_shares(window, window_samples, run.plan.block_size, device, dist_info)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(window):
         # Gradients are all-reduced only on the last micro-step.
         sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else no_gradient_sync(model)
         with sync:
             with run.ctx:
-                loss, predictions = forward_loss(model, batch, device)
-            share = predictions / window_predictions if step_targets is None else dist_info.world_size / step_targets
+                loss = run.objective.loss(model, batch, device)
+            share = shares[i]
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)

@@ -53,6 +53,7 @@ from pathlib import Path
 from finetune.chat import FORMAT_FLAG_VALUES, choose_template, describe
 from finetune.console import human_bytes
 from finetune.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
+from finetune.objectives import data_kind
 from finetune.outdir import claimed_output_files, existing_outputs_problems
 from finetune.prepare.chatstream import ChatRun, chat_renderer
 from finetune.prepare.cuts import make_cutter
@@ -112,9 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     chat = parser.add_argument_group("chat and instruction records (docs/chat.md)")
     chat.add_argument("--chat-format", choices=FORMAT_FLAG_VALUES, default="auto",
                       help="auto: detected from the fields (messages; prompt + completion; instruction + output; "
-                           "else plain text from --text-field); messages: every chat record as a conversation "
+                           "prompt + chosen + rejected: preference pairs for DPO, docs/preference.md; else plain "
+                           "text from --text-field); messages: every chat record as a conversation "
                            "(prompt/completion and instruction records become turns); prompt_completion, "
-                           "instruction: insist on that format; text: every record as plain text (default: %(default)s)")
+                           "instruction, preference: insist on that format; text: every record as plain text "
+                           "(default: %(default)s)")
     chat.add_argument("--chat-template", default=None, metavar="FILE",
                       help="Jinja chat template to render conversations with, instead of the tokenizer's own "
                            "(or, for a tokenizer without one, the default template of docs/chat.md)")
@@ -187,7 +190,8 @@ def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float,
     where = f"{len(ranges)} range(s) inside the text" if ranges else "--val-input"
     # The rate is over the tokenizing alone: on a small input start-up (imports, tokenizer) dominates the
     # total, and an end-to-end MB/s would be misleading there.
-    written = "train.bin, val.bin, train.mask.bin, val.mask.bin, meta.json" if "chat" in meta else \
+    packed = data_kind(meta) != "text"  # chat examples or preference pairs: ids + masks, packed whole
+    written = "train.bin, val.bin, train.mask.bin, val.mask.bin, meta.json" if packed else \
         "train.bin, val.bin, meta.json"
     print(f"wrote {out_dir}/{written} ({meta['dtype']}): {human_bytes(mb * 1e6)} of input "
           f"tokenized in {tokenize_seconds:.1f} s ({mb / max(tokenize_seconds, 1e-9):.1f} MB/s); "
@@ -199,7 +203,7 @@ def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float,
         extra = f", from {where}" if split == "val" else ""
         print(f"  {split:5s} {tokens[split]:>14,} tokens {chars[split]:>14,} chars  {per:.2f} chars/token{extra}")
     s = settings
-    if "chat" in meta:  # whole examples packed into blocks: the count depends on the packing
+    if packed:  # whole examples packed into blocks: the count depends on the packing
         print(f"  block size {s.block_size}: {-(-tokens['train'] // s.block_size):,} or more blocks per epoch "
               f"(examples are packed whole, the rest of a block is padding); validation: "
               f"{-(-tokens['val'] // s.block_size):,} or more")
@@ -238,6 +242,9 @@ def main(argv=None):
         raise UserError(f"{flag} is for chat records, but the input is plain text (no record has 'messages', "
                         "'prompt' + 'completion' or 'instruction' + 'output'). HINT: leave out the flag, or pass "
                         "--chat-format to say how to read the records")
+    if chat_format == "preference" and settings.train_on_everything:
+        raise UserError("--train-on-everything is for chat records; preference pairs score their completions "
+                        "only. HINT: leave out the flag")
     template = choose_template(None, settings.chat_template) if settings.chat_template else None  # file errors now
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own threads
@@ -256,7 +263,10 @@ def main(argv=None):
         chat = ChatRun(chat_format, renderer.template)
         how = "prompt + completion + end token, no template text" if chat_format == "prompt_completion" else \
             f"rendered with {describe(renderer.template)}"
-        print(f"chat records ({chat_format}): {how}", file=sys.stderr)
+        if chat_format == "preference":
+            how = f"TRL's tokens: standard pairs joined as prompt + completion + end token, conversational ones {how}"
+        print(f"{'preference pairs' if chat_format == 'preference' else 'chat records'} ({chat_format}): {how}",
+              file=sys.stderr)
 
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     tokenize_started = time.time()

@@ -103,7 +103,7 @@ def apply_patches(fg) -> None:
         def hf_next_token_loss(logits, input_ids, rows_per_chunk=64):
             return ForCausalLMLoss(logits, input_ids, vocab_size=logits.shape[-1])
 
-        patch(loss, "next_token_loss", hf_next_token_loss)  # what forward_loss (training and evaluation) calls
+        patch(loss, "next_token_loss", hf_next_token_loss)  # what the text objective calls (training and evaluation)
     if "loop_adamw" in PATCHES:
         original_make_optimizer = models.make_optimizer
 

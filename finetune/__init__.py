@@ -18,7 +18,10 @@ only the ones listed before it:
                   reading the splits back (reassemble: the inverse of the split)
     data          token files for PyTorch (memmap dataset, resumable sampler); dataset.py re-exports it
     packing       chat data: whole examples packed into blocks, labels, restarting positions
+    pairs         preference data: pairs packed into blocks as two sequences each, slots, the reference
     loss          next-token loss, validation loss
+    objectives/   what a run trains, one module each (text, chat, preference/DPO) behind one interface the
+                  loop, preflight, build and evaluation ask; chosen by meta.json
     metrics       metrics.jsonl, loss.png
     trackers      --report-to: TensorBoard, MLflow, trackio, W&B (local, optional packages)
     models        the one tokenizer/config/model loader; dropout, GELU fusion, optimizer; ModelFiles (how a

@@ -50,7 +50,6 @@ def build_run(cfg: TrainConfig, preflight: Preflight, resume: Resume | None, scr
     import torch
 
     from .models import make_optimizer
-    from .packing import is_chat
     from .plan import make_scheduler
     from .runtime import autocast_context, seed_everything
     from .training import make_loaders
@@ -64,7 +63,8 @@ def build_run(cfg: TrainConfig, preflight: Preflight, resume: Resume | None, scr
         model_files = fsdp.ShardedModelFiles(preflight.tokenizer, dist_info)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
-    train_loader, sampler, val_loader = make_loaders(cfg, preflight.meta, plan, device, dist_info)
+    train_loader, sampler, val_loader = make_loaders(cfg, preflight.meta, plan, device, dist_info,
+                                                     preflight.objective)
     if cfg.compile:
         model = torch.compile(model)
     if dist_info.enabled and not cfg.fsdp:
@@ -75,9 +75,10 @@ def build_run(cfg: TrainConfig, preflight: Preflight, resume: Resume | None, scr
                       scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                       ctx=autocast_context(device, precision), device=device, dist_info=dist_info, plan=plan,
                       train_loader=train_loader, sampler=sampler, val_loader=val_loader,
-                      fingerprints=preflight.fingerprints, chat=is_chat(preflight.meta))
+                      fingerprints=preflight.fingerprints, objective=preflight.objective)
     if resume:
         resume_run(run, resume)
+    run.objective.start(run, resume)  # anything computed once before step 0 (DPO: the reference)
     return run
 
 

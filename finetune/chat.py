@@ -33,14 +33,15 @@ import numpy as np
 
 from .errors import UserError, first_line
 
-CHAT_FORMATS = ("messages", "prompt_completion", "instruction")
+CHAT_FORMATS = ("messages", "prompt_completion", "instruction", "preference")
 FORMAT_FLAG_VALUES = ("auto", *CHAT_FORMATS, "text")  # --chat-format; "text": plain records (--text-field)
 FORMAT_FIELDS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
-                 "instruction": ("instruction", "output")}
+                 "instruction": ("instruction", "output"), "preference": ("chosen", "rejected")}
 FORMAT_NAMES = {"messages": "a conversation (messages)", "prompt_completion": "prompt/completion",
-                "instruction": "instruction/input/output"}
+                "instruction": "instruction/input/output",
+                "preference": "a preference pair (prompt/chosen/rejected)"}
 ROLES = ("system", "user", "assistant")
-TRAIN, START = 1, 2  # mask bits
+TRAIN, START, REJECTED = 1, 2, 4  # mask bits (REJECTED: preference pairs, finetune/pairs.py)
 
 # The template for tokenizers without one (GPT-2). It adds no token to the vocabulary: role headers are
 # plain text ("User:\n") and the end-of-text token ends every turn, so the model learns to stop after a
@@ -79,7 +80,10 @@ PROBE = [{"role": "system", "content": "You are brief."}, {"role": "user", "cont
 
 
 def format_of(obj: dict) -> str | None:
-    """The chat format a record's fields say it is in, or None (a plain text record)."""
+    """The chat format a record's fields say it is in, or None (a plain text record). A record with "chosen"
+    or "rejected" is a preference pair (one that lacks a field is refused when it is read)."""
+    if "chosen" in obj or "rejected" in obj:
+        return "preference"
     for fmt, names in FORMAT_FIELDS.items():
         if all(name in obj for name in names):
             return fmt
@@ -124,7 +128,7 @@ class FormatChooser:
 
 
 def fields_help() -> str:
-    return "'messages', 'prompt' + 'completion', or 'instruction' + 'output'"
+    return "'messages', 'prompt' + 'completion', 'instruction' + 'output', or 'prompt' + 'chosen' + 'rejected'"
 
 
 # -----------------------------------------------------------------------------
@@ -144,8 +148,23 @@ class PromptCompletion:
     completion: str
 
 
+@dataclass
+class PreferencePair:
+    """A prompt and two completions, the chosen one preferred: strings (TRL's standard format) or, when
+    `conversational`, message lists (the prompt's turns; the completions' assistant turns)."""
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
 def example_of(obj: dict, fmt: str, where: str, as_messages: bool = False) -> Conversation | PromptCompletion:
     """The example a record holds, read as `fmt`; as_messages turns prompt/completion into turns."""
+    if fmt == "preference":
+        return preference_pair(obj, where)
     if fmt == "messages":
         return conversation(obj["messages"], where, "messages")
     if fmt == "instruction":
@@ -164,6 +183,72 @@ def example_of(obj: dict, fmt: str, where: str, as_messages: bool = False) -> Co
         return Conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
                             [False, True])
     return PromptCompletion(prompt, completion)
+
+
+def preference_pair(obj: dict, where: str) -> PreferencePair:
+    """TRL's preference formats: standard (prompt, chosen and rejected strings) or conversational (prompt a
+    list of messages, chosen and rejected the assistant turn(s); or, without a prompt, chosen and rejected
+    whole conversations that differ only in their last assistant turns). Every field present and not empty,
+    one style in the record, completions of assistant turns, and two different completions."""
+    missing = [name for name in ("chosen", "rejected") if is_empty(obj.get(name))]
+    conversational = isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list) or \
+        isinstance(obj.get("prompt"), list)
+    if "prompt" in obj or not conversational:
+        missing = [name for name in ("prompt", "chosen", "rejected") if is_empty(obj.get(name))]
+    if missing:
+        raise UserError(f"{where}: the preference pair has {'no or an empty ' + ' and no '.join(map(repr, missing))} "
+                        "field. HINT: each pair needs a prompt, a chosen and a rejected completion, none of them "
+                        "empty (docs/preference.md)")
+    if not conversational:
+        pair = PreferencePair(*(text_field(obj, name, where) for name in ("prompt", "chosen", "rejected")))
+    elif "prompt" not in obj:
+        pair = implicit_prompt_pair(obj, where)
+    else:
+        styles = {name: "a list of messages" if isinstance(obj[name], list) else json_kind(obj[name])
+                  for name in ("prompt", "chosen", "rejected")}
+        if len(set(styles.values())) > 1:
+            raise UserError(f"{where}: the pair mixes formats ({', '.join(f'{k} is {v}' for k, v in styles.items())})."
+                            " HINT: give prompt, chosen and rejected all as strings (standard) or all as lists of "
+                            "messages (conversational)")
+        pair = PreferencePair(conversation(obj["prompt"], where, "prompt").messages,
+                              assistant_turns(obj["chosen"], where, "chosen"),
+                              assistant_turns(obj["rejected"], where, "rejected"))
+    if pair.chosen == pair.rejected:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same, so the pair prefers nothing. HINT: fix or "
+                        "drop the pair; a preference pair needs two different completions")
+    return pair
+
+
+def is_empty(value) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def assistant_turns(messages, where: str, name: str) -> list[dict]:
+    """A completion of a conversational pair: assistant messages only."""
+    checked = conversation(messages, where, name).messages
+    for i, message in enumerate(checked):
+        if message["role"] != "assistant":
+            raise UserError(f"{where}: {name}[{i}] has the role {message['role']!r}, but a completion is what the "
+                            "assistant says. HINT: put the user's and system's turns in 'prompt', and only "
+                            f"assistant turns in {name!r}")
+    return checked
+
+
+def implicit_prompt_pair(obj: dict, where: str) -> PreferencePair:
+    """chosen and rejected as whole conversations: the prompt is what precedes their last assistant turn, and
+    must be the same in both."""
+    chosen, rejected = (conversation(obj[name], where, name).messages for name in ("chosen", "rejected"))
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message of {name!r} has the role {messages[-1]['role']!r}, not "
+                            "assistant, so it holds no completion. HINT: end chosen and rejected with the "
+                            "assistant's answer, or give the prompt as its own 'prompt' field")
+    if chosen[:-1] != rejected[:-1]:
+        at = next(i for i, (a, b) in enumerate(zip(chosen + [None], rejected + [None])) if a != b)
+        raise UserError(f"{where}: the prompts of 'chosen' and 'rejected' differ (at message {at}), so the two "
+                        "answers do not reply to the same conversation. HINT: make every message but the last "
+                        "assistant turn the same in both, or give the shared prompt as its own 'prompt' field")
+    return PreferencePair(chosen[:-1], chosen[-1:], rejected[-1:])
 
 
 def text_field(obj: dict, name: str, where: str, optional: bool = False) -> str:
@@ -323,6 +408,7 @@ class ChatRenderer:
         self.is_end[ends] = True
         self.counts = ChatCounts()
         self.decode = tokenizer.decode
+        self.first_pair: tuple[bool, str] | None = None  # (conversational, where) of the run's first pair
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_many(texts)]
@@ -349,8 +435,10 @@ class ChatRenderer:
             self.render(Conversation(probe, [m["role"] == "assistant" for m in probe]), where)
         self.counts = ChatCounts()
 
-    def render(self, example: Conversation | PromptCompletion, where: str) -> Rendered | None:
+    def render(self, example: Conversation | PromptCompletion | PreferencePair, where: str) -> Rendered | None:
         """The example's ids and mask; None (counted) when it has no assistant turn or nothing to train."""
+        if isinstance(example, PreferencePair):
+            return self.preference_pair(example, where)
         if isinstance(example, PromptCompletion):
             text, ids, targets = self.prompt_completion(example)
         elif not any(example.trained):
@@ -380,6 +468,46 @@ class ChatRenderer:
         targets = np.zeros(len(ids), dtype=bool)
         targets[start:] = True
         return text, ids, targets
+
+    def preference_pair(self, pair: PreferencePair, where: str) -> Rendered:
+        """TRL's tokens of a pair: prompt, prompt + chosen and prompt + rejected tokenized whole (the end token
+        after a string completion, the template's own after a conversational one); the prompt is where the
+        three part, the completions the rest. Stored once each: prompt, chosen, rejected (finetune/pairs.py)."""
+        self.hold_pair_style(pair, where)
+        if pair.conversational:
+            texts = [*self.render_texts([pair.prompt], where, add_generation_prompt=True),
+                     *self.render_texts([pair.prompt + pair.chosen, pair.prompt + pair.rejected], where,
+                                        add_generation_prompt=False)]
+        else:
+            texts = [pair.prompt] + [pair.prompt + c + ("" if c.endswith(self.eos_text) else self.eos_text)
+                                     for c in (pair.chosen, pair.rejected)]
+        prompt, with_chosen, with_rejected = self.encode(texts)
+        start = min(common_prefix(prompt, with_chosen), common_prefix(prompt, with_rejected))
+        chosen, rejected = with_chosen[start:], with_rejected[start:]
+        if np.array_equal(chosen, rejected):
+            raise UserError(f"{where}: 'chosen' and 'rejected' give the same tokens, so the pair prefers nothing. "
+                            "HINT: fix or drop the pair; a preference pair needs two different completions")
+        if len(chosen) == 0 or len(rejected) == 0:
+            raise UserError(f"{where}: a completion gives no token of its own after the prompt. HINT: check that "
+                            "'chosen' and 'rejected' each add text after the prompt")
+        if start < len(prompt):
+            self.counts.prompt_merged += 1
+        mask = np.zeros(start + len(chosen) + len(rejected), dtype=np.uint8)
+        mask[start:] = TRAIN
+        mask[start + len(chosen):] |= REJECTED
+        mask[0] |= START
+        ids = np.concatenate([with_chosen[:start], chosen, rejected]).astype(np.uint32)
+        return Rendered(ids, mask, texts[1] + texts[2][len(texts[0]):])
+
+    def hold_pair_style(self, pair: PreferencePair, where: str) -> None:
+        """One run reads pairs of one style: standard (strings) or conversational (messages)."""
+        if self.first_pair is None:
+            self.first_pair = (pair.conversational, where)
+        elif self.first_pair[0] != pair.conversational:
+            style = {True: "conversational (messages)", False: "standard (strings)"}
+            raise UserError(f"{where}: this pair is {style[pair.conversational]}, but {self.first_pair[1]} is "
+                            f"{style[self.first_pair[0]]}; one run takes one format. HINT: prepare them separately, "
+                            "or write every pair in one format")
 
     def conversation(self, example: Conversation, where: str) -> tuple[str, np.ndarray, np.ndarray]:
         """Each trained turn runs from the end of its generation prompt to the end of the conversation up

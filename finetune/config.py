@@ -152,6 +152,14 @@ class LoRA:
 
 
 @dataclass
+class Preference:
+    """preference tuning (data of prompt/chosen/rejected pairs; docs/preference.md)"""
+
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the model may move from the starting model (the reference); higher keeps it closer"""
+
+
+@dataclass
 class RunControl:
     """run control"""
 
@@ -176,11 +184,11 @@ class RunControl:
 
 
 # --help order. dataclasses take the fields of the last base first, hence TrainConfig's bases in reverse.
-GROUPS = (ModelAndData, Schedule, Optimization, Runtime, Logging, Samples, LoRA, RunControl)
+GROUPS = (ModelAndData, Schedule, Optimization, Runtime, Logging, Samples, LoRA, Preference, RunControl)
 
 
 @dataclass
-class TrainConfig(RunControl, LoRA, Samples, Logging, Runtime, Optimization, Schedule, ModelAndData):
+class TrainConfig(RunControl, Preference, LoRA, Samples, Logging, Runtime, Optimization, Schedule, ModelAndData):
     """Every setting of a run, as one flat object (the groups above hold the fields and their help)."""
 
 
@@ -188,7 +196,7 @@ class TrainConfig(RunControl, LoRA, Samples, Logging, Runtime, Optimization, Sch
 RESUME_MUST_MATCH = ("model", "block_size", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                      "weight_decay", "beta1", "beta2", "warmup_steps", "warmup_ratio", "scheduler",
                      "max_grad_norm", "dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_target_modules")
+                     "lora_target_modules", "dpo_beta")
 # About this invocation only (the run-control group, and how much memory this machine has): a resume takes
 # them from the command line, never from the checkpoint.
 RUN_CONTROL = {f.name for f in dataclasses.fields(RunControl)} | {"device_memory_gib"}
@@ -234,7 +242,7 @@ def validate_config(cfg: TrainConfig) -> list[str]:
               "save_every": (False, True), "save_total_limit": (True, True), "early_stopping_patience": (True, False),
               "sample_every": (True, False), "sample_max_new_tokens": (False, False), "num_workers": (False, True),
               "weight_decay": (False, True), "max_grad_norm": (False, True), "warmup_steps": (True, True),
-              "device_memory_gib": (True, False), "nproc": (True, False)}
+              "device_memory_gib": (True, False), "nproc": (True, False), "dpo_beta": (False, False)}
     for name, (allow_none, allow_zero) in limits.items():
         positive(name, allow_none, allow_zero)
     if cfg.block_size is not None and cfg.block_size == 1:

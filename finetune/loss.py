@@ -129,20 +129,6 @@ def chunked_target_loss_function():
     return ChunkedTargetLossSum
 
 
-def forward_loss(model, batch, device):
-    """(loss, predictions it is over) of one micro-batch. Plain text: the mean over every next-token
-    prediction. Chat (the batch has position_ids): the sum over the trained tokens, with positions that
-    restart at each packed example and no attention mask, so transformers builds the block-diagonal one."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    if "position_ids" not in batch:  # use_cache=False: GPT-2's config asks for a cache training never reads
-        loss = next_token_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-        return loss, input_ids.shape[0] * (input_ids.shape[1] - 1)
-    labels = batch["labels"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    return target_loss_sum(logits, labels), count_targets(batch["labels"])
-
-
 def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
     """The trained tokens of a whole optimizer step, all micro-batches of all processes (at least 1): what
     each micro-batch's loss sum is divided by, as transformers.Trainer's num_items_in_batch."""
@@ -154,9 +140,9 @@ def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
     return max(count.item(), 1.0)
 
 
-def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=None) -> float | None:
-    """Mean next-token loss over the validation blocks (chat: over their trained tokens), summed exactly
-    across processes.
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, objective, should_stop=None) -> float | None:
+    """The objective's mean loss over the validation blocks (text: over their predictions; chat: over their
+    trained tokens; preference: over their pairs), summed exactly across processes.
 
     `should_stop()` (a stop request: Ctrl-C, SIGTERM) is asked between batches, on every process together (one
     small all-reduce per batch), so a stop takes effect within one batch: the evaluation then returns None.
@@ -165,7 +151,8 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=No
 
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted (chat: trained) tokens
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, the units it is over
+    objective.begin_eval()
     try:
         with torch.no_grad():
             batches = iter(val_loader)
@@ -184,10 +171,9 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=No
                 if batch is None:
                     continue
                 with ctx:
-                    loss, n_predictions = forward_loss(model, batch, device)
-                is_sum = "position_ids" in batch  # chat: a sum over the trained tokens already
-                totals[0] += loss.double() if is_sum else loss.double() * n_predictions
-                totals[1] += n_predictions
+                    loss_sum, units = objective.eval_sums(model, batch, device)
+                totals[0] += loss_sum
+                totals[1] += units
     finally:
         model.train(was_training)
     all_reduce_sum(totals, dist_info)

@@ -44,10 +44,6 @@ CHUNK_TOKENS = 1 << 24  # tokens read at a time while scanning the mask files
 log = logging.getLogger("finetune")
 
 
-def is_chat(meta: dict) -> bool:
-    return isinstance(meta.get("chat"), dict)
-
-
 @dataclass(frozen=True)
 class Packing:
     """Which examples go into which block, as offsets (no token is copied)."""
@@ -83,7 +79,7 @@ def open_mask(data_dir: str | os.PathLike, split: str, num_tokens: int) -> np.me
     path = mask_path(data_dir, split)
     hint = f"HINT: run `python prepare_data.py --output-dir {data_dir}` again to recreate the data folder"
     if not path.is_file():
-        raise DataError(f"{path} is missing, but meta.json says this is chat data, whose loss mask it holds. {hint}")
+        raise DataError(f"{path} is missing, but meta.json says this is chat (or preference) data, whose mask it holds. {hint}")
     size = path.stat().st_size
     if size != num_tokens:
         raise DataError(f"{path} holds {size} bytes but {SPLIT_FILES[split]} holds {num_tokens} tokens (one mask "

@@ -14,6 +14,7 @@ from .checkpoints import check_resume_compatible, load_resume_checkpoint
 from .config import RESUME_MUST_MATCH, RUN_CONTROL, TrainConfig, validate_config
 from .distributed import DistInfo
 from .errors import UserError, raise_if_problems
+from .objectives import Objective
 from .plan import Plan, extend_plan, make_plan
 from .rundir import output_dir_overlaps
 from .trackers import check_report_to
@@ -59,6 +60,7 @@ class Preflight:
     plan: Plan
     fingerprints: dict                # data, tokenizer (and LoRA base) fingerprints a resume is checked against
     lora_counts: dict | None          # parameter counts of the adapters (lora.check_on_meta_model), LoRA runs only
+    objective: Objective              # what the data asks to train: text, chat, preference (finetune/objectives/)
 
 
 def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo, resume: Resume | None) -> Preflight:
@@ -66,7 +68,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     load; raises one UserError listing every problem."""
     from .data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
     from .models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
-    from .packing import is_chat, packed_blocks
+    from .objectives import objective_for
 
     state = resume.state if resume else None
     try:
@@ -83,19 +85,20 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     if context and block_size > context:
         problems.append(f"--block-size {block_size} is longer than the model's context of {context} tokens "
                         f"(HINT: use --block-size {context} or less)")
-    chat = is_chat(meta)
-    if chat:  # the template trained with goes into every tokenizer saved (checkpoints, best/, the final model)
-        tokenizer.chat_template = meta["chat"]["template"]
+    objective = objective_for(meta, cfg)
+    objective.prepare_tokenizer(tokenizer, meta)
     try:
-        blocks = packed_blocks(cfg.data_dir, meta, block_size) if chat else None
+        blocks = objective.packed_blocks(cfg.data_dir, meta, block_size)
     except DataError as exc:
         raise UserError(str(exc)) from None
     world_size = cfg.nproc or dist_info.world_size  # --nproc: the processes --dry-run plans for
     plan = make_plan(cfg, meta, block_size, world_size, blocks)
-    problems += data_size_problems(meta, plan, block_size, world_size, chat)
+    problems += objective.data_size_problems(meta, plan, block_size, world_size)
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
-                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "objective": objective.kind}
+    problems += objective.problems_with(cfg)
     if state is not None:
+        problems += objective.resume_problems(state)
         extendable = ("max_steps", "epochs") if cfg.extend else ()
         given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
@@ -115,26 +118,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         if state is not None:
             problems += lora.resume_problems(state, fingerprints["base_fingerprint"], cfg.model)
     raise_if_problems(problems)
-    return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts)
-
-
-def data_size_problems(meta: dict, plan: Plan, block_size: int, world_size: int, chat: bool) -> list[str]:
-    """Too little data for a block per process, or no validation block."""
-    problems = []
-    if chat and plan.train_blocks < world_size:
-        problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with something "
-                        f"to train, fewer than the {world_size} process(es) (HINT: add examples with "
-                        "replies, or raise --block-size if they are longer than a block)")
-    if chat and plan.val_blocks == 0:
-        problems.append(f"the val split holds no example with a trained token in its first {block_size} tokens "
-                        "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
-    if not chat and (plan.train_blocks < world_size or plan.train_blocks == 0):
-        problems.append(f"the train split ({meta['splits']['train']['tokens']} tokens) holds no full block of "
-                        f"{block_size} tokens per process (HINT: lower --block-size or add text)")
-    if not chat and plan.val_blocks == 0:
-        problems.append(f"the val split ({meta['splits']['val']['tokens']} tokens) holds no full block of "
-                        f"{block_size} tokens (HINT: lower --block-size or raise prepare_data.py --val-fraction)")
-    return problems
+    return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts, objective)
 
 
 @dataclass

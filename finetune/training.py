@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .data import EpochShuffleSampler
+    from .objectives import Objective
 
 log = logging.getLogger("finetune")
 
@@ -83,18 +83,16 @@ def ignore_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: DistInfo):
+def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: DistInfo, objective: Objective):
     """(train loader, its resumable sampler, validation loader over the plan's evaluation blocks)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from .data import EpochShuffleSampler, TextDataset, validation_blocks
-    from .packing import PackedChatDataset, is_chat
+    from .data import EpochShuffleSampler, validation_blocks
 
-    # chat data: blocks of whole examples with labels and restarting positions (packing.py)
-    dataset = PackedChatDataset if is_chat(meta) else TextDataset
-    train_set = dataset.from_data_dir(cfg.data_dir, "train", plan.block_size, meta)
-    val_set = dataset.from_data_dir(cfg.data_dir, "val", plan.block_size, meta)
+    # the objective's blocks: text cut into blocks, or packed examples / pairs (finetune/objectives/)
+    train_set = objective.dataset(cfg.data_dir, "train", plan.block_size, meta)
+    val_set = objective.dataset(cfg.data_dir, "val", plan.block_size, meta)
     sampler = EpochShuffleSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank,
                                   num_replicas=dist_info.world_size)
     pin = device.type == "cuda"
@@ -142,7 +140,7 @@ class TrainingRun:
     progress: Progress = field(default_factory=Progress)
     metrics: list[dict] = field(default_factory=list)
     trackers: Trackers = field(default_factory=Trackers)  # --report-to; start_trackers() opens them
-    chat: bool = False         # chat data: samples are replies to the prompts, rendered with the chat template
+    objective: Objective = None  # what is trained: text, chat or preference (finetune/objectives/)
     batches: Any = None        # the iterator over this epoch's batches (its worker processes live as long as it)
 
     @property
@@ -151,6 +149,8 @@ class TrainingRun:
 
     # ---- metrics
     def record(self, record: dict) -> None:
+        if record["kind"] == "train":  # the objective's own statistics since the last record (DPO: rewards)
+            record = {**record, **self.objective.train_metrics(self.device, self.dist_info)}
         self.metrics.append(record)
         if self.dist_info.is_main:
             append_jsonl(self.output_dir / "metrics.jsonl", record)
@@ -169,7 +169,7 @@ class TrainingRun:
         """The validation loss, recorded (and best/ saved when it improved); None when a stop request ended
         the evaluation (within one batch; every process then stops, and nothing is recorded)."""
         progress = self.progress
-        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info,
+        val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info, self.objective,
                             should_stop=(lambda: stop.requested) if stop else None)
         if val_loss is None:  # the evaluation counted the requests of every process: all stop
             stop.agree(1)
@@ -180,27 +180,27 @@ class TrainingRun:
             progress.best_val_loss = val_loss
         if progress.step > 0:
             progress.evals_without_improvement = 0 if improved else progress.evals_without_improvement + 1
-        self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
-                     "tokens": progress.tokens_seen, "val_loss": val_loss,
-                     "val_perplexity": math.exp(min(val_loss, 50.0))})
+        record = {"kind": "eval", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+                  "val_loss": val_loss, **self.objective.eval_metrics(val_loss, self.device, self.dist_info)}
+        self.record(record)
         if improved:  # every rank knows: val_loss is summed across them
             best = self.output_dir / "best"
             try:
                 self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)
             except BaseException:  # a full disk: the line says so, never "saved" (the error follows)
-                self.log_evaluation(val_loss, " (best so far; saving it to best/ failed)")
+                self.log_evaluation(record, " (best so far; saving it to best/ failed)")
                 raise
         # Logged once best/ is saved, so that "saved to best/" is never a line ahead of the truth.
-        self.log_evaluation(val_loss, " (best so far, saved to best/)" if improved else "")
+        self.log_evaluation(record, " (best so far, saved to best/)" if improved else "")
         if self.dist_info.is_main:
             if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
                 plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
 
-    def log_evaluation(self, val_loss: float, note: str) -> None:
+    def log_evaluation(self, record: dict, note: str) -> None:
         if self.dist_info.is_main:
-            log.info("step %d: val loss %.4f, perplexity %.2f%s", self.progress.step, val_loss,
-                     math.exp(min(val_loss, 50.0)), note)
+            log.info("step %d: val loss %.4f, %s%s", record["step"], record["val_loss"],
+                     self.objective.describe_eval(record), note)
 
     def should_stop_early(self) -> bool:
         patience = self.cfg.early_stopping_patience
@@ -220,7 +220,7 @@ class TrainingRun:
         texts = sample_during_training(
             self.model, self.tokenizer, self.cfg.sample_prompts,
             max_new_tokens=self.cfg.sample_max_new_tokens, seed=self.cfg.seed, device=self.device, ctx=self.ctx,
-            chat=self.chat, should_stop=(lambda: stop.requested) if stop else None)
+            chat=self.objective.chat_samples, should_stop=(lambda: stop.requested) if stop else None)
         if not self.dist_info.is_main:
             return
         samples = [{"step": self.progress.step, "val_loss": val_loss, "prompt": prompt, "text": text}

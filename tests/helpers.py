@@ -345,3 +345,89 @@ def write_chat_data(folder: Path, tokenizer, train: list[list[dict]], val: list[
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs (DPO): JSON lines through prepare_data.py, what it stored, TRL's DPOTrainer beside it
+
+PAIR_BLOCK = 64  # --block-size of the pair folders (prepare_data.py's size check; the training runs choose theirs)
+
+
+def style_pairs(n: int, seed: int) -> list[dict]:
+    """Standard pairs whose chosen answers all end the same way (a style to learn), rejected ones not."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isascii()]
+
+    def text(low, high):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+
+    return [{"prompt": text(3, 8) + ":", "chosen": " " + text(1, 5) + " the captain said",
+             "rejected": " " + text(2, 7)} for _ in range(n)]
+
+
+def conversational_pairs(rows: list[dict]) -> list[dict]:
+    """The same pairs in TRL's conversational format: a user turn, assistant completions."""
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def prepare_pairs(folder: Path, model_dir, train: list[dict], val: list[dict]) -> Path:
+    """folder/data: the pairs through prepare_data.py (in this process), val as --val-input."""
+    import prepare_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data"
+    assert prepare_data.main(["--input", str(write_jsonl(folder / "train.jsonl", train)),
+                              "--val-input", str(write_jsonl(folder / "val.jsonl", val)),
+                              "--tokenizer", str(model_dir), "--output-dir", str(data),
+                              "--block-size", str(PAIR_BLOCK)]) is not None
+    return data
+
+
+def stored_pairs(data: Path, split: str = "train") -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids of each pair as prepare_data.py stored them, in file order."""
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    ids = np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+    mask = np.fromfile(data / f"{split}.mask.bin", dtype=np.uint8)
+    starts = [*np.flatnonzero(mask & 2).tolist(), len(ids)]
+    pairs = []
+    for a, b in zip(starts, starts[1:]):
+        m, t = mask[a:b], ids[a:b]
+        pairs.append((t[(m & 1) == 0].tolist(), t[(m & 5) == 1].tolist(), t[(m & 5) == 5].tolist()))
+    return pairs
+
+
+def load_fp32_model(model_dir):
+    """The model in fp32, eager attention, every dropout 0 (what reference computations compare against)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def trl_dpo_trainer(tmp_path, model_dir, train_rows, model=None, lr: float = 1e-2, **extra):
+    """TRL's DPOTrainer set as our DPO runs (sigmoid, beta 0.1, precomputed reference, every pair in each of 3
+    steps, constant lr, no weight decay, fused AdamW, clip 1.0, fp32) on `train_rows`; the model of
+    `model_dir`, or `model` (a peft model)."""
+    import pytest
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+        per_device_train_batch_size=len(train_rows), gradient_accumulation_steps=1, max_steps=3,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=3, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=False, max_length=None, **extra)
+    return trl.DPOTrainer(model=model if model is not None else load_fp32_model(model_dir), args=config,
+                          processing_class=AutoTokenizer.from_pretrained(model_dir),
+                          train_dataset=Dataset.from_list(train_rows))

@@ -113,13 +113,36 @@ def one_example(start: int, where: str, obj: dict, fmt: str, end: int, settings:
 
 
 def chat_meta(renderer: ChatRenderer, run: ChatRun, examples: dict, trained: dict) -> dict:
-    """meta.json's "chat" object (docs/chat.md, "Token files")."""
+    """meta.json's "chat" object (docs/chat.md, "Token files"), or for pairs its "preference" object
+    (docs/preference.md), as {key: object}."""
+    if run.format == "preference":
+        return {"preference": preference_meta(renderer, examples)}
     meta = {"format": run.format, "template": renderer.template.text, "template_source": renderer.template.source,
             "train_only_replies": not renderer.train_on_everything, "examples": dict(examples),
             "skipped": dict(renderer.counts.skipped), "trained_tokens": dict(trained)}
     if run.format == "prompt_completion":
         meta["prompt_tokens_merged"] = renderer.counts.prompt_merged
-    return meta
+    return {"chat": meta}
+
+
+def preference_meta(renderer: ChatRenderer, pairs: dict) -> dict:
+    conversational = bool(renderer.first_pair and renderer.first_pair[0])
+    return {"format": "conversational" if conversational else "standard",
+            "template": renderer.template.text if conversational else None,
+            "template_source": renderer.template.source if conversational else None,
+            "pairs": dict(pairs), "prompt_tokens_merged": renderer.counts.prompt_merged,
+            "mask_bits": {"completion": 1, "pair_start": 2, "rejected": 4}}
+
+
+def preference_notes(preference: dict) -> list[str]:
+    how = f"rendered with {describe(ChatTemplate(preference['template'], preference['template_source']))}" \
+        if preference["template"] else "prompt + completion + end token, as TRL joins them"
+    notes = [f"preference pairs ({preference['format']}, {how}): {preference['pairs']['train']:,} train and "
+             f"{preference['pairs']['val']:,} val pairs, whole pairs; each stored as prompt, chosen, rejected"]
+    if preference.get("prompt_tokens_merged"):
+        notes.append(f"in {preference['prompt_tokens_merged']:,} pair(s) the prompt's last token merges with the "
+                     "completions'; they start at that token, as in TRL")
+    return notes
 
 
 def check_examples(examples: dict, renderer: ChatRenderer, separate_val: bool, val_fraction: float) -> None:

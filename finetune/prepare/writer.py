@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import UserError, raise_if_write_failure
 from ..fsio import fsync_dir
 from ..tokenfiles import MASK_FILES, build_meta, write_meta
-from .chatstream import chat_notes
+from .chatstream import chat_notes, preference_notes
 from .engines import tokenizer_class
 from .piece import Piece
 from .settings import Settings
@@ -144,11 +144,12 @@ class Tally:
 
 def run_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sources: list[dict], split: dict,
              chat: dict | None = None) -> dict:
-    """This run's meta.json (tokenfiles.build_meta), with the chat facts or the records' (records_meta)."""
+    """This run's meta.json (tokenfiles.build_meta), with the chat facts ({"chat": ...} or {"preference":
+    ...}: chatstream.chat_meta) or the records' (records_meta)."""
     return build_meta(tokenizer, name_or_path=settings.tokenizer, tokenizer_class=tokenizer_class(tokenizer),
                       dtype=dtype, max_token_id=tally.max_id, tokens=tally.tokens, chars=tally.chars,
                       sources=sources, split=split, encoding=settings.encoding,
-                      **({"chat": chat} if chat else records_meta(settings.text_field, sources)))
+                      **(chat if chat else records_meta(settings.text_field, sources)))
 
 
 def records_meta(text_field: str, sources: list[dict]) -> dict:
@@ -182,7 +183,8 @@ def split_policy(settings: Settings, ranges, tally: Tally) -> dict:
 
 def input_notes(meta: dict) -> list[str]:
     """What the summary says about records (documents per split, skipped) and byte-order marks."""
-    notes = chat_notes(meta["chat"]) if "chat" in meta else []
+    notes = chat_notes(meta["chat"]) if "chat" in meta else \
+        preference_notes(meta["preference"]) if "preference" in meta else []
     records = meta.get("records")
     if records:
         why = ", ".join(f"{n:,} {reason}" for reason, n in records["skipped_by_reason"].items() if n)

@@ -1,0 +1,353 @@
+"""Preference tuning with DPO (issue 30): TRL's DPOTrainer as the reference (the same tokens, then losses,
+rewards, accuracy and weights step by step), the ln 2 guard at step 0 and a wrong reference caught by it,
+packed equals unpacked, exact resume on the saved reference, LoRA's reference (the base, adapter off).
+
+Pairs are prepared by prepare_data.py from JSON lines with the tiny tokenizer; everything runs on the CPU in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_generative as ft
+from finetune.data import load_meta
+from finetune.objectives import preference
+from finetune.pairs import PackedPairDataset
+from helpers import (
+    PAIR_BLOCK,
+    assert_one_line_error,
+    load_fp32_model,
+    prepare_pairs,
+    run_main,
+    stored_pairs,
+    style_pairs,
+    train_records,
+    trl_dpo_trainer,
+)
+
+LN2 = math.log(2.0)
+TOLERANCE = 1e-5
+LR = 1e-2
+BLOCK = PAIR_BLOCK
+N_TRAIN = 12
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return style_pairs(N_TRAIN, seed=1), style_pairs(4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory, tiny_model_dir, rows):
+    return prepare_pairs(tmp_path_factory.mktemp("pairs"), tiny_model_dir, *rows)
+
+
+def dpo_args(model_dir, data_dir, out, *extra) -> list[str]:
+    """Every pair in each step (one micro-batch holds all blocks), constant lr, no warmup, dropout 0, fp32."""
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--block-size", str(BLOCK), "--batch-size", "64", "--grad-accum", "1", "--max-steps", "3",
+            "--lr", str(LR), "--scheduler", "constant", "--warmup-steps", "0", "--weight-decay", "0",
+            "--dropout", "0", "--precision", "fp32", "--device", "cpu", "--num-workers", "0", "--log-every", "1",
+            "--eval-every", "0", "--save-every", "0", "--save-total-limit", "0", "--seed", "3", *map(str, extra)]
+
+
+# -----------------------------------------------------------------------------
+# TRL's DPOTrainer as the reference
+
+
+@pytest.mark.slow
+def test_three_steps_match_trl_dpotrainer(tmp_path, tiny_model_dir, pair_data, rows):
+    """Loss, rewards and accuracy at each of the first 3 steps within 1e-5 of DPOTrainer's (sigmoid, beta 0.1,
+    precomputed reference, fp32, dropout 0, constant lr, every pair in each step), and the weights after them:
+    our update and theirs agree to lr/10 in every element. Step 0 is ln 2."""
+    out = tmp_path / "ours"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out)) == 0
+    ours = train_records(out)
+    step0 = train_records(out, "eval")[0]
+    assert abs(step0["val_loss"] - LN2) <= 1e-6 and abs(ours[0]["loss"] - LN2) <= 1e-6
+
+    trainer = trl_dpo_trainer(tmp_path, tiny_model_dir, rows[0])
+    start = {name: t.detach().clone() for name, t in trainer.model.state_dict().items()}
+    trainer.train()
+    theirs = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/chosen" in entry]
+    assert len(ours) == len(theirs) == 3
+    for mine, their in zip(ours, theirs):
+        for key, trl_key in (("loss", "loss"), ("rewards_chosen", "rewards/chosen"),
+                             ("rewards_rejected", "rewards/rejected"), ("rewards_margin", "rewards/margins"),
+                             ("rewards_accuracy", "rewards/accuracies")):
+            assert mine[key] == pytest.approx(their[trl_key], abs=TOLERANCE), (mine["step"], key)
+    assert ours[-1]["rewards_accuracy"] > 0.5  # it learned something, so the comparison is not of zeros
+    our_weights = load_file(out / "model.safetensors")
+    for name, tensor in trainer.model.state_dict().items():
+        if name in our_weights:
+            ours_update, their_update = our_weights[name] - start[name], tensor - start[name]
+            assert (ours_update - their_update).abs().max().item() <= LR / 10, name
+
+
+# -----------------------------------------------------------------------------
+# The reference and the guard
+
+
+def test_wrong_reference_is_caught_at_step_zero(tmp_path, tiny_model_dir, pair_data, monkeypatch, capsys):
+    """A reference from another model than the one trained (here: the starting weights nudged) stops the run
+    with one line before any step."""
+    original = preference.reference_table
+
+    def from_another_model(model, *args, **kwargs):
+        with torch.no_grad():
+            weight = preference.unwrapped(model).get_input_embeddings().weight
+            nudge = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+            weight += nudge
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                weight -= nudge
+
+    monkeypatch.setattr(preference, "reference_table", from_another_model)
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, tmp_path / "out"), capsys)
+    assert_one_line_error(result, "not ln 2", "reference log-probabilities")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_reference_is_computed_once_and_read_back_on_resume(tmp_path, tiny_model_dir, pair_data, monkeypatch):
+    """Resume equals uninterrupted (bitwise), and the resumed run reads the reference the run kept instead of
+    computing it from the checkpoint (which is no longer the starting model)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "4", "--eval-every", "2"]
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, full, *args)) == 0
+    assert (full / preference.REFERENCE_FILE).is_file()
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, cut, *args[:1], "2", *args[2:])) == 0
+    computed = []
+    monkeypatch.setattr(preference, "reference_table", lambda *a, **k: computed.append(1))
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, cut, *args, "--resume", "--extend")) == 0
+    assert not computed
+    assert [r["loss"] for r in train_records(cut)] == [r["loss"] for r in train_records(full)]
+    for name, tensor in load_file(full / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(cut / "model.safetensors")[name]), name
+
+
+def test_resume_without_the_kept_reference_is_refused(tmp_path, tiny_model_dir, pair_data, capsys):
+    """Full fine-tuning: the checkpoint is no longer the starting model, so a lost reference file cannot be
+    recomputed from it; one line, nothing trained."""
+    out = tmp_path / "out"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--max-steps", 1)) == 0
+    (out / preference.REFERENCE_FILE).unlink()
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, out, "--max-steps", 2, "--resume", "--extend"),
+                      capsys)
+    assert_one_line_error(result, preference.REFERENCE_FILE, "missing", "--overwrite")
+    assert len(train_records(out)) == 1
+
+
+def test_fsdp_is_refused_for_pairs_before_loading(tmp_path, tiny_model_dir, pair_data, capsys):
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, tmp_path / "out", "--fsdp", "--dry-run"), capsys)
+    assert_one_line_error(result, "--fsdp does not train preference data")
+
+
+# -----------------------------------------------------------------------------
+# Packing
+
+
+def test_packed_pairs_have_the_logps_they_have_alone(tiny_model_dir, pair_data):
+    """A pair's log-probabilities in a block packed with others equal those of the pair alone, unpadded (the
+    positions restart and attention stays inside each sequence)."""
+    meta = load_meta(pair_data)
+    packed = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
+    assert np.diff(packed.packing.block_offsets).max() > 1  # blocks hold several pairs
+    model = load_fp32_model(tiny_model_dir).eval()
+    batch = torch.utils.data.default_collate([packed[i] for i in range(len(packed))])
+    with torch.no_grad():
+        logps, held = preference.pair_logps(model, batch, torch.device("cpu"))
+    by_number = dict(zip(batch["pairs"][held].tolist(), logps[held].tolist()))
+    assert sorted(by_number) == list(range(N_TRAIN))
+    for number, (prompt, chosen, rejected) in enumerate(stored_pairs(pair_data)):
+        for which, completion in enumerate((chosen, rejected)):
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            alone = log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
+            # a sum of ~20 fp32 log-probabilities of ~-3 each: rounding bounded relative to the sum
+            assert by_number[number][which] == pytest.approx(alone, rel=1e-6, abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_packed_training_equals_unpacked(tmp_path, tiny_model_dir, pair_data):
+    """Per-step loss within 1e-5 whether pairs share blocks (64 tokens) or each has its own (the longest pair's
+    length rounded up: one pair per block, as an unpacked batch)."""
+    meta = load_meta(pair_data)
+    longest = max(2 * len(p) + len(c) + len(r) for p, c, r in stored_pairs(pair_data))
+    alone = PackedPairDataset.from_data_dir(pair_data, "train", longest, meta)
+    assert len(alone) == N_TRAIN  # one pair per block
+    packed = ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "packed")) == 0
+    unpacked = ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "unpacked", "--block-size", longest)) == 0
+    assert packed and unpacked
+    for a, b in zip(train_records(tmp_path / "packed"), train_records(tmp_path / "unpacked"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE)
+
+
+def test_long_pairs_cut_from_the_left_and_identical_leftovers_skipped():
+    from finetune.pairs import fit_to_block, pack_pairs
+
+    prompt, chosen, rejected = np.array([10, 10, 1]), np.array([3, 30, 30]), np.array([2, 30, 30])
+    kept = fit_to_block(prompt, chosen, rejected, 32)
+    assert [k.tolist() for k in kept] == [[10, 1, 1], [3, 15, 15], [2, 15, 15]]
+    # two pairs whose completions agree on their first 15 tokens: the second is cut there, nothing to compare
+    tokens, mask = [], []
+    for completion_tail in ([6] * 30, [5] * 15 + [6] * 15):
+        ids = [7] + [5] * 30 + completion_tail
+        tokens += ids
+        mask += [2] + [1] * 30 + [5] * 30
+    packing = pack_pairs(np.array(tokens), np.array(mask, dtype=np.uint8), 32)
+    assert (packing.examples, packing.truncated, packing.skipped) == (2, 2, 1)
+
+
+# -----------------------------------------------------------------------------
+# Resume across objectives
+
+
+@pytest.mark.slow
+def test_pairs_refused_for_a_resume_of_a_text_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, pair_data, capsys):
+    out = tmp_path / "out"
+    text_run = dpo_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--batch-size", "2",
+                        "--block-size", "32")
+    assert ft.main(text_run) == 0
+    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, out, "--resume"), capsys)
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "preference data" in line and "trained on text data" in line and "HINT" in line
+
+
+# -----------------------------------------------------------------------------
+# Processes and LoRA
+
+
+@pytest.mark.slow
+def test_two_processes_train_pairs_like_one(tmp_path, tiny_model_dir, pair_data):
+    """torchrun, 2 processes x batch 2 against 1 process x batch 4 (the same blocks in each step): the pairs
+    of a step are counted over both ranks and the reference is computed in shares, so the losses, rewards and
+    the updates agree."""
+    from helpers import torchrun
+
+    steps = ("--max-steps", 2, "--eval-every", 1)
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "one", *steps, "--batch-size", 4)) == 0
+    result = torchrun(2, *dpo_args(tiny_model_dir, pair_data, tmp_path / "two", *steps, "--batch-size", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind, keys in (("train", ("loss", "rewards_chosen", "rewards_margin", "rewards_accuracy")),
+                       ("eval", ("val_loss", "val_rewards_chosen", "val_rewards_accuracy"))):
+        one, two = train_records(tmp_path / "one", kind), train_records(tmp_path / "two", kind)
+        assert len(one) == len(two) >= 2
+        for a, b in zip(one, two):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], abs=TOLERANCE), (kind, a["step"], key)
+    assert abs(train_records(tmp_path / "two", "eval")[0]["val_loss"] - LN2) <= 1e-6
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    w_one, w_two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert set(w_one) == set(w_two) and set(w_one) <= set(start)
+    for name in w_one:
+        assert ((w_two[name] - start[name]) - (w_one[name] - start[name])).abs().max().item() <= LR / 10, name
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, tiny_model_dir, pair_data):
+    """Under LoRA the reference is the base model (the adapter switched off): the kept reference equals the
+    base model's log-probabilities, step 0 is ln 2, and the run trains (the loss moves off ln 2)."""
+    out = tmp_path / "lora"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--lora-r", 4, "--lora-dropout", 0)) == 0
+    assert abs(train_records(out, "eval")[0]["val_loss"] - LN2) <= 1e-6
+    assert abs(train_records(out)[0]["loss"] - LN2) <= 1e-6 and train_records(out)[-1]["loss"] < LN2 - 1e-3
+    kept = np.load(out / preference.REFERENCE_FILE)["train"]
+    meta = load_meta(pair_data)
+    dataset = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logps, held = preference.pair_logps(load_fp32_model(tiny_model_dir).eval(), batch, torch.device("cpu"))
+    base = np.zeros_like(kept)
+    base[batch["pairs"][held].numpy()] = logps[held].double().numpy()
+    np.testing.assert_allclose(kept, base, rtol=1e-6, atol=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_lora_matches_trl_dpotrainer_with_peft(tmp_path, tiny_model_dir, pair_data, rows, monkeypatch):
+    """Under LoRA, against DPOTrainer given the same peft model (the same adapter at the start: ours,
+    captured as it was made): losses, rewards and accuracy of 3 steps within 1e-5, adapter updates within lr/10.
+    TRL's reference is then the base with the adapter disabled, as ours."""
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from finetune import lora
+
+    made = {}
+    to_lora = lora.to_lora
+
+    def keep_the_start(*args, **kwargs):
+        model, files = to_lora(*args, **kwargs)
+        made["config"] = copy.deepcopy(model.peft_config["default"])
+        made["adapter"] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return model, files
+
+    monkeypatch.setattr(lora, "to_lora", keep_the_start)
+    out = tmp_path / "ours"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out, "--lora-r", 4, "--lora-dropout", 0)) == 0
+    ours = train_records(out)
+
+    peft_model = get_peft_model(load_fp32_model(tiny_model_dir), made["config"])
+    set_peft_model_state_dict(peft_model, made["adapter"])
+    trainer = trl_dpo_trainer(tmp_path, tiny_model_dir, rows[0], model=peft_model)
+    trainer.train()
+    theirs = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/chosen" in entry]
+    assert len(ours) == len(theirs) == 3
+    for mine, their in zip(ours, theirs):
+        for key, trl_key in (("loss", "loss"), ("rewards_chosen", "rewards/chosen"),
+                             ("rewards_rejected", "rewards/rejected"), ("rewards_accuracy", "rewards/accuracies")):
+            assert mine[key] == pytest.approx(their[trl_key], abs=TOLERANCE), (mine["step"], key)
+    assert ours[-1]["loss"] < LN2 - 1e-3  # the adapter moved
+    our_adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    their_adapter = get_peft_model_state_dict(trainer.model)
+    assert set(our_adapter) == set(their_adapter) == set(made["adapter"])
+    for name, start in made["adapter"].items():
+        ours_update, their_update = our_adapter[name] - start, their_adapter[name].detach() - start
+        assert (ours_update - their_update).abs().max().item() <= LR / 10, name
+
+
+@pytest.mark.slow
+def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_model_dir):
+    """Every chosen answer ends "the captain said", no rejected one does: after 15 steps the held-out reward
+    accuracy is above 0.9 (0 at step 0: no pair is preferred yet) and greedy answers to held-out prompts use the
+    phrase, where the starting model's never do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    val = style_pairs(16, seed=2)
+    data = prepare_pairs(tmp_path, tiny_model_dir, style_pairs(48, seed=1), val)
+    out = tmp_path / "out"
+    assert ft.main(dpo_args(tiny_model_dir, data, out, "--max-steps", 15)) == 0
+    evals = train_records(out, "eval")
+    assert evals[0]["val_rewards_accuracy"] == 0.0 and evals[-1]["val_rewards_accuracy"] > 0.9
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def answers_in_style(folder) -> int:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        count = 0
+        for row in val:
+            ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+            with torch.no_grad():
+                answer = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+            count += "said" in tokenizer.decode(answer)
+        return count
+
+    assert answers_in_style(tiny_model_dir) == 0
+    assert answers_in_style(out) >= len(val) // 4  # 9 of 16 measured
+    # the function evaluation code reuses: per-pair log-probabilities of a split, for any model
+    from finetune.distributed import DistInfo
+
+    dataset = PackedPairDataset.from_data_dir(data, "val", BLOCK, load_meta(data))
+    tables = [preference.logps_table(load_fp32_model(folder), dataset, 8, contextlib.nullcontext(),
+                                     torch.device("cpu"), DistInfo()) for folder in (tiny_model_dir, out)]
+    ratios = tables[1] - tables[0]
+    assert float(np.mean(ratios[:, 0] > ratios[:, 1])) == pytest.approx(evals[-1]["val_rewards_accuracy"])
