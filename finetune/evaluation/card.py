@@ -101,7 +101,7 @@ def front_matter(run, final: dict | None) -> dict:
     cfg = run.cfg
     data_fp = run.fingerprints.get("data_fingerprint", "unknown")
     tags = ["finetune-generative", "text-generation", *(["lora"] if cfg.lora_r else []),
-            *(["chat"] if run.chat else [])]
+            *([run.objective.kind] if run.objective.kind != "text" else [])]
     matter = {"base_model": cfg.model, "library_name": "peft" if cfg.lora_r else "transformers",
               "pipeline_tag": "text-generation", "tags": tags, "datasets": [f"local-data-{data_fp}"]}
     if final is not None:
@@ -155,11 +155,12 @@ def model_card(run, report: dict, precision: str, wall_seconds: float | None) ->
     labels = [m["label"] for m in report["models"]]
     results = report["evaluations"][0]["results"] if report["evaluations"] else {}
     final = results[labels[-1]]["figures"] if labels else None
+    kind = f", {run.objective.kind} data" if run.objective.kind != "text" else ""
     lines = ["---", yaml.safe_dump(front_matter(run, final), sort_keys=False, allow_unicode=True).rstrip(), "---",
              MARKER, "", f"# {run.output_dir.name}", "",
              f"A fine-tune of `{cfg.model}` made with finetune_generative.py"
              f"{' (LoRA, merged into the base)' if cfg.lora_r else ''} on the token files in `{cfg.data_dir}` "
-             f"(data fingerprint `{run.fingerprints.get('data_fingerprint')}`{', chat data' if run.chat else ''}).",
+             f"(data fingerprint `{run.fingerprints.get('data_fingerprint')}`{kind}).",
              "", "## Training", "", "| setting | value |", "|---|---|"]
     rows = [("training blocks", f"{plan.train_blocks:,} of {plan.block_size} tokens"),
             ("validation blocks", f"{plan.val_blocks:,}"),

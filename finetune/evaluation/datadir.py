@@ -56,36 +56,36 @@ class ValSplitEvaluation:
 
     def blocks(self, context: int) -> tuple[int, int | None, int]:
         """(block size, validation blocks chosen (None: all), batch size), as the training run had them."""
-        from ..packing import is_chat, packed_blocks
+        from ..objectives import objective_for
         from ..plan import eval_blocks, make_plan
 
         cfg = self.run_cfg
         if cfg is None:
             return min(context, DEFAULT_BLOCK), None, self.batch_size
         block_size = cfg.block_size or min(context, DEFAULT_BLOCK)
-        blocks = packed_blocks(self.data_dir, self.meta, block_size) if is_chat(self.meta) else None
+        blocks = objective_for(self.meta, cfg).packed_blocks(self.data_dir, self.meta, block_size)
         plan = make_plan(cfg, self.meta, block_size, 1, blocks)
         return block_size, eval_blocks(cfg, plan), cfg.batch_size
 
     def run(self, scorer: Scorer) -> Result:
         from torch.utils.data import DataLoader, Subset
 
-        from ..data import TextDataset, validation_blocks
+        from ..data import validation_blocks
         from ..loss import IGNORE_INDEX, evaluate
-        from ..packing import PackedChatDataset, is_chat
+        from ..objectives import objective_for
 
         block_size, chosen, batch_size = self.blocks(scorer.context)
         if block_size > scorer.context:
             raise UserError(f"the run scored blocks of {block_size} tokens but {scorer.label} has a context of "
                             f"{scorer.context}. HINT: evaluate it on --input text instead")
-        dataset = (PackedChatDataset if is_chat(self.meta) else TextDataset).from_data_dir(
-            self.data_dir, "val", block_size, self.meta)
+        objective = objective_for(self.meta, self.run_cfg)
+        dataset = objective.dataset(self.data_dir, "val", block_size, self.meta)
         if len(dataset) == 0:
             raise UserError(f"the val split of {self.data_dir} holds less than one block of {block_size} tokens. "
                             f"HINT: prepare the data with a larger --val-fraction, or evaluate on --input text")
         indices = validation_blocks(len(dataset), len(dataset) if chosen is None else chosen)
         loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
-        loss = evaluate(scorer.model, loader, scorer.ctx, scorer.device, DistInfo())
+        loss = evaluate(scorer.model, loader, scorer.ctx, scorer.device, DistInfo(), objective)
         lengths = scorer.byte_lengths()
         totals = Totals(documents=len(indices))
         for batch in loader:  # the predicted tokens, their bytes: no model needed

@@ -1,8 +1,10 @@
-"""Objectives: what a run trains the model to do, one module each, chosen by the data (meta.json).
+"""Objectives: what a run trains the model to do, one module each, chosen by the data (meta.json). A module
+imports only the ones listed before it:
 
-    text.py        next-token loss on plain text cut into blocks (meta.json without "chat"/"preference")
-    chat.py        loss on the trained tokens of whole examples packed into blocks (meta.json "chat")
-    preference.py  DPO on pairs of completions to one prompt (meta.json "preference")
+    base         the Objective interface
+    text         next-token loss on plain text cut into blocks (meta.json without "chat"/"preference")
+    chat         loss on the trained tokens of whole examples packed into blocks (meta.json "chat")
+    preference   DPO on pairs of completions to one prompt (meta.json "preference")
 
 base.Objective is the interface the loop, the preflight, the set-up and the evaluation ask: none of them
 branches on the kind of data. Adding an objective adds a module here and a line to `objective_for`.
