@@ -373,3 +373,64 @@ def test_precision_auto_is_decided_once_and_kept_by_a_resume(tmp_path, tiny_mode
     log = capsys.readouterr().err
     assert "device cpu, precision bf16" in log and "precision fp32" not in log
     assert [r["step"] for r in train_records(out)] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# The end of a run: what it logs, best/ only when the base model is beaten
+
+
+def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_model_dir, tiny_data_dir):
+    import dataclasses
+    import shlex
+
+    out, err = one_step
+    (record,) = train_records(out)
+    assert record["lr"] == pytest.approx(3e-3)  # the warmup (3 steps, cut to the 1 step run) ends at the peak
+    base, trained = weights(tiny_model_dir), weights(out)
+    changed = [name for name in base if not torch.equal(base[name], trained[name])]
+    assert set(changed) == set(base)  # AdamW's first step moves every parameter
+    evals = train_records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 1] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert (out / "best").is_dir()
+    for name in base:
+        assert torch.equal(weights(out / "best")[name], trained[name])
+    # the settings not at their defaults, one per line; the whole config in train_config.json
+    assert "settings (not at their defaults; all of them in" in err
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if "settings (not at their defaults" in line)
+    shown = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  --"):
+            break
+        shown.append(line)
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    assert cfg == parse_config(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1"))[0]
+    assert "  --max-steps 1" in shown and "  --lr 0.003" in shown and "  --batch-size 8" not in shown
+    assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(shown) == sum(getattr(cfg, name) != getattr(TrainConfig(), name) for name in names)
+    assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
+    # the end says the val loss before -> after and what to run next, pasteable anywhere
+    before, after = (f"{e['val_loss']:.4f}" for e in evals)
+    python, model = shlex.quote(sys.executable), shlex.quote(str(out))
+    assert lines[-4].split(" ", 1)[1] == (
+        f"done: val loss {before} at step 0 -> {after} at step 1; final model in {out}, best model "
+        f"(val loss {after}, step 1) in {out / 'best'}")
+    assert lines[-3:] == [
+        "next:",
+        f"  sample from it:        {python} {shlex.quote(str(REPO_ROOT / 'generate.py'))} --model {model} "
+        "--prompt 'Once upon a time'",
+        f"  export it (llama.cpp): {python} {shlex.quote(str(REPO_ROOT / 'export.py'))} --model {model} --to gguf"]
+
+
+def test_no_best_folder_without_an_improvement_over_the_base_model(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    # AdamW's first step moves every parameter by about the lr: at 0.5 the model is much worse than before.
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--lr", "0.5", "--warmup-steps", "0")
+    assert ft.main(args) == 0
+    evals = train_records(out, "eval")
+    assert evals[1]["val_loss"] > evals[0]["val_loss"] + 1
+    assert not (out / "best").exists() and (out / "model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "best so far" not in err
+    assert "no best/: no evaluation beat the base model's val loss at step 0" in err

@@ -439,3 +439,45 @@ def test_adapter_config_that_is_not_an_object_or_names_no_base_is_one_line(tmp_p
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     result = run_main(generate_module.main, [*CPU, "--model", adapter, "--prompt", "x"], capsys)
     assert_one_line_error(result, f"{adapter / 'adapter_config.json'}", fragment, "HINT:")
+
+
+# -----------------------------------------------------------------------------
+# The seed line only where it repeats something; many samples in batches
+
+
+def test_greedy_does_not_offer_a_seed_to_repeat_its_samples(tiny_model_dir, capsys):
+    import generate
+
+    common = ("--device", "cpu", "--precision", "fp32", "--model", str(tiny_model_dir), "--prompt", "the river",
+              "--max-new-tokens", "4")
+    assert generate.main([*common, "--greedy"]) == 0
+    assert "--seed" not in capsys.readouterr().err  # the same text every time: no seed to pass
+    assert generate.main(list(common)) == 0
+    assert "to get the same samples again" in capsys.readouterr().err  # sampling still says it
+
+
+
+def test_many_samples_are_generated_in_batches_and_streamed(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import generate
+
+    calls = []
+    real_generate_samples = generate.generate_samples
+
+    def counting(*args, num_samples, **kwargs):
+        calls.append(num_samples)
+        return real_generate_samples(*args, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_samples", counting)
+    monkeypatch.setattr(generate, "SAMPLES_PER_BATCH", 2, raising=False)
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--prompt", "The sea",
+              "--max-new-tokens", "6", "--seed", "3"]
+    assert generate.main([*common, "--num-samples", "5", "--output", str(tmp_path / "five.jsonl")]) == 0
+    assert calls == [2, 2, 1]  # never more rows at once than a batch
+    five = [json.loads(line) for line in (tmp_path / "five.jsonl").read_text().splitlines()]
+    assert [r["sample_index"] for r in five] == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().out.count("--- sample ") == 5
+    # The first batch is what one generate call seeded with --seed gives: the samples of --num-samples 2.
+    assert generate.main([*common, "--num-samples", "2", "--output", str(tmp_path / "two.jsonl")]) == 0
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in two] == [r["text"] for r in five[:2]]
+    assert len({r["text"] for r in five}) > 2  # later batches are not copies of the first
