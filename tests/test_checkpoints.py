@@ -73,6 +73,7 @@ KILL_SEED = 20240607
 
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_data_dir):
     # 2 epochs, a checkpoint every step (pruned to 3, so deletes get killed too), dropout on (RNG restore).
     run = ["--batch-size", "8", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3", "--save-every", "1",

@@ -162,12 +162,14 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_d
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_clobber_an_earlier_run(full_run, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, full_run))
     assert_clean_error(result, "earlier run", "--resume", "--overwrite")
     assert (full_run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -183,6 +185,7 @@ def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_d
     assert_clean_error(result, "data", "differs")
 
 
+@pytest.mark.slow
 def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_model_dir, tiny_data_dir):
     """With worker processes (the default is 2) the data order and losses are those of --num-workers 0, and
     the process exits by itself: the workers ignore SIGTERM, so they are shut down before the interpreter
@@ -196,6 +199,7 @@ def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_mo
     assert [r["loss"] for r in train_records(with_workers)] == [r["loss"] for r in train_records(in_process)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
     reference = tmp_path / "reference"
     args = ["--epochs", "6", "--lr", "1e-4"]
@@ -242,6 +246,7 @@ BAD_ARGUMENTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out"), *extra)
@@ -249,6 +254,7 @@ def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tmp_path / "nodata", tmp_path / "o"))
     assert_clean_error(result, "does not exist", "prepare_data.py")

@@ -48,6 +48,7 @@ def assert_no_generate_warnings(stderr: str) -> None:
 # End to end, as a subprocess
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_text_and_streams_what_it_records(tiny_model_dir, tmp_path):
     runs = [generate("--model", tiny_model_dir, "--prompt", "The old captain", "--seed", "7",
                      "--max-new-tokens", "16", "--output", tmp_path / f"run{i}.jsonl") for i in range(2)]
@@ -63,6 +64,7 @@ def test_same_seed_gives_same_text_and_streams_what_it_records(tiny_model_dir, t
     assert record["text"] == record["prompt"] + record["completion"]
 
 
+@pytest.mark.slow
 def test_num_samples_output_fields_and_max_new_tokens(tiny_model_dir, tmp_path):
     out = tmp_path / "samples.jsonl"
     result = generate("--model", tiny_model_dir, "--prompt", "the river", "--num-samples", "3",
@@ -86,6 +88,7 @@ def test_num_samples_output_fields_and_max_new_tokens(tiny_model_dir, tmp_path):
             "repetition_penalty": 1.2, "max_new_tokens": 9, "seed": 1, "device": "cpu", "precision": "fp32"}
 
 
+@pytest.mark.slow
 def test_prompts_from_stdin_and_prompt_file(tiny_model_dir, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a small house\n\n   \nthe sea\n", encoding="utf-8")
@@ -225,6 +228,7 @@ def test_blank_prompt_file(tiny_model_dir, tmp_path):
     assert_clean_error(generate("--model", tiny_model_dir, "--prompt-file", prompt_file), "no prompts", "HINT")
 
 
+@pytest.mark.slow
 def test_missing_and_incomplete_model_folders(broken_models, tmp_path):
     assert_clean_error(generate("--model", "./no-such-model", "--prompt", "x"), "does not exist", "HINT")
     # the default, --model out, from a folder where nothing was trained yet

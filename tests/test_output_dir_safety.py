@@ -214,6 +214,7 @@ def test_the_resume_command_of_several_processes_uses_this_interpreters_torchrun
 
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_output_dir(tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "3")
@@ -243,6 +244,7 @@ def test_two_runs_started_together_into_one_output_dir(tmp_path, tiny_model_dir,
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_path, tiny_model_dir, tiny_data_dir):
     """--output-dir with a space and a quote, --data-dir and --model relative to the working directory."""
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"

@@ -79,6 +79,7 @@ def tracker_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "training_state.pt", weights_only=True)["trackers"]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_continue_across_sigterm_and_resume(tmp_path, tiny_model_dir, tiny_data_dir,
                                                                    capsys, monkeypatch):
     pytest.importorskip("tensorboard")

@@ -95,6 +95,7 @@ sys.exit(finetune_generative.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_model_dir, tiny_data_dir):
     runs = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
