@@ -99,7 +99,6 @@ def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return root / "data"
 
 
-
 @pytest.fixture(scope="session")
 def one_step(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, str]:
     """A run of --max-steps 1 (base_args: lr 3e-3, 3 warmup steps), and what it printed on stderr. Read only:

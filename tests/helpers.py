@@ -236,6 +236,7 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
 
 
 def wait_for(condition, what: str, timeout: float = 180) -> None:
+    """Poll `condition` until it holds; fail, naming `what`, after `timeout` seconds."""
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
