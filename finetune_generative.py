@@ -274,9 +274,12 @@ class FineTune:
         return finished
 
     def finish(self) -> None:
-        """The final model in --output-dir, and what the run did."""
+        """The final model in --output-dir, what the run did, and its report card."""
+        from finetune.evaluation.card import write_report_card
+
         self.run.save_final_model()
         log.info(end_of_run_summary(self.run))
+        write_report_card(self.run, self.precision)  # report_card.json/.md and the model card README.md
 
     def cleanup(self) -> None:
         self.exits.close()  # in reverse: the run's trackers and workers, the signal handlers, the folder's lock

@@ -1,4 +1,4 @@
-"""Support code of the scripts (prepare_data.py, finetune_generative.py, generate.py, export.py), one room
+"""Support code of the scripts (prepare_data.py, finetune_generative.py, generate.py, export.py, evaluate.py), one room
 per concern. Scripts import the package; the package never imports a script. Inside, a module imports
 only the ones listed before it:
 
@@ -35,4 +35,6 @@ only the ones listed before it:
     build         a run assembled from its checks: model and converters, optimizer, schedule, data, resume
     modelfolder   which saved model a --model folder means (model, LoRA adapter, training output); adapter loading
     export/       export.py's room: GGUF file, its tokenizer metadata, Ollama's Modelfile
+    evaluation/   evaluate.py's rooms (metrics, windows, scoring, documents, val split, tasks, lm-eval, report)
+                  and the report card + model card a training run writes at its end (its own docstring)
 """

@@ -27,7 +27,8 @@ CONFIG_FILE = "train_config.json"  # the run's full config; also marks the folde
 # What a run of ours writes directly in --output-dir (besides best/ and checkpoint-N/): all --overwrite removes.
 RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "generation_config.json",
                  "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES)
+                 "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES,
+                 "report_card.json", "report_card.md")  # README.md: only ours is rewritten (evaluation/card.py)
 # What a run writes before its first training step: its config, the step-0 evaluation and samples, trackers.
 STARTUP_FILES = ("metrics.jsonl", "samples.jsonl", CONFIG_FILE, *TRACKER_FILES)
 

@@ -1,0 +1,113 @@
+"""Rolling perplexity (issue 28): evaluate.py's scorer against lm-evaluation-harness's Hugging Face backend
+(HFLM.loglikelihood_rolling), on the same model instance, the same documents, in the same process and CPU.
+
+    pip install lm-eval   # in the environment that runs this (requirements-dev.txt has it)
+    python bench/eval_throughput.py --model small --tokens 20000 --rounds 2
+
+The model is a random-weight GPT-2 architecture built locally (_common.MODELS; the GPT-2 tokenizer from
+../shared/gpt2-tokenizer); the documents are this repository's Markdown files, cut to about --doc-tokens
+tokens each (several rolling windows of the model's 1024-token context). The contenders alternate, --rounds
+times each; every one scores the same documents and must agree on the total log-likelihood (printed):
+  ours          evaluate.py's TextEvaluation.run on a Scorer (its defaults: --batch-size 8, --precision auto)
+  ours_fp32     the same in fp32 (lm-eval runs a float32 model in fp32)
+  lm_eval_b1    HFLM(pretrained=model, batch_size=1): lm-eval's default batch size
+  lm_eval_b8    HFLM(..., batch_size=8)
+tokens/s = the documents' tokens / the seconds of the scoring call (tokenizing included for both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, build_model_dir  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+
+def documents(tokenizer, total_tokens: int, doc_tokens: int) -> list[str]:
+    """This repository's Markdown, cut into documents of about doc_tokens tokens, total_tokens in all."""
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(REPO.rglob("*.md")) if ".venv" not in p.parts)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < total_tokens:
+        ids = ids + ids
+    return [tokenizer.decode(ids[i:i + doc_tokens]) for i in range(0, total_tokens, doc_tokens)]
+
+
+def ours(model, tokenizer, docs, precision: str, batch_size: int) -> tuple[float, int, float]:
+    import torch
+
+    from finetune.evaluation.documents import Document
+    from finetune.evaluation.perplexity import TextEvaluation
+    from finetune.evaluation.scoring import Scorer
+
+    scorer = Scorer(model, tokenizer, torch.device("cpu"), precision, model.config.n_positions, batch_size, "ours")
+    evaluation = TextEvaluation("bench", [Document("bench", f"doc {i}", text=d) for i, d in enumerate(docs)])
+    started = time.perf_counter()
+    result = evaluation.run(scorer)
+    seconds = time.perf_counter() - started
+    return -result.figures["loss"] * result.figures["tokens"], result.figures["tokens"], seconds
+
+
+def lm_eval(model, tokenizer, docs, batch_size: int) -> tuple[float, int, float]:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(d,), idx=i)
+                for i, d in enumerate(docs)]
+    started = time.perf_counter()
+    lls = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
+    return float(sum(lls)), tokens, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small", help="an architecture of bench/_common.MODELS (default: small)")
+    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--doc-tokens", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--root", default=os.environ.get("BENCH_ROOT", "/tmp/bench-eval"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.runtime import cpu_model, resolve_precision
+
+    folder = build_model_dir(args.model, Path(args.root))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    docs = documents(tokenizer, args.tokens, args.doc_tokens)
+    auto = resolve_precision("auto", torch.device("cpu"), model.config.n_embd)
+    contenders = {"ours": lambda: ours(model, tokenizer, docs, auto, 8),
+                  "ours_fp32": lambda: ours(model, tokenizer, docs, "fp32", 8),
+                  "lm_eval_b1": lambda: lm_eval(model, tokenizer, docs, 1),
+                  "lm_eval_b8": lambda: lm_eval(model, tokenizer, docs, 8)}
+    runs: dict[str, list] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, run in contenders.items():
+            runs[name].append(run())
+    print(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": args.model,
+                      "documents": len(docs), "precision_auto": auto}))
+    for name, results in runs.items():
+        ll, tokens, _ = results[0]
+        best = min(seconds for _, _, seconds in results)
+        print(f"{name:<11} {tokens / best:9.0f} tokens/s (best of {len(results)}: {best:.2f} s for {tokens:,} tokens), "
+              f"log-likelihood {ll:.4f} ({ll / tokens:.6f} per token)")
+    ratio = (runs["ours"][0][1] / min(s for *_, s in runs["ours"])) / (
+        runs["lm_eval_b1"][0][1] / min(s for *_, s in runs["lm_eval_b1"]))
+    same = math.isclose(runs["ours_fp32"][0][0], runs["lm_eval_b8"][0][0], rel_tol=1e-4)
+    print(f"ours (defaults) / lm-eval (defaults): {ratio:.2f}x; fp32 log-likelihoods agree within 1e-4: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Judge models: the same data scored on each, side by side, in figures that compare across tokenizers.
+
+    python evaluate.py --model out --data-dir data                      # the run's own held-out split
+    python evaluate.py --model gpt2 --model out --input heldout.txt other.jsonl
+    python evaluate.py --model out/best --tasks quiz.jsonl              # multiple choice / exact match
+
+Models: a training output folder, its best/ or checkpoint-N/, a LoRA adapter (its base found as generate.py
+finds it), or a hub name. Data: the val split of a --data-dir, in the very blocks the training script scores
+(its loss equals the run's last val loss); --input text, folders and record files as prepare_data.py reads
+them, each tokenized with each model's own tokenizer and scored whole in lm-evaluation-harness's rolling
+windows (bits per byte, byte and word perplexity as lm-eval defines them); --tasks files of questions.
+
+Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
+trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.
+docs/evaluate.md says what each figure means and how it was checked against lm-evaluation-harness.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from finetune.console import setup_logging
+from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.runtime import DEVICES, PRECISIONS
+
+log = logging.getLogger("evaluate")
+
+DEFAULT_BATCH = 8
+RUN_FOLDERS = ("best", "adapter")  # inside a run, beside checkpoint-N/: model folders the report never goes in
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(description="Evaluate one or more models on the same data, side by side.")
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", action="append", default=[], metavar="DIR",
+                       help="a model: a training output folder, its best/ or checkpoint-N/, a LoRA adapter folder, "
+                            "or a hub name; repeat to compare several (the first is the baseline). Default: out")
+    group.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, else MPS, else CPU)")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="the forward pass's precision, as the training script picks it (default: auto: bf16 where "
+                            "the GPU or CPU runs it faster, else fp32); weights stay fp32 as in training")
+    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
+                       help=f"windows per forward pass (default: {DEFAULT_BATCH}; --data-dir of a run: the run's)")
+
+    group = parser.add_argument_group("data (at least one)")
+    group.add_argument("--data-dir", metavar="DIR",
+                       help="a folder from prepare_data.py: its val split is scored, in the blocks a training run on "
+                            "it scored (all val blocks for a model that was not trained on it)")
+    group.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
+                       help="text files, folders, JSONL/JSON/CSV/TSV/Parquet records or chat records, read as "
+                            "prepare_data.py reads them; a text file or a record is one document")
+    group.add_argument("--text-field", default="text", metavar="NAME",
+                       help="the field of a record that holds its text (default: text)")
+    group.add_argument("--encoding", default="utf-8", help="of the text inputs (default: utf-8)")
+    group.add_argument("--stride", type=int, metavar="N",
+                       help="score --input in overlapping windows that start every N tokens (the Hugging Face "
+                            "perplexity guide's loop): each token sees at least context - N tokens before it. "
+                            "Default: lm-eval's rolling windows, which do not overlap")
+    group.add_argument("--tasks", action="append", default=[], metavar="FILE",
+                       help='a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, '
+                            'acc_norm) or {"prompt", "answer"} (exact match of a greedy completion); repeatable')
+
+    group.add_argument("--lm-eval", metavar="TASKS",
+                       help="also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on "
+                            "the same models, in this process (needs `pip install lm-eval`; most tasks download "
+                            "their data from the hub once)")
+    group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of lm-eval task YAML files of your own")
+    group.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
+
+    group = parser.add_argument_group("samples")
+    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                       help="a prompt each model completes, shown side by side (repeatable); a chat model answers it "
+                            "as a user turn through its template")
+    group.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file with one prompt per line")
+    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="of each sample (default: 64)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", metavar="DIR",
+                       help="folder for eval.json, eval.md and eval.png (default: eval/ in the first model's "
+                            "training run; none for a model outside a run)")
+    return parser.parse_args(argv)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    problems = []
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {args.batch_size}. HINT: try {DEFAULT_BATCH}")
+    if args.stride is not None and args.stride < 1:
+        problems.append(f"--stride must be at least 1, got {args.stride}. HINT: try half the model's context, "
+                        "e.g. 512 for GPT-2")
+    if args.stride is not None and not args.input:
+        problems.append("--stride applies to --input documents, and none is given. HINT: add --input FILE")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}. HINT: try 64")
+    if not (args.data_dir or args.input or args.tasks or args.lm_eval or args.prompt or args.prompt_file):
+        problems.append("nothing to evaluate on. HINT: pass --data-dir DIR (the val split), --input FILE (text or "
+                        "records), --tasks FILE.jsonl, --lm-eval TASKS or --prompt TEXT")
+    raise_if_problems(problems)
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def resolve_models(names: list[str]) -> list[dict]:
+    """Each --model checked (generate.py's resolution: a folder, an adapter, or a hub name), with its label."""
+    from generate import resolve_model
+
+    models, seen = [], {}
+    for name in names or ["out"]:
+        source, is_local = resolve_model(name)
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name} ({seen[name]})"
+        models.append({"label": label, "name": name, "source": source, "local": is_local})
+    return models
+
+
+def load_tokenizer_of(model: dict):
+    """The model's tokenizer, and its base when it is an adapter (whose folder may hold no tokenizer)."""
+    from finetune.modelfolder import adapter_base, is_adapter_folder
+    from finetune.models import TOKENIZER_FILES, load_config, load_tokenizer
+
+    source = model["source"]
+    adapter = model["local"] and is_adapter_folder(Path(source))
+    base = adapter_base(Path(source)) if adapter else source
+    has_tokenizer = not adapter or any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
+    return load_config(base), load_tokenizer(source if has_tokenizer else base), adapter
+
+
+def load_scorer(model: dict, args, device):
+    """The model loaded in fp32 (as the training script holds it), ready to score."""
+    import torch
+
+    from finetune.evaluation.scoring import Scorer
+    from finetune.modelfolder import load_adapter_model
+    from finetune.models import load_weights, model_context_length
+    from finetune.runtime import resolve_precision
+
+    config, tokenizer, adapter = load_tokenizer_of(model)
+    precision = resolve_precision(args.precision, device, getattr(config, "hidden_size", None), log)
+    context = model_context_length(config) or min(getattr(tokenizer, "model_max_length", 1024), 1024)
+    log.info("loading %s on %s (%s)", model["source"], device, precision)
+    source = model["source"]
+    weights = load_adapter_model(Path(source), torch.float32) if adapter else load_weights(source, torch.float32)
+    weights = weights.to(device).eval()
+    return Scorer(weights, tokenizer, device, precision, context, args.batch_size, model["label"])
+
+
+def model_record(model: dict, scorer) -> dict:
+    from finetune.lora import base_fingerprint
+    from finetune.tokenfiles import tokenizer_fingerprint
+
+    fingerprint = base_fingerprint(model["source"]) if model["local"] else model["source"]
+    return {"label": model["label"], "source": model["source"], "fingerprint": fingerprint,
+            "tokenizer_fingerprint": tokenizer_fingerprint(scorer.tokenizer), "precision": scorer.precision,
+            "device": str(scorer.device), "context": scorer.context,
+            "parameters": sum(p.numel() for p in scorer.model.parameters())}
+
+
+# -----------------------------------------------------------------------------
+# Where the report goes
+
+
+def run_folder_of(model: dict) -> Path | None:
+    from finetune.evaluation.datadir import run_config
+
+    found = run_config(Path(model["source"])) if model["local"] else None
+    return found[0] if found else None
+
+
+def output_folder(args, models: list[dict]) -> Path | None:
+    """--output, else eval/ in the first model's training run (a name the trainer never writes or removes)."""
+    if args.output:
+        folder = Path(args.output).expanduser()
+    else:
+        run = next((r for r in map(run_folder_of, models) if r is not None), None)
+        folder = run / "eval" if run else None
+    if folder is not None:
+        check_output_folder(folder, args.output is not None)
+    return folder
+
+
+def check_output_folder(folder: Path, given: bool) -> None:
+    """Never into a model's folder (best/, checkpoint-N/, adapter/, a folder with weights), never over a file
+    evaluate.py did not write."""
+    import json
+
+    from finetune.checkpoints import checkpoint_step
+    from finetune.evaluation.report import JSON_FILE, REPORT_FORMAT
+    from finetune.models import WEIGHT_FILES
+
+    flag = "--output" if given else "the default output folder"
+    resolved = folder.resolve()
+    inside = next((p for p in [resolved, *resolved.parents]
+                   if p.name in RUN_FOLDERS or checkpoint_step(p) is not None
+                   or (p == resolved and (any((p / f).is_file() for f in WEIGHT_FILES)
+                                          or (p / "adapter_config.json").is_file()))), None)
+    if inside is not None:
+        raise UserError(f"{flag} {folder} is {'' if inside == resolved else 'inside '}the model folder {inside}, whose "
+                        f"files belong to the model. HINT: write the report elsewhere, e.g. --output "
+                        f"{inside.parent / 'eval'}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder. HINT: pass a folder name such as eval")
+    report = folder / JSON_FILE
+    if report.is_file():
+        try:
+            ours = json.loads(report.read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"{report} exists and was not written by evaluate.py, so it is not replaced. HINT: pass "
+                            "another --output folder")
+
+
+# -----------------------------------------------------------------------------
+# The evaluations: read before any model loads, so a bad input costs no load
+
+
+def build_evaluations(args) -> tuple[list, list[dict]]:
+    """(the evaluations, fingerprints of their data)."""
+    from finetune.evaluation.datadir import ValSplitEvaluation
+    from finetune.evaluation.documents import read_documents
+    from finetune.evaluation.perplexity import TextEvaluation
+    from finetune.evaluation.tasks import TaskEvaluation, read_tasks
+    from finetune.prepare.lines import file_sha256
+
+    evaluations, data = [], []
+    if args.data_dir:
+        from finetune.tokenfiles import load_meta
+
+        meta = load_meta(args.data_dir)
+        evaluations.append(ValSplitEvaluation(args.data_dir, meta, args.batch_size, None))
+        data.append({"name": args.data_dir, "kind": "data-dir", "tokenizer_fingerprint":
+                     meta.get("tokenizer", {}).get("fingerprint"),
+                     "sources": [s.get("sha256") for s in meta.get("sources", [])]})
+    if args.input:
+        documents = read_documents(args.input, args.text_field, args.encoding)
+        name = ", ".join(args.input) if len(args.input) <= 3 else f"{len(args.input)} inputs"
+        evaluations.append(TextEvaluation(name, documents, args.stride))
+        data += [{"name": p, "kind": "input", "sha256": file_sha256(Path(p))}
+                 for p in dict.fromkeys(d.input for d in documents)]
+    for path in args.tasks:
+        evaluations.append(TaskEvaluation(path, read_tasks(Path(path))))
+        data.append({"name": path, "kind": "tasks", "sha256": file_sha256(Path(path))})
+    if args.lm_eval:
+        from finetune.evaluation.lmeval import LmEvalEvaluation, check_task_names, require_lm_eval, task_names
+
+        require_lm_eval()
+        names = task_names(args.lm_eval)
+        check_task_names(names, args.lm_eval_include)
+        evaluations.append(LmEvalEvaluation(names, args.lm_eval_include, args.lm_eval_limit))
+    return evaluations, data
+
+
+def read_prompts(args) -> list[str]:
+    from generate import read_prompt_file
+
+    prompts = list(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
+    for i, text in enumerate(prompts, 1):
+        if not text.strip():
+            raise UserError(f"prompt {i} is empty. HINT: give the model some text to continue")
+    return prompts
+
+
+def samples_of(scorer, prompts: list[str], args) -> list[str]:
+    """Each prompt's sampled completion (a chat model: its reply through its template), seeded alike."""
+    import torch
+
+    from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+
+    chat = bool(getattr(scorer.tokenizer, "chat_template", None))
+    kwargs = generation_kwargs(scorer.model, scorer.tokenizer, max_new_tokens=args.max_new_tokens)
+    texts = []
+    for prompt in prompts:
+        ids = chat_prompt_ids(scorer.tokenizer, [{"role": "user", "content": prompt}]) if chat else scorer.encode(prompt)
+        room = scorer.context - len(ids)
+        if room < 1:
+            texts.append("[no sample: the prompt fills the model's context]")
+            continue
+        with torch.no_grad():
+            (sample,) = generate_samples(scorer.model, scorer.tokenizer, ids, dict(kwargs, max_new_tokens=min(
+                args.max_new_tokens, room)), num_samples=1, seed=args.seed, device=scorer.device, ctx=scorer.ctx)
+        texts.append(sample.completion)
+    return texts
+
+
+def check_data_dir_tokenizer(args, model: dict, tokenizer, config) -> None:
+    from finetune.tokenfiles import check_data_matches_model, load_meta
+
+    problems = check_data_matches_model(load_meta(args.data_dir), config.vocab_size, tokenizer)
+    if problems:
+        message = problems[0].replace(" (HINT:", ". HINT:").rstrip(")")
+        raise UserError(f"--data-dir {args.data_dir} does not fit --model {model['name']}: {message}; or evaluate "
+                        f"this model on --input text, which is tokenized with its own tokenizer")
+
+
+def check_stride(args, model: dict, context: int) -> None:
+    if args.stride is not None and args.stride >= context:
+        raise UserError(f"--stride {args.stride} is not below the context of {model['name']} ({context} tokens), so "
+                        f"tokens between windows would not be scored. HINT: use --stride {context // 2}")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("evaluate")
+    check_settings(args)
+    models = resolve_models(args.model)
+    folder = output_folder(args, models)
+    evaluations, data = build_evaluations(args)
+    prompts = read_prompts(args)
+    for model in models:  # cheap (config and tokenizer): a mismatch is found before any weights load
+        config, tokenizer, _ = load_tokenizer_of(model)
+        if args.data_dir:
+            check_data_dir_tokenizer(args, model, tokenizer, config)
+
+    from finetune.evaluation.datadir import ValSplitEvaluation, run_config
+    from finetune.evaluation.report import build_report, console_table, write_report
+    from finetune.runtime import get_device, library_versions
+
+    device = get_device(args.device)
+    results = [{} for _ in evaluations]
+    records, samples = [], [{"prompt": p, "completions": {}} for p in prompts]
+    for model in models:
+        scorer = load_scorer(model, args, device)
+        check_stride(args, model, scorer.context)
+        records.append(model_record(model, scorer))
+        for i, evaluation in enumerate(evaluations):
+            if isinstance(evaluation, ValSplitEvaluation):  # the blocks of the run this model comes from
+                run = run_config(Path(model["source"])) if model["local"] else None
+                evaluation = ValSplitEvaluation(args.data_dir, evaluation.meta, args.batch_size, run)
+            results[i][model["label"]] = evaluation.run(scorer)
+        for sample, text in zip(samples, samples_of(scorer, prompts, args)):
+            sample["completions"][model["label"]] = text
+        if scorer.seconds:
+            log.info("%s: %d tokens scored in %.1f s (%.0f tokens/s)", model["label"], scorer.tokens_scored,
+                     scorer.seconds, scorer.tokens_scored / scorer.seconds)
+        del scorer
+    settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
+    report = build_report(records, list(zip(evaluations, results)), settings, library_versions(), data, samples)
+    sys.stdout.write(console_table(report))
+    if folder is not None:
+        written = write_report(report, folder)
+        log.info("wrote %s", ", ".join(str(p) for p in written))
+    else:
+        log.info("the report was not saved (the model is not in a training run): pass --output DIR to keep it")
+    return 0
+
+
+if __name__ == "__main__":
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    raise SystemExit(main())

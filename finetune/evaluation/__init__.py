@@ -1,0 +1,16 @@
+"""evaluate.py's rooms, each importing only the ones listed before it:
+
+    metrics    the figures (loss, perplexity, bits per byte, word perplexity, accuracy) from summed totals
+    windows    which tokens each forward pass sees and scores: lm-eval's rolling windows, strided windows
+    scoring    a loaded model that scores windows and continuations in batches, and greedy completions
+    documents  --input files as documents (the readers of prepare_data.py)
+    datadir    the val split of a --data-dir, in the blocks the training script scores
+    perplexity --input documents scored whole: loss, bits per byte, word perplexity, per input and document
+    tasks      --tasks files: multiple choice and exact match
+    lmeval     --lm-eval: lm-evaluation-harness on the loaded models (optional package)
+    report     eval.json, eval.md, the plot and the console table
+    card       the report card and model card README.md written at the end of a training run
+
+A kind of data evaluate.py scores is an `Evaluation` (scoring.py): a name and a `run(scorer)` that returns
+a Result of figures; a new kind (a preference accuracy, say) is one more class of that shape.
+"""

@@ -1,0 +1,222 @@
+"""At the end of a training run: the report card (the base model at step 0, best/ and the final model on the
+val split, in evaluate.py's format) and a model card README.md in the Hugging Face format.
+
+Nothing is evaluated again: the run already scored the same val blocks at every evaluation (metrics.jsonl);
+bits per byte come from the bytes those blocks' predicted tokens stand for. A README.md the user wrote (one
+without our marker line) is never replaced.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..errors import SaveFailed
+from ..fsio import rewrite_text
+from .metrics import Totals
+from .report import build_report, write_report
+from .scoring import Result, token_byte_lengths
+
+log = logging.getLogger("finetune")
+
+REPORT_CARD = "report_card"  # report_card.json and report_card.md in the output folder
+MODEL_CARD = "README.md"
+MARKER = "<!-- model card written by finetune_generative.py; it is rewritten at the end of each run. Delete this " \
+         "line to keep your edits: a README.md without it is never replaced. -->"
+
+
+def written_by_us(card: Path) -> bool:
+    try:
+        return MARKER in card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def val_tokens_and_bytes(val_loader, tokenizer) -> tuple[int, int]:
+    """Predicted tokens of the val blocks one evaluation scores, and the UTF-8 bytes they stand for."""
+    from ..loss import IGNORE_INDEX
+
+    lengths = token_byte_lengths(tokenizer)
+    tokens = n_bytes = 0
+    for batch in val_loader:
+        targets = batch["labels"][:, 1:]
+        kept = targets[targets != IGNORE_INDEX].numpy()
+        tokens += int(kept.size)
+        n_bytes += int(lengths[kept.clip(max=len(lengths) - 1)].sum())
+    return tokens, n_bytes
+
+
+def evaluated_models(metrics: list[dict], best_exists: bool) -> list[tuple[str, dict]]:
+    """(label, eval record) of the base (step 0), best/ (when it was saved) and the final model."""
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    if not evals:
+        return []
+    chosen = [("base (step 0)", evals[0])] if evals[0]["step"] == 0 else []
+    if best_exists:
+        best = min(evals, key=lambda m: m["val_loss"])
+        chosen.append((f"best/ (step {best['step']})", best))
+    chosen.append((f"final (step {evals[-1]['step']})", evals[-1]))
+    return chosen
+
+
+def figures_of(val_loss: float, tokens: int, n_bytes: int) -> dict:
+    totals = Totals(nll=val_loss * tokens, tokens=tokens, bytes=n_bytes)
+    figures = totals.figures()
+    figures["loss"] = val_loss  # the run's own number
+    return figures
+
+
+def report_card(run, precision: str, wall_seconds: float | None) -> dict:
+    """The report in evaluate.py's format (report.build_report) for the run's evaluated models."""
+    from ..runtime import library_versions
+
+    cfg = run.cfg
+    single = run.dist_info.world_size == 1  # the val loader holds this process's share only
+    tokens, n_bytes = val_tokens_and_bytes(run.val_loader, run.tokenizer) if single else (0, 0)
+    chosen = evaluated_models(run.metrics, (run.output_dir / "best").is_dir())
+    models, results = [], {}
+    for label, record in chosen:
+        models.append({"label": label, "source": cfg.model if record["step"] == 0 else
+                       str(run.output_dir / ("best" if label.startswith("best") else "")),
+                       "fingerprint": run.fingerprints.get("base_fingerprint", "") if record["step"] == 0 else "",
+                       "precision": precision, "device": str(run.device), "context": run.plan.block_size,
+                       "step": record["step"], "tokens_seen": record.get("tokens")})
+        results[label] = Result(figures_of(record["val_loss"], tokens, n_bytes),
+                                notes=[f"the {run.plan.block_size}-token val blocks the run scored at each "
+                                       f"evaluation (from metrics.jsonl)"])
+    evaluation = SimpleNamespace(name=f"{cfg.data_dir} (val)", kind="val split")
+    settings = {"wall_seconds": wall_seconds, "data_fingerprint": run.fingerprints.get("data_fingerprint")}
+    return build_report(models, [(evaluation, results)], settings, library_versions(),
+                        [{"name": cfg.data_dir, "kind": "data-dir", **run.fingerprints}])
+
+
+# -----------------------------------------------------------------------------
+# The model card
+
+
+def front_matter(run, final: dict | None) -> dict:
+    cfg = run.cfg
+    data_fp = run.fingerprints.get("data_fingerprint", "unknown")
+    tags = ["finetune-generative", "text-generation", *(["lora"] if cfg.lora_r else []),
+            *(["chat"] if run.chat else [])]
+    matter = {"base_model": cfg.model, "library_name": "peft" if cfg.lora_r else "transformers",
+              "pipeline_tag": "text-generation", "tags": tags, "datasets": [f"local-data-{data_fp}"]}
+    if final is not None:
+        metrics = [{"type": "loss", "value": round(final["loss"], 6), "name": "validation loss (nats/token)"},
+                   {"type": "perplexity", "value": round(final["perplexity"], 6), "name": "validation perplexity"}]
+        if final.get("bits_per_byte") is not None:
+            metrics.append({"type": "bits_per_byte", "value": round(final["bits_per_byte"], 6),
+                            "name": "validation bits per byte"})
+        matter["model-index"] = [{"name": run.output_dir.name, "results": [{
+            "task": {"type": "text-generation", "name": "Causal language modeling"},
+            "dataset": {"name": f"{Path(cfg.data_dir).name} (val split)", "type": f"local-data-{data_fp}",
+                        "split": "validation", "revision": data_fp},
+            "metrics": metrics}]}]
+    return matter
+
+
+def hardware(device) -> str:
+    from ..runtime import cpu_model
+
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}: {cpu_model()}"
+
+
+def samples_section(output_dir: Path) -> list[str]:
+    """Each --sample-prompt's sample at the first and at the last step it was sampled."""
+    path = output_dir / "samples.jsonl"
+    if not path.is_file():
+        return []
+    by_prompt: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        by_prompt.setdefault(record.get("prompt", ""), []).append(record)
+    out = ["", "## Samples", ""]
+    for prompt, records in by_prompt.items():
+        for record in (records[0], records[-1]) if len(records) > 1 else records:
+            text = str(record.get("text", "")).replace("\n", " ")
+            out.append(f"- step {record.get('step')}, prompt {json.dumps(prompt, ensure_ascii=False)}: {text}")
+    return out
+
+
+def model_card(run, report: dict, precision: str, wall_seconds: float | None) -> str:
+    import yaml
+
+    cfg, plan = run.cfg, run.plan
+    labels = [m["label"] for m in report["models"]]
+    results = report["evaluations"][0]["results"] if report["evaluations"] else {}
+    final = results[labels[-1]]["figures"] if labels else None
+    lines = ["---", yaml.safe_dump(front_matter(run, final), sort_keys=False, allow_unicode=True).rstrip(), "---",
+             MARKER, "", f"# {run.output_dir.name}", "",
+             f"A fine-tune of `{cfg.model}` made with finetune_generative.py"
+             f"{' (LoRA, merged into the base)' if cfg.lora_r else ''} on the token files in `{cfg.data_dir}` "
+             f"(data fingerprint `{run.fingerprints.get('data_fingerprint')}`{', chat data' if run.chat else ''}).",
+             "", "## Training", "", "| setting | value |", "|---|---|"]
+    rows = [("training blocks", f"{plan.train_blocks:,} of {plan.block_size} tokens"),
+            ("validation blocks", f"{plan.val_blocks:,}"),
+            ("steps", f"{run.progress.step:,} ({run.progress.tokens_seen:,} tokens seen)"),
+            ("batch", f"{plan.batch_size} x {plan.grad_accum} accumulation x {run.dist_info.world_size} process(es)"),
+            ("learning rate", f"{cfg.lr:g}, {cfg.scheduler}, {plan.warmup_steps} warm-up steps"),
+            ("weight decay, max grad norm", f"{cfg.weight_decay:g}, {cfg.max_grad_norm:g}"),
+            ("precision", precision), ("hardware", hardware(run.device)),
+            ("seed", str(cfg.seed))]
+    if cfg.lora_r:
+        rows.append(("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}"))
+    if wall_seconds is not None:
+        rows.append(("wall time (this session)", f"{wall_seconds / 60:.1f} min"))
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Results", "", "On the validation split, the same blocks at every evaluation:", "",
+              "| model | val loss | perplexity | bits per byte |", "|---|---|---|---|"]
+    for label in labels:
+        f = results[label]["figures"]
+        bpb = f.get("bits_per_byte")
+        lines.append(f"| {label} | {f['loss']:.4f} | {f['perplexity']:.2f} | {'-' if bpb is None else f'{bpb:.4f}'} |")
+    lines += ["", f"Every figure: [{REPORT_CARD}.md]({REPORT_CARD}.md) and {REPORT_CARD}.json."]
+    if (run.output_dir / "loss.png").is_file():
+        lines += ["", "![training and validation loss](loss.png)"]
+    lines += samples_section(run.output_dir)
+    lines += ["", "## Use", "", "```bash", f"python generate.py --model {run.output_dir} --prompt \"...\"",
+              f"python evaluate.py --model {cfg.model} --model {run.output_dir} --input YOUR_TEXT.txt", "```", ""]
+    return "\n".join(lines)
+
+
+def session_seconds(output_dir: Path) -> float | None:
+    """Since this session of the run started: it wrote its config then (rundir.prepare_output_dir)."""
+    from ..rundir import CONFIG_FILE
+
+    try:
+        return time.time() - (output_dir / CONFIG_FILE).stat().st_mtime
+    except OSError:
+        return None
+
+
+def write_report_card(run, precision: str) -> None:
+    """report_card.json/.md and README.md in the output folder (main process; a failed write is a warning:
+    the model is saved already)."""
+    if not run.dist_info.is_main:
+        return
+    wall = session_seconds(run.output_dir)
+    try:
+        report = report_card(run, precision, wall)
+        write_report(report, run.output_dir, stem=REPORT_CARD, plot=False)
+        card = run.output_dir / MODEL_CARD
+        if card.exists() and not written_by_us(card):
+            log.info("%s is not ours (no marker line): left as it is; the model card is in %s.md", card, REPORT_CARD)
+            return
+        rewrite_text(card, model_card(run, report, precision, wall))
+    except (OSError, SaveFailed) as exc:
+        log.warning("could not write the report card (%s); the model is saved", getattr(exc, "strerror", None) or exc)
+        return
+    bpb = [r["figures"].get("bits_per_byte") for r in report["evaluations"][0]["results"].values()]
+    if bpb and all(b is not None and math.isfinite(b) for b in bpb):
+        log.info("report card: val bits per byte %s (%s.md, %s)", " -> ".join(f"{b:.4f}" for b in bpb),
+                 REPORT_CARD, MODEL_CARD)
