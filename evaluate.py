@@ -108,7 +108,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def resolve_models(names: list[str]) -> list[dict]:
     """Each --model checked (generate.py's resolution: a folder, an adapter, or a hub name), with its label."""
-    from generate import resolve_model
+    from finetune.modelfolder import resolve_model
 
     models, seen = [], {}
     for name in names or ["out"]:

@@ -37,11 +37,10 @@ import signal
 import sys
 from pathlib import Path
 
-from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
 from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error, raise_if_problems
 from finetune.fsio import Terminated, atomic_file, sigterm_raises
-from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
+from finetune.modelfolder import DEFAULT_MODEL, adapter_base, is_adapter_folder, load_adapter_model, resolve_model
 from finetune.models import (
     TOKENIZER_FILES,
     load_config,
@@ -55,7 +54,6 @@ from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwar
 
 log = logging.getLogger("generate")
 
-DEFAULT_MODEL = "out"
 DEFAULT_TEMPERATURE = 0.8
 HEADER_PROMPT_CHARS = 40
 
@@ -148,31 +146,6 @@ def check_settings(args: argparse.Namespace) -> None:
         elif not out.parent.is_dir():
             problems.append(f"the folder of --output {out} does not exist. HINT: create {out.parent} first")
     raise_if_problems(problems)
-
-
-def looks_local(name: str) -> bool:
-    """True when --model can only be meant as a folder here, never as a Hub name ('org/name')."""
-    if name == DEFAULT_MODEL or name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/"):
-        return True
-    parts = name.split("/")
-    if len(parts) > 2 or Path(parts[0]).expanduser().exists():
-        return True
-    # the training script's own folder names; no Hub repo is called that
-    return parts[-1] == "best" or CHECKPOINT_NAME.fullmatch(parts[-1]) is not None
-
-
-def resolve_model(name: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, whether it is a local folder)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        check_model_folder(path)
-        return str(path), True
-    if looks_local(name):
-        hint = ("HINT: train a model first (the training script writes to out/), or pass --model DIR"
-                if name == DEFAULT_MODEL else
-                "HINT: check the path; the training script saves OUT/best and OUT/checkpoint-N folders")
-        raise UserError(f"model folder {name} does not exist. {hint}")
-    return name, False
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -11,6 +11,33 @@ from .checkpoints import CHECKPOINT_NAME, SHARDED_FOLDER
 from .errors import UserError, first_line
 from .models import TOKENIZER_FILES, WEIGHT_FILES, hub_offline, hub_reachable, load_weights, looks_like_path
 
+DEFAULT_MODEL = "out"  # what generate.py and evaluate.py read when --model is not given: the training output
+
+
+def looks_local(name: str) -> bool:
+    """True when --model can only be meant as a folder here, never as a Hub name ('org/name')."""
+    if name == DEFAULT_MODEL or name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/"):
+        return True
+    parts = name.split("/")
+    if len(parts) > 2 or Path(parts[0]).expanduser().exists():
+        return True
+    # the training script's own folder names; no Hub repo is called that
+    return parts[-1] == "best" or CHECKPOINT_NAME.fullmatch(parts[-1]) is not None
+
+
+def resolve_model(name: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a local folder)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        check_model_folder(path)
+        return str(path), True
+    if looks_local(name):
+        hint = ("HINT: train a model first (the training script writes to out/), or pass --model DIR"
+                if name == DEFAULT_MODEL else
+                "HINT: check the path; the training script saves OUT/best and OUT/checkpoint-N folders")
+        raise UserError(f"model folder {name} does not exist. {hint}")
+    return name, False
+
 
 def check_model_folder(path: Path) -> None:
     """Everything from_pretrained needs is there, so a half-written folder fails with a clear message."""
