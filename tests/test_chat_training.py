@@ -70,6 +70,7 @@ def chat_run(tmp_path_factory, tiny_model_dir, chat_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_chat_data_like_one(tmp_path, tiny_model_dir, chat_data_dir):
     """torchrun, 2 processes x batch 1 against 1 process x batch 2 (the same global batch, the same blocks in
     each of the 4 full steps): the step's trained tokens are counted over both ranks, so the per-step losses

@@ -39,6 +39,7 @@ def two_process_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tmp_path,
                                                                     tiny_model_dir, tiny_data_dir):
     single = tmp_path / "single"
@@ -58,6 +59,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_across_processes_is_exact(two_process_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -70,6 +72,7 @@ def test_resume_across_processes_is_exact(two_process_run, tmp_path):
     assert_same_weights(two_process_run, out)
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(two_process_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -78,6 +81,7 @@ def test_resume_with_another_world_size_is_refused(two_process_run, tmp_path):
     assert_clean_error(result, "written by 2 process(es)", "--nproc_per_node=2")
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir):
     import time
 
@@ -111,6 +115,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_
     assert state["step"] == step and len(state["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_nproc_starts_the_processes_and_a_sigterm_ends_with_our_exit_code_not_a_traceback(
         tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
     """`--nproc 2` without torchrun: this command starts the 2 processes (launcher.py). A SIGTERM to it mid-run

@@ -162,12 +162,14 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_d
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_clobber_an_earlier_run(full_run, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, full_run))
     assert_clean_error(result, "earlier run", "--resume", "--overwrite")
     assert (full_run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -183,6 +185,7 @@ def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_d
     assert_clean_error(result, "data", "differs")
 
 
+@pytest.mark.slow
 def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_model_dir, tiny_data_dir):
     """With worker processes (the default is 2) the data order and losses are those of --num-workers 0, and
     the process exits by itself: the workers ignore SIGTERM, so they are shut down before the interpreter
@@ -196,6 +199,7 @@ def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_mo
     assert [r["loss"] for r in train_records(with_workers)] == [r["loss"] for r in train_records(in_process)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
     reference = tmp_path / "reference"
     args = ["--epochs", "6", "--lr", "1e-4"]
@@ -242,6 +246,7 @@ BAD_ARGUMENTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out"), *extra)
@@ -249,6 +254,7 @@ def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tmp_path / "nodata", tmp_path / "o"))
     assert_clean_error(result, "does not exist", "prepare_data.py")
@@ -373,3 +379,64 @@ def test_precision_auto_is_decided_once_and_kept_by_a_resume(tmp_path, tiny_mode
     log = capsys.readouterr().err
     assert "device cpu, precision bf16" in log and "precision fp32" not in log
     assert [r["step"] for r in train_records(out)] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# The end of a run: what it logs, best/ only when the base model is beaten
+
+
+def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_model_dir, tiny_data_dir):
+    import dataclasses
+    import shlex
+
+    out, err = one_step
+    (record,) = train_records(out)
+    assert record["lr"] == pytest.approx(3e-3)  # the warmup (3 steps, cut to the 1 step run) ends at the peak
+    base, trained = weights(tiny_model_dir), weights(out)
+    changed = [name for name in base if not torch.equal(base[name], trained[name])]
+    assert set(changed) == set(base)  # AdamW's first step moves every parameter
+    evals = train_records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 1] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert (out / "best").is_dir()
+    for name in base:
+        assert torch.equal(weights(out / "best")[name], trained[name])
+    # the settings not at their defaults, one per line; the whole config in train_config.json
+    assert "settings (not at their defaults; all of them in" in err
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if "settings (not at their defaults" in line)
+    shown = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  --"):
+            break
+        shown.append(line)
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    assert cfg == parse_config(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1"))[0]
+    assert "  --max-steps 1" in shown and "  --lr 0.003" in shown and "  --batch-size 8" not in shown
+    assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(shown) == sum(getattr(cfg, name) != getattr(TrainConfig(), name) for name in names)
+    assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
+    # the end says the val loss before -> after and what to run next, pasteable anywhere
+    before, after = (f"{e['val_loss']:.4f}" for e in evals)
+    python, model = shlex.quote(sys.executable), shlex.quote(str(out))
+    assert lines[-4].split(" ", 1)[1] == (
+        f"done: val loss {before} at step 0 -> {after} at step 1; final model in {out}, best model "
+        f"(val loss {after}, step 1) in {out / 'best'}")
+    assert lines[-3:] == [
+        "next:",
+        f"  sample from it:        {python} {shlex.quote(str(REPO_ROOT / 'generate.py'))} --model {model} "
+        "--prompt 'Once upon a time'",
+        f"  export it (llama.cpp): {python} {shlex.quote(str(REPO_ROOT / 'export.py'))} --model {model} --to gguf"]
+
+
+def test_no_best_folder_without_an_improvement_over_the_base_model(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    # AdamW's first step moves every parameter by about the lr: at 0.5 the model is much worse than before.
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--lr", "0.5", "--warmup-steps", "0")
+    assert ft.main(args) == 0
+    evals = train_records(out, "eval")
+    assert evals[1]["val_loss"] > evals[0]["val_loss"] + 1
+    assert not (out / "best").exists() and (out / "model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "best so far" not in err
+    assert "no best/: no evaluation beat the base model's val loss at step 0" in err

@@ -58,6 +58,7 @@ def one_process_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run, tmp_path, odd_model_dir,
                                                                 tiny_data_dir, capsys):
     out = tmp_path / "out"
@@ -117,6 +118,7 @@ def sharded_single_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_loss(sharded_single_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +200,7 @@ def stop_in_a_sharded_save(launcher: subprocess.Popen, out, after: int, timeout:
     raise AssertionError("the run ended before a sharded save was caught")
 
 
+@pytest.mark.slow
 def test_kill9_during_a_sharded_save_leaves_only_checkpoints_that_load(one_process_run, tmp_path, odd_model_dir,
                                                                        tiny_data_dir, capsys):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"

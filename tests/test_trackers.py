@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def tracker_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "training_state.pt", weights_only=True)["trackers"]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_continue_across_sigterm_and_resume(tmp_path, tiny_model_dir, tiny_data_dir,
                                                                    capsys, monkeypatch):
     pytest.importorskip("tensorboard")
@@ -265,3 +267,54 @@ def test_tensorboard_on_a_full_disk_is_one_warning_not_a_thread_traceback(tmp_pa
     assert "Traceback" not in err and "Exception in thread" not in err, err
     failures = [r.getMessage() for r in caplog.records if "--report-to tensorboard" in r.getMessage()]
     assert len(failures) == 1 and "No space left on device" in failures[0], failures
+
+
+# -----------------------------------------------------------------------------
+# MLflow on a full disk, and a tracking server that does not answer
+
+
+@pytest.mark.skipif(not os.environ.get("FINETUNE_SLOW_TESTS"), reason="creating an MLflow database takes ~30 s "
+                    "on 2 busy cores; FINETUNE_SLOW_TESTS=1 runs it")
+def test_mlflow_on_a_full_disk_is_one_warning(tmp_path, capfd):
+    """A real full disk for the MLflow database (RLIMIT_FSIZE: writes beyond the size fail), in-process."""
+    import resource
+
+    pytest.importorskip("mlflow")
+    from finetune.trackers import MLflow, Trackers
+
+    trackers = Trackers([MLflow(tmp_path, {"lr": 1.0}, 0, None)])
+    capfd.readouterr()
+    size = (tmp_path / "mlflow.db").stat().st_size
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        for step in range(1, 200):
+            trackers.log({"kind": "train", "step": step, "loss": 1.0 / step, "some_metric_with_a_long_name": step})
+            if not trackers.active:
+                break
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    trackers.close()
+    err = capfd.readouterr().err
+    assert not trackers.active
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert "--report-to mlflow: logging step" in line and "reporting to it stops here" in line, err
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                     monkeypatch, capsys):
+    from helpers import assert_clean_error
+
+    if importlib.util.find_spec("mlflow") is None:  # not importorskip: importing mlflow costs seconds
+        pytest.skip("mlflow is not installed")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "mlflow"), capsys)
+    assert time.monotonic() - started < 10
+    assert_clean_error(result, "--report-to mlflow: the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9 "
+                               "does not answer", "HINT: start it")
+    assert not out.exists()  # refused before anything was loaded or written
