@@ -274,8 +274,8 @@ class FineTune:
         from finetune.evaluation.card import write_report_card
 
         self.run.save_final_model()
-        log.info(end_of_run_summary(self.run))
         write_report_card(self.run, self.precision)  # report_card.json/.md and the model card README.md
+        log.info(end_of_run_summary(self.run))  # last: the summary and the next commands end the output
 
     def cleanup(self) -> None:
         self.exits.close()  # in reverse: the run's trackers and workers, the signal handlers, the folder's lock
