@@ -154,12 +154,15 @@ def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
     return max(count.item(), 1.0)
 
 
-def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=None) -> float | None:
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=None,
+             filler=None) -> float | None:
     """Mean next-token loss over the validation blocks (chat: over their trained tokens), summed exactly
     across processes.
 
     `should_stop()` (a stop request: Ctrl-C, SIGTERM) is asked between batches, on every process together (one
     small all-reduce per batch), so a stop takes effect within one batch: the evaluation then returns None.
+    `filler` (sharded models, whose forward passes gather from every process): the batch a process whose
+    share is done forwards while others still have batches; its loss is not counted.
     """
     import torch
 
@@ -171,8 +174,9 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=No
             batches = iter(val_loader)
             while True:
                 batch = next(batches, None)
-                if should_stop is not None:  # every process votes, also one whose share of batches is done
-                    votes = torch.tensor([float(should_stop()), float(batch is not None)], device=device)
+                if should_stop is not None or filler is not None:  # every process votes, done or not
+                    stop_vote = float(should_stop()) if should_stop is not None else 0.0
+                    votes = torch.tensor([stop_vote, float(batch is not None)], device=device)
                     all_reduce_sum(votes, dist_info)
                     stop_votes, batches_left = votes.tolist()
                     if stop_votes > 0:
@@ -182,6 +186,9 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, should_stop=No
                 elif batch is None:
                     break
                 if batch is None:
+                    if filler is not None:  # keep in step with the processes that still have batches
+                        with ctx:
+                            forward_loss(model, filler, device)
                     continue
                 with ctx:
                     loss, n_predictions = forward_loss(model, batch, device)
