@@ -313,14 +313,29 @@ def estimate_fsdp_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan
     return RUNTIME_GIB + max(training, loading) / 2**30
 
 
-def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device) -> str:
-    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device."""
+def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device, sharing: int = 1) -> str:
+    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device (whose memory
+    `sharing` of the processes draw on together: see processes_sharing_memory)."""
     available = machine_memory_gib(device)
+    ddp_total, fsdp_total = ddp_gib * sharing, fsdp_gib * sharing
     fits = "" if available is None else "; " + (
-        "both fit" if max(ddp_gib, fsdp_gib) <= available else "only FSDP fits" if fsdp_gib <= available
-        else "only DDP fits" if ddp_gib <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+        "both fit" if max(ddp_total, fsdp_total) <= available else "only FSDP fits" if fsdp_total <= available
+        else "only DDP fits" if ddp_total <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+    if sharing > 1 and available is not None:
+        fits += f" (shared by its {sharing} processes)"
     return (f"sharding         at {world_size} process(es) ~{ddp_gib:.2f} GiB per process with DDP, "
             f"~{fsdp_gib:.2f} GiB with --fsdp (this run: {'FSDP' if fsdp else 'DDP'}){fits}")
+
+
+def processes_sharing_memory(cfg: TrainConfig, world_size: int, device) -> int:
+    """How many of the run's processes draw on the memory the estimate is checked against: on a CPU, every
+    process on this machine (--nproc N starts N; under torchrun, LOCAL_WORLD_SIZE), since they share its RAM;
+    on a GPU each process has its own."""
+    import os
+
+    if getattr(device, "type", device) != "cpu":
+        return 1
+    return cfg.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def machine_memory_gib(device) -> float | None:
@@ -360,7 +375,7 @@ def batch_capped(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
 
 def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int, lora: dict | None = None,
-                  sharding: str | None = None) -> str:
+                  sharding: str | None = None, sharing: int = 1) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -373,7 +388,8 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
         f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
         f"evaluation       {eval_description(plan, cfg, world_size)}",
         f"device           {device}, precision {precision}",
-        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
+        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)"
+        f"{shared_memory_note(memory_gib, sharing)}",
     ]
     if lora is not None:
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
@@ -382,11 +398,16 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
     if sharding:
         lines.append(sharding)
     available = memory_limit_gib(cfg, device)
-    if available is not None and memory_gib > available:
+    if available is not None and memory_gib * sharing > available:
         anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""
         lines.append(f"                 more than {memory_limit_description(cfg, available, device)}: "
                      f"it will not fit{anyway}")
     return "\n".join(lines)
+
+
+def shared_memory_note(memory_gib: float, sharing: int) -> str:
+    return f", ~{memory_gib * sharing:.2f} GiB for the {sharing} processes that share this machine's memory" \
+        if sharing > 1 else ""
 
 
 def memory_limit_gib(cfg: TrainConfig, device) -> float | None:
@@ -399,21 +420,24 @@ def memory_limit_description(cfg: TrainConfig, available: float, device) -> str:
     return f"the {available:.1f} GiB of {device.type} memory {where}"
 
 
-def memory_refusal(cfg: TrainConfig, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
-    """Why the run is refused before anything loads: the estimate is above the device's memory (None when
-    it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
-    that lowers the estimate and is not already pulled."""
+def memory_refusal(cfg: TrainConfig, plan: Plan, memory_gib: float, device, lora: dict | None,
+                   sharing: int = 1) -> str | None:
+    """Why the run is refused before anything loads: the estimate (times the `sharing` processes that draw on
+    the same memory) is above the device's memory (None when it fits, when the memory is unknown, or with
+    --ignore-memory-estimate). The HINT names every lever that lowers the estimate and is not already pulled."""
     available = memory_limit_gib(cfg, device)
-    if cfg.ignore_memory_estimate or available is None or memory_gib <= available:
+    if cfg.ignore_memory_estimate or available is None or memory_gib * sharing <= available:
         return None
-    levers = [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
+    levers = [f"run fewer processes (now {sharing} on this machine)"] if sharing > 1 else []
+    levers += [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
     if not cfg.gradient_checkpointing:
         levers.append("add --gradient-checkpointing")
     smaller = [f"--batch-size (now {cfg.batch_size})"] if cfg.batch_size > 1 else []
     levers.append("lower " + " or ".join(smaller + [f"--block-size (now {plan.block_size})"]))
-    if lora is None:
+    if lora is None and sharing == 1:  # more processes on one CPU add memory: they share its RAM
         levers.append("shard the model over more processes with --fsdp (torchrun --nproc_per_node=N)")
     shown = ", ".join(levers[:-1]) + (", or " if len(levers) > 1 else "") + levers[-1]
-    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process, is more than "
+    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process"
+            f"{shared_memory_note(memory_gib, sharing)}, is more than "
             f"{memory_limit_description(cfg, available, device)}, so the run would not fit and was not started. "
             f"HINT: {shown}; or add --ignore-memory-estimate to start it anyway")

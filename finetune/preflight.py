@@ -149,20 +149,28 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
     """Memory per process for this engine (and DDP against FSDP when there is more than one process), checked
     against the device's memory before the weights load."""
     from .models import count_parameters
-    from .plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, memory_refusal, sharding_line
+    from .plan import (
+        describe_plan,
+        estimate_fsdp_memory_gib,
+        estimate_memory_gib,
+        memory_refusal,
+        processes_sharing_memory,
+        sharding_line,
+    )
 
     model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
     n_params = count_parameters(model_config)
     world_size = cfg.nproc or dist_info.world_size
+    sharing = processes_sharing_memory(cfg, world_size, device)  # on a CPU the processes share its RAM
     memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
     sharding = None
     if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
         fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
-        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device)
+        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device, sharing)
         memory_gib = fsdp_gib if cfg.fsdp else memory_gib
     text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
-                         lora=lora_counts, sharding=sharding)
-    return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts),
+                         lora=lora_counts, sharding=sharding, sharing=sharing)
+    return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts, sharing),
                       lora.size_warning(lora_counts) if lora_counts else None)
 
 
