@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER_DIR))
     args = parser.parse_args()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, full=True)  # as prepare_data.py loads it for chat records
     engine, why = choose_engine(tokenizer, tokenizer_spec(tokenizer), "auto", "")
     print(f"tokenizer {args.tokenizer}, engine: {why}")
     renderer = ChatRenderer(tokenizer, choose_template(tokenizer, None), CheckedEncoder(engine))

@@ -86,6 +86,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     chat = is_chat(meta)
     if chat:  # the template trained with goes into every tokenizer saved (checkpoints, best/, the final model)
         tokenizer.chat_template = meta["chat"]["template"]
+        problems += sample_prompt_problems(cfg, tokenizer)
     try:
         blocks = packed_blocks(cfg.data_dir, meta, block_size) if chat else None
     except DataError as exc:
@@ -116,6 +117,23 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
             problems += lora.resume_problems(state, fingerprints["base_fingerprint"], cfg.model)
     raise_if_problems(problems)
     return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts)
+
+
+def sample_prompt_problems(cfg: TrainConfig, tokenizer) -> list[str]:
+    """Chat data: each --sample-prompt is rendered as a user turn with the data's template at every evaluation;
+    a template that cannot render it (one that requires a system turn, say) is refused now, not at the first
+    sample of a run that has trained for an hour."""
+    from .chat import chat_prompt_ids
+
+    template = f"the chat template of {cfg.data_dir} (its meta.json, the template the data was rendered with)"
+    hint = ("--sample-prompt renders each prompt as a lone user turn: use a template that renders one "
+            "(prepare_data.py --chat-template FILE), or drop --sample-prompt")
+    for prompt in cfg.sample_prompts or ():
+        try:
+            chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], template=template, hint=hint)
+        except UserError as exc:
+            return [f"--sample-prompt {prompt!r}: {exc}"]
+    return []
 
 
 def data_size_problems(meta: dict, plan: Plan, block_size: int, world_size: int, chat: bool) -> list[str]:
