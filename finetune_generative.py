@@ -89,15 +89,9 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
             log_tokens += window_tokens
             log_seconds += time.perf_counter() - step_start
             bar.update(1)
-            # ---- log
-            if progress.step % cfg.log_every == 0 or finished:
-                tokens_per_s = log_tokens / log_seconds if log_seconds > 0 else None
-                mean_loss = sum(log_losses) / len(log_losses)
-                run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch,
-                            "tokens": progress.tokens_seen, "loss": mean_loss,
-                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+            # ---- log (and before a stop: every finished step's loss is in metrics.jsonl)
+            if progress.step % cfg.log_every == 0 or finished or stopping:
+                record_train_losses(run, bar, log_losses, log_tokens, log_seconds, lr, grad_norm)
                 log_losses, log_tokens, log_seconds = [], 0, 0.0
             # ---- evaluate (the plan says when: --eval-every, each epoch end, the end)
             sampled = False
@@ -113,6 +107,8 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
                 sampled = True
             if sampled and not stopping:  # a stop while rank 0 sampled: every process agrees, then saves now
                 stopping = stop.agreed(run.device, run.dist_info)
+            if stopping and log_losses:  # a stop during the evaluation or the samples: the steps since the last line
+                record_train_losses(run, bar, log_losses, log_tokens, log_seconds, lr, grad_norm)
             # ---- checkpoint
             if finished or stopping or plan.saves_at(progress.step):
                 run.checkpoint()
@@ -120,6 +116,17 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
                 return not stopping
             step_start = time.perf_counter()
     return True
+
+
+def record_train_losses(run: TrainingRun, bar, losses: list, tokens: int, seconds: float, lr: float,
+                        grad_norm: float) -> None:
+    """One metrics.jsonl line (and progress line) for the steps since the last: their mean loss, tokens/s."""
+    progress = run.progress
+    tokens_per_s = tokens / seconds if seconds > 0 else None
+    mean_loss = sum(losses) / len(losses)
+    run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+                "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
 
 
 def next_window(batches, grad_accum: int) -> list:

@@ -105,7 +105,8 @@ class Logging:
 
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
-    line every --log-every steps or 30 s, whichever is rarer)"""
+    line every --log-every steps or 30 s, whichever is rarer, and one at least every ~60 s); a stop writes the
+    steps since the last line first"""
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None

@@ -279,6 +279,39 @@ def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model_dir, tin
     assert (out / f"checkpoint-{last_step}").is_dir() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("during", ["step", "evaluation"])
+def test_a_stop_records_every_finished_step_loss(during, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """--log-every 100 and a SIGTERM at step 3 (in the step, or in the evaluation after it): the mean loss of
+    steps 1-3 is in metrics.jsonl before the checkpoint (it was lost: issue 27, 17)."""
+    losses, real_step = [], ft.train_step
+
+    def step_then_signal(*args, **kwargs):
+        if len(losses) == 2 and during == "step":
+            signal.raise_signal(signal.SIGTERM)  # the run's own handler: this step finishes, then it stops
+        result = real_step(*args, **kwargs)
+        losses.append(result[0])
+        return result
+
+    monkeypatch.setattr(ft, "train_step", step_then_signal)
+    if during == "evaluation":
+        from finetune import training
+        real_evaluate = training.evaluate
+
+        def evaluate_then_signal(*args, **kwargs):
+            if losses:
+                signal.raise_signal(signal.SIGTERM)
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(training, "evaluate", evaluate_then_signal)
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "10", "--log-every", "100",
+                     *(["--eval-every", "3"] if during == "evaluation" else []))
+    assert ft.main(args) == 143
+    (record,) = train_records(out)
+    assert record["step"] == len(losses) == 3 and (out / "checkpoint-3").is_dir()
+    assert record["loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
+
+
 def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model_dir, tiny_data_dir):
     """Without dropout the fast CPU path and --torch-dropout train identically; with dropout they draw
     different masks (cpu_dropout.py's distribution tests show the masks mean the same)."""
