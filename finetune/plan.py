@@ -1,4 +1,4 @@
-"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules and a memory estimate.
+"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules, a memory and a time estimate.
 
 Shown by --dry-run and logged at start; the training loop asks it when to evaluate.
 """
@@ -353,6 +353,117 @@ def machine_memory_gib(device) -> float | None:
     return None
 
 
+# -----------------------------------------------------------------------------
+# Time estimate: the run's matmul work, divided by this machine's measured matmul speed at this model's shapes
+# and by the share of that speed a whole training step reaches (the rest: attention's softmax, layer norms,
+# GELU, the loss, AdamW). The shares are what bench/train_throughput.py measured for GPT-2 124M on a CPU
+# (docs/performance.md: 47-52 % of the bf16 matmul peak, 74 % of the fp32 one), rounded down.
+
+STEP_SHARE_OF_MATMUL_SPEED = {"bf16": 0.45, "fp16": 0.45, "fp32": 0.7}
+LONG_RUN_SECONDS = 30 * 60  # a CPU run longer than this gets the settings that shorten it, with their times
+
+
+@dataclass
+class SpeedProbe:
+    gflops: float   # matmul GFLOP/s measured at the model's shapes, in the run's precision
+    seconds: float  # what the measurement took
+    rows: int       # the probe's X rows (tokens), X @ W with W of hidden x 4*hidden (the MLP's first matrix)
+
+
+def measure_matmul_speed(model_config, rows: int, precision: str, device, budget: float = 0.3) -> SpeedProbe:
+    """GFLOP/s of X (rows x hidden) @ W (hidden x 4 hidden), the shape that dominates a block, in the run's
+    precision on its device, best of a few repeats within ~`budget` seconds: the speed this machine gives this
+    model now, load from other processes included."""
+    import time
+
+    import torch
+
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    started = time.perf_counter()
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = torch.randn(hidden, 4 * hidden, dtype=dtype, device=device)
+    x @ w  # warm-up: kernels chosen, pages touched
+    flops, best = 2 * rows * hidden * 4 * hidden, float("inf")
+    for _ in range(20):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        x @ w
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() - started > budget:
+            break
+    return SpeedProbe(flops / best / 1e9, time.perf_counter() - started, rows)
+
+
+def training_flops_per_token(model_config, n_params: int, block_size: int, lora: bool = False,
+                             gradient_checkpointing: bool = False) -> float:
+    """Forward and backward FLOPs per trained token: 2 per weight forward, 4 backward (2 without the weights'
+    own gradients: LoRA's frozen base), 2 more with recomputed activations; plus attention's QK^T and AV,
+    12 x layers x hidden x block (the nanoGPT / PaLM count)."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    per_weight = (4 if lora else 6) + (2 if gradient_checkpointing else 0)
+    return per_weight * n_params + 12 * n_layer * hidden * block_size
+
+
+def run_seconds(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe, precision: str,
+                world_size: int, device, lora: bool) -> float:
+    """Training plus evaluation, at the measured speed. On a CPU the processes share its cores, so the work of
+    all of them runs at the machine's speed; on GPUs each process has its own."""
+    rate = speed.gflops * 1e9 * STEP_SHARE_OF_MATMUL_SPEED.get(precision, 0.45)
+    parallel = world_size if device.type == "cuda" else 1
+    train = plan.total_steps * plan.tokens_per_step * training_flops_per_token(
+        model_config, n_params, plan.block_size, lora, cfg.gradient_checkpointing)
+    evaluation = count_evaluations(cfg, plan) * eval_blocks(cfg, plan) * plan.block_size * \
+        training_flops_per_token(model_config, n_params, plan.block_size) / 3  # a forward pass: a third
+    return (train + evaluation) / rate / parallel
+
+
+def time_estimate_lines(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe,
+                        precision: str, world_size: int, device, lora: bool) -> list[str]:
+    """The plan's time line, and on a CPU, when the run is long, the settings that shorten it with their times."""
+    from .console import format_duration
+
+    def seconds_for(changed: TrainConfig, changed_plan: Plan, with_lora: bool = lora) -> float:
+        return run_seconds(changed, changed_plan, model_config, n_params, speed, precision, world_size, device,
+                           with_lora)
+
+    total = seconds_for(cfg, plan)
+    per_step = total / max(plan.total_steps, 1)
+    lines = [f"time estimate    ~{format_duration(total)} ({format_duration(per_step)} per step; this {device.type} "
+             f"did {speed.gflops:,.0f} GFLOP/s of {precision} matmuls at this model's shapes in a "
+             f"{speed.seconds:.1f} s probe just now; rough, within about 2x)"]
+    if device.type != "cpu" or total <= LONG_RUN_SECONDS:
+        return lines
+    shorter = []
+    steps = max(1, int(10 * 60 / per_step))
+    if steps < plan.total_steps:
+        fewer = dataclasses_replace(plan, total_steps=steps)
+        shorter.append(f"--max-steps {steps:,} ~{format_duration(seconds_for(cfg, fewer))}")
+    if not lora:
+        shorter.append(f"--lora-r 16 ~{format_duration(seconds_for(cfg, plan, True))}")
+    if plan.block_size > 256:  # the same tokens (epochs) in shorter blocks: less attention work per token
+        small = dataclasses_replace(plan, block_size=256)
+        shorter.append(f"--block-size 256 ~{format_duration(seconds_for(cfg, small))}")
+    if shorter:
+        lines.append(f"                 long for a CPU; shorter: {'; '.join(shorter)}")
+    return lines
+
+
+def dataclasses_replace(plan: Plan, **changes) -> Plan:
+    """The plan with other steps or blocks, the tokens it trains on per step following the block size."""
+    import dataclasses
+
+    if "block_size" in changes:
+        changes["tokens_per_step"] = plan.tokens_per_step // plan.block_size * changes["block_size"]
+        # the same tokens in all: as many more steps as the blocks are shorter
+        changes.setdefault("total_steps", plan.total_steps * plan.block_size // changes["block_size"])
+    return dataclasses.replace(plan, **changes)
+
+
 def eval_description(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
     blocks = eval_blocks(cfg, plan)
     steps, count = evaluation_steps(cfg, plan, limit=6), count_evaluations(cfg, plan)
@@ -375,7 +486,7 @@ def batch_capped(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
 
 def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int, lora: dict | None = None,
-                  sharding: str | None = None, sharing: int = 1) -> str:
+                  sharding: str | None = None, sharing: int = 1, time_lines: list[str] = ()) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -397,6 +508,7 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
     if sharding:
         lines.append(sharding)
+    lines += time_lines
     available = memory_limit_gib(cfg, device)
     if available is not None and memory_gib * sharing > available:
         anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""

@@ -171,9 +171,11 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
         describe_plan,
         estimate_fsdp_memory_gib,
         estimate_memory_gib,
+        measure_matmul_speed,
         memory_refusal,
         processes_sharing_memory,
         sharding_line,
+        time_estimate_lines,
     )
 
     model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
@@ -186,8 +188,13 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
         fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
         sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device, sharing)
         memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    time_lines = []
+    if dist_info.is_main:  # one probe (the others would only slow it down), on the process that prints the plan
+        speed = measure_matmul_speed(model_config, min(plan.batch_size * plan.block_size, 1024), precision, device)
+        time_lines = time_estimate_lines(cfg, plan, model_config, n_params, speed, precision, world_size, device,
+                                         lora=bool(cfg.lora_r))
     text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
-                         lora=lora_counts, sharding=sharding, sharing=sharing)
+                         lora=lora_counts, sharding=sharding, sharing=sharing, time_lines=time_lines)
     return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts, sharing),
                       lora.size_warning(lora_counts) if lora_counts else None)
 

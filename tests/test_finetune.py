@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import finetune_generative as ft
 from dataset import load_meta
 from finetune import checkpoints as ckpt
+from finetune import console
 from finetune import plan as plan_module
 from finetune.config import TrainConfig, parse_config
 from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
@@ -149,7 +151,38 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_d
     assert f"{total // 2:,} per epoch, {total:,} total" in text
     assert "3 warmup" in text and "512 tokens per step" in text and "GiB" in text
     assert "cpu, precision fp32" in text
+    # how long it will take, from a matmul probe of this machine at this model's shapes (issue 27, 16)
+    assert re.search(r"^time estimate    ~\d+\w+ \(\d+\w+ per step; this cpu did [\d,]+ GFLOP/s of fp32 matmuls at "
+                     r"this model's shapes in a [\d.]+ s probe just now; rough, within about 2x\)$", text, re.MULTILINE)
     assert not out.exists()
+
+
+def test_a_long_cpu_run_names_the_settings_that_shorten_it():
+    """The Quickstart's defaults on GPT-2 124M at a slow CPU's 20 GFLOP/s: hours, so the plan names --max-steps,
+    LoRA and --block-size with their own estimates; the same run on a GPU gets the time alone."""
+    from transformers import GPT2Config
+
+    config = GPT2Config()  # 124M: 12 layers, 768 wide, 50,257 tokens
+    n_params = 124_439_808
+    meta = {"splits": {"train": {"tokens": 123 * 1024}, "val": {"tokens": 12 * 1024}}}
+    cfg = TrainConfig()  # block 1024 (the model's), batch 8, 3 epochs
+    plan = plan_module.make_plan(cfg, meta, 1024, world_size=1)
+    speed = plan_module.SpeedProbe(gflops=20.0, seconds=0.3, rows=1024)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    lines = plan_module.time_estimate_lines(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=False)
+    full = plan_module.run_seconds(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=False)
+    # 48 steps of 8,192 tokens at 6 x 124M + 12 x 12 x 768 x 1024 FLOP per token, 70 % of 20 GFLOP/s
+    assert full > 48 * 8192 * (6 * n_params + 12 * 12 * 768 * 1024) / (0.7 * 20e9) > 3600
+    assert lines[0].startswith(f"time estimate    ~{console.format_duration(full)} (")
+    shorter = re.fullmatch(r" +long for a CPU; shorter: --max-steps (\d+) ~(\S+); --lora-r 16 ~(\S+); "
+                           r"--block-size 256 ~(\S+)", lines[1])
+    assert shorter, lines
+    steps = int(shorter[1])
+    assert 1 <= steps < plan.total_steps
+    lora = plan_module.run_seconds(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=True)
+    assert shorter[3] == console.format_duration(lora) and lora < full
+    on_gpu = plan_module.time_estimate_lines(cfg, plan, config, n_params, speed, "fp32", 1, gpu, lora=False)
+    assert on_gpu == [lines[0].replace("this cpu did", "this cuda did")]
 
 
 def test_refuses_to_clobber_an_earlier_run(full_run, tiny_model_dir, tiny_data_dir):
