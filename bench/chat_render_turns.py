@@ -4,9 +4,11 @@ with the tiktoken engine prepare_data.py picks for it, the default chat template
 
     python bench/chat_render_turns.py --turns 1000 4000
 
-Each user message and reply is 12 words, so a turn is ~30 tokens. Printed per N: seconds to render and
+Each user message and reply is 12 words, so a turn is ~16 tokens. Printed per N: seconds to render and
 tokenize the conversation (ids + loss mask), best of --rounds, and the seconds per 1,000 messages: flat
-when the work is linear in the turns, growing with N when it is quadratic.
+when the work is linear in the turns, growing with N when it is quadratic (it is: each reply is checked
+against the rendering of the history before it). Above finetune.chat.MAX_MESSAGES the conversation is
+refused, and the line says how fast.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from _common import DEFAULT_TOKENIZER_DIR, REPO  # noqa: E402
 sys.path.insert(0, str(REPO))
 
 from finetune.chat import ChatRenderer, Conversation, choose_template  # noqa: E402
+from finetune.errors import UserError  # noqa: E402
 from finetune.prepare.chatstream import CheckedEncoder  # noqa: E402
 from finetune.prepare.engines import choose_engine, load_tokenizer, tokenizer_spec  # noqa: E402
 
@@ -51,10 +54,14 @@ def main() -> None:
     for turns in args.turns:
         example = conversation(turns // 2)
         best = float("inf")
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            rendered = renderer.render(example, "bench")
-            best = min(best, time.perf_counter() - start)
+        try:
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                rendered = renderer.render(example, "bench")
+                best = min(best, time.perf_counter() - start)
+        except UserError as exc:  # beyond finetune.chat.MAX_MESSAGES: refused before any render
+            print(f"{turns:>7,} messages: refused in {time.perf_counter() - start:.3f} s: {str(exc)[:90]}...")
+            continue
         print(f"{turns:>7,} messages: {best:8.2f} s ({len(rendered.ids):,} tokens, "
               f"{int(rendered.mask.sum() & 0xFFFFFFFF):,} mask sum), {1000 * best / turns:.3f} s per 1,000 messages")
 
