@@ -27,7 +27,7 @@ from finetune import launcher
 from finetune.checkpoints import list_checkpoints
 from finetune.config import TrainConfig, changed_settings, parse_config
 from finetune.console import progress_display, setup_logging
-from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
+from finetune.distributed import DistInfo, all_reduce_sum, barrier, raised_in_a_collective, setup_distributed, shutdown
 from finetune.errors import (
     EXIT_DIVERGED,
     EXIT_SAVE_FAILED,
@@ -35,6 +35,7 @@ from finetune.errors import (
     SaveFailed,
     UserError,
     exit_on_user_error,
+    first_line,
     raise_if_problems,
 )
 from finetune.fsdp import clip_gradients, no_gradient_sync
@@ -363,6 +364,14 @@ def main(argv=None) -> int:
             print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
                   file=sys.stderr, flush=True)
             return EXIT_SIGNAL[signal.SIGINT]
+        except RuntimeError as exc:
+            if not (dist_info.enabled and raised_in_a_collective(exc)):
+                raise
+            # Another process is gone (killed, crashed): the launcher or torchrun says which; one line here.
+            print(f"error: process {dist_info.rank} lost the other processes of the run ({first_line(exc, 100)}), "
+                  "so it stopped too. HINT: the line of the process that failed says why; the checkpoints written "
+                  "are intact: resume from the newest with the same command and --resume", file=sys.stderr, flush=True)
+            return 1
         finally:
             recipe.cleanup()
     finally:
