@@ -370,32 +370,21 @@ class SpeedProbe:
     rows: int       # the probe's X rows (tokens), X @ W with W of hidden x 4*hidden (the MLP's first matrix)
 
 
-def measure_matmul_speed(model_config, rows: int, precision: str, device, budget: float = 0.3) -> SpeedProbe:
+def measure_matmul_speed(model_config, rows: int, precision: str, device, seconds: float = 0.25) -> SpeedProbe:
     """GFLOP/s of X (rows x hidden) @ W (hidden x 4 hidden), the shape that dominates a block, in the run's
-    precision on its device, best of a few repeats within ~`budget` seconds: the speed this machine gives this
-    model now, load from other processes included."""
+    precision on its device for ~`seconds` (runtime.matmul_gflops, the precision probe's own): the speed this
+    machine gives this model now, load from other processes included."""
     import time
 
     import torch
 
+    from .runtime import matmul_gflops
+
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     started = time.perf_counter()
-    x = torch.randn(rows, hidden, dtype=dtype, device=device)
-    w = torch.randn(hidden, 4 * hidden, dtype=dtype, device=device)
-    x @ w  # warm-up: kernels chosen, pages touched
-    flops, best = 2 * rows * hidden * 4 * hidden, float("inf")
-    for _ in range(20):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        x @ w
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-        if time.perf_counter() - started > budget:
-            break
-    return SpeedProbe(flops / best / 1e9, time.perf_counter() - started, rows)
+    gflops = matmul_gflops(hidden, dtype, rows=rows, device=device, seconds=seconds)
+    return SpeedProbe(gflops, time.perf_counter() - started, rows)
 
 
 def training_flops_per_token(model_config, n_params: int, block_size: int, lora: bool = False,
