@@ -118,9 +118,9 @@ class Logging:
     """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
     """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
-    report_to: str = field(default="none", metadata={"metavar": "NAME[,NAME]"})
+    report_to: str = field(default="none", metadata={"metavar": "NAME[,NAME]", "action": cli.StoreOnce})
     """experiment trackers that get what metrics.jsonl gets, comma-separated: none, tensorboard, mlflow,
-    trackio, wandb (all local, under --output-dir; each an optional pip package; see README, "Tracking runs")"""
+    trackio, wandb (all local, under --output-dir; each an optional pip package; see docs/tracking.md)"""
 
 
 @dataclass

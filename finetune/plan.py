@@ -422,8 +422,9 @@ def time_estimate_lines(cfg: TrainConfig, plan: Plan, model_config, n_params: in
 
     total = seconds_for(cfg, plan)
     per_step = total / max(plan.total_steps, 1)
+    did = f"did {speed.gflops:,.0f}" if speed.gflops >= 10 else f"did {speed.gflops:.2g}"
     lines = [f"time estimate    ~{format_duration(total)} ({format_duration(per_step)} per step; this {device.type} "
-             f"did {speed.gflops:,.0f} GFLOP/s of {precision} matmuls at this model's shapes in a "
+             f"{did} GFLOP/s of {precision} matmuls at this model's shapes in a "
              f"{speed.seconds:.1f} s probe just now; rough, within about 2x)"]
     if device.type != "cpu" or total <= LONG_RUN_SECONDS:
         return lines

@@ -152,7 +152,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_d
     assert "3 warmup" in text and "512 tokens per step" in text and "GiB" in text
     assert "cpu, precision fp32" in text
     # how long it will take, from a matmul probe of this machine at this model's shapes (issue 27, 16)
-    assert re.search(r"^time estimate    ~\d+\w+ \(\d+\w+ per step; this cpu did [\d,]+ GFLOP/s of fp32 matmuls at "
+    assert re.search(r"^time estimate    ~\d+\w+ \(\d+\w+ per step; this cpu did [\d,.e+-]+ GFLOP/s of fp32 matmuls at "
                      r"this model's shapes in a [\d.]+ s probe just now; rough, within about 2x\)$", text, re.MULTILINE)
     assert not out.exists()
 

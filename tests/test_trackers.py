@@ -212,6 +212,11 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
                                           "cannot be combined with tensorboard. HINT: use --report-to "
                                           "tensorboard to log to it, or --report-to none for no tracker"]
+    twice = base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorboard", "--report-to", "mlflow")
+    result = run_main(ft.main, twice, capsys)  # it kept the last one, silently (issue 27, 20)
+    assert result.returncode == 2 and error_lines(result.stderr) == [
+        "error: --report-to was given twice ('tensorboard', then 'mlflow'), and the second would replace the first. "
+        "HINT: give it once; several values go in one comma-separated list: --report-to tensorboard,mlflow"]
     assert not out.exists()  # refused before anything was loaded or written
 
 
