@@ -317,7 +317,7 @@ def end_of_run_summary(run: TrainingRun) -> str:
         kept = "and no best/: no evaluation beat the base model's val loss at step 0"
     prompt = run.cfg.sample_prompts[0] if run.cfg.sample_prompts else "Once upon a time"
     commands = "".join(f"\n  {what + ':':<23}{command}"
-                       for what, command in next_commands(run.script, run.output_dir, prompt).items())
+                       for what, command in next_commands(run.script, run.output_dir, prompt, run.chat).items())
     return (f"done: val loss {before['val_loss']:.4f} at step {before['step']} -> {after['val_loss']:.4f} at step "
             f"{after['step']}; final model in {run.output_dir}, {kept}\nnext:{commands}")
 

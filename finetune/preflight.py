@@ -70,7 +70,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
 
     state = resume.state if resume else None
     try:
-        meta = load_meta(cfg.data_dir)
+        meta = load_meta(cfg.data_dir, cfg.model)
     except DataError as exc:
         raise UserError(str(exc)) from None
     if cfg.lora_r and resume:  # a LoRA checkpoint holds the adapter and tokenizer; the config is the base's

@@ -533,3 +533,14 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_conversation(overfit_model
             {"role": "user", "content": after}]  # the first exchange kept, the stopped turn gone
     assert prompts[2] == tok.apply_chat_template(kept, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert captured.out.startswith(f"> {EXCHANGES[0][1]}\n")
+
+
+def test_the_next_commands_after_a_chat_run_sample_with_chat(tmp_path, tiny_model_dir, chat_data_dir, capsys):
+    """The "next:" lines of a run on chat data sample a reply (--chat), not a plain continuation (issue 27, 20)."""
+    from helpers import run_main
+
+    out = tmp_path / "out"
+    result = run_main(ft.main, chat_args(tiny_model_dir, chat_data_dir, out, "--max-steps", 1), capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [t for t in result.stderr.splitlines() if "sample from it:" in t]
+    assert f"generate.py --model {out} --chat --prompt 'Once upon a time'" in line

@@ -274,7 +274,8 @@ def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
 
 def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tmp_path / "nodata", tmp_path / "o"))
-    assert_clean_error(result, "does not exist", "prepare_data.py")
+    assert_clean_error(result, "does not exist", f"HINT: run `python prepare_data.py --input YOUR_TEXT --tokenizer "
+                       f"{tiny_model_dir} --output-dir {tmp_path / 'nodata'}` to (re)create it")
     result = run_script("finetune_generative.py", *base_args(tmp_path / "nomodel", tiny_data_dir, tmp_path / "o"))
     assert_clean_error(result, "cannot load model", "local folder")
     (tmp_path / "file").write_text("x")
