@@ -409,3 +409,24 @@ def test_gradient_checkpointing_trains_the_same_with_dropout(tmp_path, tiny_mode
     wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_png_shows_a_training_loss_of_one_point(tmp_path, monkeypatch):
+    """A line through one point draws nothing: the first evaluation after one logged step showed no training loss
+    at all (issue 27, 22); such a point is drawn as a marker."""
+    import matplotlib.pyplot as plt
+
+    from finetune.metrics import plot_losses
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))
+    metrics = [{"kind": "eval", "step": 0, "tokens": 0, "val_loss": 6.0},
+               {"kind": "train", "step": 1, "tokens": 512, "loss": 5.9},
+               {"kind": "eval", "step": 1, "tokens": 512, "val_loss": 5.8}]
+    plot_losses(metrics, tmp_path / "loss.png")
+    (train,) = [line for line in drawn[0].axes[0].lines if line.get_label() == "train"]
+    assert list(train.get_xdata()) == [512] and train.get_marker() not in ("None", None, "", " ")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    plot_losses([*metrics, {"kind": "train", "step": 2, "tokens": 1024, "loss": 5.7}], tmp_path / "loss.png")
+    (train,) = [line for line in drawn[1].axes[0].lines if line.get_label() == "train"]
+    assert train.get_linestyle() == "-"  # two points and more: the line, as before
