@@ -294,8 +294,9 @@ def describe(template: ChatTemplate) -> str:
 RENDER_SECONDS = 10.0
 
 
-class RenderTimeout(Exception):
-    """A template's render ran past its time (raised by the alarm, inside Jinja)."""
+class RenderTimeout(BaseException):
+    """A template's render ran past its time (raised by the alarm, inside Jinja). A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` between here and the alarm turns it into another error."""
 
 
 @contextlib.contextmanager
