@@ -221,6 +221,9 @@ class FineTune:
         self.device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
         hidden_size = getattr(self.preflight.model_config, "hidden_size", None)  # the shape the precision probe times
         self.precision = resolve_precision(cfg.precision, self.device, hidden_size)
+        # auto's choice is recorded as the run's setting (train_config.json, every checkpoint), so a resume keeps it
+        # instead of asking a speed probe again, which another machine or a missing cache can answer otherwise
+        self.cfg = cfg = dataclasses.replace(cfg, precision=self.precision)
         if cfg.fsdp and self.precision == "fp16":
             raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
                             "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")

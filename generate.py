@@ -33,13 +33,14 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
 from finetune.checkpoints import CHECKPOINT_NAME
 from finetune.console import setup_logging
-from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.fsio import atomic_file
+from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.fsio import Terminated, atomic_file, sigterm_raises
 from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
 from finetune.models import (
     TOKENIZER_FILES,
@@ -201,9 +202,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_stdin() -> str:
+    """stdin as UTF-8, whatever the locale: under C or C.UTF-8, Python decodes stdin with surrogateescape, so
+    invalid bytes would come through as lone surrogates (and fail later, in the tokenizer) instead of here."""
     try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
+        stream = getattr(sys.stdin, "buffer", None)
+        text = stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+        text.encode("utf-8")  # a text stream that let surrogates through
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise UserError("stdin (--prompt -) is not valid UTF-8 text. HINT: convert it to UTF-8") from None
     # `echo text |` adds a newline the user did not mean as part of the prompt
     return text.rstrip("\r\n")
@@ -345,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    repetition_penalty=args.repetition_penalty)
     settings = settings_record(args, seed, device, precision)
-    with open_output(args.output) as out_file:
+    # Ctrl-C and SIGTERM (`timeout`, a scheduler) alike stop the samples and keep those written: --output
+    # is then put in place with them, as at the end of a run (the handler is gone again by then).
+    with open_output(args.output) as out_file, sigterm_raises():
         try:
             if args.chat and not prompts:
                 converse(model, tokenizer, gen_kwargs, seed, device, model_context_length(config), out_file,
@@ -353,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run(model, tokenizer, prompts, gen_kwargs, args.num_samples, seed, device, settings, out_file,
                     inputs=inputs if args.chat else None)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as stop:
             print(file=sys.stderr)
-            return 130
+            return EXIT_SIGNAL[signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT]
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Support code of the three scripts (prepare_data.py, finetune_generative.py, generate.py), one room
+"""Support code of the scripts (prepare_data.py, finetune_generative.py, generate.py, export.py), one room
 per concern. Scripts import the package; the package never imports a script. Inside, a module imports
 only the ones listed before it:
 
     errors        one error style (UserError -> one `error:` line, exit 2), exit codes, failed writes
-    fsio          atomic writes of folders and files, fsync, CRC32, the output-folder lock
+    fsio          atomic writes of folders and files (what a run did not write is moved aside, never deleted),
+                  fsync, CRC32, the output-folder lock (never through a link), SIGTERM as an exception
     outdir        the output folder of either script: created, locked, checked (rundir adds a run's rules)
     chat          chat/instruction records: formats, checks, the chat template, rendering to ids + loss mask
     distributed   torchrun: process group, barrier, all-reduce (no-ops in one process)

@@ -11,10 +11,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
-import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ import numpy as np
 
 from .distributed import DistInfo, all_gather_objects, barrier
 from .errors import UserError, first_line, refused_pickle
-from .fsio import TMP_PREFIX, atomic_folder, file_crc32
+from .fsio import atomic_folder, file_crc32, remove_our_folder
 
 log = logging.getLogger("finetune")
 
@@ -144,13 +142,14 @@ def save_checkpoint(output_dir: Path, write_model_files: Callable[[Path], None],
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints; a file in one that the run did not write (an export, say:
+    anything the newest checkpoint does not hold) is moved aside first, and a checkpoint-N that is a link
+    to a folder elsewhere loses only the link (fsio.remove_our_folder)."""
     if not keep:
         return
-    for old in list_checkpoints(output_dir)[:-keep]:
-        # Renamed first, so that a kill during the delete leaves a .tmp-* leftover, not a half checkpoint.
-        doomed = old.with_name(f"{TMP_PREFIX}pruned-{old.name}-{os.getpid()}")
-        os.replace(old, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[:-keep]:
+        remove_our_folder(old, checkpoints[-1])
 
 
 # -----------------------------------------------------------------------------

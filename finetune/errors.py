@@ -30,8 +30,19 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag gets one `error:` line with a hint instead of the usage block."""
 
     def error(self, message):
-        print(f"error: {message}. HINT: run `{self.prog} --help` to see every flag", file=sys.stderr)
+        print(f"error: {shorten_long_words(message)}. HINT: run `{self.prog} --help` to see every flag",
+              file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
+
+
+LONG_WORD = 80
+
+
+def shorten_long_words(text: str) -> str:
+    """A value given on the command line is echoed in an error, but a 100,000-character one is not: any run of
+    more than LONG_WORD non-blank characters is cut to its start and its length."""
+    return re.sub(rf"\S{{{LONG_WORD + 1},}}",
+                  lambda m: f"{m.group()[:LONG_WORD // 2]}… ({len(m.group()):,} characters)", text)
 
 
 def exit_on_user_error(main):

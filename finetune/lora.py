@@ -20,6 +20,7 @@ peft is optional: `pip install peft`. Everything here imports it lazily.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,14 +36,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("finetune")
 DEFAULT_DROPOUT = 0.05
-# peft asks models for `is_gradient_checkpointing`, which transformers 5.x renamed (it warns on each wrap).
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 PEFT_MISSING = "LoRA needs the peft package, which is not installed. HINT: pip install peft"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Beside each adapter we save: the fingerprint of the base it was trained on, checked wherever it loads (an
 # adapter pointed at another base of the same shapes would load silently and generate nonsense).
 ADAPTER_BASE_FILE = "adapter_base.json"
 RELEASE_ADAPTER_DIR = "adapter"
+
+
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """peft asks a model for `is_gradient_checkpointing`, which transformers 5.x renamed: a FutureWarning on
+    every wrap that says nothing to a user. Silenced around our own wraps only, not for the whole process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def alpha(cfg: TrainConfig) -> float:
@@ -165,7 +173,8 @@ def check_on_meta_model(cfg: TrainConfig, model_config) -> tuple[list[str], dict
     from peft import get_peft_model
 
     try:
-        wrapped = get_peft_model(model, lora_config(cfg, targets, all_conv1d(model, layers, targets)))
+        with quiet_peft_wrap():
+            wrapped = get_peft_model(model, lora_config(cfg, targets, all_conv1d(model, layers, targets)))
     except Exception as exc:  # noqa: BLE001 - peft's ValueError/TypeError/...: all mean "cannot wrap this"
         return [f"peft cannot wrap this {kind} model ({type(exc).__name__}: {first_line(exc)}) "
                 f"(HINT: train it without --lora-r, or pick other --lora-target-modules)"], {}
@@ -258,7 +267,8 @@ def to_lora(model, cfg: TrainConfig, tokenizer, source: str, precision: str):
     layers = block_linear_layers(model)
     targets = target_names(cfg, layers)
     config = lora_config(cfg, targets, all_conv1d(model, layers, targets))
-    peft_model = get_peft_model(model, config)
+    with quiet_peft_wrap():
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(cfg.model)
     if (Path(source) / ADAPTER_FILES[1]).is_file():
         device = next(peft_model.parameters()).device
@@ -424,7 +434,7 @@ def merge_into_base(base: str, peft_model, config, dropout_override: float | Non
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     adapter = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(peft_model).items()}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_peft_wrap():
         fresh = get_peft_model(load_weights(base, torch.float32), config)
     set_peft_model_state_dict(fresh, adapter)
     merged = fresh.merge_and_unload()

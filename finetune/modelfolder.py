@@ -62,16 +62,24 @@ def is_adapter_folder(path: Path) -> bool:
 
 def adapter_base(folder: Path) -> str:
     """The base an adapter folder names; a clear error when it is not recorded or cannot be found."""
+    config_file = folder / lora.ADAPTER_FILES[0]
     try:
-        base = json.loads((folder / lora.ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{folder / lora.ADAPTER_FILES[0]} is not readable JSON ({first_line(exc)}). HINT: save the "
+        raise UserError(f"{config_file} is not readable JSON ({first_line(exc)}). HINT: save the "
                         f"adapter again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} holds a JSON {json_kind(config)}, not the object of settings peft writes. "
+                        f"HINT: save the adapter again (peft's save_pretrained)")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{config_file}: base_model_name_or_path is a {json_kind(base)} ({first_line(json.dumps(base), 60)}), "
+                        f"not the base model's folder or hub name. HINT: set it to the base's folder or hub name")
     if not (folder / lora.ADAPTER_FILES[1]).is_file():
         raise UserError(f"{folder} has adapter_config.json but no {lora.ADAPTER_FILES[1]}. HINT: the save was probably "
                         f"interrupted; pass another checkpoint")
     if not base:
-        raise UserError(f"{folder / lora.ADAPTER_FILES[0]} does not name its base model (base_model_name_or_path). "
+        raise UserError(f"{config_file} does not name its base model (base_model_name_or_path). "
                         f"HINT: set it to the base's folder or hub name")
     if lora.base_folder(base) is None and (looks_like_path(base) or hub_offline() or not hub_reachable()):
         where = "no such folder" if looks_like_path(base) else "not in the local Hugging Face cache, hub not asked"
@@ -80,6 +88,12 @@ def adapter_base(folder: Path) -> str:
                         f"{folder / lora.ADAPTER_FILES[0]} to where it is now")
     check_adapter_base(folder, base)
     return base
+
+
+def json_kind(value) -> str:
+    """The JSON type of a parsed value, in JSON's words."""
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "list"), (dict, "object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
 
 
 def check_adapter_base(folder: Path, base: str) -> None:
@@ -105,7 +119,8 @@ def load_adapter_model(folder: Path, dtype):
     base = adapter_base(folder)
     model = load_weights(base, dtype)
     try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with lora.quiet_peft_wrap():
+            return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - a damaged adapter, or one made for another base
         raise UserError(f"cannot load the adapter in {folder} onto {base} ({type(exc).__name__}: "
                         f"{first_line(exc)}). HINT: check that it was trained on this base") from None

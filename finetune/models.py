@@ -1,4 +1,4 @@
-"""The one loader of tokenizers, configs and models for all three scripts, and what is done to a model
+"""The one loader of tokenizers, configs and models for every script, and what is done to a model
 before training: dropout override, GELU fusion, the optimizer.
 
 Loading strategy, the same everywhere: a local folder is read as it is; a hub name is looked up in the

@@ -8,14 +8,14 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
-from .checkpoints import TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
+from .checkpoints import SHARDED_FOLDER, TRAINING_STATE_FILE, checkpoint_step, list_checkpoints
 from .errors import UserError
-from .fsio import folder_in_use, lock_holder, remove_leftovers, rewrite_text
+from .fsio import folder_in_use, lock_holder, remove_leftovers, remove_our_folder, rewrite_text
 from .launcher import LAUNCHED_BY_NPROC
 from .metrics import read_metrics
 from .outdir import claimed_folder
@@ -30,6 +30,19 @@ RUN_ARTIFACTS = ("metrics.jsonl", "samples.jsonl", "loss.png", "config.json", "g
                  "vocab.json", "merges.txt", "chat_template.jinja", CONFIG_FILE, *TRACKER_FILES)
 # What a run writes before its first training step: its config, the step-0 evaluation and samples, trackers.
 STARTUP_FILES = ("metrics.jsonl", "samples.jsonl", CONFIG_FILE, *TRACKER_FILES)
+
+
+# What the saves of a run write into best/, adapter/ and checkpoint-N/ (a model, its tokenizer, an adapter, the
+# training state), so --overwrite deletes those and moves anything else found there aside (fsio.MOVED_ASIDE).
+SAVED_MODEL_FILES = frozenset({*RUN_ARTIFACTS, "added_tokens.json", "tokenizer.model", "model.safetensors.index.json",
+                               TRAINING_STATE_FILE, SHARDED_FOLDER,
+                               # lora.py's ADAPTER_FILES, ADAPTER_BASE_FILE, RELEASE_ADAPTER_DIR (a later room)
+                               "adapter_config.json", "adapter_model.safetensors", "adapter_base.json", "adapter"})
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def saved_by_a_run(name: str) -> bool:
+    return name in SAVED_MODEL_FILES or SHARD_FILE.fullmatch(name) is not None
 
 
 def output_dir_overlaps(output_dir: str, sources: dict[str, str]) -> list[str]:
@@ -113,7 +126,10 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, config_json: str) -> N
     if overwrite or restart:
         for name in earlier_run_artifacts(output_dir):
             path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():  # best/, adapter/, checkpoint-N/: never a file we did not write, never through a link
+                remove_our_folder(path, {p.name for p in path.iterdir() if saved_by_a_run(p.name)})
+            else:
+                path.unlink()  # a file of RUN_ARTIFACTS, or a link by that name (the link goes, not its target)
     remove_leftovers(output_dir)
     try:
         rewrite_text(output_dir / CONFIG_FILE, config_json)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class TensorBoard:
     def __init__(self, output_dir: Path, config: dict, step: int, saved: dict | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        quiet_tensorboard_writer_threads()
         self.log_dir = output_dir / "tensorboard"  # the same after a resume, even if the folder was moved
         # purge_step: TensorBoard drops the events at or after it that were written before (by an interrupted
         # run after its checkpoint; all of them if this tracker is new, as the run's history is replayed).
@@ -139,6 +141,24 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def quiet_tensorboard_writer_threads() -> None:
+    """TensorBoard writes its events from a background thread; when a write fails there (a full disk), the
+    thread keeps the exception, hands it to the next add_scalar or flush, where Trackers turns it into one
+    warning, and then also lets it escape the thread, which prints a 16-line traceback. That second report is
+    dropped here; an exception of any other thread is reported as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def excepthook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and getattr(args.thread, "exception", None) is not None:
+            return  # kept in thread.exception: raised on the next write, one warning there
+        previous(args)
+
+    excepthook.quiets_tensorboard = True
+    threading.excepthook = excepthook
 
 
 def write_hparams(writer, params: dict) -> None:

@@ -191,16 +191,24 @@ class TrainingRun:
         self.record({"kind": "eval", "step": progress.step, "epoch": progress.epoch,
                      "tokens": progress.tokens_seen, "val_loss": val_loss,
                      "val_perplexity": math.exp(min(val_loss, 50.0))})
-        if self.dist_info.is_main:
-            log.info("step %d: val loss %.4f, perplexity %.2f%s", progress.step, val_loss,
-                     math.exp(min(val_loss, 50.0)), " (best so far, saved to best/)" if improved else "")
         if improved:  # every rank knows: val_loss is summed across them
             best = self.output_dir / "best"
-            self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)
+            try:
+                self.model_files.release(self.model, best, f"the best model {best}", self.dist_info)
+            except BaseException:  # a full disk: the line says so, never "saved" (the error follows)
+                self.log_evaluation(val_loss, " (best so far; saving it to best/ failed)")
+                raise
+        # Logged once best/ is saved, so that "saved to best/" is never a line ahead of the truth.
+        self.log_evaluation(val_loss, " (best so far, saved to best/)" if improved else "")
         if self.dist_info.is_main:
             if any(m["kind"] == "train" for m in self.metrics):  # not at step 0: one point, and ~1 s to import
                 plot_losses(self.metrics, self.output_dir / "loss.png")
         return val_loss
+
+    def log_evaluation(self, val_loss: float, note: str) -> None:
+        if self.dist_info.is_main:
+            log.info("step %d: val loss %.4f, perplexity %.2f%s", self.progress.step, val_loss,
+                     math.exp(min(val_loss, 50.0)), note)
 
     def should_stop_early(self) -> bool:
         patience = self.cfg.early_stopping_patience

@@ -187,6 +187,21 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
+def assert_trained_alike(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lrs: list[float]) -> None:
+    """The weights of two implementations (or process counts) of the same training, after the optimizer steps
+    whose learning rates are `lrs`: every element within a tenth of the summed learning rate.
+
+    Why this bound and not an absolute 1e-5: AdamW's first step moves a weight by lr * g / (|g| + eps), about
+    lr * sign(g). Where a gradient is near zero (|g| ~ eps = 1e-8) the kernels' rounding of g, which differs by
+    CPU (AMD vs Intel with AVX-512/AMX) and by reduction order (DDP, FSDP), moves that weight by a visible
+    fraction of lr; a real mismatch (a gradient of another sign, other tokens trained) moves it by up to 2 lr
+    in that step. The losses, compared tightly next to this, catch what is smaller than a sign."""
+    assert a.keys() == b.keys()
+    bound = sum(lrs) / 10
+    worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+    assert worst[0] <= bound, f"{worst[1]} differs by {worst[0]:.3g}, more than {bound:.3g} (sum of lr / 10)"
+
+
 def checkpoint_names(out: Path) -> list[str]:
     return [p.name for p in ckpt.list_checkpoints(out)]
 

@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import REPO_ROOT, build_tiny_model
@@ -135,11 +136,12 @@ def max_logit_diff(a, b, vocab: int) -> float:
 
 
 # the bounds: f32 is exact up to float rounding; f16/bf16/q8_0 as measured on these tiny models, with margin
-BOUNDS = {"f32": 1e-6, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}
+BOUNDS = {"f32": 1e-6, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2, "q4_0": 0.3}
 
 
-@pytest.mark.parametrize("kinds,outtypes", [(("gpt2",), ("f32", "f16", "bf16", "q8_0")), (("gpt2-untied",), ("f32",)),
-                                            (("llama",), ("f32", "q8_0")), (("qwen2",), ("f32", "f16"))],
+@pytest.mark.parametrize("kinds,outtypes", [(("gpt2",), ("f32", "f16", "bf16", "q8_0", "q4_0")),
+                                            (("gpt2-untied",), ("f32",)), (("llama",), ("f32", "q8_0", "q4_0")),
+                                            (("qwen2",), ("f32", "f16"))],
                          ids=["gpt2", "gpt2-untied", "llama", "qwen2"])
 def test_round_trip_logits(tiny_models, tmp_path, kinds, outtypes):
     """Each outtype written, read back and rebuilt: the logits equal the original's within BOUNDS."""
@@ -158,6 +160,40 @@ def test_round_trip_logits(tiny_models, tmp_path, kinds, outtypes):
         assert types[matrix] == outtype.upper()
         assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay f32 whatever the outtype
         assert ("output.weight" in types) == (kind in ("gpt2-untied", "llama"))  # a tied output is written once
+
+
+def q4_0_blocks_as_llama_cpp_reads_them(raw) -> np.ndarray:
+    """The values of Q4_0 bytes, decoded from llama.cpp's block layout (ggml-common.h block_q4_0: an fp16 scale d,
+    then 16 bytes whose low nibbles are values 0-15 and high nibbles values 16-31, each (nibble - 8) * d;
+    ggml-quants.c dequantize_row_q4_0), written here from that description, not with gguf's own decoder."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    nibbles = np.concatenate([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], axis=1).astype(np.float32)
+    return (nibbles - 8) * d
+
+
+def test_q4_0_blocks_are_llama_cpps_layout_within_the_quantization_bound(tiny_models, tmp_path):
+    """Each Q4_0 matrix decoded as llama.cpp decodes it equals gguf's own dequantization, and every weight is
+    within its block's step |d| = max|block| / 8 of the original (rounding to the nearest of 16 levels is half a
+    step off at most; the one value the top level clips, a full step), with the fp16 rounding of d on top."""
+    folder = copy_model(tiny_models["llama"], tmp_path / "m")
+    assert run_export("--model", folder, "--outtype", "q4_0") == 0
+    model = load_original(folder)
+    original = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    hf_names = {name_map.get_name(k, try_suffixes=(".weight", ".bias")): k for k in original}
+    checked = 0
+    for tensor in gguf.GGUFReader(folder / "model-q4_0.gguf").tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+            continue
+        ours = q4_0_blocks_as_llama_cpp_reads_them(tensor.data)
+        assert np.array_equal(ours.reshape(-1), gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1))
+        weights = layout_back(hf_names[tensor.name], ours.reshape(tensor.data.shape[0], -1), model.config).numpy()
+        blocks = original[hf_names[tensor.name]].reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 8
+        assert np.all(np.abs(weights.reshape(-1, 32) - blocks) <= step * (1 + 2**-8) + 1e-12), tensor.name
+        checked += 1
+    assert checked == 2 * 7 + 2  # q, k, v, o, gate, up, down in each block; token embedding and output
 
 
 def test_gpt2_layout_and_metadata(tiny_models, tmp_path):
@@ -188,7 +224,9 @@ def test_gpt2_layout_and_metadata(tiny_models, tmp_path):
     shapes = {t.name: list(t.shape) for t in gguf.GGUFReader(folder / "model-f16.gguf").tensors}  # ggml: ne0 first
     assert shapes["blk.0.attn_qkv.weight"] == [32, 96]  # llama.cpp's {n_embd, 3 n_embd}
     assert shapes["blk.0.ffn_up.weight"] == [32, 48] and shapes["blk.0.ffn_down.weight"] == [48, 32]
-    assert (folder / "Modelfile").read_text().splitlines()[1:] == ["FROM ./model-f16.gguf"]  # plain text: no TEMPLATE
+    # plain text: no TEMPLATE; the context length and the end-of-text token as the stop word
+    assert (folder / "model-f16.Modelfile").read_text().splitlines()[1:] == [
+        "FROM ./model-f16.gguf", "PARAMETER num_ctx 64", 'PARAMETER stop "<|endoftext|>"']
 
 
 def test_llama_metadata(tiny_models, tmp_path):
@@ -220,9 +258,10 @@ def test_chat_template_and_modelfile(tiny_model_dir, tmp_path):
     assert fields["tokenizer.chat_template"] == CHATML
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert fields["tokenizer.ggml.token_type"][start] == fields["tokenizer.ggml.token_type"][end] == gguf.TokenType.CONTROL
-    lines = (folder / "Modelfile").read_text().split("\n")
+    lines = (folder / "model-f16.Modelfile").read_text().split("\n")
     assert lines[1:] == [
         "FROM ./model-f16.gguf",
+        "PARAMETER num_ctx 128",
         'TEMPLATE """{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system',
         '{{ .Content }}<|im_end|>',
         '{{ else if eq .Role "user" }}<|im_start|>user',
@@ -306,13 +345,13 @@ def test_bad_inputs_refused_with_nothing_written(tiny_models, tiny_tokenizer_dir
     model = copy_model(tiny_models["gpt2"], tmp_path / "m")
     assert_refused(capsys, run_export("--model", model, "--output", tmp_path / "m.bin"), "does not end in .gguf")
     assert_refused(capsys, run_export("--model", model, "--output", tmp_path / "no" / "m.gguf"), "does not exist")
-    (model / "Modelfile").write_text("FROM ./mine.gguf\nPARAMETER temperature 0.3\n")  # the user's own
+    (model / "model-f16.Modelfile").write_text("FROM ./mine.gguf\nPARAMETER temperature 0.3\n")  # the user's own
     assert_refused(capsys, run_export("--model", model), "not written by export.py")
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     assert_refused(capsys, run_export("--model", model), "pip install gguf")
     for folder in (empty, run_dir, opt, odd, model):
         assert not list(folder.rglob("*.gguf")) and not list(folder.rglob(".tmp-*")), folder
-    assert (model / "Modelfile").read_text() == "FROM ./mine.gguf\nPARAMETER temperature 0.3\n"
+    assert (model / "model-f16.Modelfile").read_text() == "FROM ./mine.gguf\nPARAMETER temperature 0.3\n"
 
 
 def test_existing_file_kept_without_overwrite(tiny_models, tmp_path, capsys):
@@ -324,7 +363,7 @@ def test_existing_file_kept_without_overwrite(tiny_models, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
     assert run_export("--model", model, "--output", out, "--overwrite") == 0
     assert read_fields(out)["general.file_type"] == 1 and out.read_bytes() != before
-    assert (tmp_path / "Modelfile").read_text().splitlines()[1] == "FROM ./book.gguf"
+    assert (tmp_path / "book.Modelfile").read_text().splitlines()[1] == "FROM ./book.gguf"
 
 
 def test_disk_full_is_exit_4_and_no_partial_file(tiny_models, tmp_path, capsys, monkeypatch):
@@ -342,4 +381,131 @@ def test_disk_full_is_exit_4_and_no_partial_file(tiny_models, tmp_path, capsys, 
     assert run_export("--model", model) == 4
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
-    assert not list(model.glob("*.gguf")) and not list(model.glob(".tmp-*")) and not (model / "Modelfile").exists()
+    assert not list(model.glob("*.gguf")) and not list(model.glob(".tmp-*")) and not list(model.glob("*Modelfile"))
+
+
+# -----------------------------------------------------------------------------
+# Where exports go, and what is left when one is stopped (issue 27)
+
+
+def test_exports_of_a_run_go_to_its_export_folder_one_modelfile_each(tiny_models, tmp_path, capsys):
+    """The trainer replaces best/ and adapter/ whole and prunes checkpoint-N/: an export inside them was lost at
+    the next --resume. Exports of a run's models go to RUN/export/, named after the model, each with its own
+    Modelfile, so exporting another --outtype never repoints an earlier Modelfile."""
+    run = tmp_path / "out"
+    copy_model(tiny_models["gpt2"], run)
+    (run / "train_config.json").write_text("{}")  # what marks a folder as a run of the training script
+    for name in ("best", "checkpoint-4"):
+        copy_model(tiny_models["gpt2"], run / name)
+    expected = {run: "model", run / "best": "best", run / "checkpoint-4": "checkpoint-4",
+                run / "adapter": "adapter", run / "best" / "adapter": "best-adapter"}
+    for model, name in expected.items():
+        assert export.default_output(model, "q8_0") == run.resolve() / "export" / f"{name}-q8_0.gguf"
+    plain = copy_model(tiny_models["gpt2"], tmp_path / "plain")  # no run: next to its files, as before
+    assert export.default_output(plain, "f16") == plain / "model-f16.gguf"
+
+    assert run_export("--model", run / "best") == 0
+    assert run_export("--model", run / "best", "--outtype", "q8_0") == 0
+    export_dir = run / "export"
+    assert sorted(p.name for p in export_dir.iterdir()) == ["best-f16.Modelfile", "best-f16.gguf",
+                                                            "best-q8_0.Modelfile", "best-q8_0.gguf"]
+    assert (export_dir / "best-f16.Modelfile").read_text().splitlines()[1] == "FROM ./best-f16.gguf"
+    assert (export_dir / "best-q8_0.Modelfile").read_text().splitlines()[1] == "FROM ./best-q8_0.gguf"
+    assert not list((run / "best").glob("*.gguf")) and not list((run / "best").glob("*Modelfile"))
+    assert f"ollama create NAME -f {export_dir / 'best-q8_0.Modelfile'}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only_copy(tmp_path, tiny_models):
+    """The tiny GPT-2 on a read-only filesystem (a tmpfs remounted read-only; needs root), else skip."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        model = copy_model(tiny_models["gpt2"], mount / "m")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield model
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_read_only_folder_is_one_line_before_the_model_loads(read_only_copy, capsys, monkeypatch):
+    def must_not_load(*args):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(export, "load_model", must_not_load)
+    assert_refused(capsys, run_export("--model", read_only_copy), "cannot write the export into",
+                   "Read-only file system", "--output FILE.gguf")
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_and_the_next_export_removes_a_killed_ones(tiny_models, tmp_path,
+                                                                                              capsys, monkeypatch):
+    import os
+    import signal
+    import subprocess
+
+    model = copy_model(tiny_models["gpt2"], tmp_path / "m")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = model / f".tmp-model-q8_0.gguf-{int(dead.stdout)}"  # what kill -9 of a q8_0 export left
+    killed.write_bytes(b"GGUF" + bytes(1000))
+    real, written = gguf.GGUFWriter.write_tensor_data, []
+
+    def terminated_midway(self, tensor, *args, **kwargs):
+        if len(written) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled where it arrives
+        written.append(tensor.nbytes)
+        return real(self, tensor, *args, **kwargs)
+
+    def outer_handler(signum, frame):  # where SIGTERM goes outside the export (not killing pytest if it fails)
+        received.append(signum)
+
+    received = []
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", terminated_midway)
+    previous = signal.signal(signal.SIGTERM, outer_handler)
+    try:
+        code = run_export("--model", model)
+        assert signal.getsignal(signal.SIGTERM) is outer_handler  # the export's own handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 143 and received == [], (code, err)
+    assert "Traceback" not in err and "error: stopped by SIGTERM while exporting to" in err, err
+    assert sorted(p.name for p in model.iterdir() if "gguf" in p.name or "Modelfile" in p.name) == []
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real)
+    assert run_export("--model", model) == 0
+    assert sorted(p.name for p in model.iterdir() if "gguf" in p.name or "Modelfile" in p.name) == [
+        "model-f16.Modelfile", "model-f16.gguf"]
+
+
+def test_newline_in_the_folder_name_and_a_huge_outtype(tiny_models, tmp_path, capsys):
+    """A folder named `m\\nFROM ./evil.gguf` used to put that line into the Modelfile as an instruction; a
+    100,000-character --outtype was echoed whole."""
+    model = copy_model(tiny_models["gpt2"], tmp_path / "m\nFROM ./evil.gguf")
+    assert run_export("--model", model) == 0
+    lines = (model / "model-f16.Modelfile").read_text().splitlines()
+    assert [line for line in lines if line.startswith("FROM")] == ["FROM ./model-f16.gguf"]
+    assert "m\\nFROM ./evil.gguf" in lines[0] and lines[0].startswith("# Written by export.py")
+    capsys.readouterr()
+    assert run_export("--model", model, "--outtype", "x" * 100_000) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --outtype: invalid choice") and "(100,002 characters)" in err  # quotes too
+    assert len(err) < 400, len(err)
+    assert_refused(capsys, run_export("--model", model, "--output", tmp_path / "a\nFROM b.gguf"),
+                   "has a control character")
+    assert not (tmp_path / "a\nFROM b.gguf").exists()
+
+
+@pytest.mark.parametrize("config", ["[]", '{"base_model_name_or_path": 7}'])
+def test_adapter_config_not_an_object_or_a_number_for_base_is_one_line(tmp_path, capsys, config):
+    pytest.importorskip("peft")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert_refused(capsys, run_export("--model", adapter), str(adapter / "adapter_config.json"))
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -24,7 +24,17 @@ from finetune import checkpoints as ckpt
 from finetune import console
 from finetune import plan as plan_module
 from finetune.config import TrainConfig, parse_config
-from helpers import BLOCK, REPO_ROOT, assert_clean_error, assert_same_weights, base_args, run_script, train_records, weights
+from helpers import (
+    BLOCK,
+    REPO_ROOT,
+    assert_clean_error,
+    assert_same_weights,
+    assert_trained_alike,
+    base_args,
+    run_script,
+    train_records,
+    weights,
+)
 
 
 def expected_total_steps(data_dir: Path, batch: int, accum: int, epochs: int) -> int:
@@ -406,9 +416,30 @@ def test_gradient_checkpointing_trains_the_same_with_dropout(tmp_path, tiny_mode
         losses[name] = [r["loss"] for r in train_records(out)]
     assert len(losses["plain"]) == 4
     assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6, abs=1e-6)
-    wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+    assert_trained_alike(weights(tmp_path / "plain"), weights(tmp_path / "checkpointed"),
+                         [r["lr"] for r in train_records(tmp_path / "plain")])
+
+
+def test_precision_auto_is_decided_once_and_kept_by_a_resume(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch,
+                                                             capsys):
+    """auto's choice is the run's setting: recorded in train_config.json and each checkpoint, so a resume on a
+    machine whose speed probe would answer otherwise (another CPU, no cache) trains on in the same precision."""
+    from finetune import runtime
+
+    out = tmp_path / "out"
+    args = [a if a != "fp32" else "auto" for a in base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", 2,
+                                                           "--save-every", 1)]
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda *_: True)
+    assert ft.main(args) == 0
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "bf16"
+    shutil.rmtree(out / "checkpoint-2")
+    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda *_: False)  # this machine's probe says fp32 now
+    capsys.readouterr()
+    assert ft.main(["--output-dir", str(out), "--resume"]) == 0
+    log = capsys.readouterr().err
+    assert "device cpu, precision bf16" in log and "precision fp32" not in log
+    assert [r["step"] for r in train_records(out)] == [1, 2]
 
 
 def test_loss_png_shows_a_training_loss_of_one_point(tmp_path, monkeypatch):

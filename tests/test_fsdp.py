@@ -24,7 +24,7 @@ import finetune_generative as ft
 import generate
 from finetune import checkpoints as ckpt
 from finetune.fsio import TMP_PREFIX
-from helpers import REPO_ROOT, base_args, build_tiny_model, newest_step, train_records
+from helpers import REPO_ROOT, assert_trained_alike, base_args, build_tiny_model, newest_step, train_records
 
 VOCAB = 401
 STEPS = 16
@@ -48,12 +48,6 @@ def args(model_dir, data_dir, out, batch: int, *extra) -> list[str]:
 def torchrun_cmd(nproc: int, *script_args) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             str(REPO_ROOT / "finetune_generative.py"), *map(str, script_args)]
-
-
-def assert_close_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=tol, rtol=0), (name, (a[name] - b[name]).abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run,
     for a, b in zip(train_records(out), reference):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
     final, expected = load_file(out / "model.safetensors"), load_file(one_process_run / "model.safetensors")
-    assert_close_weights(final, expected)
+    assert_trained_alike(final, expected, [r["lr"] for r in reference])
     assert "lm_head.weight" not in final  # the tie is saved once, as by save_pretrained
     initial = load_file(odd_model_dir / "model.safetensors")["transformer.wte.weight"]
     assert final["transformer.wte.weight"].shape[0] == VOCAB
@@ -139,7 +133,8 @@ def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_lo
     assert [r["step"] for r in train_records(out)] == [3, 4]
     assert [r["loss"] for r in train_records(out)] == pytest.approx(
         [r["loss"] for r in train_records(sharded_single_run) if r["step"] > 2], abs=1e-5)
-    assert_close_weights(load_file(out / "model.safetensors"), load_file(sharded_single_run / "model.safetensors"))
+    assert_trained_alike(load_file(out / "model.safetensors"), load_file(sharded_single_run / "model.safetensors"),
+                         [r["lr"] for r in train_records(sharded_single_run)])
     # The released folder loads with from_pretrained and gives the loss the sharded model measured at the end
     # (every validation block, the ranks' shares together, as one process measures it).
     state = ckpt.load_training_state(out / "checkpoint-4")
@@ -246,7 +241,8 @@ def test_kill9_during_a_sharded_save_leaves_only_checkpoints_that_load(one_proce
     assert [r["step"] for r in train_records(out)] == list(range(1, STEPS + 1))
     for a, b in zip(train_records(out), reference):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
-    assert_close_weights(load_file(out / "model.safetensors"), load_file(one_process_run / "model.safetensors"))
+    assert_trained_alike(load_file(out / "model.safetensors"), load_file(one_process_run / "model.safetensors"),
+                         [r["lr"] for r in reference])
 
 
 def test_refusals(one_process_run, odd_model_dir, tiny_data_dir, tmp_path, capsys):

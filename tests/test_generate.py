@@ -7,16 +7,19 @@ Everything runs on the CPU in fp32 so results do not depend on the machine's GPU
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import generate as generate_module
-from helpers import REPO_ROOT, assert_clean_error, run_main, run_script
+from helpers import REPO_ROOT, assert_clean_error, assert_one_line_error, run_main, run_script
 
 CPU = ("--device", "cpu", "--precision", "fp32")
 HEADER = re.compile(r"^--- sample (\d+)/(\d+) \((.*)\) ---$", re.MULTILINE)
@@ -346,7 +349,6 @@ def test_output_replaces_its_own_samples_atomically(tiny_model_dir, tmp_path):
 
 def test_prompt_file_folder_or_device_is_named_as_such(tmp_path, monkeypatch):
     import importlib
-    import os
     from pathlib import Path
 
     from finetune.errors import UserError
@@ -364,3 +366,77 @@ def test_prompt_file_folder_or_device_is_named_as_such(tmp_path, monkeypatch):
         assert str(error.value) == (f"--prompt-file {path} is not a regular file (a device, FIFO or socket). "
                                     f"HINT: save the prompts to a text file, one per line, or pass --prompt - "
                                     f"to read stdin")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_keeps_the_samples_written_as_ctrl_c_does(tiny_model_dir, tmp_path, signum):
+    """`timeout` or a scheduler's SIGTERM after hundreds of samples used to leave no --output file and the
+    samples in a hidden .tmp- that nothing removed; now it ends like Ctrl-C: the samples done are kept."""
+    out = tmp_path / "samples.jsonl"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "generate.py"), *CPU, "--model", str(tiny_model_dir),
+                             "--prompt", "x", "--max-new-tokens", "4", "--num-samples", "100000", "--seed", "1",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            tmp = list(tmp_path.glob(".tmp-samples.jsonl-*"))
+            if tmp and tmp[0].stat().st_size > 0 and tmp[0].read_bytes().count(b"\n") >= 64:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (143 if signum == signal.SIGTERM else 130), stderr
+    assert "Traceback" not in stderr, stderr
+    records = read_jsonl(out)
+    assert len(records) >= 64 and [r["sample_index"] for r in records] == list(range(len(records)))
+    assert [p.name for p in tmp_path.iterdir()] == ["samples.jsonl"]  # no hidden temporary left
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_run(tiny_model_dir, tmp_path):
+    """kill -9 runs no cleanup: the next run writing the same --output removes the hidden temporary of a writer
+    that is gone, and keeps one whose writer still runs."""
+    import generate
+
+    out = tmp_path / "samples.jsonl"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-samples.jsonl-{int(dead.stdout)}"
+    stale.write_text('{"prompt": "x"}\n')
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    running = tmp_path / f".tmp-samples.jsonl-{writer.pid}"
+    running.write_text('{"prompt": "y"}\n')
+    try:
+        assert generate.main(["--model", str(tiny_model_dir), *CPU, "--prompt", "x", "--max-new-tokens", "2",
+                              "--seed", "1", "--output", str(out)]) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not stale.exists() and out.is_file() and running.read_text() == '{"prompt": "y"}\n'
+
+
+@pytest.mark.parametrize("locale,chat", [("C", False), ("C.UTF-8", True)])
+def test_stdin_that_is_not_utf8_is_one_line_under_any_locale(tiny_model_dir, locale, chat):
+    """Under a C or C.UTF-8 locale Python reads stdin with surrogateescape, so invalid bytes used to pass the
+    check and crash in the tokenizer (TypeError: TextEncodeInput); now they are the documented line."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "generate.py"), *CPU, "--model", str(tiny_model_dir), "--prompt", "-",
+         *(["--chat"] if chat else [])],
+        input=b"The old \xff\xfe captain\n", capture_output=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "LC_ALL": locale, "LANG": locale, "PYTHONIOENCODING": ""})
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert_one_line_error(result, "stdin (--prompt -) is not valid UTF-8 text", "HINT: convert it to UTF-8")
+
+
+@pytest.mark.parametrize("config,fragment", [("[]", "holds a JSON list, not the object of settings"),
+                                             ('{"base_model_name_or_path": 123}',
+                                              "base_model_name_or_path is a number (123)")])
+def test_adapter_config_that_is_not_an_object_or_names_no_base_is_one_line(tmp_path, capsys, config, fragment):
+    pytest.importorskip("peft")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config, encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    result = run_main(generate_module.main, [*CPU, "--model", adapter, "--prompt", "x"], capsys)
+    assert_one_line_error(result, f"{adapter / 'adapter_config.json'}", fragment, "HINT:")

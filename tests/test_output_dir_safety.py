@@ -73,3 +73,109 @@ def test_overwrite_removes_only_what_our_run_wrote(tmp_path, tiny_model_dir, tin
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "extra" / "keep.txt").read_text() == "mine too"
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_lock_that_is_a_symlink_is_refused_on_resume_and_its_target_untouched(tmp_path, tiny_model_dir,
+                                                                                tiny_data_dir, capsys):
+    """A run folder received from elsewhere with `.lock -> ../notes.txt`: --resume used to open the lock with
+    "a+", following the link, and replace the notes by its PID. Now the lock is refused in one line, and so is
+    a new run into a folder holding only such a link."""
+    import finetune_generative as ft
+    from helpers import run_main
+
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--save-every", "2")
+    assert ft.main(args) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n", encoding="utf-8")
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to("../notes.txt")
+    before = snapshot(out)
+    result = run_main(ft.main, [*args[:-2], "--resume"], capsys)  # the same run, continued
+    assert_clean_error(result, f"{out / '.lock'} is a symbolic link", "HINT: remove")
+    assert notes.read_text(encoding="utf-8") == "my notes\n" and snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").symlink_to("../notes.txt")
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, fresh, "--max-steps", "2"), capsys)
+    assert_clean_error(result, "is a symbolic link")
+    assert notes.read_text(encoding="utf-8") == "my notes\n"
+    assert [p.name for p in fresh.iterdir()] == [".lock"]
+
+
+# -----------------------------------------------------------------------------
+# Replacing best/, pruning checkpoints, --overwrite: never a file the run did not write (issue 27)
+
+
+def write_files(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_replacing_best_moves_files_the_run_did_not_write_aside(tmp_path, caplog):
+    """An export in best/ (the docs' own `export.py --model out/best` used to put it there) is moved to
+    moved-aside/best/ with a warning when the next better evaluation replaces best/, not deleted with it."""
+    from finetune.fsio import atomic_folder
+
+    out = tmp_path / "out"
+    best = write_files(out / "best", {"config.json": "old", "model.safetensors": "old", "model-f16.gguf": "export",
+                                      "adapter/adapter_config.json": "old", "adapter/notes.txt": "mine"})
+    with atomic_folder(best, "the best model") as tmp:
+        write_files(tmp, {"config.json": "new", "model.safetensors": "new", "adapter/adapter_config.json": "new"})
+    assert snapshot(best) == snapshot(write_files(tmp_path / "expected", {
+        "config.json": "new", "model.safetensors": "new", "adapter/adapter_config.json": "new"}))
+    aside = out / "moved-aside" / "best"
+    assert (aside / "model-f16.gguf").read_text() == "export" and (aside / "adapter" / "notes.txt").read_text() == "mine"
+    assert "held adapter/notes.txt, model-f16.gguf, which this run did not write" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["best", "moved-aside"]  # no .tmp- left
+
+
+def test_pruning_moves_foreign_files_aside_and_only_unlinks_a_linked_checkpoint(tmp_path, caplog):
+    from finetune.checkpoints import prune_checkpoints
+    from finetune.fsio import atomic_folder
+
+    out = tmp_path / "out"
+    elsewhere = write_files(tmp_path / "elsewhere", {"config.json": "theirs", "training_state.pt": "theirs"})
+    out.mkdir()
+    (out / "checkpoint-1").symlink_to(elsewhere, target_is_directory=True)
+    ours = {"config.json": "c", "training_state.pt": "s"}
+    write_files(out / "checkpoint-2", {**ours, "model-f16.gguf": "export"})
+    write_files(out / "checkpoint-3", ours)
+    prune_checkpoints(out, keep=1)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "moved-aside"]  # no .tmp-pruned- left
+    assert (out / "moved-aside" / "checkpoint-2" / "model-f16.gguf").read_text() == "export"
+    assert snapshot(elsewhere) == snapshot(write_files(tmp_path / "expected", {"config.json": "theirs",
+                                                                                "training_state.pt": "theirs"}))
+    assert "removed the link, its target left as it is" in caplog.text
+    # A LoRA release into the run folder replaces out/adapter/ the same way.
+    write_files(out / "adapter", {"adapter_config.json": "old", "adapter-f16.gguf": "export"})
+    with atomic_folder(out, "the final model", into=True) as tmp:
+        write_files(tmp, {"config.json": "final", "adapter/adapter_config.json": "new"})
+    assert (out / "adapter" / "adapter_config.json").read_text() == "new"
+    assert (out / "moved-aside" / "adapter" / "adapter-f16.gguf").read_text() == "export"
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_overwrite_with_checkpoint_and_best_linked_outside_the_run(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    """checkpoint-1 and best/ symlinked to folders outside the run: --overwrite used to end in `Cannot call rmtree
+    on a symbolic link` and leave a .tmp-pruned- folder. Now the links go, their targets are untouched, and a
+    file the run did not write in a real checkpoint is moved aside."""
+    import finetune_generative as ft
+    from helpers import run_main
+
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--save-every", "1",
+                     "--eval-every", "1")
+    assert ft.main(args) == 0
+    for name in ("checkpoint-1", "best"):
+        shutil.move(out / name, tmp_path / f"elsewhere-{name}")
+        (out / name).symlink_to(tmp_path / f"elsewhere-{name}", target_is_directory=True)
+    (out / "checkpoint-2" / "notes.txt").write_text("mine")
+    outside = {name: snapshot(tmp_path / f"elsewhere-{name}") for name in ("checkpoint-1", "best")}
+    result = run_main(ft.main, [*args, "--overwrite"], capsys)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert {name: snapshot(tmp_path / f"elsewhere-{name}") for name in outside} == outside
+    assert (out / "moved-aside" / "checkpoint-2" / "notes.txt").read_text() == "mine"
+    assert not list(out.glob(".tmp-*")) and not (out / "best").is_symlink() and not (out / "checkpoint-1").is_symlink()

@@ -177,3 +177,29 @@ def test_every_problem_in_one_error(tmp_path, capsys):
                           capsys)
     assert_one_line_error(result, "3 problems with the input", "missing.txt does not exist",
                           "a.csv is empty: no header row", "out is a file")
+
+
+@pytest.mark.parametrize("link_to", ["notes", "fifo"])
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, tiny_tokenizer_dir, capsys, link_to):
+    """A data folder received from elsewhere with `.lock -> ../notes.txt`: the lock used to be opened with "a+",
+    which followed the link, emptied the notes and wrote a PID into them. Now it is refused in one line."""
+    out = tmp_path / "data"
+    out.mkdir()
+    target = tmp_path / "notes.txt"
+    if link_to == "fifo":
+        os.mkfifo(target)  # opening a FIFO blocks: the link must not even be opened
+    else:
+        target.write_text("my notes\n", encoding="utf-8")
+    (out / ".lock").symlink_to("../notes.txt")
+    book = tmp_path / "book.txt"
+    book.write_text(make_corpus(20_000, seed=4), encoding="utf-8")
+    signal.alarm(60)
+    try:
+        result = run_main(prep.main, ["--input", book, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out,
+                                      "--block-size", 16], capsys)
+    finally:
+        signal.alarm(0)
+    assert_one_line_error(result, f"{out / '.lock'} is a symbolic link", "HINT: remove")
+    assert (out / ".lock").is_symlink() and sorted(p.name for p in out.iterdir()) == [".lock"]
+    if link_to == "notes":
+        assert target.read_text(encoding="utf-8") == "my notes\n"

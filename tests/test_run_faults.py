@@ -345,3 +345,25 @@ def test_precision_auto_on_a_bf16_cpu_measures_and_remembers(tmp_path, monkeypat
         cache.write_text(json.dumps({key: figures}))
         assert runtime.resolve_precision("auto", cpu, hidden_size=64, log=log) == expected
     assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: no probe
+
+
+def test_a_failed_save_of_best_is_never_logged_as_saved(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
+    """The log used to say "(best so far, saved to best/)" one line before the save of best/ failed on a full disk;
+    the line now comes after the save, and says it failed when it did."""
+    from finetune.models import ModelFiles
+
+    def full_disk(self, model, folder):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ModelFiles, "write_release", full_disk)
+    out = tmp_path / "out"
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--eval-every", "2"),
+                      capsys)
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
+    assert "saved to best/" not in result.stderr
+    lines = result.stderr.splitlines()
+    failed = next(i for i, line in enumerate(lines) if "step 2: val loss" in line)
+    assert lines[failed].endswith("(best so far; saving it to best/ failed)"), lines[failed]
+    (error,) = error_lines(result.stderr)
+    assert f"could not save the best model {out}/best (No space left on device)" in error
+    assert not (out / "best").exists() and not list(out.glob(".tmp-*"))

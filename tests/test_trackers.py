@@ -264,3 +264,32 @@ def test_progress_lines_never_leave_a_log_file_silent_for_long(monkeypatch):
     count = len(lines)
     time.sleep(0.5)
     assert len(lines) == count  # the watcher stopped with the bar
+
+
+def test_tensorboard_on_a_full_disk_is_one_warning_not_a_thread_traceback(tmp_path, monkeypatch, capfd, caplog):
+    """TensorBoard writes from a background thread; a full disk there used to print a 16-line `Exception in
+    thread` traceback besides the one warning Trackers gives when the error reaches the next write."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's own, not pytest's
+    opened = trackers.open_trackers(["tensorboard"], tmp_path, {"lr": 1e-3}, 0, None, [], is_main=True)
+    opened.flush()
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    (tracker,) = opened.active
+    worker = tracker.writer.file_writer.event_writer._async_writer._worker
+    opened.log({"kind": "train", "step": 1, "loss": 2.0})
+    worker.join(timeout=30)  # the write fails in the thread, which ends
+    for step in (2, 3):
+        opened.log({"kind": "train", "step": step, "loss": 2.0})
+    opened.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    failures = [r.getMessage() for r in caplog.records if "--report-to tensorboard" in r.getMessage()]
+    assert len(failures) == 1 and "No space left on device" in failures[0], failures

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..fsio import atomic_path
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 DEFAULT_OUTTYPE = "f16"
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -43,7 +43,7 @@ def outtype_types(outtype: str):
 
     q, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
     return {"f32": (q.F32, f.ALL_F32), "f16": (q.F16, f.MOSTLY_F16), "bf16": (q.BF16, f.MOSTLY_BF16),
-            "q8_0": (q.Q8_0, f.MOSTLY_Q8_0)}[outtype]
+            "q8_0": (q.Q8_0, f.MOSTLY_Q8_0), "q4_0": (q.Q4_0, f.MOSTLY_Q4_0)}[outtype]
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def hf_to_gguf_layout(name: str, tensor, config):
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str):
     """Norms, biases (1-D) and the position embedding stay F32 (what llama.cpp computes them in); the rest
-    in `outtype`; for q8_0 a row whose length is not a whole number of 32-value blocks falls back to F16."""
+    in `outtype`; for q8_0 and q4_0 a row whose length is not a whole number of 32-value blocks falls back to F16."""
     import gguf
 
     q = gguf.GGMLQuantizationType
@@ -197,7 +197,8 @@ def nbytes(shape: tuple[int, ...], qtype) -> int:
 
 
 def encode(array, qtype):
-    """float32 numpy -> the bytes (as a numpy array) of `qtype`: F32/F16 by numpy, BF16 and Q8_0 by gguf.quants."""
+    """float32 numpy -> the bytes (as a numpy array) of `qtype`: F32/F16 by numpy, BF16, Q8_0 and Q4_0 by
+    gguf.quants (ports of llama.cpp's reference quantize_row_*_ref)."""
     import gguf
 
     return gguf.quants.quantize(array, qtype)

@@ -130,9 +130,26 @@ class ModelfilePlan:
     warning: str | None  # a chat template that could not be written as a TEMPLATE
 
 
-def modelfile(gguf_path: Path, source: str, tokenizer, chat_template: str | None) -> ModelfilePlan:
-    lines = [f"{HEADER} from {source}; create the Ollama model with: ollama create NAME -f {gguf_path.parent / 'Modelfile'}",
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (a newline as \\n): a folder name with a newline in it must
+    not start a line of its own in the Modelfile, where it would be read as an instruction."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def parameter_value(text: str) -> bool:
+    """Can `text` stand in a PARAMETER line as a quoted value (no quote, no control character)?"""
+    return bool(text) and '"' not in text and text.isprintable()
+
+
+def modelfile(gguf_path: Path, modelfile_path: Path, source: str, tokenizer, chat_template: str | None,
+              context_length: int | None = None) -> ModelfilePlan:
+    """The Modelfile for `gguf_path`: FROM it; the model's context length as num_ctx (Ollama's default is
+    another, longer than GPT-2's 1024 positions); a chat model's TEMPLATE and stop words, or a plain-text
+    model's end-of-text token as its stop word."""
+    lines = [printable(f"{HEADER} from {source}; create the Ollama model with: ollama create NAME -f {modelfile_path}"),
              f"FROM ./{gguf_path.name}"]
+    if context_length:
+        lines.append(f"PARAMETER num_ctx {int(context_length)}")
     warning = None
     if chat_template is not None:
         fmt = derive_format(tokenizer)
@@ -143,7 +160,9 @@ def modelfile(gguf_path: Path, source: str, tokenizer, chat_template: str | None
                        "uses. HINT: add a TEMPLATE to the Modelfile by hand for Ollama")
         else:
             lines.append(f'TEMPLATE """{template}"""')
-            lines += [f'PARAMETER stop "{word}"' for word in stop_words(fmt) if '"' not in word]
+            lines += [f'PARAMETER stop "{word}"' for word in stop_words(fmt) if parameter_value(word)]
+    elif parameter_value(tokenizer.eos_token or ""):  # plain text: the text ends where the model writes its EOS
+        lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
     return ModelfilePlan("\n".join(lines) + "\n", warning)
 
 

@@ -1,6 +1,7 @@
 """The data pipeline of prepare_data.py: text and records in, train.bin / val.bin / meta.json out (README.md
 draws it). A module imports only the ones listed before it (and the package rooms below finetune/prepare):
 
+    piece       the Piece: a stretch of input text, its split and source, passed from room to room
     settings    the frozen Settings the pipeline takes (prepare_data.py builds it from the flags)
     lines       a record file's bytes as decoded lines with their offsets (JSON lines, CSV/TSV), its sha256
     jsonrecords JSON lines and .json files, value by value

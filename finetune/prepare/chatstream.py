@@ -13,10 +13,10 @@ import numpy as np
 from ..chat import ChatRenderer, ChatTemplate, FormatChooser, choose_template, describe, example_of, parse_cell
 from ..errors import UserError
 from .engines import CHECK_EVERY, EngineMismatch
+from .piece import Piece
 from .records import read_objects, record_format
 from .settings import Settings
 from .split import split_at
-from .stream import Piece
 
 
 @dataclass

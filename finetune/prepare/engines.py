@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .stream import Piece
+    from .piece import Piece
 
 CHUNK_CHARS = 1 << 20         # target size of one tokenized piece (the tiktoken engine)
 CHECK_EVERY = 8               # during the run, check every 8th piece's start against Hugging Face

@@ -18,10 +18,11 @@ from ..errors import UserError
 from ..tokenfiles import token_dtype
 from .chatstream import ChatRun, chat_examples, chat_meta, chat_renderer, check_examples
 from .cuts import Cutter
+from .piece import Piece
 from .records import record_format
 from .settings import Settings
 from .split import range_sizes, val_ranges
-from .stream import Piece, PieceStream
+from .stream import PieceStream
 from .writer import Outputs, Tally, run_meta, split_policy
 
 

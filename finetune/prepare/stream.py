@@ -9,26 +9,15 @@ from __future__ import annotations
 import codecs
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from .engines import CHUNK_CHARS
 from .lines import is_utf8
+from .piece import Piece
 from .records import RecordStats, read_records, record_format
 from .sources import BLOCK_BYTES
 from .split import RecordSplit, split_at
-
-
-@dataclass
-class Piece:
-    text: str
-    split: str        # "train" or "val"
-    source: int       # index into the sources list of meta.json
-    start: int        # offset of the piece in its byte stream (the inputs concatenated)
-    nbytes: int
-    doc_end: bool     # last piece of its file: an end-of-text token follows it
-    index: int
 
 
 def read_text(path: Path, encoding: str, facts: dict, base: int) -> Iterator[tuple[str, int]]:

@@ -14,8 +14,8 @@ from ..fsio import fsync_dir
 from ..tokenfiles import MASK_FILES, build_meta, write_meta
 from .chatstream import chat_notes
 from .engines import tokenizer_class
+from .piece import Piece
 from .settings import Settings
-from .stream import Piece
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
 ALL_OUTPUTS = (*OUTPUT_FILES, *MASK_FILES.values())  # what marks an earlier run's outputs in --output-dir
