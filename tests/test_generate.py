@@ -214,6 +214,7 @@ BAD_SETTINGS = [
     ([], ["no prompt given", "--prompt"]),
     (["--prompt-file", "no-such-prompts.txt"], ["no-such-prompts.txt", "does not exist"]),
     (["--prompt", "-", "--prompt", "-"], ["stdin"]),
+    (["--prompt", "x", "--system", "Be brief."], ["--system gives the system turn of a --chat conversation"]),
 ]
 
 

@@ -62,8 +62,22 @@ def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsy
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest
     result = run_main(ft.main, base_args("no-such-org/no-such-model", tiny_data_dir, tmp_path / "out"), capsys)
     assert_clean_error(result, "HF_HUB_OFFLINE is set, so the hub was not asked",
-                       "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it")
+                       "HINT: pass a local model folder with --model", "or unset HF_HUB_OFFLINE once to download it",
+                       "`hf download no-such-org/no-such-model --local-dir ./no-such-model`, "
+                       "then pass --model ./no-such-model")
     assert "set HF_HUB_OFFLINE=1" not in result.stderr
+
+
+def test_hub_name_with_no_network_names_the_download_command(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    """Offline, the HINT names the command that fetches the model on a machine with network."""
+    import finetune.models as models
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)  # no network, without waiting for it
+    result = run_main(ft.main, base_args("gpt2-no-such-size", tiny_data_dir, tmp_path / "out"), capsys)
+    assert_clean_error(result, "the hub is not reachable (no network?)",
+                       "or download it once on a machine with network: "
+                       "`hf download gpt2-no-such-size --local-dir ./gpt2-no-such-size`, "
+                       "then pass --model ./gpt2-no-such-size")
 
 
 # -----------------------------------------------------------------------------

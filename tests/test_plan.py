@@ -8,6 +8,7 @@ import dataclasses
 import io
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -52,6 +53,29 @@ def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_
     assert "it will not fit; starting anyway (--ignore-memory-estimate)" in anyway.stdout
     assert run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run"), capsys).returncode == 0
     assert not loaded and not out.exists()
+
+
+def test_processes_on_one_cpu_machine_are_checked_together_against_its_memory(tmp_path, tiny_model_dir,
+                                                                              tiny_data_dir, capsys):
+    """--nproc N on a CPU: the N processes share the machine's RAM, so N x the estimate must fit """
+    out = tmp_path / "out"
+    one = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run"), capsys)
+    per_process = float(one.stdout.split("memory estimate  ~")[1].split()[0])
+    limit = f"{per_process * 1.5:.2f}"  # one process fits, two do not
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run", "--device-memory-gib", limit)
+    assert run_main(ft.main, args, capsys).returncode == 0
+    two = run_main(ft.main, [*args, "--nproc", "2"], capsys)
+    assert_clean_error(two)
+    (line,) = error_lines(two.stderr)
+    shown = re.match(r"error: the plan's memory estimate, ~([\d.]+) GiB per process, ~([\d.]+) GiB for the 2 "
+                     r"processes that share this machine's memory, is more than the ([\d.]+) GiB of cpu memory "
+                     r"\(--device-memory-gib\)", line)
+    each, both, available = map(float, shown.groups())
+    assert each == pytest.approx(per_process, abs=0.01) and both == pytest.approx(2 * each, abs=0.02)  # each shown rounded
+    assert both > available == float(f"{float(limit):.1f}") > each
+    assert "HINT: run fewer processes (now 2 on this machine), train LoRA" in line and "--fsdp" not in line
+    assert f"~{both:.2f} GiB for the 2 processes that share this machine's memory" in two.stdout
+    assert not out.exists()
 
 
 def test_the_memory_hint_names_only_the_levers_not_yet_pulled():

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,6 +214,11 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
                                           "cannot be combined with tensorboard. HINT: use --report-to "
                                           "tensorboard to log to it, or --report-to none for no tracker"]
+    twice = base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorboard", "--report-to", "mlflow")
+    result = run_main(ft.main, twice, capsys)  # it kept the last one, silently (issue 27, 20)
+    assert result.returncode == 2 and error_lines(result.stderr) == [
+        "error: --report-to was given twice ('tensorboard', then 'mlflow'), and the second would replace the first. "
+        "HINT: give it once; several values go in one comma-separated list: --report-to tensorboard,mlflow"]
     assert not out.exists()  # refused before anything was loaded or written
 
 
@@ -238,6 +244,28 @@ def test_progress_lines_every_log_step_or_interval_whichever_is_rarer(monkeypatc
     bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger)
     assert isinstance(bar, tqdm)  # on a terminal the bar stays
     bar.close()
+
+
+def test_progress_lines_never_leave_a_log_file_silent_for_long(monkeypatch):
+    """Steps slower than the silence limit (3-minute steps on a CPU): a line comes anyway, saying where the run is
+    (issue 27, 17); none after close."""
+    lines = []
+    logger = logging.getLogger("test_progress_silence")
+    monkeypatch.setattr(logger, "info", lambda fmt, *args: lines.append(fmt % args))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger, interval=3600, max_silence=0.2)
+    bar.update(1)
+    bar.set_postfix(loss="1.0000")  # the first log step: a line
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:  # a step that takes "forever"
+        time.sleep(0.05)
+    bar.close()
+    assert lines[0].startswith("step 1/10 (10%), loss 1.0000, ETA")
+    assert len(lines) >= 3 and all(re.fullmatch(r"step 1/10 \(10%\), still running, \d+s since step 1 ended, ETA \S+",
+                                                line) for line in lines[1:]), lines
+    count = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == count  # the watcher stopped with the bar
 
 
 def test_tensorboard_on_a_full_disk_is_one_warning_not_a_thread_traceback(tmp_path, monkeypatch, capfd, caplog):
