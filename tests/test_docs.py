@@ -42,9 +42,9 @@ def test_flags_have_one_source_the_scripts_help():
 # Imported by the scripts, but left out of requirements.txt on purpose: each is asked for by one error line
 # naming its pip command when a feature that needs it is used (docs/installing.md lists them).
 OPTIONAL_PACKAGES = {"peft": "--lora-r", "pyarrow": "Parquet inputs", "mlflow": "--report-to mlflow",
-                     "trackio": "--report-to trackio", "wandb": "--report-to wandb"}
-# Installed by a requirement (transformers requires huggingface_hub), so never missing.
-INSTALLED_WITH_A_REQUIREMENT = {"huggingface_hub"}
+                     "trackio": "--report-to trackio", "wandb": "--report-to wandb", "lm_eval": "evaluate.py --lm-eval"}
+# Installed by a requirement (transformers requires huggingface_hub and pyyaml), so never missing.
+INSTALLED_WITH_A_REQUIREMENT = {"huggingface_hub", "yaml"}
 
 
 def third_party_imports(files) -> set[str]:
@@ -67,8 +67,8 @@ def requirement_names(requirements_file) -> set[str]:
 
 def test_every_package_the_scripts_need_is_in_requirements_txt():
     """The Quickstart installs requirements.txt and then runs prepare, train, generate and export: every
-    package those import, other than the optional ones named above, must be in it (issue 27, 15: gguf was
-    only in requirements-dev.txt, so the Quickstart's export line failed after its own install)."""
+    package those import, other than the optional ones named above, must be in it (gguf was once only
+    in requirements-dev.txt, so the Quickstart's export line failed after its own install)."""
     files = [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "finetune").rglob("*.py")]
     needed = third_party_imports(files) - set(OPTIONAL_PACKAGES) - INSTALLED_WITH_A_REQUIREMENT
     missing = sorted(name for name in needed if name.lower() not in requirement_names(REPO_ROOT / "requirements.txt"))
