@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from ..errors import SaveFailed
 from ..fsio import rewrite_text
-from .metrics import FIGURES, Totals
+from .metrics import Totals
 from .report import build_report, write_report
 from .scoring import Result, token_byte_lengths
 
@@ -24,6 +24,8 @@ log = logging.getLogger("finetune")
 
 REPORT_CARD = "report_card"  # report_card.json and report_card.md in the output folder
 MODEL_CARD = "README.md"
+PREFERENCE_METRICS = {"dpo_loss": "DPO loss", "reward_accuracy": "reward accuracy (vs the starting model)",
+                      "reward_margin": "reward margin (beta x log-ratio to the starting model)"}
 MARKER = "<!-- model card written by finetune_generative.py; it is rewritten at the end of each run. Delete this " \
          "line to keep your edits: a README.md without it is never replaced. -->"
 
@@ -114,8 +116,8 @@ def front_matter(run, final: dict | None) -> dict:
     matter = {"base_model": cfg.model, "library_name": "peft" if cfg.lora_r else "transformers",
               "pipeline_tag": "text-generation", "tags": tags, "datasets": [f"local-data-{data_fp}"]}
     if final is not None and "dpo_loss" in final:
-        metrics = [{"type": name, "value": round(final[name], 6), "name": f"validation {FIGURES[name][0]}"}
-                   for name in ("dpo_loss", "reward_accuracy", "reward_margin") if final.get(name) is not None]
+        metrics = [{"type": name, "value": round(final[name], 6), "name": f"validation {title}"}
+                   for name, title in PREFERENCE_METRICS.items() if final.get(name) is not None]
     elif final is not None:
         metrics = [{"type": "loss", "value": round(final["loss"], 6), "name": "validation loss (nats/token)"},
                    {"type": "perplexity", "value": round(final["perplexity"], 6), "name": "validation perplexity"}]
