@@ -317,6 +317,12 @@ def settle_pair_blocks(evaluations: list, models: list[dict], configs: list, dat
         if run and same_folder(run[1].data_dir, data_dir):
             run_block_size = run[1].block_size or min(context, DEFAULT_BLOCK)
             break
+    short = next((m for m, c in zip(models, contexts) if run_block_size and c < run_block_size), None)
+    if short is not None:
+        raise UserError(f"the pairs of {data_dir} are scored in the {run_block_size}-token blocks of the run of "
+                        f"{model['name']}, longer than the context of {short['name']} "
+                        f"({contexts[models.index(short)]} tokens). HINT: evaluate {short['name']} in another "
+                        "evaluate.py call")
     for evaluation in evaluations:
         if isinstance(evaluation, PreferenceEvaluation):
             evaluation.settle_block_size(contexts, run_block_size)

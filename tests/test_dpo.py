@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluate
 import finetune_generative as ft
 from finetune.data import load_meta
 from finetune.evaluation.report import fmt
@@ -24,6 +25,7 @@ from finetune.pairs import PackedPairDataset
 from helpers import (
     PAIR_BLOCK,
     assert_one_line_error,
+    build_tiny_model,
     load_fp32_model,
     prepare_pairs,
     run_main,
@@ -383,8 +385,6 @@ def plain_pair_logps(model, pairs) -> np.ndarray:
 
 
 def evaluate_pairs(models, data, out, capsys) -> tuple[dict, str]:
-    import evaluate
-
     argv = [arg for model in models for arg in ("--model", model)]
     result = run_main(evaluate.main, [*argv, "--data-dir", data, "--device", "cpu", "--precision", "fp32",
                                       "--output", out], capsys)
@@ -392,7 +392,6 @@ def evaluate_pairs(models, data, out, capsys) -> tuple[dict, str]:
     return json.loads((out / "eval.json").read_text(encoding="utf-8")), result.stdout
 
 
-@pytest.mark.slow
 def test_evaluate_preference_accuracy_equals_a_plain_loop_over_the_pairs(tmp_path, tiny_model_dir, pair_data, capsys):
     """evaluate.py --data-dir PAIRS on the starting model and a 3-step DPO run: each val pair's margin equals a
     plain loop's (each sequence alone, no packing) within 1e-6 of the log-probabilities' size; the accuracy,
@@ -475,3 +474,37 @@ def test_dpo_run_writes_a_report_card_and_a_model_card_of_its_rewards(style_run)
 
 def data_dir_of(out: Path) -> str:
     return json.loads((out / "train_config.json").read_text(encoding="utf-8"))["data_dir"]
+
+
+@pytest.mark.slow
+def test_pairs_evaluated_on_a_model_with_a_shorter_context_than_the_runs_blocks_is_one_line(
+        tmp_path, tiny_model_dir, style_run, capsys):
+    """A model whose context is shorter than the blocks the run scored its pairs in: one line, before any
+    weights load, nothing written."""
+    from transformers import AutoTokenizer
+
+    _, data, out = style_run
+    short = tmp_path / "short"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(short)
+    build_tiny_model(short, vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)), n_positions=32)
+    result = run_main(evaluate.main, ["--model", out, "--model", short, "--data-dir", data, "--device", "cpu",
+                                      "--output", tmp_path / "eval"], capsys)
+    assert_one_line_error(result, f"the {BLOCK}-token blocks of the run of {out}", "context of", "(32 tokens)",
+                          "HINT: evaluate")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_pairs_with_nothing_left_to_compare_in_the_models_context_is_one_line(tmp_path, tiny_model_dir, capsys):
+    """Every val pair's completions start alike, and a model of 4 positions keeps one token of each: no pair
+    is left to compare, which is one line, not a table of empty figures."""
+    from transformers import AutoTokenizer
+
+    alike = [{"prompt": "a b:", "chosen": " the sea one", "rejected": " the sea two"}] * 2
+    data = prepare_pairs(tmp_path, tiny_model_dir, style_pairs(4, seed=1), alike)
+    tiny = tmp_path / "tiny4"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tiny)
+    build_tiny_model(tiny, vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)), n_positions=4)
+    result = run_main(evaluate.main, ["--model", tiny, "--data-dir", data, "--device", "cpu",
+                                      "--output", tmp_path / "eval"], capsys)
+    assert_one_line_error(result, "holds no pair left to compare in blocks of 4 tokens", "HINT:")
+    assert not (tmp_path / "eval" / "eval.json").exists()

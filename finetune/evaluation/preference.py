@@ -71,9 +71,6 @@ class PreferenceEvaluation:
 
         if self.block_size is None:
             self.settle_block_size([scorer.context], None)
-        if self.block_size > scorer.context:
-            raise UserError(f"the pairs are scored in blocks of {self.block_size} tokens (the training run's) but "
-                            f"{scorer.label} has a context of {scorer.context}. HINT: evaluate the models apart")
         dataset = self.dataset()
         table = logps_table(scorer.model, dataset, self.batch_size, scorer.ctx, scorer.device, DistInfo())
         if self.first is None:
