@@ -9,7 +9,9 @@ Models: a training output folder, its best/ or checkpoint-N/, a LoRA adapter (it
 finds it), or a hub name. Data: the val split of a --data-dir, in the very blocks the training script scores
 (its loss equals the run's last val loss); --input text, folders and record files as prepare_data.py reads
 them, each tokenized with each model's own tokenizer and scored whole in lm-evaluation-harness's rolling
-windows (bits per byte, byte and word perplexity as lm-eval defines them); --tasks files of questions.
+windows (bits per byte, byte and word perplexity as lm-eval defines them); --tasks files of questions. A
+--data-dir of preference pairs gives each model's preference accuracy on the val pairs (and DPO's reward
+accuracy of each later model against the first).
 
 Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
 trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.

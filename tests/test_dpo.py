@@ -506,5 +506,6 @@ def test_pairs_with_nothing_left_to_compare_in_the_models_context_is_one_line(tm
     build_tiny_model(tiny, vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)), n_positions=4)
     result = run_main(evaluate.main, ["--model", tiny, "--data-dir", data, "--device", "cpu",
                                       "--output", tmp_path / "eval"], capsys)
-    assert_one_line_error(result, "holds no pair left to compare in blocks of 4 tokens", "HINT:")
+    assert_one_line_error(result, "holds no pair left to compare in blocks of 4 tokens (2 pair(s) in the split)",
+                          "HINT: evaluate models with a longer context")
     assert not (tmp_path / "eval" / "eval.json").exists()

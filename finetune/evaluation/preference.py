@@ -60,10 +60,13 @@ class PreferenceEvaluation:
         from ..pairs import PackedPairDataset
 
         dataset = PackedPairDataset.from_data_dir(self.data_dir, "val", self.block_size, self.meta)
+        examples = dataset.packing.examples
         if len(dataset) == 0:
+            hint = ("evaluate models with a longer context: each pair's completions are cut to fit the block, and "
+                    "these were cut to the same tokens" if examples else
+                    "prepare the pairs with a larger --val-fraction (or --val-input)")
             raise UserError(f"the val split of {self.data_dir} holds no pair left to compare in blocks of "
-                            f"{self.block_size} tokens. HINT: prepare the pairs with a larger --val-fraction (or "
-                            "--val-input)")
+                            f"{self.block_size} tokens ({examples} pair(s) in the split). HINT: {hint}")
         return dataset
 
     def run(self, scorer: Scorer) -> Result:
