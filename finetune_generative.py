@@ -27,7 +27,7 @@ from finetune import launcher
 from finetune.checkpoints import list_checkpoints
 from finetune.config import TrainConfig, changed_settings, parse_config
 from finetune.console import progress_display, setup_logging
-from finetune.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
+from finetune.distributed import DistInfo, all_reduce_sum, barrier, raised_in_a_collective, setup_distributed, shutdown
 from finetune.errors import (
     EXIT_DIVERGED,
     EXIT_SAVE_FAILED,
@@ -35,6 +35,7 @@ from finetune.errors import (
     SaveFailed,
     UserError,
     exit_on_user_error,
+    first_line,
     raise_if_problems,
 )
 from finetune.fsdp import clip_gradients, no_gradient_sync
@@ -88,15 +89,9 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
             log_tokens += window_tokens
             log_seconds += time.perf_counter() - step_start
             bar.update(1)
-            # ---- log
-            if progress.step % cfg.log_every == 0 or finished:
-                tokens_per_s = log_tokens / log_seconds if log_seconds > 0 else None
-                mean_loss = sum(log_losses) / len(log_losses)
-                run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch,
-                            "tokens": progress.tokens_seen, "loss": mean_loss,
-                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+            # ---- log (and before a stop: every finished step's loss is in metrics.jsonl)
+            if progress.step % cfg.log_every == 0 or finished or stopping:
+                record_train_losses(run, bar, log_losses, log_tokens, log_seconds, lr, grad_norm)
                 log_losses, log_tokens, log_seconds = [], 0, 0.0
             # ---- evaluate (the plan says when: --eval-every, each epoch end, the end)
             sampled = False
@@ -112,6 +107,8 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
                 sampled = True
             if sampled and not stopping:  # a stop while rank 0 sampled: every process agrees, then saves now
                 stopping = stop.agreed(run.device, run.dist_info)
+            if stopping and log_losses:  # a stop during the evaluation or the samples: the steps since the last line
+                record_train_losses(run, bar, log_losses, log_tokens, log_seconds, lr, grad_norm)
             # ---- checkpoint
             if finished or stopping or plan.saves_at(progress.step):
                 run.checkpoint()
@@ -119,6 +116,17 @@ def train_loop(run: TrainingRun, stop: StopRequest, bar) -> bool:
                 return not stopping
             step_start = time.perf_counter()
     return True
+
+
+def record_train_losses(run: TrainingRun, bar, losses: list, tokens: int, seconds: float, lr: float,
+                        grad_norm: float) -> None:
+    """One metrics.jsonl line (and progress line) for the steps since the last: their mean loss, tokens/s."""
+    progress = run.progress
+    tokens_per_s = tokens / seconds if seconds > 0 else None
+    mean_loss = sum(losses) / len(losses)
+    run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+                "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
 
 
 def next_window(batches, grad_accum: int) -> list:
@@ -274,8 +282,8 @@ class FineTune:
         from finetune.evaluation.card import write_report_card
 
         self.run.save_final_model()
-        log.info(end_of_run_summary(self.run))
         write_report_card(self.run, self.precision)  # report_card.json/.md and the model card README.md
+        log.info(end_of_run_summary(self.run))  # last: the summary and the next commands end the output
 
     def cleanup(self) -> None:
         self.exits.close()  # in reverse: the run's trackers and workers, the signal handlers, the folder's lock
@@ -311,7 +319,7 @@ def end_of_run_summary(run: TrainingRun) -> str:
         kept = "and no best/: no evaluation beat the base model's val loss at step 0"
     prompt = run.cfg.sample_prompts[0] if run.cfg.sample_prompts else "Once upon a time"
     commands = "".join(f"\n  {what + ':':<23}{command}"
-                       for what, command in next_commands(run.script, run.output_dir, prompt).items())
+                       for what, command in next_commands(run.script, run.output_dir, prompt, run.objective.chat_samples).items())
     return (f"done: val loss {before['val_loss']:.4f} at step {before['step']} -> {after['val_loss']:.4f} at step "
             f"{after['step']}; final model in {run.output_dir}, {kept}\nnext:{commands}")
 
@@ -358,6 +366,14 @@ def main(argv=None) -> int:
             print("error: aborted by a second interrupt; the newest complete checkpoint is intact",
                   file=sys.stderr, flush=True)
             return EXIT_SIGNAL[signal.SIGINT]
+        except RuntimeError as exc:
+            if not (dist_info.enabled and raised_in_a_collective(exc)):
+                raise
+            # Another process is gone (killed, crashed): the launcher or torchrun says which; one line here.
+            print(f"error: process {dist_info.rank} lost the other processes of the run ({first_line(exc, 100)}), "
+                  "so it stopped too. HINT: the line of the process that failed says why; the checkpoints written "
+                  "are intact: resume from the newest with the same command and --resume", file=sys.stderr, flush=True)
+            return 1
         finally:
             recipe.cleanup()
     finally:

@@ -83,7 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="each prompt is a user turn, rendered with the model's saved chat template (the one "
                             "it was trained with); only the reply is printed, ending at the end-of-turn token. "
                             "With no --prompt and a terminal on stdin: a conversation (/reset starts over, "
-                            "Ctrl-D ends it)")
+                            "/system TEXT sets the system turn, Ctrl-C stops a reply, Ctrl-D ends it)")
+    group.add_argument("--system", metavar="TEXT",
+                       help="with --chat: a system turn before the user's, e.g. the system prompt the model was "
+                            "trained with (default: none)")
 
     group = parser.add_argument_group("decoding")
     group.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
@@ -137,6 +140,9 @@ def check_settings(args: argparse.Namespace) -> None:
                                                     and args.repetition_penalty > 0):
         problems.append(f"--repetition-penalty must be above 0, got {args.repetition_penalty}. "
                         "HINT: 1.0 is off; try 1.1 to 1.3 against loops")
+    if args.system is not None and not args.chat:
+        problems.append("--system gives the system turn of a --chat conversation, but --chat is not on. "
+                        "HINT: add --chat (the model's chat template renders it), or drop --system")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         problems.append(f"--seed must be in [0, 2**63), got {args.seed}. HINT: try --seed 1")
     if args.output is not None:
@@ -301,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--chat renders prompts with the model's chat template, but {source} has none. HINT: "
                         "fine-tune on chat data (prepare_data.py on conversations; training saves the template "
                         "with the model), or drop --chat to continue plain text")
-    inputs = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
+    system = system_turn(args.system)
+    inputs = [chat_prompt_ids(tokenizer, [*system, {"role": "user", "content": p}], source) for p in prompts] \
+        if args.chat else prompts
     check_prompt_lengths(inputs, tokenizer, model_context_length(config), args.max_new_tokens)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None and not args.greedy:  # greedy decoding draws nothing: the same text every time
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.chat and not prompts:
                 converse(model, tokenizer, gen_kwargs, seed, device, model_context_length(config), out_file,
-                         settings)
+                         settings, source, args.system)
             else:
                 run(model, tokenizer, prompts, gen_kwargs, args.num_samples, seed, device, settings, out_file,
                     inputs=inputs if args.chat else None)
@@ -381,13 +389,22 @@ def write_sample(sample, s_i: int, num_samples: int, p_i: int, prompt: str, num_
         out_file.flush()  # keep what is done if the run is interrupted
 
 
-def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_file, settings) -> None:
+def system_turn(text: str | None) -> list[dict]:
+    """The system turn that starts every conversation (--system, /system), or none."""
+    return [] if text is None else [{"role": "system", "content": text}]
+
+
+def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_file, settings, source: str,
+             system: str | None = None) -> None:
     """--chat with no --prompt and a terminal: read a turn, print the reply, keep the history (the oldest
-    turns dropped when it would not fit the context with --max-new-tokens); /reset forgets it, Ctrl-D ends."""
+    turns dropped when it would not fit the context with --max-new-tokens); /reset forgets it, /system TEXT
+    sets the system turn (/system alone drops it), Ctrl-C stops a reply and forgets that turn, Ctrl-D ends.
+    A message the template cannot render is one error line, and the conversation goes on."""
     import torch
     from transformers import TextStreamer
 
-    print("chat: type a message; /reset starts over, Ctrl-D ends", file=sys.stderr, flush=True)
+    print("chat: type a message; /reset starts over, /system TEXT sets the system turn, Ctrl-C stops a reply, "
+          "Ctrl-D ends", file=sys.stderr, flush=True)
     history: list[dict] = []
     while True:
         try:
@@ -399,10 +416,20 @@ def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_
             history = []
             print("(history cleared)", file=sys.stderr, flush=True)
             continue
+        if text == "/system" or text.startswith("/system "):
+            system = text[len("/system"):].strip() or None
+            print("(system turn set)" if system else "(system turn removed)", file=sys.stderr, flush=True)
+            continue
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        prompt_ids = trimmed_history(tokenizer, history, n_ctx, gen_kwargs["max_new_tokens"])
+        try:
+            prompt_ids = trimmed_history(tokenizer, history, n_ctx, gen_kwargs["max_new_tokens"], source,
+                                         system_turn(system))
+        except UserError as exc:  # the template refused this conversation: say so, keep the one before it
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
         if prompt_ids is None:
             history.pop()
             print(f"error: this message alone plus --max-new-tokens {gen_kwargs['max_new_tokens']} is more than the "
@@ -410,9 +437,14 @@ def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_
                   file=sys.stderr, flush=True)
             continue
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
-            (sample,) = generate_samples(model, tokenizer, prompt_ids, gen_kwargs, num_samples=1, seed=seed,
-                                         device=device, streamer=streamer)
+        try:
+            with torch.inference_mode():
+                (sample,) = generate_samples(model, tokenizer, prompt_ids, gen_kwargs, num_samples=1, seed=seed,
+                                             device=device, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C during a reply: stop it, keep the conversation before this turn
+            history.pop()
+            print("\n(reply stopped; that message and its partial reply are not kept)", file=sys.stderr, flush=True)
+            continue
         print(flush=True)
         history.append({"role": "assistant", "content": sample.completion})
         if out_file is not None:
@@ -423,12 +455,13 @@ def converse(model, tokenizer, gen_kwargs, seed, device, n_ctx: int | None, out_
             out_file.flush()
 
 
-def trimmed_history(tokenizer, history: list[dict], n_ctx: int | None, max_new_tokens: int) -> list[int] | None:
-    """The conversation rendered up to the reply, its oldest turns (a user message and the reply to it)
-    dropped from `history` until it fits the context with room for max_new_tokens; None if even the newest
-    message alone does not."""
+def trimmed_history(tokenizer, history: list[dict], n_ctx: int | None, max_new_tokens: int, source: str,
+                    system: list[dict] = ()) -> list[int] | None:
+    """The conversation (after the `system` turn, which is always kept) rendered up to the reply, its oldest
+    turns (a user message and the reply to it) dropped from `history` until it fits the context with room for
+    max_new_tokens; None if even the newest message alone does not."""
     while True:
-        ids = chat_prompt_ids(tokenizer, history)
+        ids = chat_prompt_ids(tokenizer, [*system, *history], source)
         if n_ctx is None or len(ids) + max_new_tokens <= n_ctx:
             return ids
         if len(history) == 1:

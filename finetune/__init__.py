@@ -13,7 +13,7 @@ only the ones listed before it:
     console       the logging setup every script uses
     cli           flags generated from config dataclasses (one --help group per dataclass)
     config        the training script's settings: TrainConfig, its flag groups, their validation
-    plan          steps, evaluation schedule, memory estimate (--dry-run)
+    plan          steps, evaluation schedule, memory and time estimates (--dry-run)
     tokenfiles    token files without torch: meta.json format and checks, token dtype, fingerprints,
                   reading the splits back (reassemble: the inverse of the split)
     data          token files for PyTorch (memmap dataset, resumable sampler); dataset.py re-exports it

@@ -24,7 +24,10 @@ token (docs/chat.md, "Token files": the contract with the training side).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,7 +372,82 @@ def describe(template: ChatTemplate) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Rendering, bounded in time: a template is code that comes with a downloaded tokenizer, and Jinja's sandbox
+# bounds a range() (100,000), not a loop inside a loop. A real template renders a conversation in
+# milliseconds (1,000 messages: ~10 ms); RENDER_SECONDS is what one render of one conversation may take.
+
+RENDER_SECONDS = 10.0
+
+
+class RenderTimeout(BaseException):
+    """A template's render ran past its time (raised by the alarm, inside Jinja). A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` between here and the alarm turns it into another error."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise RenderTimeout in the code inside once `seconds` pass: a SIGALRM timer, which interrupts Python
+    code (Jinja's loops) between bytecodes and costs two system calls. Only the main thread receives
+    signals; elsewhere (and where there is no setitimer) the code runs unbounded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class TemplateTimeout(UserError):
+    """A template that ran past RENDER_SECONDS: trying it on another conversation would only wait again."""
+
+
+@contextlib.contextmanager
+def template_errors(template: str, what: str, hint: str):
+    """Any failure of a render inside, a timeout included, as one UserError: `template` names the template
+    ("the chat template x.jinja"), `what` says what was rendered, `hint` what to do."""
+    try:
+        with time_limit(RENDER_SECONDS):
+            yield
+    except RenderTimeout:
+        raise TemplateTimeout(f"{template} did not finish rendering {what} within {RENDER_SECONDS:g} s (a loop "
+                              f"that does not end, or one far too long for a chat template). HINT: {hint}") from None
+    except Exception as exc:  # noqa: BLE001 - Jinja syntax, undefined names, raise_exception(): one line
+        raise UserError(f"{template} fails to render {what} ({type(exc).__name__}: {first_line(exc)}). "
+                        f"HINT: {hint}") from None
+
+
+def model_template_hint(source: str) -> str:
+    return (f"fix or replace the template saved with the model ({source}/chat_template.jinja, or chat_template "
+            "in its tokenizer_config.json), e.g. with the one the model was trained with")
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], source: str | None = None, template: str | None = None,
+                    hint: str | None = None) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template, up to the start of the assistant's reply
+    (add_generation_prompt): token for token a prefix of that conversation with the reply, as trained. A
+    template that fails or runs too long is one UserError naming the template (by default: that of the model
+    folder `source`) and giving `hint` (by default: fix the model's template)."""
+    source = source or tokenizer.name_or_path
+    with template_errors(template or f"the chat template of {source}", "the conversation",
+                         hint or model_template_hint(source)):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+# -----------------------------------------------------------------------------
 # Rendering to (ids, mask)
+
+# Each reply is checked against the rendering of the history before it (prefix stability, above), so the
+# work of one conversation grows with the square of its turns (bench/chat_render_turns.py: 1,000 messages
+# ~15 s on a busy 2-core CPU). A longer conversation is refused rather than rendered for hours.
+MAX_MESSAGES = 1000
 
 
 @dataclass
@@ -416,13 +494,13 @@ class ChatRenderer:
     def render_texts(self, conversations: list[list[dict]], where: str, add_generation_prompt: bool) -> list[str]:
         if not conversations:
             return []
-        try:
-            rendered, _ = self.render_jinja(conversations, chat_template=self.template.text,
-                                            add_generation_prompt=add_generation_prompt, **self.variables)
-        except Exception as exc:  # noqa: BLE001 - Jinja syntax, undefined names, raise_exception(): one line
-            raise UserError(f"{where}: {describe(self.template)} fails to render this conversation "
-                            f"({type(exc).__name__}: {first_line(exc)}). HINT: fix the template or the record; "
-                            "--chat-template FILE gives another template") from None
+        rendered = []
+        for messages in conversations:  # each render bounded in time on its own
+            with template_errors(f"{where}: {describe(self.template)}", "this conversation",
+                                 "fix the template or the record; --chat-template FILE gives another template"):
+                (text,), _ = self.render_jinja([messages], chat_template=self.template.text,
+                                               add_generation_prompt=add_generation_prompt, **self.variables)
+            rendered.append(text)
         return rendered
 
     def check_template(self) -> None:
@@ -430,6 +508,8 @@ class ChatRenderer:
         where = "a test conversation (before any record is read)"
         try:
             self.render(Conversation(PROBE, [m["role"] == "assistant" for m in PROBE]), where)
+        except TemplateTimeout:
+            raise
         except UserError:
             probe = PROBE[1:]  # some templates refuse a system turn: that is the records' business
             self.render(Conversation(probe, [m["role"] == "assistant" for m in probe]), where)
@@ -444,6 +524,11 @@ class ChatRenderer:
         elif not any(example.trained):
             self.counts.skipped["no_assistant_turn"] += 1
             return None
+        elif len(example.messages) > MAX_MESSAGES:
+            raise UserError(f"{where}: the conversation has {len(example.messages):,} messages, more than the "
+                            f"{MAX_MESSAGES:,} one conversation may have (each reply is checked against the "
+                            "rendering of all the turns before it, work that grows with the square of the turns). "
+                            f"HINT: split it into conversations of at most {MAX_MESSAGES:,} messages")
         else:
             text, ids, targets = self.conversation(example, where)
         if self.train_on_everything:

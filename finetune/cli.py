@@ -11,7 +11,7 @@ import ast
 import dataclasses
 import inspect
 
-from .errors import ArgumentParser
+from .errors import ArgumentParser, UserError
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -22,6 +22,20 @@ def field_docs(cls) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
             docs[node.target.id] = " ".join(ast.literal_eval(following.value).split())
     return docs
+
+
+class StoreOnce(argparse.Action):
+    """A flag that takes one value where a second one would silently replace the first (--report-to
+    tensorboard --report-to mlflow keeping only mlflow): given twice, it is refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(self, "given", None)
+        if first is not None:
+            raise UserError(f"{option_string} was given twice ({first!r}, then {values!r}), and the second would "
+                            f"replace the first. HINT: give it once; several values go in one comma-separated list: "
+                            f"{option_string} {first},{values}")
+        self.given = values
+        setattr(namespace, self.dest, values)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,7 +71,7 @@ def build_arg_parser(groups, description: str, suppress_defaults: bool = False) 
                     "default": argparse.SUPPRESS if suppress_defaults else default}
             if f.type == "bool":
                 spec["action"] = "store_true"
-            elif "choices" not in options and "action" not in options:
+            elif "choices" not in options and options.get("action", StoreOnce) is StoreOnce:
                 spec["type"] = int if "int" in f.type else float if "float" in f.type else str
             group.add_argument(flag_of(f), **{**spec, **options})
     return parser

@@ -105,7 +105,8 @@ class Logging:
 
     log_every: int = 10
     """optimizer steps between metrics.jsonl lines and progress-bar updates (with stderr to a file: a progress
-    line every --log-every steps or 30 s, whichever is rarer)"""
+    line every --log-every steps or 30 s, whichever is rarer, and one at least every ~60 s); a stop writes the
+    steps since the last line first"""
     eval_every: int = 250
     """optimizer steps between evaluations, besides each epoch end and the end; 0 = only those"""
     eval_batches: int | None = None
@@ -117,9 +118,9 @@ class Logging:
     """keep the newest N checkpoint-* folders (best/ is kept apart); 0 keeps all"""
     early_stopping_patience: int | None = None
     """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
-    report_to: str = field(default="none", metadata={"metavar": "NAME[,NAME]"})
+    report_to: str = field(default="none", metadata={"metavar": "NAME[,NAME]", "action": cli.StoreOnce})
     """experiment trackers that get what metrics.jsonl gets, comma-separated: none, tensorboard, mlflow,
-    trackio, wandb (all local, under --output-dir; each an optional pip package; see README, "Tracking runs")"""
+    trackio, wandb (all local, under --output-dir; each an optional pip package; see docs/tracking.md)"""
 
 
 @dataclass

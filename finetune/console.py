@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 
@@ -37,44 +38,64 @@ def setup_logging(name: str, is_main: bool = True) -> logging.Logger:
 # Progress of a training loop
 
 
-def progress_display(total: int, initial: int, enabled: bool, logger: logging.Logger, interval: float = 30.0):
+def progress_display(total: int, initial: int, enabled: bool, logger: logging.Logger, interval: float = 30.0,
+                     max_silence: float = 60.0):
     """A tqdm bar on a terminal; when stderr is a file (nohup, a batch scheduler, CI), ProgressLines instead,
     since every redraw of a bar would land in the file. Both take update(n), set_postfix(**fields), close()."""
     from tqdm import tqdm
 
     if enabled and not sys.stderr.isatty():
-        return ProgressLines(total, initial, logger, interval)
+        return ProgressLines(total, initial, logger, interval, max_silence)
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
 
 
 class ProgressLines:
     """The progress bar as plain log lines: one at each set_postfix (the loop calls it every --log-every steps)
-    that comes at least `interval` seconds after the last line, and one at close for the step reached."""
+    that comes at least `interval` seconds after the last line, and one at close for the step reached. A run
+    is never silent for more than `max_silence` seconds: a watcher thread then writes where it is (slow steps,
+    a long evaluation or save), so a log file shows it is alive and how far it got."""
 
-    def __init__(self, total: int, initial: int, logger: logging.Logger, interval: float):
+    def __init__(self, total: int, initial: int, logger: logging.Logger, interval: float, max_silence: float = 60.0):
         self.total, self.step, self.first_step = total, initial, initial
-        self.logger, self.interval = logger, interval
-        self.started = time.monotonic()
-        self.last_line_at, self.last_line_step = None, initial
+        self.logger, self.interval, self.max_silence = logger, interval, max_silence
+        self.started = self.step_done_at = time.monotonic()
+        self.last_line_at, self.last_line_step = self.started, initial
         self.fields: dict = {}
+        self.lock = threading.Lock()  # the loop's lines and the watcher's never interleave or double up
+        self.closed = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="progress-lines", daemon=True)
+        self.watcher.start()
 
     def update(self, n: int = 1) -> None:
-        self.step += n
+        with self.lock:
+            self.step += n
+            self.step_done_at = time.monotonic()
+
+    def watch(self) -> None:
+        while not self.closed.wait(min(5.0, self.max_silence / 4)):
+            with self.lock:
+                now = time.monotonic()
+                if now - self.last_line_at >= self.max_silence and not self.closed.is_set():
+                    self.write_line(now, f"still running, {format_duration(now - self.step_done_at)} since "
+                                         f"step {self.step} ended")
 
     def set_postfix(self, **fields) -> None:
-        self.fields = fields
-        now = time.monotonic()
-        if self.last_line_at is None or now - self.last_line_at >= self.interval:
-            self.write_line(now)
+        with self.lock:
+            self.fields = fields
+            now = time.monotonic()
+            if self.last_line_step == self.first_step or now - self.last_line_at >= self.interval:
+                self.write_line(now)
 
     def close(self) -> None:
+        self.closed.set()
+        self.watcher.join()
         if self.step != self.last_line_step:
             self.write_line(time.monotonic())
 
-    def write_line(self, now: float) -> None:
+    def write_line(self, now: float, note: str = "") -> None:
         done = self.step - self.first_step
         eta = format_duration((self.total - self.step) * (now - self.started) / done) if done else "?"
-        fields = "".join(f", {name} {value}" for name, value in self.fields.items())
+        fields = "".join(f", {name} {value}" for name, value in self.fields.items()) if not note else f", {note}"
         self.logger.info("step %d/%d (%d%%)%s, ETA %s", self.step, self.total, 100 * self.step // max(self.total, 1),
                          fields, eta)
         self.last_line_at, self.last_line_step = now, self.step

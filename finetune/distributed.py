@@ -66,3 +66,23 @@ def shutdown(dist_info: DistInfo) -> None:
 
     if dist_info.enabled or (dist.is_available() and dist.is_initialized()):
         dist.destroy_process_group()
+
+
+# What the backends say when a peer process is gone; DDP's gradient all-reduce raises from inside autograd's
+# C++ engine, so no torch.distributed frame shows, only the message.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "NCCL")
+
+
+def raised_in_a_collective(exc: BaseException) -> bool:
+    """Whether `exc` came out of a collective whose peer is gone (gloo's "Connection closed by peer", NCCL's
+    errors): a torch.distributed error type or frame, or the backends' words."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(words in str(exc) for words in PEER_LOST):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if "torch/distributed/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False

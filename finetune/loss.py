@@ -140,12 +140,15 @@ def trained_tokens_of_step(window: list, device, dist_info: DistInfo) -> float:
     return max(count.item(), 1.0)
 
 
-def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, objective, should_stop=None) -> float | None:
+def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, objective, should_stop=None,
+             filler=None) -> float | None:
     """The objective's mean loss over the validation blocks (text: over their predictions; chat: over their
     trained tokens; preference: over their pairs), summed exactly across processes.
 
     `should_stop()` (a stop request: Ctrl-C, SIGTERM) is asked between batches, on every process together (one
     small all-reduce per batch), so a stop takes effect within one batch: the evaluation then returns None.
+    `filler` (sharded models, whose forward passes gather from every process): the batch a process whose
+    share is done forwards while others still have batches; its loss is not counted.
     """
     import torch
 
@@ -158,8 +161,9 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, objective, sho
             batches = iter(val_loader)
             while True:
                 batch = next(batches, None)
-                if should_stop is not None:  # every process votes, also one whose share of batches is done
-                    votes = torch.tensor([float(should_stop()), float(batch is not None)], device=device)
+                if should_stop is not None or filler is not None:  # every process votes, done or not
+                    stop_vote = float(should_stop()) if should_stop is not None else 0.0
+                    votes = torch.tensor([stop_vote, float(batch is not None)], device=device)
                     all_reduce_sum(votes, dist_info)
                     stop_votes, batches_left = votes.tolist()
                     if stop_votes > 0:
@@ -169,6 +173,9 @@ def evaluate(model, val_loader, ctx, device, dist_info: DistInfo, objective, sho
                 elif batch is None:
                     break
                 if batch is None:
+                    if filler is not None:  # keep in step with the processes that still have batches
+                        with ctx:
+                            model(input_ids=filler["input_ids"].to(device), use_cache=False)
                     continue
                 with ctx:
                     loss_sum, units = objective.eval_sums(model, batch, device)

@@ -65,8 +65,8 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     train = [(m["tokens"], m["loss"]) for m in metrics if m["kind"] == "train"]
     val = [(m["tokens"], m["val_loss"]) for m in metrics if m["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.8)
+    if train:  # a line of one point draws nothing: that point gets a marker
+        ax.plot(*zip(*train), "." if len(train) == 1 else "-", label="train", alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("tokens seen")

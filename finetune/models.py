@@ -76,18 +76,26 @@ def from_folder_or_hub(load, source: str, what: str, flag: str):
     except Exception as exc:  # noqa: BLE001 - not in the cache (or not a valid repo name)
         error = exc
     where = "there is no folder of that name, and as a Hugging Face Hub name it is not in the local cache"
+    fetch = download_hint(source, flag)
     if hub_offline():
         raise UserError(f"cannot load {what} {source!r}: {where} (HF_HUB_OFFLINE is set, so the hub was not "
-                        f"asked). HINT: {local_hint}, or unset HF_HUB_OFFLINE once to download it")
+                        f"asked). HINT: {local_hint}, or unset HF_HUB_OFFLINE once to download it; {fetch}")
     if not hub_reachable():
         raise UserError(f"cannot load {what} {source!r}: {where}, and the hub is not reachable (no network?). "
-                        f"HINT: {local_hint}, or download it once on a machine with network")
+                        f"HINT: {local_hint}, or download it once on a machine with network: {fetch}")
     try:
         return load(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         error = exc
     raise UserError(f"cannot load {what} {source!r} ({first_line(error)}). HINT: check the name on the hub, "
                     f"or {local_hint}")
+
+
+def download_hint(source: str, flag: str) -> str:
+    """The command that fetches a hub name into a folder (the `hf` CLI ships with huggingface_hub, which
+    transformers installs), and how to use that folder: what an offline user needs to get going."""
+    folder = "./" + source.rstrip("/").split("/")[-1]
+    return f"`hf download {source} --local-dir {folder}`, then pass {flag} {folder}"
 
 
 # A model folder can ship its own Python code (config.json's / tokenizer_config.json's "auto_map" names

@@ -1,4 +1,4 @@
-"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules and a memory estimate.
+"""The plan of a run: sizes, steps, the learning-rate and evaluation schedules, a memory and a time estimate.
 
 Shown by --dry-run and logged at start; the training loop asks it when to evaluate.
 """
@@ -313,14 +313,29 @@ def estimate_fsdp_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan
     return RUNTIME_GIB + max(training, loading) / 2**30
 
 
-def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device) -> str:
-    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device."""
+def sharding_line(ddp_gib: float, fsdp_gib: float, world_size: int, fsdp: bool, device, sharing: int = 1) -> str:
+    """DDP and FSDP side by side for `world_size` processes, and which of them fits this device (whose memory
+    `sharing` of the processes draw on together: see processes_sharing_memory)."""
     available = machine_memory_gib(device)
+    ddp_total, fsdp_total = ddp_gib * sharing, fsdp_gib * sharing
     fits = "" if available is None else "; " + (
-        "both fit" if max(ddp_gib, fsdp_gib) <= available else "only FSDP fits" if fsdp_gib <= available
-        else "only DDP fits" if ddp_gib <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+        "both fit" if max(ddp_total, fsdp_total) <= available else "only FSDP fits" if fsdp_total <= available
+        else "only DDP fits" if ddp_total <= available else "neither fits") + f" this machine's {available:.1f} GiB"
+    if sharing > 1 and available is not None:
+        fits += f" (shared by its {sharing} processes)"
     return (f"sharding         at {world_size} process(es) ~{ddp_gib:.2f} GiB per process with DDP, "
             f"~{fsdp_gib:.2f} GiB with --fsdp (this run: {'FSDP' if fsdp else 'DDP'}){fits}")
+
+
+def processes_sharing_memory(cfg: TrainConfig, world_size: int, device) -> int:
+    """How many of the run's processes draw on the memory the estimate is checked against: on a CPU, every
+    process on this machine (--nproc N starts N; under torchrun, LOCAL_WORLD_SIZE), since they share its RAM;
+    on a GPU each process has its own."""
+    import os
+
+    if getattr(device, "type", device) != "cpu":
+        return 1
+    return cfg.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def machine_memory_gib(device) -> float | None:
@@ -336,6 +351,107 @@ def machine_memory_gib(device) -> float | None:
     except (ValueError, OSError, AttributeError):
         pass
     return None
+
+
+# -----------------------------------------------------------------------------
+# Time estimate: the run's matmul work, divided by this machine's measured matmul speed at this model's shapes
+# and by the share of that speed a whole training step reaches (the rest: attention's softmax, layer norms,
+# GELU, the loss, AdamW). The shares are what bench/train_throughput.py measured for GPT-2 124M on a CPU
+# (docs/performance.md: 47-52 % of the bf16 matmul peak, 74 % of the fp32 one), rounded down.
+
+STEP_SHARE_OF_MATMUL_SPEED = {"bf16": 0.45, "fp16": 0.45, "fp32": 0.7}
+LONG_RUN_SECONDS = 30 * 60  # a CPU run longer than this gets the settings that shorten it, with their times
+
+
+@dataclass
+class SpeedProbe:
+    gflops: float   # matmul GFLOP/s measured at the model's shapes, in the run's precision
+    seconds: float  # what the measurement took
+    rows: int       # the probe's X rows (tokens), X @ W with W of hidden x 4*hidden (the MLP's first matrix)
+
+
+def measure_matmul_speed(model_config, rows: int, precision: str, device, seconds: float = 0.25) -> SpeedProbe:
+    """GFLOP/s of X (rows x hidden) @ W (hidden x 4 hidden), the shape that dominates a block, in the run's
+    precision on its device for ~`seconds` (runtime.matmul_gflops, the precision probe's own): the speed this
+    machine gives this model now, load from other processes included."""
+    import time
+
+    import torch
+
+    from .runtime import matmul_gflops
+
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    started = time.perf_counter()
+    gflops = matmul_gflops(hidden, dtype, rows=rows, device=device, seconds=seconds)
+    return SpeedProbe(gflops, time.perf_counter() - started, rows)
+
+
+def training_flops_per_token(model_config, n_params: int, block_size: int, lora: bool = False,
+                             gradient_checkpointing: bool = False) -> float:
+    """Forward and backward FLOPs per trained token: 2 per weight forward, 4 backward (2 without the weights'
+    own gradients: LoRA's frozen base), 2 more with recomputed activations; plus attention's QK^T and AV,
+    12 x layers x hidden x block (the nanoGPT / PaLM count)."""
+    n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    per_weight = (4 if lora else 6) + (2 if gradient_checkpointing else 0)
+    return per_weight * n_params + 12 * n_layer * hidden * block_size
+
+
+def run_seconds(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe, precision: str,
+                world_size: int, device, lora: bool) -> float:
+    """Training plus evaluation, at the measured speed. On a CPU the processes share its cores, so the work of
+    all of them runs at the machine's speed; on GPUs each process has its own."""
+    rate = speed.gflops * 1e9 * STEP_SHARE_OF_MATMUL_SPEED.get(precision, 0.45)
+    parallel = world_size if device.type == "cuda" else 1
+    train = plan.total_steps * plan.tokens_per_step * training_flops_per_token(
+        model_config, n_params, plan.block_size, lora, cfg.gradient_checkpointing)
+    evaluation = count_evaluations(cfg, plan) * eval_blocks(cfg, plan) * plan.block_size * \
+        training_flops_per_token(model_config, n_params, plan.block_size) / 3  # a forward pass: a third
+    return (train + evaluation) / rate / parallel
+
+
+def time_estimate_lines(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe,
+                        precision: str, world_size: int, device, lora: bool) -> list[str]:
+    """The plan's time line, and on a CPU, when the run is long, the settings that shorten it with their times."""
+    from .console import format_duration
+
+    def seconds_for(changed: TrainConfig, changed_plan: Plan, with_lora: bool = lora) -> float:
+        return run_seconds(changed, changed_plan, model_config, n_params, speed, precision, world_size, device,
+                           with_lora)
+
+    total = seconds_for(cfg, plan)
+    per_step = total / max(plan.total_steps, 1)
+    did = f"did {speed.gflops:,.0f}" if speed.gflops >= 10 else f"did {speed.gflops:.2g}"
+    lines = [f"time estimate    ~{format_duration(total)} ({format_duration(per_step)} per step; this {device.type} "
+             f"{did} GFLOP/s of {precision} matmuls at this model's shapes in a "
+             f"{speed.seconds:.1f} s probe just now; rough, within about 2x)"]
+    if device.type != "cpu" or total <= LONG_RUN_SECONDS:
+        return lines
+    shorter = []
+    steps = max(1, int(10 * 60 / per_step))
+    if steps < plan.total_steps:
+        fewer = dataclasses_replace(plan, total_steps=steps)
+        shorter.append(f"--max-steps {steps:,} ~{format_duration(seconds_for(cfg, fewer))}")
+    if not lora:
+        shorter.append(f"--lora-r 16 ~{format_duration(seconds_for(cfg, plan, True))}")
+    if plan.block_size > 256:  # the same tokens (epochs) in shorter blocks: less attention work per token
+        small = dataclasses_replace(plan, block_size=256)
+        shorter.append(f"--block-size 256 ~{format_duration(seconds_for(cfg, small))}")
+    if shorter:
+        lines.append(f"                 long for a CPU; shorter: {'; '.join(shorter)}")
+    return lines
+
+
+def dataclasses_replace(plan: Plan, **changes) -> Plan:
+    """The plan with other steps or blocks, the tokens it trains on per step following the block size."""
+    import dataclasses
+
+    if "block_size" in changes:
+        changes["tokens_per_step"] = plan.tokens_per_step // plan.block_size * changes["block_size"]
+        # the same tokens in all: as many more steps as the blocks are shorter
+        changes.setdefault("total_steps", plan.total_steps * plan.block_size // changes["block_size"])
+    return dataclasses.replace(plan, **changes)
 
 
 def eval_description(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
@@ -360,7 +476,7 @@ def batch_capped(plan: Plan, cfg: TrainConfig, world_size: int) -> str:
 
 def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memory_gib: float,
                   device, precision: str, world_size: int, lora: dict | None = None,
-                  sharding: str | None = None) -> str:
+                  sharding: str | None = None, sharing: int = 1, time_lines: list[str] = ()) -> str:
     lines = [
         f"model            {cfg.model} ({n_params / 1e6:.1f}M parameters)",
         f"data             {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, "
@@ -373,7 +489,8 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
         f"({plan.epochs:.2f} epochs), {plan.warmup_steps:,} warmup, scheduler {cfg.scheduler}",
         f"evaluation       {eval_description(plan, cfg, world_size)}",
         f"device           {device}, precision {precision}",
-        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)",
+        f"memory estimate  ~{memory_gib:.2f} GiB per process (weights, grads, AdamW, activations)"
+        f"{shared_memory_note(memory_gib, sharing)}",
     ]
     if lora is not None:
         lines.insert(1, f"LoRA             r {cfg.lora_r}, alpha {cfg.lora_alpha or 2 * cfg.lora_r:g}, on "
@@ -381,12 +498,18 @@ def describe_plan(plan: Plan, cfg: TrainConfig, meta: dict, n_params: int, memor
                         f"parameters ({100 * lora['trainable'] / lora['total']:.2f} %)")
     if sharding:
         lines.append(sharding)
+    lines += time_lines
     available = memory_limit_gib(cfg, device)
-    if available is not None and memory_gib > available:
+    if available is not None and memory_gib * sharing > available:
         anyway = "; starting anyway (--ignore-memory-estimate)" if cfg.ignore_memory_estimate else ""
         lines.append(f"                 more than {memory_limit_description(cfg, available, device)}: "
                      f"it will not fit{anyway}")
     return "\n".join(lines)
+
+
+def shared_memory_note(memory_gib: float, sharing: int) -> str:
+    return f", ~{memory_gib * sharing:.2f} GiB for the {sharing} processes that share this machine's memory" \
+        if sharing > 1 else ""
 
 
 def memory_limit_gib(cfg: TrainConfig, device) -> float | None:
@@ -399,21 +522,24 @@ def memory_limit_description(cfg: TrainConfig, available: float, device) -> str:
     return f"the {available:.1f} GiB of {device.type} memory {where}"
 
 
-def memory_refusal(cfg: TrainConfig, plan: Plan, memory_gib: float, device, lora: dict | None) -> str | None:
-    """Why the run is refused before anything loads: the estimate is above the device's memory (None when
-    it fits, when the memory is unknown, or with --ignore-memory-estimate). The HINT names every lever
-    that lowers the estimate and is not already pulled."""
+def memory_refusal(cfg: TrainConfig, plan: Plan, memory_gib: float, device, lora: dict | None,
+                   sharing: int = 1) -> str | None:
+    """Why the run is refused before anything loads: the estimate (times the `sharing` processes that draw on
+    the same memory) is above the device's memory (None when it fits, when the memory is unknown, or with
+    --ignore-memory-estimate). The HINT names every lever that lowers the estimate and is not already pulled."""
     available = memory_limit_gib(cfg, device)
-    if cfg.ignore_memory_estimate or available is None or memory_gib <= available:
+    if cfg.ignore_memory_estimate or available is None or memory_gib * sharing <= available:
         return None
-    levers = [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
+    levers = [f"run fewer processes (now {sharing} on this machine)"] if sharing > 1 else []
+    levers += [] if lora is not None else ["train LoRA adapters instead (--lora-r 16)"]
     if not cfg.gradient_checkpointing:
         levers.append("add --gradient-checkpointing")
     smaller = [f"--batch-size (now {cfg.batch_size})"] if cfg.batch_size > 1 else []
     levers.append("lower " + " or ".join(smaller + [f"--block-size (now {plan.block_size})"]))
-    if lora is None:
+    if lora is None and sharing == 1:  # more processes on one CPU add memory: they share its RAM
         levers.append("shard the model over more processes with --fsdp (torchrun --nproc_per_node=N)")
     shown = ", ".join(levers[:-1]) + (", or " if len(levers) > 1 else "") + levers[-1]
-    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process, is more than "
+    return (f"the plan's memory estimate, ~{memory_gib:.2f} GiB per process"
+            f"{shared_memory_note(memory_gib, sharing)}, is more than "
             f"{memory_limit_description(cfg, available, device)}, so the run would not fit and was not started. "
             f"HINT: {shown}; or add --ignore-memory-estimate to start it anyway")

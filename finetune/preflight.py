@@ -72,7 +72,7 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
 
     state = resume.state if resume else None
     try:
-        meta = load_meta(cfg.data_dir)
+        meta = load_meta(cfg.data_dir, cfg.model)
     except DataError as exc:
         raise UserError(str(exc)) from None
     if cfg.lora_r and resume:  # a LoRA checkpoint holds the adapter and tokenizer; the config is the base's
@@ -87,6 +87,8 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
                         f"(HINT: use --block-size {context} or less)")
     objective = objective_for(meta, cfg)
     objective.prepare_tokenizer(tokenizer, meta)
+    if objective.chat_samples:  # samples are replies rendered with the data's template: it must render them
+        problems += sample_prompt_problems(cfg, tokenizer)
     try:
         blocks = objective.packed_blocks(cfg.data_dir, meta, block_size)
     except DataError as exc:
@@ -121,6 +123,23 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts, objective)
 
 
+def sample_prompt_problems(cfg: TrainConfig, tokenizer) -> list[str]:
+    """Chat data: each --sample-prompt is rendered as a user turn with the data's template at every evaluation;
+    a template that cannot render it (one that requires a system turn, say) is refused now, not at the first
+    sample of a run that has trained for an hour."""
+    from .chat import chat_prompt_ids
+
+    template = f"the chat template of {cfg.data_dir} (its meta.json, the template the data was rendered with)"
+    hint = ("--sample-prompt renders each prompt as a lone user turn: use a template that renders one "
+            "(prepare_data.py --chat-template FILE), or drop --sample-prompt")
+    for prompt in cfg.sample_prompts or ():
+        try:
+            chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], template=template, hint=hint)
+        except UserError as exc:
+            return [f"--sample-prompt {prompt!r}: {exc}"]
+    return []
+
+
 @dataclass
 class MemoryPlan:
     """The plan as printed, with the memory per process, and why the run is refused (None: it may start)."""
@@ -133,20 +152,35 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
     """Memory per process for this engine (and DDP against FSDP when there is more than one process), checked
     against the device's memory before the weights load."""
     from .models import count_parameters
-    from .plan import describe_plan, estimate_fsdp_memory_gib, estimate_memory_gib, memory_refusal, sharding_line
+    from .plan import (
+        describe_plan,
+        estimate_fsdp_memory_gib,
+        estimate_memory_gib,
+        measure_matmul_speed,
+        memory_refusal,
+        processes_sharing_memory,
+        sharding_line,
+        time_estimate_lines,
+    )
 
     model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
     n_params = count_parameters(model_config)
     world_size = cfg.nproc or dist_info.world_size
+    sharing = processes_sharing_memory(cfg, world_size, device)  # on a CPU the processes share its RAM
     memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
     sharding = None
     if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
         fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
-        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device)
+        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device, sharing)
         memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    time_lines = []
+    if dist_info.is_main:  # one probe (the others would only slow it down), on the process that prints the plan
+        speed = measure_matmul_speed(model_config, min(plan.batch_size * plan.block_size, 1024), precision, device)
+        time_lines = time_estimate_lines(cfg, plan, model_config, n_params, speed, precision, world_size, device,
+                                         lora=bool(cfg.lora_r))
     text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
-                         lora=lora_counts, sharding=sharding)
-    return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts),
+                         lora=lora_counts, sharding=sharding, sharing=sharing, time_lines=time_lines)
+    return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts, sharing),
                       lora.size_warning(lora_counts) if lora_counts else None)
 
 

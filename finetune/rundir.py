@@ -160,9 +160,10 @@ def resume_command(script: Path, output_dir: Path, world_size: int) -> str:
             f"--output-dir {shlex.quote(str(output_dir.resolve()))} --resume")
 
 
-def next_commands(script: Path, output_dir: Path, prompt: str) -> dict[str, str]:
-    """What to run on a finished run's final model, with the scripts beside `script`: sample, export."""
+def next_commands(script: Path, output_dir: Path, prompt: str, chat: bool = False) -> dict[str, str]:
+    """What to run on a finished run's final model, with the scripts beside `script`: sample (a model trained on
+    chat data: a reply, rendered with its template), export."""
     python, here, model = interpreter(), script.resolve().parent, shlex.quote(str(output_dir.resolve()))
     return {"sample from it": f"{python} {shlex.quote(str(here / 'generate.py'))} --model {model} "
-                              f"--prompt {shlex.quote(prompt)}",
+                              f"{'--chat ' if chat else ''}--prompt {shlex.quote(prompt)}",
             "export it (llama.cpp)": f"{python} {shlex.quote(str(here / 'export.py'))} --model {model} --to gguf"}

@@ -120,18 +120,27 @@ def cpu_bf16_is_faster(hidden_size: int, log: logging.Logger) -> bool:
     return faster
 
 
-def matmul_gflops(hidden_size: int, dtype) -> float:
+def matmul_gflops(hidden_size: int, dtype, rows: int = PROBE_TOKENS, device=None,
+                  seconds: float = PROBE_SECONDS) -> float:
+    """GFLOP/s of a rows x h @ h x 4h matmul (a block's MLP) in `dtype` on `device` (default: the CPU), run
+    back to back for about `seconds` after a warm-up."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(PROBE_TOKENS, hidden_size, generator=generator).to(dtype)
-    b = torch.randn(hidden_size, 4 * hidden_size, generator=generator).to(dtype)
+    a = torch.randn(rows, hidden_size, generator=generator).to(dtype=dtype, device=device)
+    b = torch.randn(hidden_size, 4 * hidden_size, generator=generator).to(dtype=dtype, device=device)
+    synchronize = torch.cuda.synchronize if a.device.type == "cuda" else (lambda: None)
     torch.mm(a, b)  # warm-up: kernel selection, first-touch of the output
+    synchronize()
     runs, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < PROBE_SECONDS or runs < 1:
+    while (elapsed := time.perf_counter() - started) < seconds or runs < 1:
         torch.mm(a, b)
         runs += 1
-    return runs * 2 * PROBE_TOKENS * hidden_size * 4 * hidden_size / elapsed / 1e9
+        if runs % 8 == 0 or elapsed >= seconds:
+            synchronize()  # queued GPU work counts once it has run
+    synchronize()
+    elapsed = time.perf_counter() - started
+    return runs * 2 * rows * hidden_size * 4 * hidden_size / elapsed / 1e9
 
 
 def cpu_model() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from .chat import chat_prompt_ids
 from .models import model_context_length, unwrap_model
 
 
@@ -36,12 +37,6 @@ def generation_kwargs(model, tokenizer, *, max_new_tokens: int, greedy: bool = F
         # the sampling flags are left out: transformers warns when they are set without sampling
         return dict(kwargs, do_sample=False)
     return dict(kwargs, do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation rendered with the tokenizer's chat template, up to the start of the assistant's reply
-    (add_generation_prompt): token for token a prefix of that conversation with the reply, as trained."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
 def generate_samples(model, tokenizer, prompt: str | list[int], gen_kwargs: dict, *, num_samples: int, seed: int,

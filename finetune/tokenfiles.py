@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -82,7 +83,7 @@ def write_meta(path: Path, meta: dict) -> None:
         os.fsync(f.fileno())
 
 
-def load_meta(data_dir: str | os.PathLike) -> dict:
+def load_meta(data_dir: str | os.PathLike, model: str | None = None) -> dict:
     """Read meta.json and check it against the .bin files beside it.
 
     Raises DataError naming the problem and the fix when the folder is not a complete,
@@ -90,7 +91,9 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     """
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
-    hint = f"HINT: run `python prepare_data.py --output-dir {data_dir}` to (re)create it"
+    tokenizer = shlex.quote(str(model)) if model else "MODEL"  # the data must be tokenized for the model trained
+    hint = (f"HINT: run `python prepare_data.py --input YOUR_TEXT --tokenizer {tokenizer} --output-dir "
+            f"{shlex.quote(str(data_dir))}` to (re)create it (--input: text files, folders or record files)")
     if data_dir.exists() and not data_dir.is_dir():
         is_ours = data_dir.name in ("meta.json", *SPLIT_FILES.values())
         raise DataError(f"data directory {data_dir} is a file, not a folder. HINT: pass the folder prepare_data.py "

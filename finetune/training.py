@@ -103,15 +103,22 @@ def make_loaders(cfg: TrainConfig, meta: dict, plan: Plan, device, dist_info: Di
                               pin_memory=pin,
                               worker_init_fn=ignore_signals_in_worker if cfg.num_workers > 0 else None,
                               generator=torch.Generator().manual_seed(cfg.seed))
+    # Under --fsdp the ranks' shares may differ by a block (or be empty): evaluate() keeps the sharded forward
+    # passes in step with a filler batch whose loss it ignores, so every chosen block counts, as without --fsdp.
     val_indices = validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.rank, dist_info.world_size)
-    if cfg.fsdp:  # every rank runs as many forward passes as the others (each one gathers from all of them)
-        shortest = len(validation_blocks(len(val_set), eval_blocks(cfg, plan), dist_info.world_size - 1,
-                                         dist_info.world_size))
-        val_indices = val_indices[:shortest]
     # Validation reads a few blocks per evaluation: worker processes would cost more to start than they save.
     val_loader = DataLoader(Subset(val_set, val_indices), batch_size=cfg.batch_size, shuffle=False, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))
     return train_loader, sampler, val_loader
+
+
+def filler_batch(val_loader) -> dict:
+    """One validation block as a batch: what a sharded process whose share of the validation blocks is done
+    (or empty: fewer blocks than processes) forwards, its loss ignored, while the others still have batches,
+    since each sharded forward pass gathers the weights from every process."""
+    from torch.utils.data import default_collate
+
+    return default_collate([val_loader.dataset.dataset[0]])
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +177,8 @@ class TrainingRun:
         the evaluation (within one batch; every process then stops, and nothing is recorded)."""
         progress = self.progress
         val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info, self.objective,
-                            should_stop=(lambda: stop.requested) if stop else None)
+                            should_stop=(lambda: stop.requested) if stop else None,
+                            filler=filler_batch(self.val_loader) if self.cfg.fsdp else None)
         if val_loss is None:  # the evaluation counted the requests of every process: all stop
             stop.agree(1)
             return None

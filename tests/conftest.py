@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, built locally once per session, and
-private caches for every test. The functions they use live in helpers.py.
+"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, built locally once per session, the
+token files and the one-step run several test modules read, and private caches for every test. The functions
+they use live in helpers.py.
 
 Nothing here touches the network. The tokenizer is trained with `tokenizers` on a
 generated corpus and saved with `save_pretrained`, so every test goes through the real
@@ -29,7 +30,7 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # the scripts and the finetune package, importable from every test
     sys.path.insert(0, _REPO)
 
-from helpers import build_tiny_model, build_tiny_tokenizer, make_corpus, run_script  # noqa: E402
+from helpers import base_args, build_tiny_model, build_tiny_tokenizer, make_corpus, run_script  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
@@ -97,3 +98,18 @@ def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
     assert result.returncode == 0, result.stderr
     return root / "data"
 
+
+@pytest.fixture(scope="session")
+def one_step(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, str]:
+    """A run of --max-steps 1 (base_args: lr 3e-3, 3 warmup steps), and what it printed on stderr. Read only:
+    a test that changes it works on a copy."""
+    import contextlib
+    import io
+
+    import finetune_generative as ft
+
+    out = tmp_path_factory.mktemp("one_step") / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1")) == 0
+    return out, err.getvalue()

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -209,10 +210,13 @@ def checkpoint_names(out: Path) -> list[str]:
 SAVE_RUN = ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "6", "--save-every", "2"]
 
 
-def start(args: list, log: Path) -> subprocess.Popen:
+def start(args: list, log: Path, cwd: Path | None = None, script: str | None = None) -> subprocess.Popen:
+    """finetune_generative.py (or the Python source `script`, given the same argv) in a process of its own,
+    its stderr written to `log`."""
+    command = [sys.executable, str(REPO_ROOT / "finetune_generative.py")] if script is None else \
+        [sys.executable, "-c", script]
     with open(log, "w") as stderr:
-        return subprocess.Popen([sys.executable, str(REPO_ROOT / "finetune_generative.py"), *map(str, args)],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen([*command, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def newest_step(out: Path) -> int:
@@ -229,6 +233,48 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
         assert time.time() < deadline, f"no checkpoint-{step} after {timeout}s"
         time.sleep(0.005)
     return True
+
+
+def wait_for(condition, what: str, timeout: float = 180) -> None:
+    """Poll `condition` until it holds; fail, naming `what`, after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Has process `pid` installed a handler for `signum` (Linux: the SigCgt mask in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+def copy_data(data_dir: Path, dst: Path) -> tuple[Path, dict]:
+    """A copy of a prepared data folder, to change, and its meta.json."""
+    shutil.copytree(data_dir, dst)
+    return dst, json.loads((dst / "meta.json").read_text())
+
+
+class RunsCodeWhenUnpickled:
+    """What an attacker puts in a pickle: unpickling calls open(marker, "w"), creating the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def assert_refused_unsafely_loadable(result, marker: Path, *fragments: str) -> None:
+    """A pickle that would run code is one error line in our words (not torch's advice), and never ran."""
+    assert_clean_error(result, *fragments)
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert "weights_only" not in result.stderr and "Re-running" not in result.stderr  # torch's advice, not relayed
+    assert not marker.exists()  # the payload never ran
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from finetune import chat
 from finetune.chat import (
     DEFAULT_CHAT_TEMPLATE,
+    MAX_MESSAGES,
     START,
     TRAIN,
     ChatRenderer,
@@ -16,6 +18,7 @@ from finetune.chat import (
     Conversation,
     FormatChooser,
     PromptCompletion,
+    chat_prompt_ids,
     choose_template,
     example_of,
     format_of,
@@ -217,3 +220,55 @@ def test_bad_templates_are_one_error(tok, tmp_path):
     assert np.array_equal(renderer(tok).render(Conversation(messages, [False, True]), "l").ids,
                           tok.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=True,
                                                   return_dict=False))
+
+
+# Two nested loops of Jinja's sandbox's largest range(): 10^10 iterations, hours (issue 27, 6).
+HANGING = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+           + DEFAULT_CHAT_TEMPLATE)
+
+
+def test_a_template_that_does_not_end_is_stopped_and_named(tok, monkeypatch):
+    """Stopped at the time limit (0.5 s here; chat.RENDER_SECONDS in use), once: the probe without its system
+    turn is not tried after a timeout, since the template would only run out of time again."""
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    calls = []
+    slow = renderer(tok, HANGING)
+    real = slow.render_jinja
+    slow.render_jinja = lambda *a, **k: calls.append(1) or real(*a, **k)
+    with pytest.raises(UserError) as error:
+        slow.check_template()
+    assert str(error.value).startswith("a test conversation (before any record is read): the chat template test did "
+                                       "not finish rendering this conversation within 0.5 s") and "HINT:" in str(error.value)
+    assert len(calls) == 1
+    # the timer is gone: nothing fires later
+    import signal
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    tok.chat_template = HANGING  # generate.py --chat and the training samples: the model's own template
+    try:
+        with pytest.raises(UserError, match=r"the chat template of MODEL did not finish rendering the conversation "
+                                            r"within 0\.5 s .*HINT: fix or replace the template saved with the model"):
+            chat_prompt_ids(tok, [{"role": "user", "content": "hi"}], "MODEL")
+        tok.chat_template = "{{ raise_exception('needs a system turn') }}"
+        with pytest.raises(UserError, match=r"the chat template of MODEL fails to render the conversation "
+                                            r"\(TemplateError: needs a system turn\)\. HINT"):
+            chat_prompt_ids(tok, [{"role": "user", "content": "hi"}], "MODEL")
+    finally:
+        tok.chat_template = None
+
+
+def test_a_conversation_beyond_the_message_limit_is_refused_before_rendering(tok):
+    """Rendering checks each reply against all the turns before it, work that grows with the square of the turns;
+    past MAX_MESSAGES a conversation is one error line, not hours (issue 27, 7)."""
+    def exchanges(n):
+        messages = [m for _ in range(n) for m in ({"role": "user", "content": "the sea?"},
+                                                  {"role": "assistant", "content": "calm."})]
+        return Conversation(messages, [m["role"] == "assistant" for m in messages])
+
+    refusing = renderer(tok)
+    refusing.render_jinja = None  # refused before any render
+    with pytest.raises(UserError, match=rf"long.jsonl line 4: the conversation has 1,002 messages, more than the "
+                                        rf"{MAX_MESSAGES:,} one conversation may have .*HINT: split it into "
+                                        rf"conversations of at most {MAX_MESSAGES:,} messages"):
+        refusing.render(exchanges(MAX_MESSAGES // 2 + 1), "long.jsonl line 4")
+    few = renderer(tok).render(exchanges(3), "l")
+    assert trained_text(tok, few) == "calm.<|endoftext|>" * 3

@@ -70,6 +70,7 @@ def chat_run(tmp_path_factory, tiny_model_dir, chat_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_chat_data_like_one(tmp_path, tiny_model_dir, chat_data_dir):
     """torchrun, 2 processes x batch 1 against 1 process x batch 2 (the same global batch, the same blocks in
     each of the 4 full steps): the step's trained tokens are counted over both ranks, so the per-step losses
@@ -430,3 +431,130 @@ def test_generate_chat_refuses_a_model_without_template(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "has none" in line and "HINT" in line and "Traceback" not in err
+
+
+# A template that renders only conversations that open with a system turn (issue 27, 8).
+SYSTEM_REQUIRED = ("{%- if messages[0]['role'] != 'system' -%}{{ raise_exception('a system turn comes first') }}"
+                   "{%- endif -%}" + TEST_TEMPLATE)
+
+
+def test_a_sample_prompt_the_data_template_cannot_render_is_refused_before_training(tmp_path, tiny_model_dir, capsys):
+    """Every record had a system turn, so prepare passed; the --sample-prompt (a lone user turn) would have
+    crashed the run at its first sample: refused before the weights load, one line, nothing written."""
+    from helpers import assert_one_line_error, run_main
+
+    with_system = [m if m[0]["role"] == "system" else [{"role": "system", "content": "Be brief."}, *m]
+                   for m in make_conversations(8, seed=3)]
+    data = write_chat_data(tmp_path / "data", tiny_tokenizer(tiny_model_dir), with_system[:6], with_system[6:],
+                           template=SYSTEM_REQUIRED)
+    out = tmp_path / "out"
+    result = run_main(ft.main, chat_args(tiny_model_dir, data, out, "--sample-prompt", "the old captain"), capsys)
+    assert_one_line_error(result, "--sample-prompt 'the old captain': the chat template of", "fails to render the "
+                          "conversation (TemplateError: a system turn comes first)", "HINT: --sample-prompt renders "
+                          "each prompt as a lone user turn")
+    assert not out.exists()
+
+
+def test_generate_chat_with_a_template_that_fails_or_hangs_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import generate
+    from finetune import chat as chat_module
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.setattr(chat_module, "RENDER_SECONDS", 0.5)
+    for template, fragment in ((SYSTEM_REQUIRED, "fails to render the conversation (TemplateError: a system turn "
+                                                 "comes first)"),
+                               ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                                "did not finish rendering the conversation within 0.5 s")):
+        (model / "chat_template.jinja").write_text(template)
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--model", str(model), "--chat", "--prompt", "hello", "--device", "cpu"])
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert f"the chat template of {model} {fragment}" in line and "HINT: fix or replace the template saved with " \
+            "the model" in line, line
+    # --system makes that template render: the system turn comes first
+    (model / "chat_template.jinja").write_text(SYSTEM_REQUIRED)
+    assert generate.main(["--model", str(model), "--chat", "--system", "Be brief.", "--prompt", "hello", "--device",
+                          "cpu", "--greedy", "--max-new-tokens", "2"]) == 0
+
+
+def spy_on_prompts(monkeypatch, interrupt_calls=()):
+    """Record the prompt ids generate.py's chat passes to generate_samples; on the calls numbered in
+    `interrupt_calls`, a real SIGINT arrives while the reply is being generated (Ctrl-C)."""
+    import os
+    import signal
+
+    import generate
+
+    prompts, real = [], generate.generate_samples
+
+    def spy(model, tokenizer, prompt, *args, **kwargs):
+        prompts.append(list(prompt))
+        if len(prompts) in interrupt_calls:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode: inside the real generation
+        return real(model, tokenizer, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_samples", spy)
+    return prompts
+
+
+def test_generate_chat_system_turn_from_the_flag_and_the_command(overfit_model, monkeypatch, capsys):
+    """--system starts every conversation with it; /system TEXT changes it, /system alone removes it (issue 27, 19)."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tok = tiny_tokenizer(overfit_model)
+    prompts = spy_on_prompts(monkeypatch)
+    chat(capsys, "--model", overfit_model, "--max-new-tokens", 4, "--system", "Be brief.", "--prompt", "hi")
+    def rendered(*messages):
+        return tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}
+    assert prompts == [rendered(system, user)]
+    prompts.clear()
+    monkeypatch.setattr("sys.stdin", Terminal("hi\n/system Be kind.\nhi\n/system\nhi\n"))
+    chat(capsys, "--model", overfit_model, "--max-new-tokens", 4, "--system", "Be brief.")
+    assert tok.decode(prompts[0]).startswith("System:\nBe brief.") and tok.decode(prompts[1]).startswith(
+        "System:\nBe kind.") and tok.decode(prompts[2]).startswith("User:\nhi")
+    assert prompts[0] == rendered(system, user)
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_conversation(overfit_model, monkeypatch, capsys):
+    """llama.cpp and Ollama stop the reply and keep the chat: so does generate.py --chat (issue 27, 19)."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    user, stopped, after = EXCHANGES[0][0], EXCHANGES[1][0], EXCHANGES[2][0]
+    prompts = spy_on_prompts(monkeypatch, interrupt_calls={2})
+    monkeypatch.setattr("sys.stdin", Terminal(f"{user}\n{stopped}\n{after}\n"))
+    import generate
+
+    assert generate.main(["--device", "cpu", "--precision", "fp32", "--chat", "--greedy", "--model",
+                          str(overfit_model), "--max-new-tokens", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "(reply stopped; that message and its partial reply are not kept)" in captured.err
+    tok = tiny_tokenizer(overfit_model)
+    assert len(prompts) == 3
+    kept = [{"role": "user", "content": user}, {"role": "assistant", "content": EXCHANGES[0][1]},
+            {"role": "user", "content": after}]  # the first exchange kept, the stopped turn gone
+    assert prompts[2] == tok.apply_chat_template(kept, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert captured.out.startswith(f"> {EXCHANGES[0][1]}\n")
+
+
+def test_the_next_commands_after_a_chat_run_sample_with_chat(tmp_path, tiny_model_dir, chat_data_dir, capsys):
+    """The "next:" lines of a run on chat data sample a reply (--chat), not a plain continuation (issue 27, 20)."""
+    from helpers import run_main
+
+    out = tmp_path / "out"
+    result = run_main(ft.main, chat_args(tiny_model_dir, chat_data_dir, out, "--max-steps", 1), capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [t for t in result.stderr.splitlines() if "sample from it:" in t]
+    assert f"generate.py --model {out} --chat --prompt 'Once upon a time'" in line

@@ -39,6 +39,7 @@ def two_process_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tmp_path,
                                                                     tiny_model_dir, tiny_data_dir):
     single = tmp_path / "single"
@@ -58,6 +59,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_across_processes_is_exact(two_process_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -70,6 +72,7 @@ def test_resume_across_processes_is_exact(two_process_run, tmp_path):
     assert_same_weights(two_process_run, out)
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(two_process_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -78,6 +81,7 @@ def test_resume_with_another_world_size_is_refused(two_process_run, tmp_path):
     assert_clean_error(result, "written by 2 process(es)", "--nproc_per_node=2")
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir):
     import time
 
@@ -111,6 +115,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_
     assert state["step"] == step and len(state["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_nproc_starts_the_processes_and_a_sigterm_ends_with_our_exit_code_not_a_traceback(
         tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
     """`--nproc 2` without torchrun: this command starts the 2 processes (launcher.py). A SIGTERM to it mid-run
@@ -153,3 +158,27 @@ def test_nproc_under_torchrun_must_be_its_number_and_each_gpu_takes_one_process(
         "--nproc 4 processes need 4 GPUs, one each, and this machine has 2. HINT: --nproc 2, or --device cpu"]
     assert launcher.device_problems(4, "cpu", 2) == launcher.device_problems(2, "cuda", 2) == []
     assert launcher.device_problems(4, "auto", cuda_devices=0) == []  # no GPU: gloo on the CPU
+
+
+@pytest.mark.slow
+def test_kill9_of_one_nproc_process_is_one_line_from_each_side_not_a_traceback(tmp_path, tiny_model_dir, tiny_data_dir):
+    """kill -9 of one of `--nproc 2`'s processes: the survivor, blocked in a collective, says in one line that it
+    lost the others, and the launcher says which process was killed; no gloo traceback (issue 27, 12)."""
+    import psutil
+
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3000",
+                     "--save-every", "2", "--nproc", "2")
+    proc = start(args, log)
+    assert wait_for_step(proc, out, 2), log.read_text()[-3000:]
+    (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    rank1.kill()
+    assert proc.wait(timeout=120) == 137, log.read_text()[-3000:]
+    err = log.read_text()
+    assert "Traceback" not in err and "[rank0]:" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors[-1].startswith("error: process 1 of 2 was killed by SIGKILL, and the others were stopped. HINT:")
+    assert len(errors) <= 2 and all("HINT:" in line for line in errors), errors
+    if len(errors) == 2:  # rank 0 was in a collective when its peer died (else the launcher stopped it first)
+        assert errors[0].startswith("error: process 0 lost the other processes of the run (")
+    assert ckpt.list_checkpoints(out)  # what was saved is there to resume from

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import finetune_generative as ft
 from dataset import load_meta
 from finetune import checkpoints as ckpt
+from finetune import console
 from finetune import plan as plan_module
 from finetune.config import TrainConfig, parse_config
 from helpers import (
@@ -159,15 +161,48 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, tiny_d
     assert f"{total // 2:,} per epoch, {total:,} total" in text
     assert "3 warmup" in text and "512 tokens per step" in text and "GiB" in text
     assert "cpu, precision fp32" in text
+    # how long it will take, from a matmul probe of this machine at this model's shapes (issue 27, 16)
+    assert re.search(r"^time estimate    ~\d+\w+ \(\d+\w+ per step; this cpu did [\d,.e+-]+ GFLOP/s of fp32 matmuls at "
+                     r"this model's shapes in a [\d.]+ s probe just now; rough, within about 2x\)$", text, re.MULTILINE)
     assert not out.exists()
 
 
+def test_a_long_cpu_run_names_the_settings_that_shorten_it():
+    """The Quickstart's defaults on GPT-2 124M at a slow CPU's 20 GFLOP/s: hours, so the plan names --max-steps,
+    LoRA and --block-size with their own estimates; the same run on a GPU gets the time alone."""
+    from transformers import GPT2Config
+
+    config = GPT2Config()  # 124M: 12 layers, 768 wide, 50,257 tokens
+    n_params = 124_439_808
+    meta = {"splits": {"train": {"tokens": 123 * 1024}, "val": {"tokens": 12 * 1024}}}
+    cfg = TrainConfig()  # block 1024 (the model's), batch 8, 3 epochs
+    plan = plan_module.make_plan(cfg, meta, 1024, world_size=1)
+    speed = plan_module.SpeedProbe(gflops=20.0, seconds=0.3, rows=1024)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    lines = plan_module.time_estimate_lines(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=False)
+    full = plan_module.run_seconds(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=False)
+    # 48 steps of 8,192 tokens at 6 x 124M + 12 x 12 x 768 x 1024 FLOP per token, 70 % of 20 GFLOP/s
+    assert full > 48 * 8192 * (6 * n_params + 12 * 12 * 768 * 1024) / (0.7 * 20e9) > 3600
+    assert lines[0].startswith(f"time estimate    ~{console.format_duration(full)} (")
+    shorter = re.fullmatch(r" +long for a CPU; shorter: --max-steps (\d+) ~(\S+); --lora-r 16 ~(\S+); "
+                           r"--block-size 256 ~(\S+)", lines[1])
+    assert shorter, lines
+    steps = int(shorter[1])
+    assert 1 <= steps < plan.total_steps
+    lora = plan_module.run_seconds(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=True)
+    assert shorter[3] == console.format_duration(lora) and lora < full
+    on_gpu = plan_module.time_estimate_lines(cfg, plan, config, n_params, speed, "fp32", 1, gpu, lora=False)
+    assert on_gpu == [lines[0].replace("this cpu did", "this cuda did")]
+
+
+@pytest.mark.slow
 def test_refuses_to_clobber_an_earlier_run(full_run, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, full_run))
     assert_clean_error(result, "earlier run", "--resume", "--overwrite")
     assert (full_run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -183,6 +218,7 @@ def test_resume_refuses_other_settings_and_data(full_run, tmp_path, tiny_model_d
     assert_clean_error(result, "data", "differs")
 
 
+@pytest.mark.slow
 def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_model_dir, tiny_data_dir):
     """With worker processes (the default is 2) the data order and losses are those of --num-workers 0, and
     the process exits by itself: the workers ignore SIGTERM, so they are shut down before the interpreter
@@ -196,6 +232,7 @@ def test_dataloader_workers_give_the_same_run_and_exit_cleanly(tmp_path, tiny_mo
     assert [r["loss"] for r in train_records(with_workers)] == [r["loss"] for r in train_records(in_process)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
     reference = tmp_path / "reference"
     args = ["--epochs", "6", "--lr", "1e-4"]
@@ -242,6 +279,7 @@ BAD_ARGUMENTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out"), *extra)
@@ -249,9 +287,11 @@ def test_bad_arguments(tmp_path, tiny_model_dir, tiny_data_dir, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_paths(tmp_path, tiny_model_dir, tiny_data_dir):
     result = run_script("finetune_generative.py", *base_args(tiny_model_dir, tmp_path / "nodata", tmp_path / "o"))
-    assert_clean_error(result, "does not exist", "prepare_data.py")
+    assert_clean_error(result, "does not exist", f"HINT: run `python prepare_data.py --input YOUR_TEXT --tokenizer "
+                       f"{tiny_model_dir} --output-dir {tmp_path / 'nodata'}` to (re)create it")
     result = run_script("finetune_generative.py", *base_args(tmp_path / "nomodel", tiny_data_dir, tmp_path / "o"))
     assert_clean_error(result, "cannot load model", "local folder")
     (tmp_path / "file").write_text("x")
@@ -287,6 +327,39 @@ def test_early_stopping_after_patience_evaluations(tmp_path, tiny_model_dir, tin
     last_step = evals[-1]["step"]
     assert last_step < 60 and train_records(out)[-1]["step"] == last_step
     assert (out / f"checkpoint-{last_step}").is_dir() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("during", ["step", "evaluation"])
+def test_a_stop_records_every_finished_step_loss(during, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """--log-every 100 and a SIGTERM at step 3 (in the step, or in the evaluation after it): the mean loss of
+    steps 1-3 is in metrics.jsonl before the checkpoint (it was lost: issue 27, 17)."""
+    losses, real_step = [], ft.train_step
+
+    def step_then_signal(*args, **kwargs):
+        if len(losses) == 2 and during == "step":
+            signal.raise_signal(signal.SIGTERM)  # the run's own handler: this step finishes, then it stops
+        result = real_step(*args, **kwargs)
+        losses.append(result[0])
+        return result
+
+    monkeypatch.setattr(ft, "train_step", step_then_signal)
+    if during == "evaluation":
+        from finetune import training
+        real_evaluate = training.evaluate
+
+        def evaluate_then_signal(*args, **kwargs):
+            if losses:
+                signal.raise_signal(signal.SIGTERM)
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(training, "evaluate", evaluate_then_signal)
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "10", "--log-every", "100",
+                     *(["--eval-every", "3"] if during == "evaluation" else []))
+    assert ft.main(args) == 143
+    (record,) = train_records(out)
+    assert record["step"] == len(losses) == 3 and (out / "checkpoint-3").is_dir()
+    assert record["loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
 
 
 def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model_dir, tiny_data_dir):
@@ -373,3 +446,85 @@ def test_precision_auto_is_decided_once_and_kept_by_a_resume(tmp_path, tiny_mode
     log = capsys.readouterr().err
     assert "device cpu, precision bf16" in log and "precision fp32" not in log
     assert [r["step"] for r in train_records(out)] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# The end of a run: what it logs, best/ only when the base model is beaten
+
+
+def test_one_step_changes_the_weights_and_logs_readable_settings(one_step, tiny_model_dir, tiny_data_dir):
+    import dataclasses
+    import shlex
+
+    out, err = one_step
+    (record,) = train_records(out)
+    assert record["lr"] == pytest.approx(3e-3)  # the warmup (3 steps, cut to the 1 step run) ends at the peak
+    base, trained = weights(tiny_model_dir), weights(out)
+    changed = [name for name in base if not torch.equal(base[name], trained[name])]
+    assert set(changed) == set(base)  # AdamW's first step moves every parameter
+    evals = train_records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 1] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert (out / "best").is_dir()
+    for name in base:
+        assert torch.equal(weights(out / "best")[name], trained[name])
+    # the settings not at their defaults, one per line; the whole config in train_config.json
+    assert "settings (not at their defaults; all of them in" in err
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if "settings (not at their defaults" in line)
+    shown = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  --"):
+            break
+        shown.append(line)
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    assert cfg == parse_config(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1"))[0]
+    assert "  --max-steps 1" in shown and "  --lr 0.003" in shown and "  --batch-size 8" not in shown
+    assert f"  --output-dir {out}" in shown and "  --scheduler linear" not in shown  # linear is the default
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert len(shown) == sum(getattr(cfg, name) != getattr(TrainConfig(), name) for name in names)
+    assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON blob in the log
+    # the end says the val loss before -> after and what to run next, pasteable anywhere
+    before, after = (f"{e['val_loss']:.4f}" for e in evals)
+    python, model = shlex.quote(sys.executable), shlex.quote(str(out))
+    assert lines[-4].split(" ", 1)[1] == (
+        f"done: val loss {before} at step 0 -> {after} at step 1; final model in {out}, best model "
+        f"(val loss {after}, step 1) in {out / 'best'}")
+    assert lines[-3:] == [
+        "next:",
+        f"  sample from it:        {python} {shlex.quote(str(REPO_ROOT / 'generate.py'))} --model {model} "
+        "--prompt 'Once upon a time'",
+        f"  export it (llama.cpp): {python} {shlex.quote(str(REPO_ROOT / 'export.py'))} --model {model} --to gguf"]
+
+
+def test_no_best_folder_without_an_improvement_over_the_base_model(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    # AdamW's first step moves every parameter by about the lr: at 0.5 the model is much worse than before.
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "1", "--lr", "0.5", "--warmup-steps", "0")
+    assert ft.main(args) == 0
+    evals = train_records(out, "eval")
+    assert evals[1]["val_loss"] > evals[0]["val_loss"] + 1
+    assert not (out / "best").exists() and (out / "model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert "best so far" not in err
+    assert "no best/: no evaluation beat the base model's val loss at step 0" in err
+
+
+def test_loss_png_shows_a_training_loss_of_one_point(tmp_path, monkeypatch):
+    """A line through one point draws nothing: the first evaluation after one logged step showed no training loss
+    at all ; such a point is drawn as a marker."""
+    import matplotlib.pyplot as plt
+
+    from finetune.metrics import plot_losses
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))
+    metrics = [{"kind": "eval", "step": 0, "tokens": 0, "val_loss": 6.0},
+               {"kind": "train", "step": 1, "tokens": 512, "loss": 5.9},
+               {"kind": "eval", "step": 1, "tokens": 512, "val_loss": 5.8}]
+    plot_losses(metrics, tmp_path / "loss.png")
+    (train,) = [line for line in drawn[0].axes[0].lines if line.get_label() == "train"]
+    assert list(train.get_xdata()) == [512] and train.get_marker() not in ("None", None, "", " ")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    plot_losses([*metrics, {"kind": "train", "step": 2, "tokens": 1024, "loss": 5.7}], tmp_path / "loss.png")
+    (train,) = [line for line in drawn[1].axes[0].lines if line.get_label() == "train"]
+    assert train.get_linestyle() == "-"  # two points and more: the line, as before

@@ -58,6 +58,7 @@ def one_process_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_sharded_processes_stopped_by_sigterm_resume_in_one(one_process_run, tmp_path, odd_model_dir,
                                                                 tiny_data_dir, capsys):
     out = tmp_path / "out"
@@ -117,6 +118,7 @@ def sharded_single_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_loss(sharded_single_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -136,12 +138,12 @@ def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_lo
     assert_trained_alike(load_file(out / "model.safetensors"), load_file(sharded_single_run / "model.safetensors"),
                          [r["lr"] for r in train_records(sharded_single_run)])
     # The released folder loads with from_pretrained and gives the loss the sharded model measured at the end
-    # (the validation blocks of a 2-process sharded run: those of rank 0 and rank 1, cut to the same count).
+    # (every validation block, the ranks' shares together, as one process measures it).
     state = ckpt.load_training_state(out / "checkpoint-4")
     data_dir, block = state["config"]["data_dir"], state["config"]["block_size"]
     val = TextDataset.from_data_dir(data_dir, "val", block)
-    per_rank = [validation_blocks(len(val), len(val), rank, 2) for rank in (0, 1)]
-    blocks = [i for rank in per_rank for i in rank[:len(per_rank[1])]]
+    blocks = sorted(i for rank in (0, 1) for i in validation_blocks(len(val), len(val), rank, 2))
+    assert blocks == list(range(len(val))) and len(val) % 2 == 1  # uneven shares: rank 1 has one block less
     final_eval = train_records(out, "eval")[-1]
     for folder in (out, out / "best"):
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -198,6 +200,7 @@ def stop_in_a_sharded_save(launcher: subprocess.Popen, out, after: int, timeout:
     raise AssertionError("the run ended before a sharded save was caught")
 
 
+@pytest.mark.slow
 def test_kill9_during_a_sharded_save_leaves_only_checkpoints_that_load(one_process_run, tmp_path, odd_model_dir,
                                                                        tiny_data_dir, capsys):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
@@ -285,3 +288,30 @@ def test_dry_run_plans_ddp_and_fsdp_side_by_side(odd_model_dir, tiny_data_dir, t
     assert "at 4 process(es)" in line and "(this run: FSDP)" in line and "fit this machine's" in line
     assert fsdp_gib < ddp and f"memory estimate  ~{fsdp_gib:.2f} GiB per process" in text
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_fewer_validation_blocks_than_sharded_processes(odd_model_dir, tiny_data_dir, tmp_path):
+    """One validation block, two sharded processes: rank 1 has none to evaluate, yet the loss is that block's
+    (it was NaN: issue 27, 4), before and after training."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import TextDataset
+    from finetune.loss import next_token_loss
+
+    out = tmp_path / "out"
+    result = subprocess.run(torchrun_cmd(2, *args(odd_model_dir, tiny_data_dir, out, 1, "--fsdp", "--max-steps", "1",
+                                                  "--eval-batches", "1", "--eval-every", "1")),
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluation       1 of" in result.stdout + result.stderr
+    evals = train_records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 1]
+    val = TextDataset.from_data_dir(tiny_data_dir, "val", ckpt.load_training_state(
+        out / "checkpoint-1")["config"]["block_size"])
+    ids = val[0]["input_ids"][None]
+    for folder, record in ((odd_model_dir, evals[0]), (out, evals[1])):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            expected = next_token_loss(model(input_ids=ids).logits, ids).item()
+        assert record["val_loss"] == pytest.approx(expected, abs=1e-5), (folder, record)

@@ -48,6 +48,7 @@ def assert_no_generate_warnings(stderr: str) -> None:
 # End to end, as a subprocess
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_text_and_streams_what_it_records(tiny_model_dir, tmp_path):
     runs = [generate("--model", tiny_model_dir, "--prompt", "The old captain", "--seed", "7",
                      "--max-new-tokens", "16", "--output", tmp_path / f"run{i}.jsonl") for i in range(2)]
@@ -63,6 +64,7 @@ def test_same_seed_gives_same_text_and_streams_what_it_records(tiny_model_dir, t
     assert record["text"] == record["prompt"] + record["completion"]
 
 
+@pytest.mark.slow
 def test_num_samples_output_fields_and_max_new_tokens(tiny_model_dir, tmp_path):
     out = tmp_path / "samples.jsonl"
     result = generate("--model", tiny_model_dir, "--prompt", "the river", "--num-samples", "3",
@@ -86,6 +88,7 @@ def test_num_samples_output_fields_and_max_new_tokens(tiny_model_dir, tmp_path):
             "repetition_penalty": 1.2, "max_new_tokens": 9, "seed": 1, "device": "cpu", "precision": "fp32"}
 
 
+@pytest.mark.slow
 def test_prompts_from_stdin_and_prompt_file(tiny_model_dir, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a small house\n\n   \nthe sea\n", encoding="utf-8")
@@ -211,6 +214,7 @@ BAD_SETTINGS = [
     ([], ["no prompt given", "--prompt"]),
     (["--prompt-file", "no-such-prompts.txt"], ["no-such-prompts.txt", "does not exist"]),
     (["--prompt", "-", "--prompt", "-"], ["stdin"]),
+    (["--prompt", "x", "--system", "Be brief."], ["--system gives the system turn of a --chat conversation"]),
 ]
 
 
@@ -225,6 +229,7 @@ def test_blank_prompt_file(tiny_model_dir, tmp_path):
     assert_clean_error(generate("--model", tiny_model_dir, "--prompt-file", prompt_file), "no prompts", "HINT")
 
 
+@pytest.mark.slow
 def test_missing_and_incomplete_model_folders(broken_models, tmp_path):
     assert_clean_error(generate("--model", "./no-such-model", "--prompt", "x"), "does not exist", "HINT")
     # the default, --model out, from a folder where nothing was trained yet
@@ -439,3 +444,45 @@ def test_adapter_config_that_is_not_an_object_or_names_no_base_is_one_line(tmp_p
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     result = run_main(generate_module.main, [*CPU, "--model", adapter, "--prompt", "x"], capsys)
     assert_one_line_error(result, f"{adapter / 'adapter_config.json'}", fragment, "HINT:")
+
+
+# -----------------------------------------------------------------------------
+# The seed line only where it repeats something; many samples in batches
+
+
+def test_greedy_does_not_offer_a_seed_to_repeat_its_samples(tiny_model_dir, capsys):
+    import generate
+
+    common = ("--device", "cpu", "--precision", "fp32", "--model", str(tiny_model_dir), "--prompt", "the river",
+              "--max-new-tokens", "4")
+    assert generate.main([*common, "--greedy"]) == 0
+    assert "--seed" not in capsys.readouterr().err  # the same text every time: no seed to pass
+    assert generate.main(list(common)) == 0
+    assert "to get the same samples again" in capsys.readouterr().err  # sampling still says it
+
+
+
+def test_many_samples_are_generated_in_batches_and_streamed(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import generate
+
+    calls = []
+    real_generate_samples = generate.generate_samples
+
+    def counting(*args, num_samples, **kwargs):
+        calls.append(num_samples)
+        return real_generate_samples(*args, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_samples", counting)
+    monkeypatch.setattr(generate, "SAMPLES_PER_BATCH", 2, raising=False)
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--prompt", "The sea",
+              "--max-new-tokens", "6", "--seed", "3"]
+    assert generate.main([*common, "--num-samples", "5", "--output", str(tmp_path / "five.jsonl")]) == 0
+    assert calls == [2, 2, 1]  # never more rows at once than a batch
+    five = [json.loads(line) for line in (tmp_path / "five.jsonl").read_text().splitlines()]
+    assert [r["sample_index"] for r in five] == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().out.count("--- sample ") == 5
+    # The first batch is what one generate call seeded with --seed gives: the samples of --num-samples 2.
+    assert generate.main([*common, "--num-samples", "2", "--output", str(tmp_path / "two.jsonl")]) == 0
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in two] == [r["text"] for r in five[:2]]
+    assert len({r["text"] for r in five}) > 2  # later batches are not copies of the first

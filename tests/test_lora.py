@@ -150,6 +150,7 @@ def test_resume_equals_uninterrupted_across_epoch_boundary(lora_run, tmp_path):
     assert_same_weights(lora_run, out)  # the merged final models
 
 
+@pytest.mark.slow
 def test_sigterm_saves_an_adapter_checkpoint_that_resumes_exactly(lora_run, tmp_path, tiny_model_dir, tiny_data_dir):
     out = tmp_path / "out"
     proc = start(base_args(tiny_model_dir, tiny_data_dir, out, *RUN, "--save-every", "0"), tmp_path / "stderr.txt")
@@ -167,6 +168,7 @@ def test_sigterm_saves_an_adapter_checkpoint_that_resumes_exactly(lora_run, tmp_
     assert_same_weights(lora_run, out)
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_leaves_loadable_adapter_checkpoints(tmp_path, tiny_model_dir, tiny_data_dir):
     run = ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "20", "--lr", "1e-3", "--save-total-limit", "3",
            *LORA]
@@ -195,6 +197,7 @@ def test_kill9_at_random_moments_leaves_loadable_adapter_checkpoints(tmp_path, t
     assert_same_adapter(reference / "adapter", out / "adapter")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_data_dir):
     args = ["--max-steps", "6", "--lora-r", "4", "--lora-dropout", "0"]
     ddp = tmp_path / "ddp"

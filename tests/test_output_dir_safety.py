@@ -1,13 +1,32 @@
-"""--output-dir never deletes what the run reads or what it did not write (issue: defects #1)."""
+"""The output folder of a run (finetune/outdir.py, finetune/rundir.py): --output-dir never deletes what the run
+reads or what it did not write; one run at a time holds it (a lock that dies with its run); the printed resume
+command works as printed, from anywhere."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_clean_error, base_args, run_script
+from finetune import checkpoints as ckpt
+from finetune.rundir import lock_holder, resume_command
+from helpers import (
+    REPO_ROOT,
+    assert_clean_error,
+    base_args,
+    catches,
+    run_script,
+    start,
+    train_records,
+    wait_for,
+)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -104,7 +123,7 @@ def test_a_lock_that_is_a_symlink_is_refused_on_resume_and_its_target_untouched(
 
 
 # -----------------------------------------------------------------------------
-# Replacing best/, pruning checkpoints, --overwrite: never a file the run did not write (issue 27)
+# Replacing best/, pruning checkpoints, --overwrite: never a file the run did not write
 
 
 def write_files(folder: Path, files: dict[str, str]) -> Path:
@@ -179,3 +198,89 @@ def test_overwrite_with_checkpoint_and_best_linked_outside_the_run(tmp_path, tin
     assert {name: snapshot(tmp_path / f"elsewhere-{name}") for name in outside} == outside
     assert (out / "moved-aside" / "checkpoint-2" / "notes.txt").read_text() == "mine"
     assert not list(out.glob(".tmp-*")) and not (out / "best").is_symlink() and not (out / "checkpoint-1").is_symlink()
+
+
+# -----------------------------------------------------------------------------
+# One run at a time in an --output-dir; the printed resume command works as printed, from anywhere
+
+
+def test_the_resume_command_of_several_processes_uses_this_interpreters_torchrun(tmp_path):
+    script, out = tmp_path / "train.py", tmp_path / "my run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = shlex.quote(str(torchrun)) if torchrun.is_file() else f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+    assert resume_command(script, out, world_size=2) == (
+        f"{launcher} --nproc_per_node=2 {shlex.quote(str(script))} --output-dir {shlex.quote(str(out))} --resume")
+    assert resume_command(script, out, world_size=1).startswith(f"{shlex.quote(sys.executable)} ")
+
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_output_dir(tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "3")
+    runs = {p.pid: p for p in (start(args, tmp_path / "a.txt"), start(args, tmp_path / "b.txt"))}
+    logs = dict(zip(runs, (tmp_path / "a.txt", tmp_path / "b.txt")))
+
+    def holder() -> int | None:
+        text = (out / ".lock").read_text().strip() if (out / ".lock").is_file() else ""
+        return int(text) if text.isdigit() and lock_holder(out) == text else None
+
+    wait_for(lambda: holder() in runs, "one run to take the lock")
+    first = holder()
+    (second,) = set(runs) - {first}
+    os.kill(first, signal.SIGSTOP)  # however slow the second run starts, the first still holds the folder then
+    try:
+        assert runs[second].wait(timeout=180) == 2
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert runs[first].wait(timeout=180) == 0, logs[first].read_text()
+    refused = logs[second].read_text()
+    assert refused.splitlines()[-1] == (
+        f"error: --output-dir {out} is in use by another run of finetune_generative.py (PID {first}). "
+        f"HINT: wait for it to finish, stop it, or choose another --output-dir")
+    assert [line for line in refused.splitlines() if line.startswith("error:")] == [refused.splitlines()[-1]]
+    assert [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]  # each line once: one run wrote it
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill9_and_the_printed_command_from_another_directory(tmp_path, tiny_model_dir, tiny_data_dir):
+    """--output-dir with a space and a quote, --data-dir and --model relative to the working directory."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_data_dir, work / "data")
+    out_name = "it's my run"
+    args = base_args(os.path.relpath(tiny_model_dir, work), "data", out_name, "--max-steps", "20",
+                     "--save-every", "2")
+    out = work / out_name
+
+    killed = start(args, tmp_path / "killed.txt", cwd=work)
+    wait_for(lambda: (out / "checkpoint-2").is_dir() or killed.poll() is not None, "checkpoint-2")
+    killed.kill()  # kill -9
+    killed.wait(timeout=60)
+    assert (out / ".lock").read_text().strip() == str(killed.pid)  # the file stays; its lock died with the run
+    assert lock_holder(out) is None
+
+    resumed = start(["--output-dir", out_name, "--resume"], tmp_path / "resumed.txt", cwd=work)
+    wait_for(lambda: catches(resumed.pid, signal.SIGTERM) or resumed.poll() is not None, "the SIGTERM handler")
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=180) == 143, (tmp_path / "resumed.txt").read_text()
+    err = (tmp_path / "resumed.txt").read_text()
+    assert "in use" not in err  # the killed run's lock file did not block it
+    after = err.split("continue with:\n")[1].splitlines()
+    command = after[0].strip()
+    assert after[1:] == [], after  # the resume command is the last line, no progress line after it
+    # the interpreter that ran, so it works where its venv is not active (PATH has no venv below)
+    assert command == (f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO_ROOT / 'finetune_generative.py'))} "
+                       f"--output-dir {shlex.quote(str(out))} --resume")
+    stopped_at = ckpt.checkpoint_step(ckpt.list_checkpoints(out)[-1])
+    assert 2 < stopped_at < 20, "the run ended before SIGTERM; make it longer"
+
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in train_records(out)] == list(range(1, 21))
+    assert (out / "checkpoint-20").is_dir() and (out / "model.safetensors").is_file()
+    assert not list(elsewhere.iterdir())  # nothing written where the command ran

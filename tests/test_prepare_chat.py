@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import prepare_data as prep
+from finetune import chat
 from finetune.chat import DEFAULT_CHAT_TEMPLATE
 from finetune.tokenfiles import load_meta
 from helpers import assert_one_line_error, run_main
@@ -211,10 +212,15 @@ def test_bad_chat_input(tmp_path, tiny_tokenizer_dir, capsys, name, records, fra
     assert not out.exists()
 
 
-def test_bad_templates_and_mixing(tmp_path, tiny_tokenizer_dir, capsys):
+def test_bad_templates_and_mixing(tmp_path, tiny_tokenizer_dir, capsys, monkeypatch):
     chats, out = tmp_path / "chats.jsonl", tmp_path / "out"
     write(chats, conversations(5), "jsonl")
     base = ["--input", chats, "--tokenizer", tiny_tokenizer_dir, "--output-dir", out]
+    hanging = tmp_path / "hanging.jinja"  # 10^10 iterations: stopped at the time limit (0.5 s here), named
+    hanging.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    assert_one_line_error(run([*base, "--chat-template", hanging], capsys),
+                          f"the chat template {hanging} did not finish rendering this conversation within 0.5 s")
     assert_one_line_error(run([*base, "--chat-template", tmp_path / "none.jinja"], capsys),
                           "--chat-template", "none.jinja does not exist")
     failing = tmp_path / "failing.jinja"

@@ -203,6 +203,7 @@ def test_load_meta_catches_truncation_and_mismatch(prepared, tmp_path):
         load_meta(out)
 
 
+@pytest.mark.slow
 def test_val_input_and_determinism_and_overwrite(prepared, tiny_tokenizer_dir, tmp_path):
     root, docs = prepared["root"], prepared["docs"]
     args = ["--input", root / "books", "--tokenizer", tiny_tokenizer_dir, "--block-size", 64]
@@ -239,6 +240,7 @@ def test_val_input_and_determinism_and_overwrite(prepared, tiny_tokenizer_dir, t
 # Safe cuts
 
 
+@pytest.mark.slow
 def test_safe_cuts_keep_gpt2_pre_tokens():
     """For every position the rule accepts, GPT-2's pre-tokenization gives the same pieces cut or
     whole (added tokens split off first, as Hugging Face does); and positions it rejects include
@@ -426,6 +428,7 @@ def test_chunker_moves_split_boundaries_to_safe_cuts(tmp_path):
     assert pieces[-1].doc_end and not any(p.doc_end for p in pieces[:-1])
 
 
+@pytest.mark.slow
 def test_uint32_path_and_narrowing(tmp_path, corpus_file):
     """> 65,536 entries: uint32 files. When no id >= 65,536 occurs the files are narrowed to uint16,
     since dataset.load_meta wants dtype == token_dtype(max_token_id)."""
@@ -548,6 +551,7 @@ def test_existing_outputs_need_overwrite(prepared, tmp_path, tiny_tokenizer_dir,
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_undecodable_bytes_name_file_and_offset(tmp_path, tiny_tokenizer_dir):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(("Plain text first. " * 100).encode() + "Caf\u00e9 au lait.".encode("latin-1"))
@@ -557,6 +561,7 @@ def test_undecodable_bytes_name_file_and_offset(tmp_path, tiny_tokenizer_dir):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_that_cannot_be_loaded(tmp_path, corpus_file):
     out = tmp_path / "data"
     result = run_script("prepare_data.py", "--input", corpus_file, "--tokenizer", tmp_path / "no_such_tokenizer",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +80,7 @@ def tracker_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "training_state.pt", weights_only=True)["trackers"]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_continue_across_sigterm_and_resume(tmp_path, tiny_model_dir, tiny_data_dir,
                                                                    capsys, monkeypatch):
     pytest.importorskip("tensorboard")
@@ -211,6 +214,11 @@ def test_missing_or_unknown_tracker_is_one_error_line(tmp_path, tiny_model_dir, 
     assert error_lines(result.stderr) == ["error: --report-to 'none,tensorboard': none means no tracker, so it "
                                           "cannot be combined with tensorboard. HINT: use --report-to "
                                           "tensorboard to log to it, or --report-to none for no tracker"]
+    twice = base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "tensorboard", "--report-to", "mlflow")
+    result = run_main(ft.main, twice, capsys)  # it kept the last one, silently (issue 27, 20)
+    assert result.returncode == 2 and error_lines(result.stderr) == [
+        "error: --report-to was given twice ('tensorboard', then 'mlflow'), and the second would replace the first. "
+        "HINT: give it once; several values go in one comma-separated list: --report-to tensorboard,mlflow"]
     assert not out.exists()  # refused before anything was loaded or written
 
 
@@ -236,6 +244,28 @@ def test_progress_lines_every_log_step_or_interval_whichever_is_rarer(monkeypatc
     bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger)
     assert isinstance(bar, tqdm)  # on a terminal the bar stays
     bar.close()
+
+
+def test_progress_lines_never_leave_a_log_file_silent_for_long(monkeypatch):
+    """Steps slower than the silence limit (3-minute steps on a CPU): a line comes anyway, saying where the run is
+    (issue 27, 17); none after close."""
+    lines = []
+    logger = logging.getLogger("test_progress_silence")
+    monkeypatch.setattr(logger, "info", lambda fmt, *args: lines.append(fmt % args))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = console.progress_display(total=10, initial=0, enabled=True, logger=logger, interval=3600, max_silence=0.2)
+    bar.update(1)
+    bar.set_postfix(loss="1.0000")  # the first log step: a line
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:  # a step that takes "forever"
+        time.sleep(0.05)
+    bar.close()
+    assert lines[0].startswith("step 1/10 (10%), loss 1.0000, ETA")
+    assert len(lines) >= 3 and all(re.fullmatch(r"step 1/10 \(10%\), still running, \d+s since step 1 ended, ETA \S+",
+                                                line) for line in lines[1:]), lines
+    count = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == count  # the watcher stopped with the bar
 
 
 def test_tensorboard_on_a_full_disk_is_one_warning_not_a_thread_traceback(tmp_path, monkeypatch, capfd, caplog):
@@ -265,3 +295,54 @@ def test_tensorboard_on_a_full_disk_is_one_warning_not_a_thread_traceback(tmp_pa
     assert "Traceback" not in err and "Exception in thread" not in err, err
     failures = [r.getMessage() for r in caplog.records if "--report-to tensorboard" in r.getMessage()]
     assert len(failures) == 1 and "No space left on device" in failures[0], failures
+
+
+# -----------------------------------------------------------------------------
+# MLflow on a full disk, and a tracking server that does not answer
+
+
+@pytest.mark.skipif(not os.environ.get("FINETUNE_SLOW_TESTS"), reason="creating an MLflow database takes ~30 s "
+                    "on 2 busy cores; FINETUNE_SLOW_TESTS=1 runs it")
+def test_mlflow_on_a_full_disk_is_one_warning(tmp_path, capfd):
+    """A real full disk for the MLflow database (RLIMIT_FSIZE: writes beyond the size fail), in-process."""
+    import resource
+
+    pytest.importorskip("mlflow")
+    from finetune.trackers import MLflow, Trackers
+
+    trackers = Trackers([MLflow(tmp_path, {"lr": 1.0}, 0, None)])
+    capfd.readouterr()
+    size = (tmp_path / "mlflow.db").stat().st_size
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        for step in range(1, 200):
+            trackers.log({"kind": "train", "step": step, "loss": 1.0 / step, "some_metric_with_a_long_name": step})
+            if not trackers.active:
+                break
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    trackers.close()
+    err = capfd.readouterr().err
+    assert not trackers.active
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert "--report-to mlflow: logging step" in line and "reporting to it stops here" in line, err
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                     monkeypatch, capsys):
+    from helpers import assert_clean_error
+
+    if importlib.util.find_spec("mlflow") is None:  # not importorskip: importing mlflow costs seconds
+        pytest.skip("mlflow is not installed")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--report-to", "mlflow"), capsys)
+    assert time.monotonic() - started < 10
+    assert_clean_error(result, "--report-to mlflow: the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9 "
+                               "does not answer", "HINT: start it")
+    assert not out.exists()  # refused before anything was loaded or written

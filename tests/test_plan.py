@@ -1,30 +1,30 @@
-"""Defects a new user met on the first day and an adversary found (issue 23), each reproduced as the issue
-describes it: a run the plan says will not fit, start-up files that blocked the next run, token ids beyond
-the vocabulary behind a meta.json that under-states them, messages that misled, and the end of a run."""
+"""finetune/plan.py: the steps, the evaluation and save schedule, the memory estimate and the refusal of a run it
+says will not fit (before the weights load), the schedule planned again by --resume --extend, and the --dry-run
+plan of a run far too long to list, checked by arithmetic and end to end through the training script."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import io
+import math
 import random
-import shlex
-import shutil
-import sys
-from pathlib import Path
+import re
 
-import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig
 
 import finetune_generative as ft
+from dataset import load_meta
 from finetune import checkpoints as ckpt
 from finetune import plan as plan_module
-from finetune.config import TrainConfig
-from finetune.rundir import resume_command
+from finetune.config import TrainConfig, parse_config
 from helpers import BLOCK, assert_clean_error, base_args, error_lines, run_main, train_records
 
+TRILLION = 1_000_000_000_000
+
+
 # -----------------------------------------------------------------------------
-# #1: a run the memory estimate says will not fit is refused before the weights load
+# The memory estimate: a run that will not fit is refused before the weights load
 
 
 def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
@@ -55,6 +55,29 @@ def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_
     assert not loaded and not out.exists()
 
 
+def test_processes_on_one_cpu_machine_are_checked_together_against_its_memory(tmp_path, tiny_model_dir,
+                                                                              tiny_data_dir, capsys):
+    """--nproc N on a CPU: the N processes share the machine's RAM, so N x the estimate must fit """
+    out = tmp_path / "out"
+    one = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run"), capsys)
+    per_process = float(one.stdout.split("memory estimate  ~")[1].split()[0])
+    limit = f"{per_process * 1.5:.2f}"  # one process fits, two do not
+    args = base_args(tiny_model_dir, tiny_data_dir, out, "--dry-run", "--device-memory-gib", limit)
+    assert run_main(ft.main, args, capsys).returncode == 0
+    two = run_main(ft.main, [*args, "--nproc", "2"], capsys)
+    assert_clean_error(two)
+    (line,) = error_lines(two.stderr)
+    shown = re.match(r"error: the plan's memory estimate, ~([\d.]+) GiB per process, ~([\d.]+) GiB for the 2 "
+                     r"processes that share this machine's memory, is more than the ([\d.]+) GiB of cpu memory "
+                     r"\(--device-memory-gib\)", line)
+    each, both, available = map(float, shown.groups())
+    assert each == pytest.approx(per_process, abs=0.01) and both == pytest.approx(2 * each, abs=0.02)  # each shown rounded
+    assert both > available == float(f"{float(limit):.1f}") > each
+    assert "HINT: run fewer processes (now 2 on this machine), train LoRA" in line and "--fsdp" not in line
+    assert f"~{both:.2f} GiB for the 2 processes that share this machine's memory" in two.stdout
+    assert not out.exists()
+
+
 def test_the_memory_hint_names_only_the_levers_not_yet_pulled():
     meta = {"splits": {"train": {"tokens": 40 * BLOCK}, "val": {"tokens": 4 * BLOCK}}}
     cfg = TrainConfig(lora_r=4, gradient_checkpointing=True, batch_size=1, device_memory_gib=0.5)
@@ -68,71 +91,32 @@ def test_the_memory_hint_names_only_the_levers_not_yet_pulled():
 
 
 # -----------------------------------------------------------------------------
-# #16: token ids beyond the model's vocabulary, behind a meta.json that under-states them
+# The plan is for the batch that runs
 
 
-def test_token_ids_beyond_the_vocabulary_are_refused_whatever_meta_json_says(tmp_path, tiny_model_dir,
-                                                                            tiny_data_dir, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data_dir, data)
-    meta = json.loads((data / "meta.json").read_text())
-    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
-    assert meta["max_token_id"] < vocab and meta["dtype"] == "uint16"
-    tokens = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
-    tokens[123] = vocab + 7  # meta.json, the sizes and the dtype still agree: only the ids tell
-    tokens.flush()
-    del tokens
-    out = tmp_path / "out"
-    result = run_main(ft.main, base_args(tiny_model_dir, data, out, "--dry-run"), capsys)
-    assert_clean_error(result)
-    assert error_lines(result.stderr) == [
-        f"error: {data / 'train.bin'} holds token id {vocab + 7} but the model's vocabulary has only {vocab} entries, "
-        f"though meta.json says the largest id is {meta['max_token_id']} (the files no longer match what "
-        f"prepare_data.py wrote). HINT: prepare the data again with this model's tokenizer: python prepare_data.py "
-        f"--tokenizer MODEL --output-dir {data}"]
-    assert result.stdout == "" and not out.exists()
+def test_plan_and_memory_for_a_batch_larger_than_the_train_split(tiny_model_dir):
+    from transformers import AutoConfig
 
-
-# -----------------------------------------------------------------------------
-# #18: the printed resume command names the interpreter that ran (test_training_defects runs it, one process)
-
-
-def test_the_resume_command_of_several_processes_uses_this_interpreters_torchrun(tmp_path):
-    script, out = tmp_path / "train.py", tmp_path / "my run"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    launcher = shlex.quote(str(torchrun)) if torchrun.is_file() else f"{shlex.quote(sys.executable)} -m torch.distributed.run"
-    assert resume_command(script, out, world_size=2) == (
-        f"{launcher} --nproc_per_node=2 {shlex.quote(str(script))} --output-dir {shlex.quote(str(out))} --resume")
-    assert resume_command(script, out, world_size=1).startswith(f"{shlex.quote(sys.executable)} ")
+    meta = {"splits": {"train": {"tokens": 11 * BLOCK + 5}, "val": {"tokens": 3 * BLOCK}}}
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    huge, fitting = TrainConfig(batch_size=100_000), TrainConfig(batch_size=11)
+    plan = plan_module.make_plan(huge, meta, BLOCK, world_size=1)
+    assert (plan.batch_size, plan.grad_accum, plan.tokens_per_step, plan.steps_per_epoch) == (11, 1, 11 * BLOCK, 1)
+    assert plan == plan_module.make_plan(fitting, meta, BLOCK, world_size=1)
+    memory = plan_module.estimate_memory_gib(config, 10_000, huge, plan, "fp32")
+    assert memory == plan_module.estimate_memory_gib(config, 10_000, fitting, plan, "fp32")
+    text = plan_module.describe_plan(plan, huge, meta, 10_000, memory, "cpu", "fp32", 1)
+    assert "11 x 1 accum x 1 process(es), 11 sequences, 352 tokens per step (--batch-size 100000 cut to what " \
+           "runs: the train split holds 11 blocks per process)" in text
+    # two processes share the 11 blocks: 5 each; a --grad-accum beyond one epoch's micro-batches is cut too
+    plan = plan_module.make_plan(TrainConfig(batch_size=2, grad_accum=8), meta, BLOCK, world_size=2)
+    assert (plan.batch_size, plan.grad_accum, plan.tokens_per_step) == (2, 3, 2 * 5 * BLOCK)
+    assert "--grad-accum 8 cut to what runs: the train split holds 5 blocks per process" in \
+        plan_module.describe_plan(plan, TrainConfig(batch_size=2, grad_accum=8), meta, 1, 0.0, "cpu", "fp32", 2)
 
 
 # -----------------------------------------------------------------------------
-# #8: noise a user sees every time
-
-
-def test_greedy_does_not_offer_a_seed_to_repeat_its_samples(tiny_model_dir, capsys):
-    import generate
-
-    common = ("--device", "cpu", "--precision", "fp32", "--model", str(tiny_model_dir), "--prompt", "the river",
-              "--max-new-tokens", "4")
-    assert generate.main([*common, "--greedy"]) == 0
-    assert "--seed" not in capsys.readouterr().err  # the same text every time: no seed to pass
-    assert generate.main(list(common)) == 0
-    assert "to get the same samples again" in capsys.readouterr().err  # sampling still says it
-
-
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
-                                                         monkeypatch):
-    def interrupted(*args, **kwargs):  # what Python's own SIGINT handler raises wherever the program is
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("finetune.data.data_fingerprint", interrupted)  # reading the token files at start-up
-    out = tmp_path / "out"
-    result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out), capsys)
-    assert result.returncode == 130 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == ["error: interrupted (Ctrl-C) while starting, before any work was done. "
-                                          "HINT: run the same command again"]
-    assert not out.exists()
+# The evaluation and save schedule
 
 
 def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
@@ -157,8 +141,44 @@ def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
         assert plan_module.count_evaluations(cfg, plan) == len(expected)
 
 
+
+def test_the_plan_answers_by_arithmetic_what_the_listed_steps_say(tiny_model_dir, tiny_data_dir):
+    """evaluates_at/saves_at/count_evaluations agree with the listed steps, here small enough to list."""
+    args = base_args(tiny_model_dir, tiny_data_dir, "unused", "--max-steps", "50", "--eval-every", "7",
+                     "--save-every", "4")
+    cfg, _ = parse_config(args)
+    plan = plan_module.make_plan(cfg, load_meta(tiny_data_dir), 32, world_size=1)
+    listed = plan_module.evaluation_steps(cfg, plan)
+    assert [s for s in range(60) if plan.evaluates_at(s)] == listed
+    assert plan_module.count_evaluations(cfg, plan) == len(listed)
+    assert [s for s in range(60) if plan.saves_at(s)] == [*range(4, 50, 4), 50]
+
+
+def test_a_dry_run_of_a_trillion_steps_prints_the_plan(tmp_path, tiny_model_dir, tiny_data_dir):
+    args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--max-steps", TRILLION,
+                     "--eval-every", "250", "--save-every", "500", "--dry-run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert ft.main(args) == 0
+    printed = out.getvalue()
+    epoch = plan_module.make_plan(parse_config(args)[0], load_meta(tiny_data_dir), 32, world_size=1).steps_per_epoch
+    assert f"{epoch:,} per epoch, {TRILLION:,} total" in printed
+    # every 250 steps and every epoch end (the last step is both); those of both counted once; and step 0;
+    # less the epoch ends within a tenth of the shorter period of a multiple of 250 (no evaluation of their own), which
+    # repeat in each stretch of lcm(250, epoch) steps (the last step is a multiple of 250: no more near it)
+    window, period = epoch // 10, math.lcm(250, epoch)
+    near = lambda s: 0 < min(s % 250, 250 - s % 250) <= window  # noqa: E731
+    full = TRILLION // period * period
+    dropped = (TRILLION // period * sum(near(s) for s in range(epoch, period, epoch))
+               + sum(near(s) for s in range(full + epoch, TRILLION, epoch)))
+    count = TRILLION // 250 + TRILLION // epoch - TRILLION // period + 1 - dropped
+    first = sorted(s for s in {*range(250, 1300, 250), *range(epoch, 1300, epoch)} if not near(s))[:5]
+    assert f"at steps 0, {', '.join(map(str, first))}, ... ({count:,} in all)" in printed
+    assert not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
-# #6: a finished run trained on with --resume --extend; the lr schedule planned again, and said so
+# --resume --extend: a finished run trained on, its lr schedule planned again, and said so
 
 
 def test_a_finished_run_is_extended_with_its_schedule_planned_again(tmp_path, tiny_model_dir, tiny_data_dir,

@@ -1,12 +1,14 @@
-"""Crash safety of finetune_generative.py's checkpoints, by injecting faults.
+"""finetune/checkpoints.py: crash safety of the training script's checkpoints, by injecting faults, and what a
+resume checks.
 
 - kill -9 at 12 random moments of one long resumed chain: every checkpoint-* present loads, the
   .tmp-* leftovers are cleaned by the next start, and the chain ends with the weights and losses
   of an uninterrupted run;
 - a save that fails partway (disk full, injected in-process) removes the partial checkpoint,
   keeps the previous one loadable and stops with one error line and EXIT_SAVE_FAILED;
-- a damaged checkpoint (missing file, truncated safetensors, garbled training state) is refused
-  on --resume, naming it and what is wrong; --skip-damaged-checkpoints falls back, saying so;
+- a damaged checkpoint (missing file, truncated safetensors, garbled or tampered training state) is refused
+  on --resume, naming it and what is wrong, without relaying torch; --skip-damaged-checkpoints falls back,
+  saying so;
 - a resume after changing the data, the tokenizer or the model is refused with the reason.
 """
 from __future__ import annotations
@@ -29,10 +31,13 @@ from finetune import checkpoints as ckpt
 from finetune.fsio import remove_leftovers
 from helpers import (
     SAVE_RUN,
+    RunsCodeWhenUnpickled,
     assert_clean_error,
+    assert_refused_unsafely_loadable,
     assert_same_weights,
     base_args,
     checkpoint_names,
+    copy_data,
     error_lines,
     newest_step,
     run_main,
@@ -62,9 +67,13 @@ def assert_checkpoint_loads(checkpoint: Path, full: bool = True) -> None:
 
 
 N_KILLS = 12  # each kill costs a process start (~10 s): 12 random moments still spread over the chain
+
+
 KILL_SEED = 20240607
 
 
+
+@pytest.mark.slow
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_data_dir):
     # 2 epochs, a checkpoint every step (pruned to 3, so deletes get killed too), dropout on (RNG restore).
     run = ["--batch-size", "8", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3", "--save-every", "1",
@@ -304,6 +313,19 @@ def test_kill_between_the_renames_of_a_replace_restores_the_old_folder(tmp_path,
     assert_same_weights(six_steps / "checkpoint-6", out / "checkpoint-6")
 
 
+
+def test_tampered_training_state_is_refused_without_relaying_torch(one_step, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(one_step[0], out)
+    state_file = out / "checkpoint-1" / "training_state.pt"
+    marker = tmp_path / "payload-ran"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "rng": RunsCodeWhenUnpickled(marker)}, state_file)  # a valid zip: its CRCs match
+    result = run_main(ft.main, ["--output-dir", out, "--resume"], capsys)
+    assert_refused_unsafely_loadable(result, marker, f"checkpoint {out}/checkpoint-1 is damaged: training_state.pt "
+                                     "names Python functions to call while loading")
+
+
 # -----------------------------------------------------------------------------
 # Resume after changing the data, the tokenizer or the model
 
@@ -311,11 +333,6 @@ def test_kill_between_the_renames_of_a_replace_restores_the_old_folder(tmp_path,
 @pytest.fixture
 def resumable(tmp_path, six_steps) -> Path:
     return copy_run(six_steps, tmp_path / "out", checkpoints=("checkpoint-4",))
-
-
-def copy_data(tiny_data_dir: Path, dst: Path) -> tuple[Path, dict]:
-    shutil.copytree(tiny_data_dir, dst)
-    return dst, json.loads((dst / "meta.json").read_text())
 
 
 def test_resume_refused_after_train_bin_was_reprepared(resumable, tmp_path, tiny_data_dir, capsys):
