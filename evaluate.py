@@ -9,7 +9,9 @@ Models: a training output folder, its best/ or checkpoint-N/, a LoRA adapter (it
 finds it), or a hub name. Data: the val split of a --data-dir, in the very blocks the training script scores
 (its loss equals the run's last val loss); --input text, folders and record files as prepare_data.py reads
 them, each tokenized with each model's own tokenizer and scored whole in lm-evaluation-harness's rolling
-windows (bits per byte, byte and word perplexity as lm-eval defines them); --tasks files of questions.
+windows (bits per byte, byte and word perplexity as lm-eval defines them); --tasks files of questions. A
+--data-dir of preference pairs gives each model's preference accuracy on the val pairs (and DPO's reward
+accuracy of each later model against the first).
 
 Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
 trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.
@@ -225,15 +227,20 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
     from finetune.evaluation.datadir import ValSplitEvaluation
     from finetune.evaluation.documents import read_documents
     from finetune.evaluation.perplexity import TextEvaluation
+    from finetune.evaluation.preference import PreferenceEvaluation
     from finetune.evaluation.tasks import TaskEvaluation, read_tasks
     from finetune.prepare.lines import file_sha256
 
     evaluations, data = [], []
     if args.data_dir:
+        from finetune.objectives import data_kind
         from finetune.tokenfiles import load_meta
 
         meta = load_meta(args.data_dir)
-        evaluations.append(ValSplitEvaluation(args.data_dir, meta, args.batch_size, None))
+        if data_kind(meta) == "preference":  # pairs: which completion each model prefers, not a perplexity
+            evaluations.append(PreferenceEvaluation(args.data_dir, meta, args.batch_size))
+        else:
+            evaluations.append(ValSplitEvaluation(args.data_dir, meta, args.batch_size, None))
         data.append({"name": args.data_dir, "kind": "data-dir", "tokenizer_fingerprint":
                      meta.get("tokenizer", {}).get("fingerprint"),
                      "sources": [s.get("sha256") for s in meta.get("sources", [])]})
@@ -298,6 +305,31 @@ def check_data_dir_tokenizer(args, model: dict, tokenizer, config) -> None:
                         f"this model on --input text, which is tokenized with its own tokenizer")
 
 
+def settle_pair_blocks(evaluations: list, models: list[dict], configs: list, data_dir: str) -> None:
+    """Pairs are scored in one block size for every model (the same pairs, cut alike): a training run's on this
+    folder when a model comes from one, else the smallest context (the models' configs are at hand)."""
+    from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config, same_folder
+    from finetune.evaluation.preference import PreferenceEvaluation
+    from finetune.models import model_context_length
+
+    contexts = [model_context_length(config) or DEFAULT_BLOCK for config in configs]
+    run_block_size = None
+    for model, context in zip(models, contexts):
+        run = run_config(Path(model["source"])) if model["local"] else None
+        if run and same_folder(run[1].data_dir, data_dir):
+            run_block_size = run[1].block_size or min(context, DEFAULT_BLOCK)
+            break
+    short = next((m for m, c in zip(models, contexts) if run_block_size and c < run_block_size), None)
+    if short is not None:
+        raise UserError(f"the pairs of {data_dir} are scored in the {run_block_size}-token blocks of the run of "
+                        f"{model['name']}, longer than the context of {short['name']} "
+                        f"({contexts[models.index(short)]} tokens). HINT: evaluate {short['name']} in another "
+                        "evaluate.py call")
+    for evaluation in evaluations:
+        if isinstance(evaluation, PreferenceEvaluation):
+            evaluation.settle_block_size(contexts, run_block_size)
+
+
 def check_stride(args, model: dict, context: int) -> None:
     if args.stride is not None and args.stride >= context:
         raise UserError(f"--stride {args.stride} is not below the context of {model['name']} ({context} tokens), so "
@@ -317,10 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = output_folder(args, models)
     evaluations, data = build_evaluations(args)
     prompts = read_prompts(args)
+    configs = []
     for model in models:  # cheap (config and tokenizer): a mismatch is found before any weights load
         config, tokenizer, _ = load_tokenizer_of(model)
+        configs.append(config)
         if args.data_dir:
             check_data_dir_tokenizer(args, model, tokenizer, config)
+    if args.data_dir:
+        settle_pair_blocks(evaluations, models, configs, args.data_dir)
 
     from finetune.evaluation.datadir import ValSplitEvaluation, run_config
     from finetune.evaluation.report import build_report, console_table, write_report

@@ -7,6 +7,7 @@ Pairs are prepared by prepare_data.py from JSON lines with the tiny tokenizer; e
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -15,13 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluate
 import finetune_generative as ft
 from finetune.data import load_meta
+from finetune.evaluation.report import fmt
 from finetune.objectives import preference
 from finetune.pairs import PackedPairDataset
 from helpers import (
     PAIR_BLOCK,
     assert_one_line_error,
+    build_tiny_model,
     load_fp32_model,
     prepare_pairs,
     run_main,
@@ -316,17 +320,25 @@ def test_lora_matches_trl_dpotrainer_with_peft(tmp_path, tiny_model_dir, pair_da
         assert (ours_update - their_update).abs().max().item() <= LR / 10, name
 
 
+@pytest.fixture(scope="module")
+def style_run(tmp_path_factory, tiny_model_dir):
+    """(held-out pairs, their data folder, the output of 15 DPO steps on pairs that prefer one style)."""
+    folder = tmp_path_factory.mktemp("style")
+    val = style_pairs(16, seed=2)
+    data = prepare_pairs(folder, tiny_model_dir, style_pairs(48, seed=1), val)
+    out = folder / "out"
+    assert ft.main(dpo_args(tiny_model_dir, data, out, "--max-steps", 15)) == 0
+    return val, data, out
+
+
 @pytest.mark.slow
-def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_model_dir):
+def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tiny_model_dir, style_run):
     """Every chosen answer ends "the captain said", no rejected one does: after 15 steps the held-out reward
     accuracy is above 0.9 (0 at step 0: no pair is preferred yet) and greedy answers to held-out prompts use the
     phrase, where the starting model's never do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    val = style_pairs(16, seed=2)
-    data = prepare_pairs(tmp_path, tiny_model_dir, style_pairs(48, seed=1), val)
-    out = tmp_path / "out"
-    assert ft.main(dpo_args(tiny_model_dir, data, out, "--max-steps", 15)) == 0
+    val, data, out = style_run
     evals = train_records(out, "eval")
     assert evals[0]["val_rewards_accuracy"] == 0.0 and evals[-1]["val_rewards_accuracy"] > 0.9
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -351,3 +363,149 @@ def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tmp_path, tiny_
                                      torch.device("cpu"), DistInfo()) for folder in (tiny_model_dir, out)]
     ratios = tables[1] - tables[0]
     assert float(np.mean(ratios[:, 0] > ratios[:, 1])) == pytest.approx(evals[-1]["val_rewards_accuracy"])
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py on pairs, and the report card of a DPO run
+
+
+def plain_pair_logps(model, pairs) -> np.ndarray:
+    """(log p(chosen), log p(rejected)) of each (prompt, chosen, rejected) ids, each sequence run alone through
+    the model, unpacked and unpadded: the independent computation evaluate.py's figures are checked against."""
+    table = []
+    for prompt, chosen, rejected in pairs:
+        row = []
+        for completion in (chosen, rejected):
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+            row.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item())
+        table.append(row)
+    return np.array(table)
+
+
+def evaluate_pairs(models, data, out, capsys) -> tuple[dict, str]:
+    argv = [arg for model in models for arg in ("--model", model)]
+    result = run_main(evaluate.main, [*argv, "--data-dir", data, "--device", "cpu", "--precision", "fp32",
+                                      "--output", out], capsys)
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "eval.json").read_text(encoding="utf-8")), result.stdout
+
+
+def test_evaluate_preference_accuracy_equals_a_plain_loop_over_the_pairs(tmp_path, tiny_model_dir, pair_data, capsys):
+    """evaluate.py --data-dir PAIRS on the starting model and a 3-step DPO run: each val pair's margin equals a
+    plain loop's (each sequence alone, no packing) within 1e-6 of the log-probabilities' size; the accuracy,
+    the means and DPO's reward accuracy against the first model follow from them."""
+    out = tmp_path / "dpo"
+    assert ft.main(dpo_args(tiny_model_dir, pair_data, out)) == 0
+    report, stdout = evaluate_pairs([tiny_model_dir, out], pair_data, tmp_path / "eval", capsys)
+    entry = report["evaluations"][0]
+    assert entry["kind"] == "preference pairs" and "preference accuracy" in stdout and "reward accuracy" in stdout
+    pairs = stored_pairs(pair_data, "val")
+    tables = [plain_pair_logps(load_fp32_model(folder).eval(), pairs) for folder in (tiny_model_dir, out)]
+    for model, table in zip(report["models"], tables):
+        result = entry["results"][model["label"]]
+        figures = result["figures"]
+        assert figures["pairs"] == len(pairs) and figures["truncated"] == figures["skipped"] == 0
+        assert figures["block_size"] == BLOCK  # the run's, for both models
+        assert "perplexity" not in figures and "bits_per_byte" not in figures
+        margins = table[:, 0] - table[:, 1]
+        assert [d["name"] for d in result["documents"]] == [f"pair {i}" for i in range(len(pairs))]
+        for doc, (chosen, rejected), margin in zip(result["documents"], table, margins):
+            # sums of ~20 fp32 log-probabilities: the rounding is bounded relative to their size
+            bound = 1e-6 * (abs(chosen) + abs(rejected))
+            assert abs(doc["margin"] - margin) <= bound and abs(doc["logp_chosen"] - chosen) <= bound
+        assert figures["preference_accuracy"] == float(np.mean((margins > 0) + 0.5 * (margins == 0)))
+        assert figures["margin"] == pytest.approx(margins.mean(), rel=1e-6)
+        assert figures["logps_chosen"] == pytest.approx(table[:, 0].mean(), rel=1e-6)
+        assert figures["logps_rejected"] == pytest.approx(table[:, 1].mean(), rel=1e-6)
+    ratios = tables[1] - tables[0]
+    later = entry["results"][report["models"][1]["label"]]["figures"]
+    assert "reward_accuracy" not in entry["results"][report["models"][0]["label"]]["figures"]
+    assert later["reward_accuracy"] == float(np.mean(ratios[:, 0] - ratios[:, 1] > 0))
+    # the run's own last val reward accuracy, on the same pairs with the same reference
+    assert later["reward_accuracy"] == pytest.approx(train_records(out, "eval")[-1]["val_rewards_accuracy"])
+    assert "preference accuracy" in (tmp_path / "eval" / "eval.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_evaluate_shows_preference_accuracy_rising_after_dpo(tiny_model_dir, style_run, tmp_path, capsys):
+    """The user's story: `evaluate.py --model BASE --model OUT --data-dir PAIRS` after DPO on pairs that prefer
+    one style: the held-out preference accuracy rises from the base's, and nearly every pair is won against it."""
+    val, data, out = style_run
+    report, stdout = evaluate_pairs([tiny_model_dir, out], data, tmp_path / "eval", capsys)
+    base, tuned = (report["evaluations"][0]["results"][m["label"]]["figures"] for m in report["models"])
+    assert base["pairs"] == tuned["pairs"] == len(val)
+    assert tuned["preference_accuracy"] > base["preference_accuracy"] + 0.25
+    assert tuned["margin"] > base["margin"] and tuned["reward_accuracy"] > 0.9
+    row = next(line for line in stdout.splitlines() if "preference accuracy" in line)
+    assert fmt(base["preference_accuracy"]) in row and fmt(tuned["preference_accuracy"]) in row
+
+
+@pytest.mark.slow
+def test_dpo_run_writes_a_report_card_and_a_model_card_of_its_rewards(style_run):
+    """The end of a DPO run: report_card.json holds the val DPO loss, reward accuracy and margin of each eval
+    record (no perplexity or bits per byte: pairs are no text), and README.md loads with huggingface_hub with
+    them as its metrics."""
+    from huggingface_hub import ModelCard
+
+    _, _, out = style_run
+    evals = train_records(out, "eval")
+    report = json.loads((out / "report_card.json").read_text(encoding="utf-8"))
+    labels = [m["label"] for m in report["models"]]
+    assert labels[0] == "base (step 0)" and labels[-1].startswith("final")
+    results = report["evaluations"][0]["results"]
+    for label, record in ((labels[0], evals[0]), (labels[-1], evals[-1])):
+        figures = results[label]["figures"]
+        assert figures["dpo_loss"] == record["val_loss"]
+        assert figures["reward_accuracy"] == record["val_rewards_accuracy"]
+        assert figures["reward_margin"] == record["val_rewards_margin"]
+        assert not {"loss", "perplexity", "bits_per_byte"} & set(figures)
+    assert results[labels[0]]["figures"]["dpo_loss"] == pytest.approx(LN2, abs=1e-6)
+    card = ModelCard.load(out / "README.md")
+    assert "preference" in card.data.tags
+    by_type = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_type == pytest.approx({"dpo_loss": evals[-1]["val_loss"], "reward_accuracy":
+                                     evals[-1]["val_rewards_accuracy"], "reward_margin": evals[-1]["val_rewards_margin"]},
+                                    abs=1e-6)
+    assert "perplexity" not in card.text and "reward accuracy" in card.text
+    assert f"--data-dir {data_dir_of(out)}" in card.text
+
+
+def data_dir_of(out: Path) -> str:
+    return json.loads((out / "train_config.json").read_text(encoding="utf-8"))["data_dir"]
+
+
+@pytest.mark.slow
+def test_pairs_evaluated_on_a_model_with_a_shorter_context_than_the_runs_blocks_is_one_line(
+        tmp_path, tiny_model_dir, style_run, capsys):
+    """A model whose context is shorter than the blocks the run scored its pairs in: one line, before any
+    weights load, nothing written."""
+    from transformers import AutoTokenizer
+
+    _, data, out = style_run
+    short = tmp_path / "short"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(short)
+    build_tiny_model(short, vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)), n_positions=32)
+    result = run_main(evaluate.main, ["--model", out, "--model", short, "--data-dir", data, "--device", "cpu",
+                                      "--output", tmp_path / "eval"], capsys)
+    assert_one_line_error(result, f"the {BLOCK}-token blocks of the run of {out}", "context of", "(32 tokens)",
+                          "HINT: evaluate")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_pairs_with_nothing_left_to_compare_in_the_models_context_is_one_line(tmp_path, tiny_model_dir, capsys):
+    """Every val pair's completions start alike, and a model of 4 positions keeps one token of each: no pair
+    is left to compare, which is one line, not a table of empty figures."""
+    from transformers import AutoTokenizer
+
+    alike = [{"prompt": "a b:", "chosen": " the sea one", "rejected": " the sea two"}] * 2
+    data = prepare_pairs(tmp_path, tiny_model_dir, style_pairs(4, seed=1), alike)
+    tiny = tmp_path / "tiny4"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tiny)
+    build_tiny_model(tiny, vocab_size=len(AutoTokenizer.from_pretrained(tiny_model_dir)), n_positions=4)
+    result = run_main(evaluate.main, ["--model", tiny, "--data-dir", data, "--device", "cpu",
+                                      "--output", tmp_path / "eval"], capsys)
+    assert_one_line_error(result, "holds no pair left to compare in blocks of 4 tokens (2 pair(s) in the split)",
+                          "HINT: evaluate models with a longer context")
+    assert not (tmp_path / "eval" / "eval.json").exists()

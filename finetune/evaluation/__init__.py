@@ -5,6 +5,7 @@
     scoring    a loaded model that scores windows and continuations in batches, and greedy completions
     documents  --input files as documents (the readers of prepare_data.py)
     datadir    the val split of a --data-dir, in the blocks the training script scores
+    preference the val pairs of a --data-dir of preference data: preference and DPO reward accuracy
     perplexity --input documents scored whole: loss, bits per byte, word perplexity, per input and document
     tasks      --tasks files: multiple choice and exact match
     lmeval     --lm-eval: lm-evaluation-harness on the loaded models (optional package)
@@ -12,5 +13,5 @@
     card       the report card and model card README.md written at the end of a training run
 
 A kind of data evaluate.py scores is an `Evaluation` (scoring.py): a name and a `run(scorer)` that returns
-a Result of figures; a new kind (a preference accuracy, say) is one more class of that shape.
+a Result of figures; a new kind is one more class of that shape (preference.py is one).
 """

@@ -24,6 +24,8 @@ log = logging.getLogger("finetune")
 
 REPORT_CARD = "report_card"  # report_card.json and report_card.md in the output folder
 MODEL_CARD = "README.md"
+PREFERENCE_METRICS = {"dpo_loss": "DPO loss", "reward_accuracy": "reward accuracy (vs the starting model)",
+                      "reward_margin": "reward margin (beta x log-ratio to the starting model)"}
 MARKER = "<!-- model card written by finetune_generative.py; it is rewritten at the end of each run. Delete this " \
          "line to keep your edits: a README.md without it is never replaced. -->"
 
@@ -69,13 +71,22 @@ def figures_of(val_loss: float, tokens: int, n_bytes: int) -> dict:
     return figures
 
 
+def preference_figures_of(record: dict) -> dict:
+    """A DPO run's eval record as figures: its loss is DPO's (no cross-entropy, so no perplexity or bits per
+    byte); the rewards are against the run's reference, the starting model (the report card's first model)."""
+    return {"dpo_loss": record["val_loss"], "reward_accuracy": record.get("val_rewards_accuracy"),
+            "reward_margin": record.get("val_rewards_margin"), "logps_chosen": record.get("val_logps_chosen"),
+            "logps_rejected": record.get("val_logps_rejected")}
+
+
 def report_card(run, precision: str, wall_seconds: float | None) -> dict:
     """The report in evaluate.py's format (report.build_report) for the run's evaluated models."""
     from ..runtime import library_versions
 
     cfg = run.cfg
+    pairs = run.objective.kind == "preference"
     single = run.dist_info.world_size == 1  # the val loader holds this process's share only
-    tokens, n_bytes = val_tokens_and_bytes(run.val_loader, run.tokenizer) if single else (0, 0)
+    tokens, n_bytes = val_tokens_and_bytes(run.val_loader, run.tokenizer) if single and not pairs else (0, 0)
     chosen = evaluated_models(run.metrics, (run.output_dir / "best").is_dir())
     models, results = [], {}
     for label, record in chosen:
@@ -84,10 +95,10 @@ def report_card(run, precision: str, wall_seconds: float | None) -> dict:
                        "fingerprint": run.fingerprints.get("base_fingerprint", "") if record["step"] == 0 else "",
                        "precision": precision, "device": str(run.device), "context": run.plan.block_size,
                        "step": record["step"], "tokens_seen": record.get("tokens")})
-        results[label] = Result(figures_of(record["val_loss"], tokens, n_bytes),
-                                notes=[f"the {run.plan.block_size}-token val blocks the run scored at each "
-                                       f"evaluation (from metrics.jsonl)"])
-    evaluation = SimpleNamespace(name=f"{cfg.data_dir} (val)", kind="val split")
+        figures = preference_figures_of(record) if pairs else figures_of(record["val_loss"], tokens, n_bytes)
+        results[label] = Result(figures, notes=[f"the {run.plan.block_size}-token val blocks the run scored at each "
+                                                "evaluation (from metrics.jsonl)"])
+    evaluation = SimpleNamespace(name=f"{cfg.data_dir} (val)", kind="preference pairs" if pairs else "val split")
     settings = {"wall_seconds": wall_seconds, "data_fingerprint": run.fingerprints.get("data_fingerprint")}
     return build_report(models, [(evaluation, results)], settings, library_versions(),
                         [{"name": cfg.data_dir, "kind": "data-dir", **run.fingerprints}])
@@ -104,12 +115,16 @@ def front_matter(run, final: dict | None) -> dict:
             *([run.objective.kind] if run.objective.kind != "text" else [])]
     matter = {"base_model": cfg.model, "library_name": "peft" if cfg.lora_r else "transformers",
               "pipeline_tag": "text-generation", "tags": tags, "datasets": [f"local-data-{data_fp}"]}
-    if final is not None:
+    if final is not None and "dpo_loss" in final:
+        metrics = [{"type": name, "value": round(final[name], 6), "name": f"validation {title}"}
+                   for name, title in PREFERENCE_METRICS.items() if final.get(name) is not None]
+    elif final is not None:
         metrics = [{"type": "loss", "value": round(final["loss"], 6), "name": "validation loss (nats/token)"},
                    {"type": "perplexity", "value": round(final["perplexity"], 6), "name": "validation perplexity"}]
         if final.get("bits_per_byte") is not None:
             metrics.append({"type": "bits_per_byte", "value": round(final["bits_per_byte"], 6),
                             "name": "validation bits per byte"})
+    if final is not None:
         matter["model-index"] = [{"name": run.output_dir.name, "results": [{
             "task": {"type": "text-generation", "name": "Causal language modeling"},
             "dataset": {"name": f"{Path(cfg.data_dir).name} (val split)", "type": f"local-data-{data_fp}",
@@ -175,19 +190,37 @@ def model_card(run, report: dict, precision: str, wall_seconds: float | None) ->
     if wall_seconds is not None:
         rows.append(("wall time (this session)", f"{wall_seconds / 60:.1f} min"))
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Results", "", "On the validation split, the same blocks at every evaluation:", "",
-              "| model | val loss | perplexity | bits per byte |", "|---|---|---|---|"]
-    for label in labels:
-        f = results[label]["figures"]
-        bpb = f.get("bits_per_byte")
-        lines.append(f"| {label} | {f['loss']:.4f} | {f['perplexity']:.2f} | {'-' if bpb is None else f'{bpb:.4f}'} |")
+    lines += ["", "## Results", "", "On the validation split, the same blocks at every evaluation:", ""]
+    lines += results_table(labels, results, run.objective.kind == "preference")
     lines += ["", f"Every figure: [{REPORT_CARD}.md]({REPORT_CARD}.md) and {REPORT_CARD}.json."]
     if (run.output_dir / "loss.png").is_file():
         lines += ["", "![training and validation loss](loss.png)"]
     lines += samples_section(run.output_dir)
+    data = f"--data-dir {cfg.data_dir}" if run.objective.kind == "preference" else "--input YOUR_TEXT.txt"
     lines += ["", "## Use", "", "```bash", f"python generate.py --model {run.output_dir} --prompt \"...\"",
-              f"python evaluate.py --model {cfg.model} --model {run.output_dir} --input YOUR_TEXT.txt", "```", ""]
+              f"python evaluate.py --model {cfg.model} --model {run.output_dir} {data}", "```", ""]
     return "\n".join(lines)
+
+
+def results_table(labels: list[str], results: dict, pairs: bool) -> list[str]:
+    """The model card's results: val loss, perplexity and bits per byte; for DPO, its loss and the rewards
+    (against the reference, the starting model)."""
+    def show(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    if pairs:
+        lines = ["| model | val DPO loss | reward accuracy | reward margin | log p(chosen) | log p(rejected) |",
+                 "|---|---|---|---|---|---|"]
+        for label in labels:
+            f = results[label]["figures"]
+            lines.append(f"| {label} | {show(f['dpo_loss'], 4)} | {show(f['reward_accuracy'], 3)} | "
+                         f"{show(f['reward_margin'], 4)} | {show(f['logps_chosen'], 2)} | {show(f['logps_rejected'], 2)} |")
+        return lines
+    lines = ["| model | val loss | perplexity | bits per byte |", "|---|---|---|---|"]
+    for label in labels:
+        f = results[label]["figures"]
+        lines.append(f"| {label} | {show(f['loss'], 4)} | {show(f['perplexity'], 2)} | {show(f.get('bits_per_byte'), 4)} |")
+    return lines
 
 
 def session_seconds(output_dir: Path) -> float | None:
@@ -217,7 +250,12 @@ def write_report_card(run, precision: str) -> None:
     except (OSError, SaveFailed) as exc:
         log.warning("could not write the report card (%s); the model is saved", getattr(exc, "strerror", None) or exc)
         return
-    bpb = [r["figures"].get("bits_per_byte") for r in report["evaluations"][0]["results"].values()]
+    figures = [r["figures"] for r in report["evaluations"][0]["results"].values()]
+    accuracy = [f.get("reward_accuracy") for f in figures]
+    if figures and "dpo_loss" in figures[0] and all(a is not None for a in accuracy):
+        log.info("report card: val reward accuracy %s (%s.md, %s)", " -> ".join(f"{a:.3f}" for a in accuracy),
+                 REPORT_CARD, MODEL_CARD)
+    bpb = [f.get("bits_per_byte") for f in figures]
     if bpb and all(b is not None and math.isfinite(b) for b in bpb):
         log.info("report card: val bits per byte %s (%s.md, %s)", " -> ".join(f"{b:.4f}" for b in bpb),
                  REPORT_CARD, MODEL_CARD)

@@ -69,14 +69,21 @@ FIGURES = {
     "acc": ("accuracy", "higher"),
     "acc_norm": ("accuracy, length-normalized", "higher"),
     "exact_match": ("exact match", "higher"),
+    "dpo_loss": ("DPO loss", "lower"),
+    "preference_accuracy": ("preference accuracy", "higher"),
+    "reward_accuracy": ("reward accuracy (vs the first model)", "higher"),
+    "margin": ("mean margin (log p chosen - rejected)", "higher"),
+    "reward_margin": ("reward margin (beta x log-ratio, vs the reference)", "higher"),
+    "logps_chosen": ("mean log p(chosen)", "higher"),
+    "logps_rejected": ("mean log p(rejected)", "lower"),
 }
-COUNTS = ("tokens", "bytes", "words", "documents", "questions")
+COUNTS = ("tokens", "bytes", "words", "documents", "questions", "pairs")
 
 
 def headline(figures: dict) -> tuple[str, float] | None:
     """The one figure a row is compared by: bits per byte when known (tokenizer-independent), else the loss,
-    else a task's accuracy."""
-    for name in ("bits_per_byte", "loss", "acc", "exact_match"):
+    else a task's accuracy, else a preference accuracy."""
+    for name in ("bits_per_byte", "loss", "acc", "exact_match", "preference_accuracy"):
         if name in figures and figures[name] is not None and not (isinstance(figures[name], float)
                                                                    and math.isnan(figures[name])):
             return name, figures[name]

@@ -15,7 +15,8 @@ REPORT_FORMAT, REPORT_VERSION = "finetune-eval", 1
 JSON_FILE = "eval.json"
 CHANGED_SHOWN = 5  # documents most worse / most better between the first and the last model
 SHOWN_FIGURES = ("loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "acc", "acc_norm",
-                 "exact_match", "tokens", "bytes", "questions")
+                 "exact_match", "dpo_loss", "preference_accuracy", "reward_accuracy", "reward_margin", "margin",
+                 "logps_chosen", "logps_rejected", "tokens", "bytes", "questions", "pairs")
 
 
 def finite(value):
