@@ -85,9 +85,11 @@ import sys, time
 sys.path.insert(0, {str(REPO_ROOT)!r})
 import finetune.training as training
 evaluate = training.evaluate
-def slow_evaluate(*args, **kwargs):  # room for a signal to arrive during the step-0 evaluation
+def slow_evaluate(*args, **kwargs):  # held until the signal has arrived during the step-0 evaluation
     print("evaluating", file=sys.stderr, flush=True)
-    time.sleep(3)
+    stopped, deadline = kwargs.get("should_stop"), time.monotonic() + 120
+    while stopped is not None and not stopped() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return evaluate(*args, **kwargs)
 training.evaluate = slow_evaluate
 import finetune_generative

@@ -65,9 +65,12 @@ def evaluated_models(metrics: list[dict], best_exists: bool) -> list[tuple[str, 
 
 
 def figures_of(val_loss: float, tokens: int, n_bytes: int) -> dict:
+    """The run's val loss and perplexity; bits per byte too when this process counted the split's tokens and
+    bytes (one process: under torchrun each holds only its share of the split, so `tokens` is 0)."""
     totals = Totals(nll=val_loss * tokens, tokens=tokens, bytes=n_bytes)
-    figures = totals.figures()
+    figures = totals.figures() if tokens else {}
     figures["loss"] = val_loss  # the run's own number
+    figures["perplexity"] = math.exp(min(val_loss, 50.0))
     return figures
 
 
@@ -249,6 +252,9 @@ def write_report_card(run, precision: str) -> None:
         rewrite_text(card, model_card(run, report, precision, wall))
     except (OSError, SaveFailed) as exc:
         log.warning("could not write the report card (%s); the model is saved", getattr(exc, "strerror", None) or exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - a defect in the card must not turn a finished run into a failed one
+        log.warning("could not write the report card (%s: %s); the model is saved", type(exc).__name__, exc)
         return
     figures = [r["figures"] for r in report["evaluations"][0]["results"].values()]
     accuracy = [f.get("reward_accuracy") for f in figures]
