@@ -52,13 +52,16 @@ class Plan:
     def epoch_end_window(self) -> int:
         """An epoch end this close to an --eval-every evaluation or the last step gets no evaluation of its
         own: a tenth of the shorter period (250 steps apart and epochs of 246: the end of the first epoch is
-        4 steps before step 250, and a plan of 0, 246, 250, ... would evaluate the same model twice)."""
-        return min(self.eval_every, self.steps_per_epoch) // 10 if self.eval_every else 0
+        4 steps before step 250, and a plan of 0, 246, 250, ... would evaluate the same model twice), and at
+        least one step, so short periods never evaluate on back-to-back steps (20 and 21 with epochs of 7)."""
+        periods = [k for k in (self.eval_every, self.steps_per_epoch) if k]
+        return max(1, min(periods) // 10) if self.steps_per_epoch else 0
 
     def near_evaluation(self, step: int) -> bool:
         window = self.epoch_end_window
         offset = step % self.eval_every if self.eval_every else 0
-        return bool(window) and (min(offset, self.eval_every - offset) <= window or self.total_steps - step <= window)
+        near_eval_every = bool(self.eval_every) and min(offset, self.eval_every - offset) <= window
+        return bool(window) and (near_eval_every or self.total_steps - step <= window)
 
     def saves_at(self, step: int) -> bool:
         return step == self.total_steps or (
@@ -189,11 +192,14 @@ def count_epoch_ends_dropped(plan: Plan) -> int:
         return (epoch_ends_with_offset(last, epoch, every, low, high)
                 - epoch_ends_with_offset(first - 1, epoch, every, low, high)) if first <= last else 0
 
-    def near_eval_every(first: int, last: int) -> int:
-        return count(first, last, 1, window) + count(first, last, every - window, every - 1)
+    def near_eval_every(first: int, last: int) -> int:  # offsets 1..window and every-window..every-1, once each
+        below = min(window, every - 1)
+        return count(first, last, 1, below) + count(first, last, max(below + 1, every - window), every - 1)
 
     last = (plan.total_steps - 1) // epoch  # the epoch ends before the last step: j * epoch, j = 1..last
     near_end = max(1, -(-(plan.total_steps - window) // epoch))  # j from here on: within the window of the end
+    if not every:  # no --eval-every: only the epoch ends just before the last step are left out
+        return max(0, last - near_end + 1)
     others_near_end = (max(0, last - near_end + 1) - near_eval_every(near_end, last)
                        - count(near_end, last, 0, 0))  # an --eval-every multiple itself is evaluated anyway
     return near_eval_every(1, last) + others_near_end

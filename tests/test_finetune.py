@@ -378,7 +378,7 @@ def test_torch_dropout_flag_only_changes_the_mask_generator(tmp_path, tiny_model
 
 
 def test_evaluations_happen_at_the_planned_steps_on_a_bounded_subset(tmp_path, tiny_model_dir, tiny_data_dir):
-    args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--eval-every", "3")
+    args = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--eval-every", "4")  # epoch end 22: two steps from 20
     assert ft.main(args) == 0
     cfg, _ = parse_config(args)
     meta = load_meta(tiny_data_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import math
 import random
 import re
@@ -128,11 +129,14 @@ def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
     # Against the rule written out (an epoch end within a tenth of the shorter period of an --eval-every
     # evaluation or of the last step gets none of its own): listed, asked and counted by arithmetic alike.
     rng = random.Random(0)
-    for _ in range(200):
-        epoch, every, total = rng.randint(1, 300), rng.choice([0, rng.randint(1, 400)]), rng.randint(1, 1000)
+    for case in range(400):
+        short = case % 2  # half of them with short periods, where a tenth of a period is under one step
+        epoch, every = rng.randint(1, 12 if short else 300), rng.choice([0, rng.randint(1, 25 if short else 400)])
+        total = rng.randint(1, 1000)
         plan = dataclasses.replace(plan, steps_per_epoch=epoch, total_steps=total, eval_every=every)
-        window = min(every, epoch) // 10 if every else 0
-        near = lambda s: window and (min(s % every, every - s % every) <= window or total - s <= window)  # noqa: E731, B023
+        window = max(1, min(every or epoch, epoch) // 10)
+        near = lambda s: ((every and min(s % every, every - s % every) <= window)  # noqa: E731, B023
+                          or total - s <= window)  # noqa: B023
         expected = sorted({0, total, *(range(every, total + 1, every) if every else ()),
                            *(s for s in range(epoch, total, epoch) if not near(s))})
         cfg = TrainConfig(eval_every=every)
@@ -140,6 +144,20 @@ def test_no_epoch_end_evaluation_a_few_steps_before_an_eval_every_one():
         assert [s for s in range(total + 1) if plan.evaluates_at(s)] == expected
         assert plan_module.count_evaluations(cfg, plan) == len(expected)
 
+
+
+def test_no_epoch_end_evaluation_on_the_step_after_an_eval_every_one_or_before_the_last():
+    """Epochs of 7 steps and --eval-every 20 evaluated at 20 and 21, and 41 and 42 (a tenth of 7 steps is
+    no step): an epoch end one step from another evaluation now gets none of its own."""
+    plan = plan_module.Plan(block_size=32, train_blocks=70, val_blocks=20, steps_per_epoch=7, total_steps=43,
+                            warmup_steps=0, tokens_per_step=256, epochs=43 / 7, eval_every=20)
+    cfg = TrainConfig(eval_every=20)
+    steps = plan_module.evaluation_steps(cfg, plan)
+    assert steps == [0, 7, 14, 20, 28, 35, 40, 43]  # was 0, 7, 14, 20, 21, 28, 35, 40, 42, 43
+    assert plan_module.count_evaluations(cfg, plan) == len(steps)
+    assert not any(b - a == 1 for a, b in itertools.pairwise(steps))
+    no_eval_every = dataclasses.replace(plan, eval_every=0, total_steps=22)  # epoch end 21, last step 22
+    assert plan_module.evaluation_steps(TrainConfig(eval_every=0), no_eval_every) == [0, 7, 14, 22]
 
 
 def test_the_plan_answers_by_arithmetic_what_the_listed_steps_say(tiny_model_dir, tiny_data_dir):
