@@ -107,6 +107,7 @@ def cpu_bf16_is_faster(hidden_size: int, log: logging.Logger) -> bool:
     if found is None:
         found = {name: matmul_gflops(hidden_size, dtype) for name, dtype in
                  (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        found["measured"] = time.strftime("%Y-%m-%d")
         with contextlib.suppress(OSError):  # an unwritable cache only means measuring again next time
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".tmp-{cache.name}-{os.getpid()}")
@@ -115,9 +116,18 @@ def cpu_bf16_is_faster(hidden_size: int, log: logging.Logger) -> bool:
     faster = found["bf16"] > BF16_MARGIN * found["fp32"]
     log.info("precision auto: on this CPU a %dx%d @ %dx%d matmul runs at %.0f GFLOP/s in bf16, %.0f in fp32%s: "
              "%s (--precision %s to choose)", PROBE_TOKENS, hidden_size, hidden_size, 4 * hidden_size,
-             found["bf16"], found["fp32"], "" if found is not known.get(key) else " (measured earlier)",
+             found["bf16"], found["fp32"], probe_origin(found, cached=found is known.get(key), cache=cache),
              "bf16" if faster else "fp32", "fp32" if faster else "bf16")
     return faster
+
+
+def probe_origin(found: dict, cached: bool, cache: Path) -> str:
+    """Where the probe's figures come from: this run, or the cache (then its figures repeat from run to run,
+    unlike the time estimate's probe, which measures the machine as loaded now)."""
+    if not cached:
+        return " (measured now)"
+    when = f" on {found['measured']}" if isinstance(found.get("measured"), str) else " earlier"
+    return f" (measured{when}, remembered in {cache}; delete it to measure again)"
 
 
 def matmul_gflops(hidden_size: int, dtype, rows: int = PROBE_TOKENS, device=None,

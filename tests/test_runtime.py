@@ -22,13 +22,22 @@ def test_precision_auto_on_a_bf16_cpu_measures_and_remembers(tmp_path, monkeypat
     ((key, measured),) = json.loads(cache.read_text()).items()
     assert "hidden 64" in key and f"torch {torch.__version__}" in key
     assert choice == ("bf16" if measured["bf16"] > 1.1 * measured["fp32"] else "fp32")
-    assert f"runs at {measured['bf16']:.0f} GFLOP/s in bf16, {measured['fp32']:.0f} in fp32: {choice}" in caplog.text
+    assert (f"runs at {measured['bf16']:.0f} GFLOP/s in bf16, {measured['fp32']:.0f} in fp32 (measured now): "
+            f"{choice}") in caplog.text
+    assert "remembered" not in caplog.text and "earlier" not in caplog.text
 
     def measuring_again(*args):
         raise AssertionError("the probe ran again")
 
     monkeypatch.setattr(runtime, "matmul_gflops", measuring_again)
-    for figures, expected in (({"fp32": 293.0, "bf16": 164.0}, "fp32"), ({"fp32": 100.0, "bf16": 400.0}, "bf16")):
+    for figures, expected, when in (({"fp32": 293.0, "bf16": 164.0}, "fp32", "earlier"),  # a cache without dates
+                                    ({"fp32": 100.0, "bf16": 400.0, "measured": "2026-01-02"}, "bf16", "on 2026-01-02")):
         cache.write_text(json.dumps({key: figures}))
-        assert runtime.resolve_precision("auto", cpu, hidden_size=64, log=log) == expected
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=log.name):
+            assert runtime.resolve_precision("auto", cpu, hidden_size=64, log=log) == expected
+        # Read back, not measured: the line says so, and where the figures are kept.
+        assert (f"runs at {figures['bf16']:.0f} GFLOP/s in bf16, {figures['fp32']:.0f} in fp32 "
+                f"(measured {when}, remembered in {cache}; delete it to measure again): {expected}") in caplog.text
+        assert "measured now" not in caplog.text
     assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: no probe
