@@ -101,6 +101,48 @@ class ProgressLines:
         self.last_line_at, self.last_line_step = now, self.step
 
 
+# -----------------------------------------------------------------------------
+# Progress through bytes of input (prepare_data.py)
+
+def bytes_progress(total_bytes: int, desc: str, interval: float = 30.0):
+    """tqdm's byte bar on a terminal; when stderr is a file, ByteProgressLines instead, as progress_display
+    does for the training loop. Both take update(n) and work as context managers."""
+    if not sys.stderr.isatty():
+        return ByteProgressLines(total_bytes, desc, interval)
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+class ByteProgressLines:
+    """Plain lines on stderr: `desc: done of total (share), ETA` at most every `interval` seconds, and at a
+    clean exit one line with the total and the time it took (none after an error: the error line says it)."""
+
+    def __init__(self, total_bytes: int, desc: str, interval: float):
+        self.total, self.desc, self.interval = total_bytes, desc, interval
+        self.done = 0
+        self.started = self.last_line_at = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            print(f"{self.desc}: {human_bytes(self.done)} in {format_duration(time.monotonic() - self.started)}",
+                  file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last_line_at >= self.interval:
+            share = self.done / max(self.total, 1)
+            eta = format_duration((now - self.started) * (1 - share) / share) if share else "?"
+            print(f"{self.desc}: {human_bytes(self.done)} of {human_bytes(self.total)} ({100 * share:.0f}%), "
+                  f"ETA {eta}", file=sys.stderr, flush=True)
+            self.last_line_at = now
+
+
 def format_duration(seconds: float) -> str:
     """A duration as `45s`, `6m39s`, `2h05m` or `3d04h`: next to the log's 06:42:27 clock stamps, tqdm's
     `06:39` would read as a time of day."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -178,7 +179,33 @@ def test_validation_is_from_the_middle_and_summary_is_printed(prepared):
     stdout = prepared["result"].stdout
     for fragment in ("chars/token", "optimizer steps", "blocks", "train", "val"):
         assert fragment in stdout
-    assert "tokenizing" in prepared["result"].stderr  # the progress bar
+    # stderr is a pipe here, as in a log file: plain lines, no bar redrawn with carriage returns (issue 27 #22).
+    stderr = prepared["result"].stderr
+    assert "\r" not in stderr and "B/s" not in stderr
+    assert re.search(r"^tokenizing: [\d.,]+ kB in \d+s$", stderr, re.MULTILINE), stderr
+
+
+def test_progress_in_a_log_file_is_a_line_every_30_seconds_and_one_at_the_end(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    from finetune import console
+
+    clock = iter(range(0, 1000, 10))  # each call is 10 s later: started at 0, then an update every 10 s
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    with console.bytes_progress(1_000_000, "tokenizing") as bar:  # capsys: stderr is not a terminal
+        for _ in range(10):
+            bar.update(100_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["tokenizing: 300.0 kB of 1.0 MB (30%), ETA 1m10s",
+                     "tokenizing: 600.0 kB of 1.0 MB (60%), ETA 40s",
+                     "tokenizing: 900.0 kB of 1.0 MB (90%), ETA 10s",
+                     "tokenizing: 1.0 MB in 1m50s"]
+    with pytest.raises(ValueError), console.bytes_progress(1000, "tokenizing") as bar:
+        raise ValueError  # an error says what went wrong itself: no closing total after it
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with console.bytes_progress(1000, "tokenizing") as bar:
+        assert isinstance(bar, tqdm)  # on a terminal the bar stays
 
 
 def test_load_meta_catches_truncation_and_mismatch(prepared, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import FormatChooser
-from ..console import human_bytes
+from ..console import bytes_progress, human_bytes
 from ..errors import UserError
 from ..tokenfiles import token_dtype
 from .chatstream import ChatRun, chat_examples, chat_meta, chat_renderer, check_examples
@@ -126,11 +126,8 @@ def chat_to_files(settings: Settings, inputs: list[Path], val_inputs: list[Path]
 
 def write_examples(examples, outputs: Outputs, tally: Tally, total_bytes: int) -> tuple[dict, dict]:
     """Each example's ids and mask into its split's files; (examples, trained tokens) per split."""
-    from tqdm import tqdm
-
     counts, trained, done = {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="rendering and tokenizing",
-              file=sys.stderr, dynamic_ncols=True) as bar, closing(examples):
+    with bytes_progress(total_bytes, "rendering and tokenizing") as bar, closing(examples):
         for example in examples:
             split = example.piece.split
             outputs.write(split, example.ids)
@@ -146,10 +143,7 @@ def write_examples(examples, outputs: Outputs, tally: Tally, total_bytes: int) -
 
 
 def write_tokens(pieces, engine, workers: int, eos: int, outputs: Outputs, tally: Tally, total_bytes: int) -> None:
-    from tqdm import tqdm
-
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
-              file=sys.stderr, dynamic_ncols=True) as bar, \
+    with bytes_progress(total_bytes, "tokenizing") as bar, \
             closing(encode_pieces(pieces, engine, workers)) as results:  # closing: stops the threads on error
         for piece, ids in results:
             if piece.doc_end:
