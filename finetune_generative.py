@@ -253,6 +253,10 @@ class FineTune:
         self.run = build_run(cfg, self.preflight, resume, SCRIPT, self.device, self.precision, dist_info)
         self.exits.callback(self.run.close)
         self.run.start_trackers(resume.state if resume else None)
+        if resume:  # where the run continued: loss.png marks it (the trackers' own runs need no such record)
+            progress = self.run.progress
+            self.run.record({"kind": "resume", "step": progress.step, "tokens": progress.tokens_seen,
+                             "total_steps": self.run.plan.total_steps, "extended": cfg.extend})
 
     def train(self) -> bool:
         """Step 0 of a new run (the base model's validation loss and samples: the "before"), then the loop.

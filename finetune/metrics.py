@@ -57,7 +57,7 @@ def rewrite_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
-    """loss.png: train and val loss against tokens seen."""
+    """loss.png: train and val loss against tokens seen, a dotted line where a run was resumed or extended."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,6 +69,11 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
         ax.plot(*zip(*train), "." if len(train) == 1 else "-", label="train", alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
+    labelled = set()
+    for mark in (m for m in metrics if m["kind"] == "resume"):  # where a run was resumed or extended
+        label = "extended" if mark.get("extended") else "resumed"
+        ax.axvline(mark["tokens"], linestyle=":", color="gray", label=None if label in labelled else label)
+        labelled.add(label)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()

@@ -89,6 +89,11 @@ def mlflow_server_problems(uri: str) -> list[str]:
     return []
 
 
+# The metrics.jsonl records that go to the trackers: a "resume" record only marks loss.png, since a tracker's
+# run is continued itself.
+TRACKED_KINDS = ("train", "eval")
+
+
 def scalars(record: dict) -> dict[str, float]:
     """A metrics.jsonl record as tracker scalars: `{kind}/{field}` for each number in it but the step."""
     return {f"{record['kind']}/{key}": float(value) for key, value in record.items()
@@ -309,7 +314,8 @@ class Trackers:
                             "metrics.jsonl go on", tracker.name, what, type(exc).__name__, first_line(exc))
 
     def log(self, record: dict) -> None:
-        self._each(f"logging step {record['step']}", lambda t: t.log(record))
+        if record["kind"] in TRACKED_KINDS:
+            self._each(f"logging step {record['step']}", lambda t: t.log(record))
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         self._each(f"logging the samples of step {step}", lambda t: t.log_samples(step, samples))
@@ -345,6 +351,6 @@ def open_trackers(names: list[str], output_dir: Path, config: dict, step: int, s
         log.info("reporting to %s%s", name, " (continuing its run)" if name in saved else "")
     trackers = Trackers(opened, {name: s for name, s in saved.items() if name not in names})
     added = {t.name for t in opened} - set(saved)
-    for record in history:  # a tracker this resume adds gets the steps before it too
+    for record in (r for r in history if r["kind"] in TRACKED_KINDS):  # a tracker this resume adds gets them too
         trackers._each(f"logging step {record['step']}", lambda t: t.log(record) if t.name in added else None)  # noqa: B023
     return trackers

@@ -70,3 +70,40 @@ def test_lines_held_back_by_a_full_disk_are_written_when_there_is_room(tmp_path,
     metrics.append_jsonl(path, {"step": 4})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert sum("could not append to" in r.message for r in caplog.records) == 1
+
+
+def test_loss_png_marks_where_a_run_was_resumed_or_extended(tmp_path, monkeypatch):
+    """A resume appends a "resume" record to metrics.jsonl; loss.png draws a dotted line at its tokens, and
+    the trackers, whose runs are continued themselves, never get it (nor, replayed, a tracker a resume adds)."""
+    import matplotlib.pyplot as plt
+
+    from finetune import trackers
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))
+    history = [{"kind": "eval", "step": 0, "tokens": 0, "val_loss": 6.0},
+               {"kind": "train", "step": 2, "tokens": 512, "loss": 5.9},
+               {"kind": "resume", "step": 2, "tokens": 512, "total_steps": 4, "extended": False},
+               {"kind": "train", "step": 4, "tokens": 1024, "loss": 5.7},
+               {"kind": "resume", "step": 4, "tokens": 1024, "total_steps": 8, "extended": True},
+               {"kind": "train", "step": 6, "tokens": 1536, "loss": 5.6}]
+    metrics.plot_losses(history, tmp_path / "loss.png")
+    marks = [line for line in drawn[0].axes[0].lines if line.get_linestyle() == ":"]
+    assert [(list(m.get_xdata()), m.get_label()) for m in marks] == [([512, 512], "resumed"),
+                                                                     ([1024, 1024], "extended")]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self, *_):
+            self.logged = []
+
+        def log(self, record):
+            self.logged.append(record["kind"])
+
+    monkeypatch.setitem(trackers.OPENERS, "recorder", Recorder)
+    opened = trackers.open_trackers(["recorder"], tmp_path, {}, step=6, saved={}, history=history, is_main=True)
+    opened.log({"kind": "resume", "step": 6, "tokens": 1536, "total_steps": 8, "extended": False})
+    opened.log({"kind": "train", "step": 7, "tokens": 1792, "loss": 5.5})
+    assert opened.active[0].logged == ["eval", "train", "train", "train", "train"]

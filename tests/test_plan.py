@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
 import math
 import random
 import re
@@ -222,6 +223,11 @@ def test_a_finished_run_is_extended_with_its_schedule_planned_again(tmp_path, ti
             "follows the new schedule to its end") in extended.stderr
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # Where it went on is in metrics.jsonl (loss.png draws a dotted line there), once, after the step reached.
+    (mark,) = train_records(out, "resume")
+    assert mark == {"kind": "resume", "step": 2, "tokens": records[1]["tokens"], "total_steps": 4, "extended": True}
+    kinds = [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert kinds[kinds.index(("resume", 2)) - 1:][:3] == [("eval", 2), ("resume", 2), ("train", 3)]
     # linear decay over 4 steps after 1 warmup step: (4 - s) / 3 of the peak after s steps (lr 0 before)
     assert [r["lr"] for r in records] == pytest.approx([3e-3, 3e-3, 3e-3 * 2 / 3, 3e-3 / 3])
     assert TrainConfig(**ckpt.load_training_state(out / "checkpoint-4")["config"]).warmup_steps == 1

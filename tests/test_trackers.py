@@ -38,6 +38,8 @@ def metrics_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     """metrics.jsonl as the trackers get it: tag -> [(step, value)] in file order."""
     found = {}
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if record["kind"] not in trackers.TRACKED_KINDS:  # a resume's record marks loss.png only
+            continue
         for tag, value in trackers.scalars(record).items():
             found.setdefault(tag, []).append((record["step"], value))
     return found
@@ -166,7 +168,7 @@ def test_trackio_gets_every_record_and_a_resume_continues_its_run(tmp_path, tiny
     logged = [(row["step"], {k: v for k, v in row.items() if "/" in k}) for row in
               SQLiteStorage.get_logs("finetune", run_name)]
     records = [(r["step"], trackers.scalars(r)) for r in
-               map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+               map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] in trackers.TRACKED_KINDS]
     # Every record at its step. trackio cannot delete points: steps 4..6 of the run resumed from stay (README).
     assert [step for step, _ in logged] == [0, 1, 2, 3, 4, 5, 6, 6] + [4, 5, 6, 6]
     assert logged[:4] + logged[8:] == records
