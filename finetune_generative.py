@@ -124,7 +124,8 @@ def record_train_losses(run: TrainingRun, bar, losses: list, tokens: int, second
     progress = run.progress
     tokens_per_s = tokens / seconds if seconds > 0 else None
     mean_loss = sum(losses) / len(losses)
-    run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+    run.record({"kind": "train", "step": progress.step, "epoch": progress.epoch,
+                "epoch_progress": run.epoch_progress(), "tokens": progress.tokens_seen,
                 "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens_per_s or 0:,.0f}")
 

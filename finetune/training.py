@@ -188,7 +188,8 @@ class TrainingRun:
             progress.best_val_loss = val_loss
         if progress.step > 0:
             progress.evals_without_improvement = 0 if improved else progress.evals_without_improvement + 1
-        record = {"kind": "eval", "step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens_seen,
+        record = {"kind": "eval", "step": progress.step, "epoch": progress.epoch,
+                  "epoch_progress": self.epoch_progress(), "tokens": progress.tokens_seen,
                   "val_loss": val_loss, **self.objective.eval_metrics(val_loss, self.device, self.dist_info)}
         self.record(record)
         if improved:  # every rank knows: val_loss is summed across them
@@ -258,6 +259,13 @@ class TrainingRun:
 
     def resume_command(self) -> str:
         return resume_command(self.script, self.output_dir, self.dist_info.world_size)
+
+    def epoch_progress(self) -> float:
+        """Epochs done plus the share of this epoch's micro-batches done, as the Trainer's fractional `epoch`
+        counts it (metrics.jsonl's `epoch` stays the whole epochs done)."""
+        batch = max(self.plan.batch_size, 1)
+        done, per_epoch = (-(-n // batch) for n in (self.progress.samples_in_epoch, self.sampler.samples_per_replica()))
+        return round(self.progress.epoch + done / max(per_epoch, 1), 6)
 
     # ---- the data of an epoch
     def start_epoch(self) -> None:

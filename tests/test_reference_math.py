@@ -174,6 +174,7 @@ def test_same_losses_and_weights_as_trainer(tiny_model_dir, tiny_data_dir, tmp_p
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a, b)
         # By design: our "epoch" counts finished epochs, the Trainer's is fractional.
         assert a["epoch"] == math.floor(b["epoch"] + 1e-9), (a, b)
+        assert a["epoch_progress"] == pytest.approx(b["epoch"], abs=1e-6), (a, b)  # the fractional one, added
     assert [r["epoch"] for r in ours].index(1) == steps_per_epoch - 1
 
     ours_final = load_file(out / "model.safetensors")
