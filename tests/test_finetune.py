@@ -117,6 +117,7 @@ def test_resume_equals_uninterrupted_across_epoch_boundary(full_run, tmp_path, t
     for a, b in zip(original, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
         assert a["lr"] == b["lr"] and a["epoch"] == b["epoch"] and a["tokens"] == b["tokens"]
+        assert a["epoch_progress"] == b["epoch_progress"]  # the position in the epoch comes back too
     assert_same_weights(full_run, out)
 
 
