@@ -119,7 +119,7 @@ class Logging:
     early_stopping_patience: int | None = None
     """stop after this many evaluations without a better validation loss (the base model's at step 0 counts)"""
     report_to: str = field(default="none", metadata={"metavar": "NAME[,NAME]", "action": cli.StoreOnce})
-    """experiment trackers that get what metrics.jsonl gets, comma-separated: none, tensorboard, mlflow,
+    """experiment trackers that get the train and eval lines of metrics.jsonl, comma-separated: none, tensorboard, mlflow,
     trackio, wandb (all local, under --output-dir; each an optional pip package; see docs/tracking.md)"""
 
 
