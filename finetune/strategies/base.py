@@ -109,6 +109,10 @@ class Strategy:
 
         return clip_gradients(parameters, max_norm)
 
+    def card_rows(self) -> list[tuple[str, str]]:
+        """(setting, value) rows of the model card's training table that only this strategy has."""
+        return []
+
     # ---- a --resume (after the set-up)
     def restore(self, run, resume) -> None:
         """What this strategy keeps in the checkpoint besides the training state, restored into `run`."""

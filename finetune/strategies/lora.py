@@ -36,6 +36,10 @@ class LoraStrategy(Strategy):
 
         return estimate_memory_gib(model_config, n_params, self.cfg, plan, precision, lora=lora_counts), None
 
+    def card_rows(self) -> list[tuple[str, str]]:
+        cfg = self.cfg
+        return [("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}")]
+
     def convert(self, model, tokenizer, model_source: str, precision: str):
         """The base frozen, adapters added (from the checkpoint on a resume)."""
         return lora.to_lora(model, self.cfg, tokenizer, model_source, precision)
