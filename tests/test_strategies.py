@@ -58,3 +58,17 @@ def test_the_lora_row_of_the_model_card():
     assert strategy_for(TrainConfig(lora_r=8, lora_alpha=16.0, lora_dropout=0.1)).card_rows() == [
         ("LoRA", "r 8, alpha 16.0, dropout 0.1")]
     assert strategy_for(TrainConfig()).card_rows() == strategy_for(TrainConfig(fsdp=True)).card_rows() == []
+
+
+def test_a_lora_runs_model_card_says_lora(tmp_path, tiny_model_dir, tiny_data_dir):
+    """The card asks the run's strategy: peft as the library, the lora tag, the LoRA row of its settings."""
+    pytest.importorskip("peft")
+    import finetune_generative as ft
+    from helpers import base_args
+
+    out = tmp_path / "lora"
+    assert ft.main(base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "2", "--lora-r", "4",
+                             "--lora-dropout", "0")) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and "- lora" in card and "(LoRA, merged into the base)" in card
+    assert "| LoRA | r 4, alpha None, dropout 0.0 |" in card
