@@ -38,7 +38,6 @@ from finetune.errors import (
     first_line,
     raise_if_problems,
 )
-from finetune.fsdp import clip_gradients, no_gradient_sync
 from finetune.preflight import (
     MemoryPlan,
     Preflight,
@@ -156,7 +155,8 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(window):
         # Gradients are all-reduced only on the last micro-step.
-        sync = contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1 else no_gradient_sync(model)
+        sync = (contextlib.nullcontext() if not dist_info.enabled or i == len(window) - 1
+                else run.strategy.no_gradient_sync(model))
         with sync:
             with run.ctx:
                 loss = run.objective.loss(model, batch, device)
@@ -164,7 +164,8 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
             scaler.scale(loss * share).backward()
         loss_sum += loss.detach() * share
     scaler.unscale_(run.optimizer)
-    grad_norm = clip_gradients(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = run.strategy.clip_gradients(model.parameters(), max_norm)
     stats = torch.stack([loss_sum.float(), grad_norm.float().to(device),
                          torch.tensor(float(stop.requested), device=device)])
     if dist_info.enabled:  # mean loss over processes; a signal on any rank stops them all
@@ -221,9 +222,9 @@ class FineTune:
         # auto's choice is recorded as the run's setting (train_config.json, every checkpoint), so a resume keeps it
         # instead of asking a speed probe again, which another machine or a missing cache can answer otherwise
         self.cfg = cfg = dataclasses.replace(cfg, precision=self.precision)
-        if cfg.fsdp and self.precision == "fp16":
-            raise UserError("--fsdp runs in fp32 or bf16, not fp16 (the loss scaler of fp16 does not take sharded "
-                            "gradients here). HINT: --precision bf16 on a GPU that has it, else --precision fp32")
+        precision_problem = self.preflight.strategy.precision_problem(self.precision)
+        if precision_problem:
+            raise UserError(precision_problem)
         return plan_memory(cfg, self.preflight, dist_info, self.device, self.precision)
 
     def setup(self, plan_text: str) -> None:

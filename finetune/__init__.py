@@ -33,6 +33,8 @@ only the ones listed before it:
     rundir        the output folder of a run: lock, clobber and overlap refusal, resume command
     lora          LoRA with peft: the converter, adapter checkpoints, merged releases
     fsdp          --fsdp: FSDP2 sharding of the blocks, checkpoints as DCP shards, gathered releases
+    strategies/   how a run trains the weights, one module each (full, lora, fsdp) behind one interface the
+                  preflight, build and training step ask; chosen once from the config (strategy_for)
     training      the run object the loop works with (record, evaluate, sample, save), stop requests, loaders
     preflight     what a run checks before its weights load (settings, resume, data vs model, plan, memory)
     build         a run assembled from its checks: model and converters, optimizer, schedule, data, resume

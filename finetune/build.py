@@ -8,11 +8,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import fsdp, lora
 from .config import TrainConfig
 from .distributed import DistInfo
-from .models import ModelFiles
 from .preflight import Preflight, Resume
+from .strategies import strategy_for
 from .training import TrainingRun
 
 if TYPE_CHECKING:
@@ -25,18 +24,14 @@ def build_model(cfg: TrainConfig, tokenizer, model_source: str, device: torch.de
     """The model to train, and how to write it: loaded, converted (LoRA), then the fast CPU dropout masks,
     last so that the dropout modules a converter adds get them too (peft puts one on each adapter's input;
     the gain is measured in docs/lora.md)."""
-    import torch
-
     from .models import load_model_for_training
 
+    strategy = strategy_for(cfg)
     # LoRA and FSDP checkpoints hold no full model: the base loads from --model, the checkpoint's part after.
     # FSDP loads into CPU memory: fully_shard moves each group to the GPU and keeps only this rank's shard there.
-    model = load_model_for_training(cfg.model if cfg.lora_r or cfg.fsdp else model_source,
-                                    torch.device("cpu") if cfg.fsdp else device, tokenizer,
+    model = load_model_for_training(strategy.weights_source(model_source), strategy.load_device(device), tokenizer,
                                     dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
-    model_files = ModelFiles(tokenizer)
-    if cfg.lora_r:  # the base frozen, adapters added (from the checkpoint on a resume)
-        model, model_files = lora.to_lora(model, cfg, tokenizer, model_source, precision)
+    model, model_files = strategy.convert(model, tokenizer, model_source, precision)
     if device.type == "cpu" and not cfg.torch_dropout:
         from .cpu_dropout import use_fast_cpu_dropout
 
@@ -57,25 +52,23 @@ def build_run(cfg: TrainConfig, preflight: Preflight, resume: Resume | None, scr
     plan = preflight.plan
     seed_everything(cfg.seed + dist_info.rank)
     model_source = str(resume.path) if resume else cfg.model
+    strategy = preflight.strategy
     model, model_files = build_model(cfg, preflight.tokenizer, model_source, device, precision)
-    if cfg.fsdp:  # before the optimizer, which steps the shards
-        model = fsdp.shard_model(model, device, precision)
-        model_files = fsdp.ShardedModelFiles(preflight.tokenizer, dist_info)
+    # before the optimizer, which steps the shards
+    model, model_files = strategy.shard(model, model_files, preflight.tokenizer, device, precision, dist_info)
     optimizer = make_optimizer(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     scheduler = make_scheduler(cfg.scheduler, optimizer, plan.warmup_steps, plan.total_steps)
     train_loader, sampler, val_loader = make_loaders(cfg, preflight.meta, plan, device, dist_info,
                                                      preflight.objective)
     if cfg.compile:
         model = torch.compile(model)
-    if dist_info.enabled and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = strategy.replicate(model, device, dist_info)
     run = TrainingRun(cfg=cfg, script=script, model=model, model_files=model_files, tokenizer=preflight.tokenizer,
                       optimizer=optimizer, scheduler=scheduler,
                       scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                       ctx=autocast_context(device, precision), device=device, dist_info=dist_info, plan=plan,
                       train_loader=train_loader, sampler=sampler, val_loader=val_loader,
-                      fingerprints=preflight.fingerprints, objective=preflight.objective)
+                      fingerprints=preflight.fingerprints, objective=preflight.objective, strategy=strategy)
     if resume:
         resume_run(run, resume)
     run.objective.start(run, resume)  # anything computed once before step 0 (DPO: the reference)
@@ -90,10 +83,7 @@ def resume_run(run: TrainingRun, resume: Resume) -> None:
 
     state = resume.state
     restore_training_state(state, run.progress, run.optimizer, run.scheduler, run.scaler, run.dist_info.rank)
-    if run.model_files.sharded:  # weights and AdamW state, re-sliced to this many processes
-        run.model_files.load_shards(run.model, run.optimizer, resume.path)
-        # The position in the epoch, per process: the same samples consumed in all, spread over this many.
-        run.progress.samples_in_epoch = run.progress.samples_in_epoch * state["world_size"] // run.dist_info.world_size
+    run.strategy.restore(run, resume)  # FSDP: weights and AdamW state, re-sliced to this many processes
     if run.cfg.extend:  # the optimizer came back with the old schedule's lr
         lr_before = run.scheduler.get_last_lr()[0]
         restart_schedule(run.scheduler, run.progress.step)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fsdp, launcher, lora
+from . import launcher, lora, strategies
 from .checkpoints import check_resume_compatible, load_resume_checkpoint
 from .config import RESUME_MUST_MATCH, RUN_CONTROL, TrainConfig, validate_config
 from .distributed import DistInfo
@@ -17,6 +17,7 @@ from .errors import UserError, raise_if_problems
 from .objectives import Objective
 from .plan import Plan, extend_plan, make_plan
 from .rundir import output_dir_overlaps
+from .strategies import Strategy, strategy_for
 from .trackers import check_report_to
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def settings_problems(cfg: TrainConfig) -> list[str]:
     """The settings' own problems and those of each feature's flags: nothing is read from disk yet."""
     return (validate_config(cfg) + launcher.nproc_problems(cfg.nproc, cfg.dry_run)
             + output_dir_overlaps(cfg.output_dir, {"--model": cfg.model, "--data-dir": cfg.data_dir})
-            + lora.settings_problems(cfg) + fsdp.settings_problems(cfg) + check_report_to(cfg.report_to))
+            + strategies.settings_problems(cfg) + check_report_to(cfg.report_to))
 
 
 @dataclass
@@ -45,9 +46,9 @@ def resumed_config(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo) ->
     if state is None:
         return cfg, None
     cfg = merge_resumed_config(cfg, state["config"], explicit, RUN_CONTROL)
-    if cfg.fsdp and state.get("sharded"):  # another number of processes: the same global batch
-        cfg, problem = fsdp.rescaled_for_world_size(cfg, state, dist_info.world_size, explicit)
-        raise_if_problems([problem] if problem else [])
+    raise_if_problems(strategies.settings_problems(cfg))  # --fsdp given now, on a LoRA checkpoint: refused here
+    cfg, problem = strategy_for(cfg).resumed_config(cfg, state, dist_info.world_size, explicit)
+    raise_if_problems([problem] if problem else [])
     return cfg, Resume(path, state)
 
 
@@ -61,24 +62,23 @@ class Preflight:
     fingerprints: dict                # data, tokenizer (and LoRA base) fingerprints a resume is checked against
     lora_counts: dict | None          # parameter counts of the adapters (lora.check_on_meta_model), LoRA runs only
     objective: Objective              # what the data asks to train: text, chat, preference (finetune/objectives/)
+    strategy: Strategy                # how the weights train: full, LoRA, FSDP (finetune/strategies/)
 
 
 def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistInfo, resume: Resume | None) -> Preflight:
     """Everything that can be checked from meta.json, the model config and the tokenizer, before the weights
     load; raises one UserError listing every problem."""
     from .data import DataError, check_data_matches_model, data_fingerprint, load_meta, tokenizer_fingerprint
-    from .models import load_config, load_tokenizer, load_tokenizer_and_config, model_context_length
+    from .models import model_context_length
     from .objectives import objective_for
 
     state = resume.state if resume else None
+    strategy = strategy_for(cfg)
     try:
         meta = load_meta(cfg.data_dir, cfg.model)
     except DataError as exc:
         raise UserError(str(exc)) from None
-    if cfg.lora_r and resume:  # a LoRA checkpoint holds the adapter and tokenizer; the config is the base's
-        tokenizer, model_config = load_tokenizer(str(resume.path)), load_config(cfg.model)
-    else:
-        tokenizer, model_config = load_tokenizer_and_config(str(resume.path) if resume else cfg.model)
+    tokenizer, model_config = strategy.tokenizer_and_config(resume.path if resume else None)
     problems = check_data_matches_model(meta, model_config.vocab_size, tokenizer, data_dir=cfg.data_dir)
     context = model_context_length(model_config)
     block_size = cfg.block_size or min(context or 1024, 1024)
@@ -105,22 +105,15 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
         given = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH if name in explicit and name not in extendable}
         problems += check_resume_compatible(state, given, cfg.data_dir, fingerprints["data_fingerprint"],
                                             fingerprints["tokenizer_fingerprint"], dist_info.world_size,
-                                            reshards=cfg.fsdp and bool(state.get("sharded")))
-        problems += fsdp.resume_problems(cfg, state)
+                                            reshards=strategy.reshards(state))
+        problems += strategy.resume_problems(state)
         if cfg.extend:
             plan, extend_problems = extend_plan(cfg, state["config"], meta, plan, dist_info.world_size)
             problems += extend_problems
-    if cfg.fsdp:
-        problems += fsdp.check_on_meta_model(model_config)
-    lora_counts = None
-    if cfg.lora_r:  # wrong targets, a model peft cannot wrap, another base: all before the weights load
-        lora_problems, lora_counts = lora.check_on_meta_model(cfg, model_config)
-        problems += lora_problems
-        fingerprints["base_fingerprint"] = lora.base_fingerprint(cfg.model)
-        if state is not None:
-            problems += lora.resume_problems(state, fingerprints["base_fingerprint"], cfg.model)
+    model_problems, lora_counts = strategy.model_problems(model_config, fingerprints, state)
+    problems += model_problems
     raise_if_problems(problems)
-    return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts, objective)
+    return Preflight(meta, tokenizer, model_config, plan, fingerprints, lora_counts, objective, strategy)
 
 
 def sample_prompt_problems(cfg: TrainConfig, tokenizer) -> list[str]:
@@ -152,32 +145,19 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
     """Memory per process for this engine (and DDP against FSDP when there is more than one process), checked
     against the device's memory before the weights load."""
     from .models import count_parameters
-    from .plan import (
-        describe_plan,
-        estimate_fsdp_memory_gib,
-        estimate_memory_gib,
-        measure_matmul_speed,
-        memory_refusal,
-        processes_sharing_memory,
-        sharding_line,
-        time_estimate_lines,
-    )
+    from .plan import describe_plan, measure_matmul_speed, memory_refusal, processes_sharing_memory, time_estimate_lines
 
     model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
     n_params = count_parameters(model_config)
     world_size = cfg.nproc or dist_info.world_size
     sharing = processes_sharing_memory(cfg, world_size, device)  # on a CPU the processes share its RAM
-    memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
-    sharding = None
-    if not cfg.lora_r and (cfg.fsdp or world_size > 1):  # what each engine needs per process, side by side
-        fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)
-        sharding = sharding_line(memory_gib, fsdp_gib, world_size, cfg.fsdp, device, sharing)
-        memory_gib = fsdp_gib if cfg.fsdp else memory_gib
+    memory_gib, sharding = preflight.strategy.memory_per_process(model_config, n_params, plan, precision,
+                                                                 world_size, device, sharing, lora_counts)
     time_lines = []
     if dist_info.is_main:  # one probe (the others would only slow it down), on the process that prints the plan
         speed = measure_matmul_speed(model_config, min(plan.batch_size * plan.block_size, 1024), precision, device)
         time_lines = time_estimate_lines(cfg, plan, model_config, n_params, speed, precision, world_size, device,
-                                         lora=bool(cfg.lora_r))
+                                         lora=preflight.strategy.trains_adapters)
     text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
                          lora=lora_counts, sharding=sharding, sharing=sharing, time_lines=time_lines)
     return MemoryPlan(text, memory_refusal(cfg, plan, memory_gib, device, lora_counts, sharing),

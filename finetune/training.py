@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from .data import EpochShuffleSampler
     from .objectives import Objective
+    from .strategies import Strategy
 
 log = logging.getLogger("finetune")
 
@@ -148,6 +149,7 @@ class TrainingRun:
     metrics: list[dict] = field(default_factory=list)
     trackers: Trackers = field(default_factory=Trackers)  # --report-to; start_trackers() opens them
     objective: Objective = None  # what is trained: text, chat or preference (finetune/objectives/)
+    strategy: Strategy = None  # how the weights train: full, LoRA or FSDP (finetune/strategies/)
     batches: Any = None        # the iterator over this epoch's batches (its worker processes live as long as it)
 
     @property
@@ -178,7 +180,7 @@ class TrainingRun:
         progress = self.progress
         val_loss = evaluate(self.model, self.val_loader, self.ctx, self.device, self.dist_info, self.objective,
                             should_stop=(lambda: stop.requested) if stop else None,
-                            filler=filler_batch(self.val_loader) if self.cfg.fsdp else None)
+                            filler=filler_batch(self.val_loader) if self.strategy.sharded else None)
         if val_loss is None:  # the evaluation counted the requests of every process: all stop
             stop.agree(1)
             return None

@@ -112,11 +112,11 @@ def report_card(run, precision: str, wall_seconds: float | None) -> dict:
 
 
 def front_matter(run, final: dict | None) -> dict:
-    cfg = run.cfg
+    cfg, adapters = run.cfg, run.strategy.trains_adapters
     data_fp = run.fingerprints.get("data_fingerprint", "unknown")
-    tags = ["finetune-generative", "text-generation", *(["lora"] if cfg.lora_r else []),
+    tags = ["finetune-generative", "text-generation", *(["lora"] if adapters else []),
             *([run.objective.kind] if run.objective.kind != "text" else [])]
-    matter = {"base_model": cfg.model, "library_name": "peft" if cfg.lora_r else "transformers",
+    matter = {"base_model": cfg.model, "library_name": "peft" if adapters else "transformers",
               "pipeline_tag": "text-generation", "tags": tags, "datasets": [f"local-data-{data_fp}"]}
     if final is not None and "dpo_loss" in final:
         metrics = [{"type": name, "value": round(final[name], 6), "name": f"validation {title}"}
@@ -177,7 +177,7 @@ def model_card(run, report: dict, precision: str, wall_seconds: float | None) ->
     lines = ["---", yaml.safe_dump(front_matter(run, final), sort_keys=False, allow_unicode=True).rstrip(), "---",
              MARKER, "", f"# {run.output_dir.name}", "",
              f"A fine-tune of `{cfg.model}` made with finetune_generative.py"
-             f"{' (LoRA, merged into the base)' if cfg.lora_r else ''} on the token files in `{cfg.data_dir}` "
+             f"{' (LoRA, merged into the base)' if run.strategy.trains_adapters else ''} on the token files in `{cfg.data_dir}` "
              f"(data fingerprint `{run.fingerprints.get('data_fingerprint')}`{kind}).",
              "", "## Training", "", "| setting | value |", "|---|---|"]
     rows = [("training blocks", f"{plan.train_blocks:,} of {plan.block_size} tokens"),
@@ -187,9 +187,7 @@ def model_card(run, report: dict, precision: str, wall_seconds: float | None) ->
             ("learning rate", f"{cfg.lr:g}, {cfg.scheduler}, {plan.warmup_steps} warm-up steps"),
             ("weight decay, max grad norm", f"{cfg.weight_decay:g}, {cfg.max_grad_norm:g}"),
             ("precision", precision), ("hardware", hardware(run.device)),
-            ("seed", str(cfg.seed))]
-    if cfg.lora_r:
-        rows.append(("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}"))
+            ("seed", str(cfg.seed)), *run.strategy.card_rows()]
     if wall_seconds is not None:
         rows.append(("wall time (this session)", f"{wall_seconds / 60:.1f} min"))
     lines += [f"| {k} | {v} |" for k, v in rows]

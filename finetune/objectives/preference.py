@@ -217,8 +217,9 @@ class PreferenceObjective(Objective):
     # ---- before step 0: the reference
     def start(self, run, resume) -> None:
         cfg, path = run.cfg, Path(run.cfg.output_dir) / REFERENCE_FILE
+        adapters = run.strategy.trains_adapters  # LoRA: the starting model is the base with the adapter off
         tables = read_reference(path, self.datasets) if resume is not None else None
-        if tables is None and resume is not None and not cfg.lora_r:
+        if tables is None and resume is not None and not adapters:
             raise UserError(f"{path} is missing or does not match the data, and the starting model it was computed "
                             "from is not this checkpoint: the run cannot go on exactly. HINT: start the run again "
                             "(--overwrite), from the same --model")
@@ -230,13 +231,13 @@ class PreferenceObjective(Objective):
             barrier(run.dist_info)
             log.info("reference log-probabilities of %s computed (the starting model%s), kept in %s",
                      " and ".join(f"{len(t):,} {s} pairs" for s, t in tables.items()),
-                     ", adapter off" if cfg.lora_r else "", path)
+                     ", adapter off" if adapters else "", path)
         for split, dataset in self.datasets.items():
             dataset.reference = tables[split]
         if resume is None:
             self.guard_eval = True
             lora_dropout = cfg.lora_dropout if cfg.lora_dropout is not None else 0.05
-            self.guard_first_step = cfg.dropout == 0 and not (cfg.lora_r and lora_dropout > 0)
+            self.guard_first_step = cfg.dropout == 0 and not (adapters and lora_dropout > 0)
             self.tolerance = GUARD_TOLERANCE["fp32" if isinstance(run.ctx, contextlib.nullcontext) else "16-bit"]
 
     def problems_with(self, cfg) -> list[str]:
