@@ -56,7 +56,8 @@ def test_fsdp_resumes_only_sharded_checkpoints():
 
 def test_the_lora_row_of_the_model_card():
     assert strategy_for(TrainConfig(lora_r=8, lora_alpha=16.0, lora_dropout=0.1)).card_rows() == [
-        ("LoRA", "r 8, alpha 16.0, dropout 0.1")]
+        ("LoRA", "r 8, alpha 16, dropout 0.1")]
+    assert strategy_for(TrainConfig(lora_r=4)).card_rows() == [("LoRA", "r 4, alpha 8, dropout 0.05")]  # the defaults peft got
     assert strategy_for(TrainConfig()).card_rows() == strategy_for(TrainConfig(fsdp=True)).card_rows() == []
 
 
@@ -71,4 +72,4 @@ def test_a_lora_runs_model_card_says_lora(tmp_path, tiny_model_dir, tiny_data_di
                              "--lora-dropout", "0")) == 0
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "library_name: peft" in card and "- lora" in card and "(LoRA, merged into the base)" in card
-    assert "| LoRA | r 4, alpha None, dropout 0.0 |" in card
+    assert "| LoRA | r 4, alpha 8, dropout 0 |" in card  # the alpha peft got: 2 x r by default

@@ -38,7 +38,7 @@ class LoraStrategy(Strategy):
 
     def card_rows(self) -> list[tuple[str, str]]:
         cfg = self.cfg
-        return [("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}")]
+        return [("LoRA", f"r {cfg.lora_r}, alpha {lora.alpha(cfg):g}, dropout {lora.dropout(cfg):g}")]  # as trained
 
     def convert(self, model, tokenizer, model_source: str, precision: str):
         """The base frozen, adapters added (from the checkpoint on a resume)."""
