@@ -8,14 +8,25 @@ generated corpus and saved with `save_pretrained`, so every test goes through th
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Tests must never reach a model hub, even by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# ...nor write into the user's caches. Libraries read these variables when they are first imported (datasets fixes
+# its cache folder then), and test modules import them at collection, before any fixture runs: so the process's
+# own caches go into a temporary folder now; the fixtures below then give each test a folder of its own.
+_CACHES = tempfile.mkdtemp(prefix="finetune-test-caches-")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+for _variable, _folder in (("XDG_CACHE_HOME", "xdg-cache"), ("HF_HOME", "hf-home"),
+                           ("HF_DATASETS_CACHE", "hf-datasets"), ("MPLCONFIGDIR", "mplconfig")):
+    os.environ[_variable] = os.path.join(_CACHES, _folder)
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
