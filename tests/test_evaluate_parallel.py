@@ -18,12 +18,14 @@ from finetune.evaluation.documents import Documents, TextCounts
 from finetune.evaluation.metrics import count_bytes, count_words
 from finetune.evaluation.windows import Window, stream_rolling_windows, stream_strided_windows
 from helpers import (
+    REPO_ROOT,
     assert_one_line_error,
     make_corpus,
     prepare_pairs,
     run_main,
     run_script,
     style_pairs,
+    wait_for,
 )
 
 SUM_TOLERANCE = 1e-9  # relative: the same batches, float64 sums added in another order (parallel.py)
@@ -265,6 +267,36 @@ def test_bad_nproc_is_one_error_line(tiny_model_dir, inputs, tmp_path, capsys, m
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
     assert_one_line_error(run_main(evaluate.main, [*model, "--input", inputs["text"], "--nproc", 4], capsys),
                           "--nproc 4 under torchrun, which started 2 process(es)", "python evaluate.py --nproc 4")
+
+
+@pytest.mark.slow
+def test_a_killed_process_is_one_line_and_no_report(tiny_model_dir, tmp_path):
+    """kill -9 of one of --nproc 2's processes: the launcher's line (rerun: there is nothing to resume), exit 137,
+    no traceback, no report."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    big = tmp_path / "big.txt"
+    big.write_text(make_corpus(2_000_000, seed=5), encoding="utf-8")
+    out, log = tmp_path / "e", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(tiny_model_dir),
+                                 "--input", str(big), "--output", str(out), "--nproc", "2", "--device", "cpu"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for(lambda: "loading " in log.read_text(), "the processes to load the model")
+    (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    rank1.kill()
+    assert proc.wait(timeout=120) == 137, log.read_text()[-3000:]
+    err = log.read_text()
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors[-1] == ("error: process 1 of 2 was killed by SIGKILL, and the others were stopped. HINT: out of "
+                          "memory? (see `dmesg`) run the same command again"), errors
+    assert len(errors) <= 2 and all("HINT:" in line for line in errors), errors
+    assert not (out / "eval.json").exists()
 
 
 def test_work_bound_is_an_upper_bound_on_the_windows(tiny_model_dir, inputs):

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..rundir import CONFIG_FILE
 from .metrics import Totals
-from .scoring import Result, Scorer, batched
+from .scoring import Progress, Result, Scorer, batched
 
 DEFAULT_BLOCK = 1024  # the training script's block size for a model with a longer context
 
@@ -42,6 +42,22 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     except OSError:
         return False
+
+
+def reported(loader, scorer: Scorer, total: int):
+    """The batches of `loader`, counted into the scorer's tokens and seconds, with a progress line on a long
+    evaluation (Progress)."""
+    import time
+
+    from ..loss import IGNORE_INDEX
+
+    progress = Progress("val batches", total)
+    for batch in loader:
+        started = time.perf_counter()
+        yield batch  # evaluate() runs the model on it before asking for the next
+        scorer.seconds += time.perf_counter() - started
+        scorer.tokens_scored += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        progress.advance(1, scorer)
 
 
 class ValSplitEvaluation:
@@ -102,8 +118,8 @@ class ValSplitEvaluation:
         loader = DataLoader(blocks, batch_size=batch_size, shuffle=False)
         # this process's batches of those one process runs; evaluate() adds the sums of all processes
         mine = [batch for batch in batched(range(len(indices)), batch_size) if scorer.shard.owns_next_batch()]
-        loss = evaluate(scorer.model, DataLoader(blocks, batch_sampler=mine), scorer.ctx, scorer.device,
-                        scorer.shard.dist_info, objective)
+        loss = evaluate(scorer.model, reported(DataLoader(blocks, batch_sampler=mine), scorer, len(mine)),
+                        scorer.ctx, scorer.device, scorer.shard.dist_info, objective)
         lengths = scorer.byte_lengths()
         totals = Totals(documents=len(indices))
         for batch in loader:  # the predicted tokens, their bytes: no model needed
