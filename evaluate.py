@@ -13,6 +13,10 @@ windows (bits per byte, byte and word perplexity as lm-eval defines them); --tas
 --data-dir of preference pairs gives each model's preference accuracy on the val pairs (and DPO's reward
 accuracy of each later model against the first).
 
+Several processes: --nproc N (or torchrun) shares the batches out and adds the sums up, for the figures of one
+process (finetune/evaluation/parallel.py). Memory does not grow with the inputs: they are read, tokenized and
+scored as a stream.
+
 Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
 trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.
 docs/evaluate.md says what each figure means and how it was checked against lm-evaluation-harness.
