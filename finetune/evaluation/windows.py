@@ -31,7 +31,7 @@ class TokenBuffer:
         return self.start + len(self.tokens)
 
     def add(self, piece: Iterable[int]) -> None:
-        self.tokens.extend(int(t) for t in piece)
+        self.tokens.extend(piece.tolist() if hasattr(piece, "tolist") else piece)  # Python ints, as torch takes them
 
     def slice(self, begin: int, end: int) -> list[int]:
         return self.tokens[begin - self.start:end - self.start]
