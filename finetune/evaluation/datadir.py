@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..distributed import DistInfo
-from ..errors import UserError
-from ..rundir import CONFIG_FILE
+from finetune.core.errors import UserError
+from finetune.runtime.distributed import DistInfo
+from finetune.train.config import TrainConfig
+from finetune.train.rundir import CONFIG_FILE
+
 from .metrics import Totals
 from .scoring import Result, Scorer
 
@@ -56,8 +57,8 @@ class ValSplitEvaluation:
 
     def blocks(self, context: int) -> tuple[int, int | None, int]:
         """(block size, validation blocks chosen (None: all), batch size), as the training run had them."""
-        from ..objectives import objective_for
-        from ..plan import eval_blocks, make_plan
+        from finetune.train.objectives import objective_for
+        from finetune.train.plan import eval_blocks, make_plan
 
         cfg = self.run_cfg
         if cfg is None:
@@ -70,9 +71,9 @@ class ValSplitEvaluation:
     def run(self, scorer: Scorer) -> Result:
         from torch.utils.data import DataLoader, Subset
 
-        from ..data import validation_blocks
-        from ..loss import IGNORE_INDEX, evaluate
-        from ..objectives import objective_for
+        from finetune.data.dataset import validation_blocks
+        from finetune.train.loss import IGNORE_INDEX, evaluate
+        from finetune.train.objectives import objective_for
 
         block_size, chosen, batch_size = self.blocks(scorer.context)
         if block_size > scorer.context:

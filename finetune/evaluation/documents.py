@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chat import Conversation, FormatChooser, PromptCompletion, example_of, parse_cell
-from ..errors import UserError
-from ..prepare.records import RecordStats, read_objects, read_records, record_format
-from ..prepare.sources import check_has_text, find_text_files, first_format
-from ..prepare.stream import read_text
+from finetune.core.errors import UserError
+from finetune.formats.chat import Conversation, FormatChooser, PromptCompletion, example_of, parse_cell
+from finetune.prepare.records import RecordStats, read_objects, read_records, record_format
+from finetune.prepare.sources import check_has_text, find_text_files, first_format
+from finetune.prepare.stream import read_text
 
 
 @dataclass

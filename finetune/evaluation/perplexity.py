@@ -3,7 +3,8 @@ windows (or the perplexity guide's strided ones with --stride), summed per docum
 over all of them (metrics.Totals)."""
 from __future__ import annotations
 
-from ..chat import TRAIN, ChatRenderer, choose_template
+from finetune.formats.chat import TRAIN, ChatRenderer, choose_template
+
 from .documents import Document
 from .metrics import Totals, count_bytes, count_words
 from .scoring import Progress, Result, Scorer, batched
