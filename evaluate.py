@@ -28,9 +28,9 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune.console import setup_logging
-from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.runtime import DEVICES, PRECISIONS
+from finetune.core.console import setup_logging
+from finetune.core.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.runtime.device import DEVICES, PRECISIONS
 
 log = logging.getLogger("evaluate")
 
@@ -120,7 +120,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def resolve_models(names: list[str]) -> list[dict]:
     """Each --model checked (generate.py's resolution: a folder, an adapter, or a hub name), with its label."""
-    from finetune.modelfolder import resolve_model
+    from finetune.models.folder import resolve_model
 
     models, seen = [], {}
     for name in names or ["out"]:
@@ -133,8 +133,8 @@ def resolve_models(names: list[str]) -> list[dict]:
 
 def load_tokenizer_of(model: dict):
     """The model's tokenizer, and its base when it is an adapter (whose folder may hold no tokenizer)."""
-    from finetune.modelfolder import adapter_base, is_adapter_folder
-    from finetune.models import TOKENIZER_FILES, load_config, load_tokenizer
+    from finetune.models.folder import adapter_base, is_adapter_folder
+    from finetune.models.loading import TOKENIZER_FILES, load_config, load_tokenizer
 
     source = model["source"]
     adapter = model["local"] and is_adapter_folder(Path(source))
@@ -149,9 +149,9 @@ def load_scorer(model: dict, args, device, dist_info=None):
 
     from finetune.evaluation.parallel import Shard
     from finetune.evaluation.scoring import Scorer
-    from finetune.modelfolder import load_adapter_model
-    from finetune.models import load_weights, model_context_length
-    from finetune.runtime import resolve_precision
+    from finetune.models.folder import load_adapter_model
+    from finetune.models.loading import load_weights, model_context_length
+    from finetune.runtime.device import resolve_precision
 
     config, tokenizer, adapter = load_tokenizer_of(model)
     precision = resolve_precision(args.precision, device, getattr(config, "hidden_size", None), log)
@@ -165,8 +165,8 @@ def load_scorer(model: dict, args, device, dist_info=None):
 
 
 def model_record(model: dict, scorer) -> dict:
-    from finetune.lora import base_fingerprint
-    from finetune.tokenfiles import tokenizer_fingerprint
+    from finetune.formats.tokenfiles import tokenizer_fingerprint
+    from finetune.models.adapters import base_fingerprint
 
     fingerprint = base_fingerprint(model["source"]) if model["local"] else model["source"]
     return {"label": model["label"], "source": model["source"], "fingerprint": fingerprint,
@@ -203,9 +203,9 @@ def check_output_folder(folder: Path, given: bool) -> None:
     evaluate.py did not write."""
     import json
 
-    from finetune.checkpoints import checkpoint_step
     from finetune.evaluation.report import JSON_FILE, REPORT_FORMAT
-    from finetune.models import WEIGHT_FILES
+    from finetune.formats.checkpoints import checkpoint_step
+    from finetune.models.loading import WEIGHT_FILES
 
     flag = "--output" if given else "the default output folder"
     resolved = folder.resolve()
@@ -245,8 +245,8 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
 
     evaluations, data = [], []
     if args.data_dir:
-        from finetune.objectives import data_kind
-        from finetune.tokenfiles import load_meta
+        from finetune.formats.tokenfiles import load_meta
+        from finetune.train.objectives import data_kind
 
         meta = load_meta(args.data_dir)
         if data_kind(meta) == "preference":  # pairs: which completion each model prefers, not a perplexity
@@ -288,7 +288,7 @@ def samples_of(scorer, prompts: list[str], args) -> list[str]:
     """Each prompt's sampled completion (a chat model: its reply through its template), seeded alike."""
     import torch
 
-    from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+    from finetune.infer.sampling import chat_prompt_ids, generate_samples, generation_kwargs
 
     chat = bool(getattr(scorer.tokenizer, "chat_template", None))
     kwargs = generation_kwargs(scorer.model, scorer.tokenizer, max_new_tokens=args.max_new_tokens)
@@ -307,7 +307,7 @@ def samples_of(scorer, prompts: list[str], args) -> list[str]:
 
 
 def check_data_dir_tokenizer(args, model: dict, tokenizer, config) -> None:
-    from finetune.tokenfiles import check_data_matches_model, load_meta
+    from finetune.formats.tokenfiles import check_data_matches_model, load_meta
 
     problems = check_data_matches_model(load_meta(args.data_dir), config.vocab_size, tokenizer)
     if problems:
@@ -321,7 +321,7 @@ def settle_pair_blocks(evaluations: list, models: list[dict], configs: list, dat
     folder when a model comes from one, else the smallest context (the models' configs are at hand)."""
     from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config, same_folder
     from finetune.evaluation.preference import PreferenceEvaluation
-    from finetune.models import model_context_length
+    from finetune.models.loading import model_context_length
 
     contexts = [model_context_length(config) or DEFAULT_BLOCK for config in configs]
     run_block_size = None
@@ -385,7 +385,7 @@ def check_processes(args, models: list[dict], configs: list, evaluations: list, 
     """More processes than there is work for (parallel.py shares batches out): refused before any weights load."""
     from finetune.evaluation import parallel
     from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config
-    from finetune.models import model_context_length
+    from finetune.models.loading import model_context_length
 
     processes = parallel.processes_wanted(args.nproc)
     if processes > 1:
@@ -400,7 +400,7 @@ def evaluate_models(args, models: list[dict], folder: Path | None, evaluations: 
     """Every model on every evaluation (this process's share of it), then the report (the first process's)."""
     from finetune.evaluation.datadir import ValSplitEvaluation, run_config
     from finetune.evaluation.report import build_report, console_table, write_report
-    from finetune.runtime import get_device, library_versions
+    from finetune.runtime.device import get_device, library_versions
 
     device = get_device(args.device, dist_info.local_rank if dist_info.enabled else None)
     results = [{} for _ in evaluations]

@@ -15,18 +15,18 @@ import signal
 import sys
 from pathlib import Path
 
-from finetune.checkpoints import checkpoint_step
-from finetune.console import setup_logging
-from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error
+from finetune.core.console import setup_logging
+from finetune.core.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error
+from finetune.core.fsio import TMP_PREFIX, Terminated, atomic_file, remove_stale_temporaries, sigterm_raises
 from finetune.export import require_gguf
 from finetune.export.gguf_writer import DEFAULT_OUTTYPE, OUTTYPES, check_architecture, write_gguf
 from finetune.export.modelfile import modelfile, written_by_export
 from finetune.export.vocab import read_vocab
-from finetune.fsio import TMP_PREFIX, Terminated, atomic_file, remove_stale_temporaries, sigterm_raises
-from finetune.lora import RELEASE_ADAPTER_DIR
-from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
-from finetune.models import load_config, load_tokenizer, load_weights, model_context_length
-from finetune.rundir import written_by_us
+from finetune.formats.checkpoints import checkpoint_step
+from finetune.models.adapters import RELEASE_ADAPTER_DIR
+from finetune.models.folder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
+from finetune.models.loading import load_config, load_tokenizer, load_weights, model_context_length
+from finetune.train.rundir import written_by_us
 
 
 def parse_args(argv: list[str] | None):

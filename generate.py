@@ -22,7 +22,7 @@ instructions, fp16 on older GPUs, else fp32.
 Output. Samples go to stdout, each under a `--- sample i/n (prompt: "...") ---` header; log lines
 go to stderr. With one prompt and one sample the text is streamed as it is generated.
 
-The sampling code itself lives in finetune/sampling.py, shared with the training-time samples.
+The sampling code itself lives in finetune/infer/sampling.py, shared with the training-time samples.
 """
 from __future__ import annotations
 
@@ -37,20 +37,20 @@ import signal
 import sys
 from pathlib import Path
 
-from finetune.console import setup_logging
-from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.fsio import Terminated, atomic_file, sigterm_raises
-from finetune.modelfolder import DEFAULT_MODEL, adapter_base, is_adapter_folder, load_adapter_model, resolve_model
-from finetune.models import (
+from finetune.core.console import setup_logging
+from finetune.core.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error, raise_if_problems
+from finetune.core.fsio import Terminated, atomic_file, sigterm_raises
+from finetune.infer.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+from finetune.models.folder import DEFAULT_MODEL, adapter_base, is_adapter_folder, load_adapter_model, resolve_model
+from finetune.models.loading import (
     TOKENIZER_FILES,
     load_config,
     load_tokenizer,
     load_weights,
     model_context_length,
 )
-from finetune.rundir import RUN_ARTIFACTS, written_by_us
-from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
-from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+from finetune.runtime.device import DEVICES, PRECISIONS, get_device, resolve_precision
+from finetune.train.rundir import RUN_ARTIFACTS, written_by_us
 
 log = logging.getLogger("generate")
 

@@ -27,7 +27,7 @@ How it works, in the order the code runs:
 - Chat records (messages, prompt/completion, instruction/output: detected from the fields, or
   --chat-format) are rendered with the chat template and written as ids plus train.mask.bin /
   val.mask.bin, one loss-mask byte per token: what is trained, where an example starts
-  (finetune/chat.py, finetune/prepare/chatstream.py; docs/chat.md).
+  (finetune/formats/chat.py, finetune/prepare/chatstream.py; docs/chat.md).
 - Token ids equal `AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)`
   for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
@@ -50,11 +50,10 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.chat import FORMAT_FLAG_VALUES, choose_template, describe
-from finetune.console import human_bytes
-from finetune.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
-from finetune.objectives import data_kind
-from finetune.outdir import claimed_output_files, existing_outputs_problems
+from finetune.core.console import human_bytes
+from finetune.core.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
+from finetune.core.outdir import claimed_output_files, existing_outputs_problems
+from finetune.formats.chat import FORMAT_FLAG_VALUES, choose_template, describe
 from finetune.prepare.chatstream import ChatRun, chat_renderer
 from finetune.prepare.cuts import make_cutter
 from finetune.prepare.engines import EngineMismatch, HFEngine, choose_engine, load_tokenizer, tokenizer_class, tokenizer_spec
@@ -70,6 +69,7 @@ from finetune.prepare.sources import (
     write_sample_book,
 )
 from finetune.prepare.writer import ALL_OUTPUTS, input_notes
+from finetune.train.objectives import data_kind
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -181,7 +181,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float, tokenize_seconds: float) -> None:
-    from finetune.plan import steps_per_epoch
+    from finetune.train.plan import steps_per_epoch
 
     tokens = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
     chars = {s: meta["splits"][s]["chars"] for s in ("train", "val")}

@@ -110,8 +110,8 @@ def build_data(args, model_dir: Path, root: Path) -> Path:
 
 
 def run_ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
-    from finetune.data import load_meta
-    from finetune.packing import split_packing
+    from finetune.data.dataset import load_meta
+    from finetune.data.packing import split_packing
 
     cmd = [sys.executable, str(REPO / "finetune_generative.py"), "--model", str(model_dir), "--data-dir",
            str(data_dir), "--output-dir", str(out), "--overwrite", "--block-size", str(args.block_size),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..errors import UserError
-from ..rundir import CONFIG_FILE
+from finetune.core.errors import UserError
+from finetune.train.config import TrainConfig
+from finetune.train.rundir import CONFIG_FILE
+
 from .metrics import Totals
 from .scoring import Progress, Result, Scorer, batched
 
@@ -49,7 +50,7 @@ def reported(loader, scorer: Scorer, total: int):
     evaluation (Progress)."""
     import time
 
-    from ..loss import IGNORE_INDEX
+    from finetune.train.loss import IGNORE_INDEX
 
     progress = Progress("val batches", total)
     for batch in loader:
@@ -71,8 +72,8 @@ class ValSplitEvaluation:
 
     def blocks(self, context: int) -> tuple[int, int | None, int]:
         """(block size, validation blocks chosen (None: all), batch size), as the training run had them."""
-        from ..objectives import objective_for
-        from ..plan import eval_blocks, make_plan
+        from finetune.train.objectives import objective_for
+        from finetune.train.plan import eval_blocks, make_plan
 
         cfg = self.run_cfg
         if cfg is None:
@@ -88,8 +89,8 @@ class ValSplitEvaluation:
 
     def most_shares(self, context: int) -> int:
         """The batches there are (each process runs whole batches)."""
-        from ..data import validation_blocks
-        from ..objectives import objective_for
+        from finetune.data.dataset import validation_blocks
+        from finetune.train.objectives import objective_for
 
         block_size, chosen, batch_size = self.blocks(context)
         if block_size > context:
@@ -100,9 +101,9 @@ class ValSplitEvaluation:
     def run(self, scorer: Scorer) -> Result:
         from torch.utils.data import DataLoader, Subset
 
-        from ..data import validation_blocks
-        from ..loss import IGNORE_INDEX, evaluate
-        from ..objectives import objective_for
+        from finetune.data.dataset import validation_blocks
+        from finetune.train.loss import IGNORE_INDEX, evaluate
+        from finetune.train.objectives import objective_for
 
         block_size, chosen, batch_size = self.blocks(scorer.context)
         if block_size > scorer.context:

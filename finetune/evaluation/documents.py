@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..chat import Conversation, FormatChooser, PromptCompletion, example_of, parse_cell
-from ..errors import UserError
-from ..prepare.records import RecordStats, read_objects, read_records, record_format
-from ..prepare.sources import check_has_text, find_text_files, first_format
-from ..prepare.stream import Chunker, read_text
+from finetune.core.errors import UserError
+from finetune.formats.chat import Conversation, FormatChooser, PromptCompletion, example_of, parse_cell
+from finetune.prepare.records import RecordStats, read_objects, read_records, record_format
+from finetune.prepare.sources import check_has_text, find_text_files, first_format
+from finetune.prepare.stream import Chunker, read_text
+
 from .metrics import WORD_SPLIT, count_bytes
 
 PIECE_CHARS = 64 << 10  # characters of a text file tokenized at once (prepare_data.py's piece size for HF tokenizers)

@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 
-from .. import launcher
-from ..distributed import DistInfo, all_gather_objects, all_reduce_sum
+from finetune.runtime import launcher
+from finetune.runtime.distributed import DistInfo, all_gather_objects, all_reduce_sum
 
 RESTART_HINT = "run the same command again"  # after a process was killed: nothing to resume, nothing written
 
@@ -54,7 +54,7 @@ def start(nproc: int, script: str, argv: list[str], device_request: str) -> int:
 
 
 def join(device_request: str) -> DistInfo:
-    from ..distributed import setup_distributed
+    from finetune.runtime.distributed import setup_distributed
 
     return setup_distributed(device_request)
 
@@ -141,8 +141,8 @@ def processes_wanted(nproc: int | None) -> int:
 def run_in_processes(dist_info: DistInfo, evaluate) -> int:
     """`evaluate()` in this process of the group; a peer that is gone (killed, crashed) is one line here, the
     launcher or torchrun saying which; the group is left at the end."""
-    from ..distributed import raised_in_a_collective, shutdown
-    from ..errors import first_line
+    from finetune.core.errors import first_line
+    from finetune.runtime.distributed import raised_in_a_collective, shutdown
 
     try:
         return evaluate()

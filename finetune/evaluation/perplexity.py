@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..chat import TRAIN, ChatRenderer, choose_template
+from finetune.formats.chat import TRAIN, ChatRenderer, choose_template
+
 from .documents import Document, Documents, TextCounts
 from .metrics import Totals, count_words
 from .scoring import Progress, Result, Scorer

@@ -10,16 +10,17 @@ per byte here; the figures are
                           the share of pairs with (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)) > 0
     pairs                 pairs compared (those skipped by the packing, with nothing left to compare, are not)
 
-The log-probabilities are DPO's own (finetune/objectives/preference.py: logps_table, the packed blocks of
-finetune/pairs.py), so they are the numbers a training run on these pairs computes. Every model is scored on
+The log-probabilities are DPO's own (finetune/train/objectives/preference.py: logps_table, the packed blocks of
+finetune/data/pairs.py), so they are the numbers a training run on these pairs computes. Every model is scored on
 the same blocks (one block size for all), so that the pairs, and how long ones were cut, are the same.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..distributed import DistInfo
-from ..errors import UserError
+from finetune.core.errors import UserError
+from finetune.runtime.distributed import DistInfo
+
 from .scoring import Result, Scorer, batched
 
 DEFAULT_BLOCK = 1024  # as for text: the training script's block size for a model with a longer context
@@ -71,7 +72,7 @@ class PreferenceEvaluation:
         self.block_size = run_block_size or min([*contexts, DEFAULT_BLOCK])
 
     def dataset(self):
-        from ..pairs import PackedPairDataset
+        from finetune.data.pairs import PackedPairDataset
 
         dataset = PackedPairDataset.from_data_dir(self.data_dir, "val", self.block_size, self.meta)
         examples = dataset.packing.examples
@@ -90,7 +91,7 @@ class PreferenceEvaluation:
         return -(-len(self.dataset()) // self.batch_size)
 
     def run(self, scorer: Scorer) -> Result:
-        from ..objectives.preference import logps_table
+        from finetune.train.objectives.preference import logps_table
 
         if self.block_size is None:
             self.settle_block_size([scorer.context], None)

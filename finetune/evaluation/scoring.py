@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..runtime import autocast_context
+from finetune.runtime.device import autocast_context
+
 from .parallel import Shard
 from .windows import Window
 
@@ -128,8 +129,8 @@ class Scorer:
         """Where a long text may be cut into pieces that tokenize into the whole text's tokens (prepare_data.py's
         Cutter: GPT-2's byte-level regex proven, other tokenizers each cut checked)."""
         if self._cutter is None:
-            from ..prepare.cuts import make_cutter
-            from ..prepare.engines import HFEngine, tokenizer_spec
+            from finetune.prepare.cuts import make_cutter
+            from finetune.prepare.engines import HFEngine, tokenizer_spec
 
             self._cutter = make_cutter(self.tokenizer, tokenizer_spec(self.tokenizer), HFEngine(self.tokenizer))
         return self._cutter
@@ -144,7 +145,7 @@ class Scorer:
         """The most likely continuation (greedy), up to the end-of-text token or max_new_tokens."""
         import torch
 
-        from ..sampling import decode_sample, generation_kwargs
+        from finetune.infer.sampling import decode_sample, generation_kwargs
 
         kwargs = generation_kwargs(self.model, self.tokenizer, max_new_tokens=max_new_tokens, greedy=True)
         room = self.context - len(prompt_ids)
@@ -178,7 +179,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     """Bytes of text each id stands for. Byte-level BPE (GPT-2's family): the characters of its vocabulary
     entry, each one byte; other tokenizers: the UTF-8 length of the id decoded alone. Special tokens: 0 (they
     are markup, not text of the document)."""
-    from ..prepare.engines import bytes_to_unicode
+    from finetune.prepare.engines import bytes_to_unicode
 
     byte_chars = set(bytes_to_unicode().values())
     special = set(getattr(tokenizer, "all_special_ids", []) or [])

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..sampling import chat_prompt_ids
+from finetune.core.errors import UserError
+from finetune.infer.sampling import chat_prompt_ids
+
 from .scoring import Result, Scorer
 from .windows import continuation_window
 
