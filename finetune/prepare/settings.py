@@ -19,4 +19,4 @@ class Settings:
     chat_format: str = "auto"        # --chat-format: auto, messages, prompt_completion, instruction, text
     chat_template: str | None = None  # --chat-template FILE
     train_on_everything: bool = False  # chat data: every token a target, not only the replies
-    recorded: dict = field(default_factory=dict)  # every flag, as --config takes them: meta.json's "settings"
+    recorded: dict = field(default_factory=dict)  # meta.json's "settings": the flags that decide the outputs

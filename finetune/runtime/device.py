@@ -19,6 +19,7 @@ from finetune.core.flags import DEVICES, PRECISIONS
 if TYPE_CHECKING:  # torch is imported lazily so that --help and usage errors stay fast
     import torch
 
+
 def get_device(requested: str = "auto", cuda_index: int | None = None) -> torch.device:
     """CUDA, else Apple MPS, else CPU; an explicit request must be available. `cuda_index`: this process's
     GPU under torchrun (its local rank)."""
