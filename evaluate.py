@@ -23,14 +23,15 @@ docs/evaluate.md says what each figure means and how it was checked against lm-e
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.core import cli
 from finetune.core.console import setup_logging
-from finetune.core.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.runtime.device import DEVICES, PRECISIONS
+from finetune.core.errors import UserError, exit_on_user_error, raise_if_problems
+from finetune.core.flags import shared
 
 log = logging.getLogger("evaluate")
 
@@ -38,64 +39,102 @@ DEFAULT_BATCH = 8
 RUN_FOLDERS = ("best", "adapter")  # inside a run, beside checkpoint-N/: model folders the report never goes in
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description="Evaluate one or more models on the same data, side by side.")
-    group = parser.add_argument_group("models")
-    group.add_argument("--model", action="append", default=[], metavar="DIR",
-                       help="a model: a training output folder, its best/ or checkpoint-N/, a LoRA adapter folder, "
-                            "or a hub name; repeat to compare several (the first is the baseline). Default: out")
-    group.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, else MPS, else CPU)")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="the forward pass's precision, as the training script picks it (default: auto: bf16 where "
-                            "the GPU or CPU runs it faster, else fp32); weights stay fp32 as in training")
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
-                       help=f"windows per forward pass (default: {DEFAULT_BATCH}; --data-dir of a run: the run's)")
-    group.add_argument("--nproc", type=int, metavar="N",
-                       help="score in N processes on this machine, each a share of the batches (one GPU each on "
-                            "CUDA), as the training script's --nproc starts them; the same figures as one process. "
-                            "Default: torchrun's processes, or 1")
+@dataclass
+class Models:
+    """models"""
 
-    group = parser.add_argument_group("data (at least one)")
-    group.add_argument("--data-dir", metavar="DIR",
-                       help="a folder from prepare_data.py: its val split is scored, in the blocks a training run on "
-                            "it scored (all val blocks for a model that was not trained on it)")
-    group.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
-                       help="text files, folders, JSONL/JSON/CSV/TSV/Parquet records or chat records, read as "
-                            "prepare_data.py reads them; a text file or a record is one document")
-    group.add_argument("--text-field", default="text", metavar="NAME",
-                       help="the field of a record that holds its text (default: text)")
-    group.add_argument("--encoding", default="utf-8", help="of the text inputs (default: utf-8)")
-    group.add_argument("--stride", type=int, metavar="N",
-                       help="score --input in overlapping windows that start every N tokens (the Hugging Face "
-                            "perplexity guide's loop): each token sees at least context - N tokens before it. "
-                            "Default: lm-eval's rolling windows, which do not overlap")
-    group.add_argument("--tasks", action="append", default=[], metavar="FILE",
-                       help='a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, '
-                            'acc_norm) or {"prompt", "answer"} (exact match of a greedy completion); repeatable')
-
-    group.add_argument("--lm-eval", metavar="TASKS",
-                       help="also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on "
-                            "the same models, in this process (needs `pip install lm-eval`; most tasks download "
-                            "their data from the hub once)")
-    group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of lm-eval task YAML files of your own")
-    group.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
-
-    group = parser.add_argument_group("samples")
-    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                       help="a prompt each model completes, shown side by side (repeatable); a chat model answers it "
-                            "as a user turn through its template")
-    group.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file with one prompt per line")
-    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="of each sample (default: 64)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
-
-    group = parser.add_argument_group("output")
-    group.add_argument("--output", metavar="DIR",
-                       help="folder for eval.json, eval.md and eval.png (default: eval/ in the first model's "
-                            "training run; none for a model outside a run)")
-    return parser.parse_args(argv)
+    model: list[str] = shared("model", default_factory=list, action="append", metavar="DIR")
+    """a model: a training output folder, its best/ or checkpoint-N/, a LoRA adapter folder, or a hub name; repeat
+    to compare several (the first is the baseline). Default: out"""
+    batch_size: int = shared("batch_size", DEFAULT_BATCH)
+    """windows per forward pass (default: 8; --data-dir of a run: the run's)"""
 
 
-def check_settings(args: argparse.Namespace) -> None:
+@dataclass
+class Runtime:
+    """runtime"""
+
+    device: str = shared("device", "auto")
+    precision: str = shared("precision", "auto")
+    """the forward pass's precision, as the training script picks it (default: auto: bf16 where the GPU or CPU
+    runs it faster, else fp32); weights stay fp32 as in training"""
+    seed: int = shared("seed", 0)
+    """sampling seed, the same for every model (default: 0)"""
+    nproc: int | None = shared("nproc", None)
+    """score in N processes on this machine, each a share of the batches (one GPU each on CUDA), as the training
+    script's --nproc starts them; the same figures as one process. Default: torchrun's processes, or 1"""
+
+
+@dataclass
+class Data:
+    """data (at least one)"""
+
+    data_dir: str | None = shared("data_dir", None, metavar="DIR")
+    """a folder from prepare_data.py: its val split is scored, in the blocks a training run on it scored (all val
+    blocks for a model that was not trained on it)"""
+    input: list[str] = shared("input", default_factory=list)
+    """text files, folders, JSONL/JSON/CSV/TSV/Parquet records or chat records, read as prepare_data.py reads
+    them; a text file or a record is one document"""
+    text_field: str = shared("text_field", "text")
+    """the field of a record that holds its text (default: text)"""
+    encoding: str = shared("encoding", "utf-8")
+    """of the text inputs (default: utf-8)"""
+    stride: int | None = field(default=None, metadata={"metavar": "N"})
+    """score --input in overlapping windows that start every N tokens (the Hugging Face perplexity guide's loop):
+    each token sees at least context - N tokens before it. Default: lm-eval's rolling windows, which do not
+    overlap"""
+    tasks: list[str] = field(default_factory=list, metadata={"action": "append", "metavar": "FILE"})
+    """a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, acc_norm) or
+    {"prompt", "answer"} (exact match of a greedy completion); repeatable"""
+    lm_eval: str | None = field(default=None, metadata={"metavar": "TASKS"})
+    """also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on the same models,
+    in this process (needs `pip install lm-eval`; most tasks download their data from the hub once)"""
+    lm_eval_include: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """a folder of lm-eval task YAML files of your own"""
+    lm_eval_limit: int | None = field(default=None, metadata={"metavar": "N"})
+    """at most N examples per lm-eval task"""
+
+
+@dataclass
+class Samples:
+    """samples"""
+
+    prompt: list[str] = shared("prompt", default_factory=list)
+    """a prompt each model completes, shown side by side (repeatable; '-' reads one prompt from stdin); a chat model
+    answers it as a user turn through its template"""
+    prompt_file: str | None = shared("prompt_file", None)
+    max_new_tokens: int = shared("max_new_tokens", 64)
+    """of each sample (default: 64)"""
+
+
+@dataclass
+class Output:
+    """output"""
+
+    output: str | None = shared("output", None, metavar="DIR")
+    """folder for eval.json, eval.md and eval.png (default: eval/ in the first model's training run; none for a
+    model outside a run)"""
+
+
+GROUPS = (Models, Runtime, Data, Samples, Output)
+
+
+@dataclass
+class EvaluateSettings(Output, Samples, Data, Runtime, Models):
+    """Every flag of evaluate.py, as one flat object (the groups above hold the fields and their help); eval.json
+    records them under "settings", which --config reads back."""
+
+
+def build_arg_parser(suppress_defaults: bool = False):
+    return cli.build_arg_parser(GROUPS, "Evaluate one or more models on the same data, side by side.",
+                                suppress_defaults)
+
+
+def parse_args(argv: list[str] | None) -> EvaluateSettings:
+    return cli.parse_config(EvaluateSettings, build_arg_parser, argv)[0]
+
+
+def check_settings(args: EvaluateSettings) -> None:
     problems = []
     if args.batch_size < 1:
         problems.append(f"--batch-size must be at least 1, got {args.batch_size}. HINT: try {DEFAULT_BATCH}")
@@ -275,9 +314,9 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
 
 
 def read_prompts(args) -> list[str]:
-    from generate import read_prompt_file
+    from generate import prompt_texts, read_prompt_file
 
-    prompts = list(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
+    prompts = prompt_texts(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
     for i, text in enumerate(prompts, 1):
         if not text.strip():
             raise UserError(f"prompt {i} is empty. HINT: give the model some text to continue")

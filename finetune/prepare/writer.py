@@ -150,7 +150,8 @@ def run_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sourc
     return build_meta(tokenizer, name_or_path=settings.tokenizer, tokenizer_class=tokenizer_class(tokenizer),
                       dtype=dtype, max_token_id=tally.max_id, tokens=tally.tokens, chars=tally.chars,
                       sources=sources, split=split, encoding=settings.encoding,
-                      **(chat if chat else records_meta(settings.text_field, sources)))
+                      **(chat if chat else records_meta(settings.text_field, sources)),
+                      **({"settings": settings.recorded} if settings.recorded else {}))
 
 
 def records_meta(text_field: str, sources: list[dict]) -> dict:

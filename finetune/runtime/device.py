@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from finetune.core.errors import UserError
+from finetune.core.flags import DEVICES, PRECISIONS
 
 if TYPE_CHECKING:  # torch is imported lazily so that --help and usage errors stay fast
     import torch
-
-DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def get_device(requested: str = "auto", cuda_index: int | None = None) -> torch.device:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.core import cli
-from finetune.runtime.device import DEVICES, PRECISIONS
+from finetune.core.flags import shared
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
@@ -23,13 +23,13 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 class ModelAndData:
     """model and data"""
 
-    model: str = "gpt2"
+    model: str = shared("model", "gpt2")
     """hub name or local folder of the causal LM to fine-tune (weights + tokenizer)"""
-    data_dir: str = "data"
+    data_dir: str = shared("data_dir", "data")
     """folder with train.bin, val.bin and meta.json from prepare_data.py"""
-    output_dir: str = "out"
+    output_dir: str = shared("output_dir", "out", metavar=None)
     """where checkpoints, best/, metrics.jsonl, loss.png and the final model go"""
-    block_size: int | None = None
+    block_size: int | None = shared("block_size", None, metavar=None)
     """tokens per training sequence (default: the model's context, at most 1024)"""
 
 
@@ -41,9 +41,9 @@ class Schedule:
     """passes over the training blocks"""
     max_steps: int | None = None
     """total optimizer steps; overrides --epochs"""
-    batch_size: int = 8
+    batch_size: int = shared("batch_size", 8, metavar=None)
     """sequences per micro-batch, per process"""
-    grad_accum: int = 1
+    grad_accum: int = shared("grad_accum", 1, metavar=None)
     """micro-batches accumulated into one optimizer step"""
 
 
@@ -76,13 +76,13 @@ class Optimization:
 class Runtime:
     """runtime"""
 
-    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    precision: str = shared("precision", "auto")
     """auto (bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else fp32) | fp32 | bf16 | fp16"""
-    device: str = field(default="auto", metadata={"choices": DEVICES})
+    device: str = shared("device", "auto")
     """auto (CUDA, else Apple MPS, else CPU) | cuda | mps | cpu"""
-    num_workers: int = 2
+    num_workers: int = shared("num_workers", 2)
     """training DataLoader worker processes (validation reads its few blocks in the main process)"""
-    seed: int = 1337
+    seed: int = shared("seed", 1337)
     """seeds the shuffle order and dropout"""
     compile: bool = False
     """torch.compile the model (not always faster: measure it on your machine; see docs/performance.md)"""
@@ -172,13 +172,13 @@ class RunControl:
     warmup, so the lr steps up from where it was (logged)"""
     skip_damaged_checkpoints: bool = False
     """with --resume: if the newest checkpoint is damaged, say so and continue from the newest one that loads"""
-    overwrite: bool = False
+    overwrite: bool = shared("overwrite", False)
     """replace an earlier run in --output-dir"""
     dry_run: bool = False
     """print the plan (sizes, steps, memory) and exit (exit 2 when the run would be refused)"""
     ignore_memory_estimate: bool = False
     """start even when the plan's memory estimate is above the device's memory (the estimate can be wrong)"""
-    nproc: int | None = None
+    nproc: int | None = shared("nproc", None)
     """train in this many processes on this machine, started by this command (as torchrun --standalone
     --nproc_per_node N would; Ctrl-C or SIGTERM stops them all after a checkpoint); with --dry-run: plan for
     this many processes (default: the torchrun processes, or 1), with memory per process for DDP and --fsdp"""
@@ -234,7 +234,10 @@ def validate_config(cfg: TrainConfig) -> list[str]:
         if value is None and allow_none:
             return
         if value is None or value < 0 or (value == 0 and not allow_zero):
-            problems.append(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            flag, default = f"--{name.replace('_', '-')}", getattr(TrainConfig, name, None)
+            example = f"{flag} {default} (the default)" if default else f"{flag} 1" + (", or leave it out" if
+                                                                                      allow_none else "")
+            problems.append(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}. HINT: e.g. {example}")
 
     # name: (None allowed, 0 allowed)
     limits = {"epochs": (False, False), "max_steps": (True, False), "batch_size": (False, False),
@@ -247,22 +250,27 @@ def validate_config(cfg: TrainConfig) -> list[str]:
     for name, (allow_none, allow_zero) in limits.items():
         positive(name, allow_none, allow_zero)
     if cfg.block_size is not None and cfg.block_size == 1:
-        problems.append("--block-size must be at least 2 (one token predicts the next)")
+        problems.append("--block-size must be at least 2 (one token predicts the next). HINT: e.g. --block-size 256, "
+                        "or leave it out for the model's context")
     if not 0 <= cfg.warmup_ratio < 1:
-        problems.append(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+        problems.append(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}. HINT: e.g. --warmup-ratio 0.05")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+            problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}. HINT: e.g. --{name} "
+                            f"{getattr(TrainConfig, name)} (the default)")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
-        problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}. HINT: e.g. --dropout 0.1, or leave it out "
+                        "to keep the model's")
     if cfg.extend and not cfg.resume:
-        problems.append("--extend is for a run continued with --resume (HINT: add --resume, or drop --extend)")
+        problems.append("--extend is for a run continued with --resume. HINT: add --resume, or drop --extend")
     if cfg.scheduler not in SCHEDULERS:
-        problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        problems.append(f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}. HINT: pick one of "
+                        "those, e.g. --scheduler cosine")
     if any(not p.strip() for p in cfg.sample_prompts):
-        problems.append("--sample-prompt must not be empty")
+        problems.append("--sample-prompt must not be empty. HINT: give it some text, or leave it out")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder")
+        problems.append(f"--output-dir {cfg.output_dir} exists and is a file, not a folder. HINT: choose another "
+                        "--output-dir")
     return problems
 
 

@@ -62,7 +62,7 @@ def settings_problems(cfg: TrainConfig) -> list[str]:
     """The LoRA flags' own problems (part of validate_config: nothing is loaded yet)."""
     problems = []
     if cfg.lora_r < 0:
-        problems.append(f"--lora-r must be >= 0 (0 = LoRA off), got {cfg.lora_r}")
+        problems.append(f"--lora-r must be >= 0 (0 = LoRA off), got {cfg.lora_r}. HINT: e.g. --lora-r 8")
     if cfg.lora_r == 0:
         given = [flag for flag, value in (("--lora-alpha", cfg.lora_alpha), ("--lora-dropout", cfg.lora_dropout),
                                           ("--lora-target-modules", cfg.lora_target_modules or None))
@@ -72,9 +72,11 @@ def settings_problems(cfg: TrainConfig) -> list[str]:
                             f"(or another rank) to train LoRA, or drop {', '.join(given)}")
         return problems
     if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
-        problems.append(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+        problems.append(f"--lora-alpha must be > 0, got {cfg.lora_alpha}. HINT: e.g. --lora-alpha 16, or leave it out "
+                        "(2 x --lora-r)")
     if cfg.lora_dropout is not None and not 0 <= cfg.lora_dropout < 1:
-        problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+        problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}. HINT: e.g. --lora-dropout 0.05, "
+                        "or leave it out")
     if not peft_installed():
         problems.append(PEFT_MISSING.split(". HINT")[0] + " (HINT: pip install peft)")
     return problems
