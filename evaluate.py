@@ -60,7 +60,7 @@ class Runtime:
     runs it faster, else fp32); weights stay fp32 as in training"""
     seed: int = shared("seed", 0)
     """sampling seed, the same for every model (default: 0)"""
-    nproc: int | None = shared("nproc", None)
+    nproc: int | None = shared("nproc", None, metavar="N")
     """score in N processes on this machine, each a share of the batches (one GPU each on CUDA), as the training
     script's --nproc starts them; the same figures as one process. Default: torchrun's processes, or 1"""
 
