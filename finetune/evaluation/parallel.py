@@ -10,8 +10,8 @@ terms are added, so the figures equal the one-process run's (accuracies exactly)
 match) go to process i mod N by question; samples (--prompt) run on the first process only. Only the first
 process prints the table and writes the report.
 
-The processes are started as the training script starts them (finetune/launcher.py: torch's launcher,
-one OMP_NUM_THREADS share of the cores each); distributed.py joins the process group (gloo on CPU, NCCL on
+The processes are started as the training script starts them (finetune/runtime/launcher.py: torch's launcher,
+one OMP_NUM_THREADS share of the cores each); runtime/distributed.py joins the process group (gloo on CPU, NCCL on
 CUDA: one GPU each) and is a no-op in one process.
 """
 from __future__ import annotations
