@@ -13,6 +13,10 @@ windows (bits per byte, byte and word perplexity as lm-eval defines them); --tas
 --data-dir of preference pairs gives each model's preference accuracy on the val pairs (and DPO's reward
 accuracy of each later model against the first).
 
+Several processes: --nproc N (or torchrun) shares the batches out and adds the sums up, for the figures of one
+process (finetune/evaluation/parallel.py). Memory does not grow with the inputs: they are read, tokenized and
+scored as a stream.
+
 Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
 trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.
 docs/evaluate.md says what each figure means and how it was checked against lm-evaluation-harness.
@@ -56,6 +60,9 @@ class Runtime:
     runs it faster, else fp32); weights stay fp32 as in training"""
     seed: int = shared("seed", 0)
     """sampling seed, the same for every model (default: 0)"""
+    nproc: int | None = shared("nproc", None, metavar="N")
+    """score in N processes on this machine, each a share of the batches (one GPU each on CUDA), as the training
+    script's --nproc starts them; the same figures as one process. Default: torchrun's processes, or 1"""
 
 
 @dataclass
@@ -141,7 +148,9 @@ def check_settings(args: EvaluateSettings) -> None:
     if not (args.data_dir or args.input or args.tasks or args.lm_eval or args.prompt or args.prompt_file):
         problems.append("nothing to evaluate on. HINT: pass --data-dir DIR (the val split), --input FILE (text or "
                         "records), --tasks FILE.jsonl, --lm-eval TASKS or --prompt TEXT")
-    raise_if_problems(problems)
+    from finetune.evaluation.parallel import nproc_problems
+
+    raise_if_problems(problems + nproc_problems(args.nproc, bool(args.lm_eval)))
 
 
 # -----------------------------------------------------------------------------
@@ -173,10 +182,11 @@ def load_tokenizer_of(model: dict):
     return load_config(base), load_tokenizer(source if has_tokenizer else base), adapter
 
 
-def load_scorer(model: dict, args, device):
+def load_scorer(model: dict, args, device, dist_info=None):
     """The model loaded in fp32 (as the training script holds it), ready to score."""
     import torch
 
+    from finetune.evaluation.parallel import Shard
     from finetune.evaluation.scoring import Scorer
     from finetune.models.folder import load_adapter_model
     from finetune.models.loading import load_weights, model_context_length
@@ -189,7 +199,8 @@ def load_scorer(model: dict, args, device):
     source = model["source"]
     weights = load_adapter_model(Path(source), torch.float32) if adapter else load_weights(source, torch.float32)
     weights = weights.to(device).eval()
-    return Scorer(weights, tokenizer, device, precision, context, args.batch_size, model["label"])
+    return Scorer(weights, tokenizer, device, precision, context, args.batch_size, model["label"],
+                  Shard(dist_info, device))
 
 
 def model_record(model: dict, scorer) -> dict:
@@ -288,8 +299,7 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
         documents = read_documents(args.input, args.text_field, args.encoding)
         name = ", ".join(args.input) if len(args.input) <= 3 else f"{len(args.input)} inputs"
         evaluations.append(TextEvaluation(name, documents, args.stride))
-        data += [{"name": p, "kind": "input", "sha256": file_sha256(Path(p))}
-                 for p in dict.fromkeys(d.input for d in documents)]
+        data += [{"name": str(p), "kind": "input", "sha256": file_sha256(p)} for p in documents.files]
     for path in args.tasks:
         evaluations.append(TaskEvaluation(path, read_tasks(Path(path))))
         data.append({"name": path, "kind": "tasks", "sha256": file_sha256(Path(path))})
@@ -398,15 +408,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         settle_pair_blocks(evaluations, models, configs, args.data_dir)
 
+    from finetune.evaluation import parallel
+
+    check_processes(args, models, configs, evaluations, prompts)
+    if parallel.wanted(args.nproc):  # --nproc N: this process starts the N that evaluate, and waits
+        return parallel.start(args.nproc, str(Path(__file__).resolve()),
+                              sys.argv[1:] if argv is None else list(map(str, argv)), args.device)
+    dist_info = parallel.join(args.device)
+    setup_logging("evaluate", dist_info.is_main)
+    return parallel.run_in_processes(dist_info, lambda: evaluate_models(args, models, folder, evaluations, data,
+                                                                        prompts, dist_info))
+
+
+def check_processes(args, models: list[dict], configs: list, evaluations: list, prompts: list[str]) -> None:
+    """More processes than there is work for (parallel.py shares batches out): refused before any weights load."""
+    from finetune.evaluation import parallel
+    from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config
+    from finetune.models.loading import model_context_length
+
+    processes = parallel.processes_wanted(args.nproc)
+    if processes > 1:
+        contexts = [model_context_length(config) or DEFAULT_BLOCK for config in configs]
+        runs = [run_config(Path(model["source"])) if model["local"] else None for model in models]
+        raise_if_problems(parallel.work_problems(processes, parallel.most_shares(evaluations, contexts, runs),
+                                                 prompts_only=bool(prompts) and not evaluations))
+
+
+def evaluate_models(args, models: list[dict], folder: Path | None, evaluations: list, data: list[dict],
+                    prompts: list[str], dist_info) -> int:
+    """Every model on every evaluation (this process's share of it), then the report (the first process's)."""
     from finetune.evaluation.datadir import ValSplitEvaluation, run_config
     from finetune.evaluation.report import build_report, console_table, write_report
     from finetune.runtime.device import get_device, library_versions
 
-    device = get_device(args.device)
+    device = get_device(args.device, dist_info.local_rank if dist_info.enabled else None)
     results = [{} for _ in evaluations]
     records, samples = [], [{"prompt": p, "completions": {}} for p in prompts]
     for model in models:
-        scorer = load_scorer(model, args, device)
+        scorer = load_scorer(model, args, device, dist_info)
         check_stride(args, model, scorer.context)
         records.append(model_record(model, scorer))
         for i, evaluation in enumerate(evaluations):
@@ -414,12 +453,14 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_config(Path(model["source"])) if model["local"] else None
                 evaluation = ValSplitEvaluation(args.data_dir, evaluation.meta, args.batch_size, run)
             results[i][model["label"]] = evaluation.run(scorer)
-        for sample, text in zip(samples, samples_of(scorer, prompts, args)):
+        for sample, text in zip(samples, samples_of(scorer, prompts if dist_info.is_main else [], args)):
             sample["completions"][model["label"]] = text
         if scorer.seconds:
             log.info("%s: %d tokens scored in %.1f s (%.0f tokens/s)", model["label"], scorer.tokens_scored,
                      scorer.seconds, scorer.tokens_scored / scorer.seconds)
         del scorer
+    if not dist_info.is_main:
+        return 0
     settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
     report = build_report(records, list(zip(evaluations, results)), settings, library_versions(), data, samples)
     sys.stdout.write(console_table(report))

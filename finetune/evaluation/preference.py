@@ -21,7 +21,7 @@ import numpy as np
 from finetune.core.errors import UserError
 from finetune.runtime.distributed import DistInfo
 
-from .scoring import Result, Scorer
+from .scoring import Result, Scorer, batched
 
 DEFAULT_BLOCK = 1024  # as for text: the training script's block size for a model with a longer context
 
@@ -41,6 +41,20 @@ def preference_figures(table: np.ndarray, reference: np.ndarray | None = None) -
         ratios = (table - reference)[kept]
         figures["reward_accuracy"] = float(np.mean(ratios[:, 0] - ratios[:, 1] > 0)) if len(ratios) else None
     return figures
+
+
+class BlocksOf:
+    """Some of the blocks of a PackedPairDataset, in order, as a dataset of their own (the pairs' table is
+    still the whole split's: a pair in another process's blocks stays 0 in this one's)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices, self.packing = dataset, indices, dataset.packing
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
 
 
 class PreferenceEvaluation:
@@ -70,13 +84,24 @@ class PreferenceEvaluation:
                             f"{self.block_size} tokens ({examples} pair(s) in the split). HINT: {hint}")
         return dataset
 
+    def most_shares(self, context: int) -> int:
+        """The batches of pair blocks there are (each process runs whole batches)."""
+        if self.block_size is None:
+            self.settle_block_size([context], None)
+        return -(-len(self.dataset()) // self.batch_size)
+
     def run(self, scorer: Scorer) -> Result:
         from finetune.train.objectives.preference import logps_table
 
         if self.block_size is None:
             self.settle_block_size([scorer.context], None)
         dataset = self.dataset()
-        table = logps_table(scorer.model, dataset, self.batch_size, scorer.ctx, scorer.device, DistInfo())
+        # this process's batches of those one process runs (the same blocks in each), the tables added up
+        mine = [i for batch in batched(range(len(dataset)), self.batch_size) if scorer.shard.owns_next_batch()
+                for i in batch]
+        table = logps_table(scorer.model, BlocksOf(dataset, mine), self.batch_size, scorer.ctx, scorer.device,
+                            DistInfo())
+        table = scorer.shard.sum(table)  # a skipped pair is NaN in every process's table, and stays NaN
         if self.first is None:
             self.first = (scorer.label, table)
             figures = preference_figures(table)

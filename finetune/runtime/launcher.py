@@ -75,8 +75,12 @@ def quiet_torch_launcher() -> None:
         logger.propagate = False
 
 
-def launch(nproc: int, script: str, argv: list[str], device_request: str) -> int:
-    """Run `script argv` in `nproc` processes on this machine; returns the exit code to exit with."""
+RESUME_HINT = "resume from the newest checkpoint with the same command and --resume"
+
+
+def launch(nproc: int, script: str, argv: list[str], device_request: str, restart_hint: str = RESUME_HINT) -> int:
+    """Run `script argv` in `nproc` processes on this machine; returns the exit code to exit with.
+    `restart_hint`: what to do after a process was killed (a training run resumes; an evaluation reruns)."""
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -109,8 +113,7 @@ def launch(nproc: int, script: str, argv: list[str], device_request: str) -> int
         if code < 0:  # killed by a signal nobody here sent
             name = signal.Signals(-code).name
             print(f"error: process {rank} of {nproc} was killed by {name}, and the others were stopped. HINT: "
-                  f"{'out of memory? (see `dmesg`) ' if name == 'SIGKILL' else ''}resume from the newest "
-                  "checkpoint with the same command and --resume", file=sys.stderr, flush=True)
+                  f"{'out of memory? (see `dmesg`) ' if name == 'SIGKILL' else ''}{restart_hint}", file=sys.stderr, flush=True)
             return 128 - code
         if code not in OUR_EXIT_CODES:  # a crash: its traceback is above
             print(f"error: process {rank} of {nproc} failed with exit code {code} (its output is above), and the "
