@@ -13,20 +13,25 @@ windows (bits per byte, byte and word perplexity as lm-eval defines them); --tas
 --data-dir of preference pairs gives each model's preference accuracy on the val pairs (and DPO's reward
 accuracy of each later model against the first).
 
+Several processes: --nproc N (or torchrun) shares the batches out and adds the sums up, for the figures of one
+process (finetune/evaluation/parallel.py). Memory does not grow with the inputs: they are read, tokenized and
+scored as a stream.
+
 Output: a table on stdout; with --output DIR (by default DIR is eval/ in the model's training run, a folder the
 trainer never rewrites), eval.json, eval.md and eval.png there. No file of a model is ever written.
 docs/evaluate.md says what each figure means and how it was checked against lm-evaluation-harness.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.console import setup_logging
-from finetune.errors import ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.runtime import DEVICES, PRECISIONS
+from finetune.core import cli
+from finetune.core.console import setup_logging
+from finetune.core.errors import UserError, exit_on_user_error, raise_if_problems
+from finetune.core.flags import shared
 
 log = logging.getLogger("evaluate")
 
@@ -34,60 +39,102 @@ DEFAULT_BATCH = 8
 RUN_FOLDERS = ("best", "adapter")  # inside a run, beside checkpoint-N/: model folders the report never goes in
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description="Evaluate one or more models on the same data, side by side.")
-    group = parser.add_argument_group("models")
-    group.add_argument("--model", action="append", default=[], metavar="DIR",
-                       help="a model: a training output folder, its best/ or checkpoint-N/, a LoRA adapter folder, "
-                            "or a hub name; repeat to compare several (the first is the baseline). Default: out")
-    group.add_argument("--device", default="auto", choices=DEVICES, help="default: auto (CUDA, else MPS, else CPU)")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="the forward pass's precision, as the training script picks it (default: auto: bf16 where "
-                            "the GPU or CPU runs it faster, else fp32); weights stay fp32 as in training")
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
-                       help=f"windows per forward pass (default: {DEFAULT_BATCH}; --data-dir of a run: the run's)")
+@dataclass
+class Models:
+    """models"""
 
-    group = parser.add_argument_group("data (at least one)")
-    group.add_argument("--data-dir", metavar="DIR",
-                       help="a folder from prepare_data.py: its val split is scored, in the blocks a training run on "
-                            "it scored (all val blocks for a model that was not trained on it)")
-    group.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
-                       help="text files, folders, JSONL/JSON/CSV/TSV/Parquet records or chat records, read as "
-                            "prepare_data.py reads them; a text file or a record is one document")
-    group.add_argument("--text-field", default="text", metavar="NAME",
-                       help="the field of a record that holds its text (default: text)")
-    group.add_argument("--encoding", default="utf-8", help="of the text inputs (default: utf-8)")
-    group.add_argument("--stride", type=int, metavar="N",
-                       help="score --input in overlapping windows that start every N tokens (the Hugging Face "
-                            "perplexity guide's loop): each token sees at least context - N tokens before it. "
-                            "Default: lm-eval's rolling windows, which do not overlap")
-    group.add_argument("--tasks", action="append", default=[], metavar="FILE",
-                       help='a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, '
-                            'acc_norm) or {"prompt", "answer"} (exact match of a greedy completion); repeatable')
-
-    group.add_argument("--lm-eval", metavar="TASKS",
-                       help="also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on "
-                            "the same models, in this process (needs `pip install lm-eval`; most tasks download "
-                            "their data from the hub once)")
-    group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of lm-eval task YAML files of your own")
-    group.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
-
-    group = parser.add_argument_group("samples")
-    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                       help="a prompt each model completes, shown side by side (repeatable); a chat model answers it "
-                            "as a user turn through its template")
-    group.add_argument("--prompt-file", metavar="FILE", help="a UTF-8 file with one prompt per line")
-    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="of each sample (default: 64)")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
-
-    group = parser.add_argument_group("output")
-    group.add_argument("--output", metavar="DIR",
-                       help="folder for eval.json, eval.md and eval.png (default: eval/ in the first model's "
-                            "training run; none for a model outside a run)")
-    return parser.parse_args(argv)
+    model: list[str] = shared("model", default_factory=list, action="append", metavar="DIR")
+    """a model: a training output folder, its best/ or checkpoint-N/, a LoRA adapter folder, or a hub name; repeat
+    to compare several (the first is the baseline). Default: out"""
+    batch_size: int = shared("batch_size", DEFAULT_BATCH)
+    """windows per forward pass (default: 8; --data-dir of a run: the run's)"""
 
 
-def check_settings(args: argparse.Namespace) -> None:
+@dataclass
+class Runtime:
+    """runtime"""
+
+    device: str = shared("device", "auto")
+    precision: str = shared("precision", "auto")
+    """the forward pass's precision, as the training script picks it (default: auto: bf16 where the GPU or CPU
+    runs it faster, else fp32); weights stay fp32 as in training"""
+    seed: int = shared("seed", 0)
+    """sampling seed, the same for every model (default: 0)"""
+    nproc: int | None = shared("nproc", None, metavar="N")
+    """score in N processes on this machine, each a share of the batches (one GPU each on CUDA), as the training
+    script's --nproc starts them; the same figures as one process. Default: torchrun's processes, or 1"""
+
+
+@dataclass
+class Data:
+    """data (at least one)"""
+
+    data_dir: str | None = shared("data_dir", None, metavar="DIR")
+    """a folder from prepare_data.py: its val split is scored, in the blocks a training run on it scored (all val
+    blocks for a model that was not trained on it)"""
+    input: list[str] = shared("input", default_factory=list)
+    """text files, folders, JSONL/JSON/CSV/TSV/Parquet records or chat records, read as prepare_data.py reads
+    them; a text file or a record is one document"""
+    text_field: str = shared("text_field", "text")
+    """the field of a record that holds its text (default: text)"""
+    encoding: str = shared("encoding", "utf-8")
+    """of the text inputs (default: utf-8)"""
+    stride: int | None = field(default=None, metadata={"metavar": "N"})
+    """score --input in overlapping windows that start every N tokens (the Hugging Face perplexity guide's loop):
+    each token sees at least context - N tokens before it. Default: lm-eval's rolling windows, which do not
+    overlap"""
+    tasks: list[str] = field(default_factory=list, metadata={"action": "append", "metavar": "FILE"})
+    """a JSONL file of questions: {"question", "choices", "answer"} (multiple choice: acc, acc_norm) or
+    {"prompt", "answer"} (exact match of a greedy completion); repeatable"""
+    lm_eval: str | None = field(default=None, metadata={"metavar": "TASKS"})
+    """also run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,lambada_openai) on the same models,
+    in this process (needs `pip install lm-eval`; most tasks download their data from the hub once)"""
+    lm_eval_include: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """a folder of lm-eval task YAML files of your own"""
+    lm_eval_limit: int | None = field(default=None, metadata={"metavar": "N"})
+    """at most N examples per lm-eval task"""
+
+
+@dataclass
+class Samples:
+    """samples"""
+
+    prompt: list[str] = shared("prompt", default_factory=list)
+    """a prompt each model completes, shown side by side (repeatable; '-' reads one prompt from stdin); a chat model
+    answers it as a user turn through its template"""
+    prompt_file: str | None = shared("prompt_file", None)
+    max_new_tokens: int = shared("max_new_tokens", 64)
+    """of each sample (default: 64)"""
+
+
+@dataclass
+class Output:
+    """output"""
+
+    output: str | None = shared("output", None, metavar="DIR")
+    """folder for eval.json, eval.md and eval.png (default: eval/ in the first model's training run; none for a
+    model outside a run)"""
+
+
+GROUPS = (Models, Runtime, Data, Samples, Output)
+
+
+@dataclass
+class EvaluateSettings(Output, Samples, Data, Runtime, Models):
+    """Every flag of evaluate.py, as one flat object (the groups above hold the fields and their help); eval.json
+    records them under "settings", which --config reads back."""
+
+
+def build_arg_parser(suppress_defaults: bool = False):
+    return cli.build_arg_parser(GROUPS, "Evaluate one or more models on the same data, side by side.",
+                                suppress_defaults)
+
+
+def parse_args(argv: list[str] | None) -> EvaluateSettings:
+    return cli.parse_config(EvaluateSettings, build_arg_parser, argv)[0]
+
+
+def check_settings(args: EvaluateSettings) -> None:
     problems = []
     if args.batch_size < 1:
         problems.append(f"--batch-size must be at least 1, got {args.batch_size}. HINT: try {DEFAULT_BATCH}")
@@ -101,7 +148,9 @@ def check_settings(args: argparse.Namespace) -> None:
     if not (args.data_dir or args.input or args.tasks or args.lm_eval or args.prompt or args.prompt_file):
         problems.append("nothing to evaluate on. HINT: pass --data-dir DIR (the val split), --input FILE (text or "
                         "records), --tasks FILE.jsonl, --lm-eval TASKS or --prompt TEXT")
-    raise_if_problems(problems)
+    from finetune.evaluation.parallel import nproc_problems
+
+    raise_if_problems(problems + nproc_problems(args.nproc, bool(args.lm_eval)))
 
 
 # -----------------------------------------------------------------------------
@@ -110,7 +159,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def resolve_models(names: list[str]) -> list[dict]:
     """Each --model checked (generate.py's resolution: a folder, an adapter, or a hub name), with its label."""
-    from finetune.modelfolder import resolve_model
+    from finetune.models.folder import resolve_model
 
     models, seen = [], {}
     for name in names or ["out"]:
@@ -123,8 +172,8 @@ def resolve_models(names: list[str]) -> list[dict]:
 
 def load_tokenizer_of(model: dict):
     """The model's tokenizer, and its base when it is an adapter (whose folder may hold no tokenizer)."""
-    from finetune.modelfolder import adapter_base, is_adapter_folder
-    from finetune.models import TOKENIZER_FILES, load_config, load_tokenizer
+    from finetune.models.folder import adapter_base, is_adapter_folder
+    from finetune.models.loading import TOKENIZER_FILES, load_config, load_tokenizer
 
     source = model["source"]
     adapter = model["local"] and is_adapter_folder(Path(source))
@@ -133,14 +182,15 @@ def load_tokenizer_of(model: dict):
     return load_config(base), load_tokenizer(source if has_tokenizer else base), adapter
 
 
-def load_scorer(model: dict, args, device):
+def load_scorer(model: dict, args, device, dist_info=None):
     """The model loaded in fp32 (as the training script holds it), ready to score."""
     import torch
 
+    from finetune.evaluation.parallel import Shard
     from finetune.evaluation.scoring import Scorer
-    from finetune.modelfolder import load_adapter_model
-    from finetune.models import load_weights, model_context_length
-    from finetune.runtime import resolve_precision
+    from finetune.models.folder import load_adapter_model
+    from finetune.models.loading import load_weights, model_context_length
+    from finetune.runtime.device import resolve_precision
 
     config, tokenizer, adapter = load_tokenizer_of(model)
     precision = resolve_precision(args.precision, device, getattr(config, "hidden_size", None), log)
@@ -149,12 +199,13 @@ def load_scorer(model: dict, args, device):
     source = model["source"]
     weights = load_adapter_model(Path(source), torch.float32) if adapter else load_weights(source, torch.float32)
     weights = weights.to(device).eval()
-    return Scorer(weights, tokenizer, device, precision, context, args.batch_size, model["label"])
+    return Scorer(weights, tokenizer, device, precision, context, args.batch_size, model["label"],
+                  Shard(dist_info, device))
 
 
 def model_record(model: dict, scorer) -> dict:
-    from finetune.lora import base_fingerprint
-    from finetune.tokenfiles import tokenizer_fingerprint
+    from finetune.formats.tokenfiles import tokenizer_fingerprint
+    from finetune.models.adapters import base_fingerprint
 
     fingerprint = base_fingerprint(model["source"]) if model["local"] else model["source"]
     return {"label": model["label"], "source": model["source"], "fingerprint": fingerprint,
@@ -191,9 +242,9 @@ def check_output_folder(folder: Path, given: bool) -> None:
     evaluate.py did not write."""
     import json
 
-    from finetune.checkpoints import checkpoint_step
     from finetune.evaluation.report import JSON_FILE, REPORT_FORMAT
-    from finetune.models import WEIGHT_FILES
+    from finetune.formats.checkpoints import checkpoint_step
+    from finetune.models.loading import WEIGHT_FILES
 
     flag = "--output" if given else "the default output folder"
     resolved = folder.resolve()
@@ -233,8 +284,8 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
 
     evaluations, data = [], []
     if args.data_dir:
-        from finetune.objectives import data_kind
-        from finetune.tokenfiles import load_meta
+        from finetune.formats.tokenfiles import load_meta
+        from finetune.train.objectives import data_kind
 
         meta = load_meta(args.data_dir)
         if data_kind(meta) == "preference":  # pairs: which completion each model prefers, not a perplexity
@@ -248,8 +299,7 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
         documents = read_documents(args.input, args.text_field, args.encoding)
         name = ", ".join(args.input) if len(args.input) <= 3 else f"{len(args.input)} inputs"
         evaluations.append(TextEvaluation(name, documents, args.stride))
-        data += [{"name": p, "kind": "input", "sha256": file_sha256(Path(p))}
-                 for p in dict.fromkeys(d.input for d in documents)]
+        data += [{"name": str(p), "kind": "input", "sha256": file_sha256(p)} for p in documents.files]
     for path in args.tasks:
         evaluations.append(TaskEvaluation(path, read_tasks(Path(path))))
         data.append({"name": path, "kind": "tasks", "sha256": file_sha256(Path(path))})
@@ -264,9 +314,9 @@ def build_evaluations(args) -> tuple[list, list[dict]]:
 
 
 def read_prompts(args) -> list[str]:
-    from generate import read_prompt_file
+    from generate import prompt_texts, read_prompt_file
 
-    prompts = list(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
+    prompts = prompt_texts(args.prompt) + (read_prompt_file(Path(args.prompt_file)) if args.prompt_file else [])
     for i, text in enumerate(prompts, 1):
         if not text.strip():
             raise UserError(f"prompt {i} is empty. HINT: give the model some text to continue")
@@ -277,7 +327,7 @@ def samples_of(scorer, prompts: list[str], args) -> list[str]:
     """Each prompt's sampled completion (a chat model: its reply through its template), seeded alike."""
     import torch
 
-    from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+    from finetune.infer.sampling import chat_prompt_ids, generate_samples, generation_kwargs
 
     chat = bool(getattr(scorer.tokenizer, "chat_template", None))
     kwargs = generation_kwargs(scorer.model, scorer.tokenizer, max_new_tokens=args.max_new_tokens)
@@ -296,7 +346,7 @@ def samples_of(scorer, prompts: list[str], args) -> list[str]:
 
 
 def check_data_dir_tokenizer(args, model: dict, tokenizer, config) -> None:
-    from finetune.tokenfiles import check_data_matches_model, load_meta
+    from finetune.formats.tokenfiles import check_data_matches_model, load_meta
 
     problems = check_data_matches_model(load_meta(args.data_dir), config.vocab_size, tokenizer)
     if problems:
@@ -310,7 +360,7 @@ def settle_pair_blocks(evaluations: list, models: list[dict], configs: list, dat
     folder when a model comes from one, else the smallest context (the models' configs are at hand)."""
     from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config, same_folder
     from finetune.evaluation.preference import PreferenceEvaluation
-    from finetune.models import model_context_length
+    from finetune.models.loading import model_context_length
 
     contexts = [model_context_length(config) or DEFAULT_BLOCK for config in configs]
     run_block_size = None
@@ -358,15 +408,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         settle_pair_blocks(evaluations, models, configs, args.data_dir)
 
+    from finetune.evaluation import parallel
+
+    check_processes(args, models, configs, evaluations, prompts)
+    if parallel.wanted(args.nproc):  # --nproc N: this process starts the N that evaluate, and waits
+        return parallel.start(args.nproc, str(Path(__file__).resolve()),
+                              sys.argv[1:] if argv is None else list(map(str, argv)), args.device)
+    dist_info = parallel.join(args.device)
+    setup_logging("evaluate", dist_info.is_main)
+    return parallel.run_in_processes(dist_info, lambda: evaluate_models(args, models, folder, evaluations, data,
+                                                                        prompts, dist_info))
+
+
+def check_processes(args, models: list[dict], configs: list, evaluations: list, prompts: list[str]) -> None:
+    """More processes than there is work for (parallel.py shares batches out): refused before any weights load."""
+    from finetune.evaluation import parallel
+    from finetune.evaluation.datadir import DEFAULT_BLOCK, run_config
+    from finetune.models.loading import model_context_length
+
+    processes = parallel.processes_wanted(args.nproc)
+    if processes > 1:
+        contexts = [model_context_length(config) or DEFAULT_BLOCK for config in configs]
+        runs = [run_config(Path(model["source"])) if model["local"] else None for model in models]
+        raise_if_problems(parallel.work_problems(processes, parallel.most_shares(evaluations, contexts, runs),
+                                                 prompts_only=bool(prompts) and not evaluations))
+
+
+def evaluate_models(args, models: list[dict], folder: Path | None, evaluations: list, data: list[dict],
+                    prompts: list[str], dist_info) -> int:
+    """Every model on every evaluation (this process's share of it), then the report (the first process's)."""
     from finetune.evaluation.datadir import ValSplitEvaluation, run_config
     from finetune.evaluation.report import build_report, console_table, write_report
-    from finetune.runtime import get_device, library_versions
+    from finetune.runtime.device import get_device, library_versions
 
-    device = get_device(args.device)
+    device = get_device(args.device, dist_info.local_rank if dist_info.enabled else None)
     results = [{} for _ in evaluations]
     records, samples = [], [{"prompt": p, "completions": {}} for p in prompts]
     for model in models:
-        scorer = load_scorer(model, args, device)
+        scorer = load_scorer(model, args, device, dist_info)
         check_stride(args, model, scorer.context)
         records.append(model_record(model, scorer))
         for i, evaluation in enumerate(evaluations):
@@ -374,12 +453,14 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_config(Path(model["source"])) if model["local"] else None
                 evaluation = ValSplitEvaluation(args.data_dir, evaluation.meta, args.batch_size, run)
             results[i][model["label"]] = evaluation.run(scorer)
-        for sample, text in zip(samples, samples_of(scorer, prompts, args)):
+        for sample, text in zip(samples, samples_of(scorer, prompts if dist_info.is_main else [], args)):
             sample["completions"][model["label"]] = text
         if scorer.seconds:
             log.info("%s: %d tokens scored in %.1f s (%.0f tokens/s)", model["label"], scorer.tokens_scored,
                      scorer.seconds, scorer.tokens_scored / scorer.seconds)
         del scorer
+    if not dist_info.is_main:
+        return 0
     settings = {k: v for k, v in vars(args).items() if k not in ("output",)}
     report = build_report(records, list(zip(evaluations, results)), settings, library_versions(), data, samples)
     sys.stdout.write(console_table(report))

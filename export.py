@@ -13,37 +13,55 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.checkpoints import checkpoint_step
-from finetune.console import setup_logging
-from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error
+from finetune.core import cli
+from finetune.core.console import setup_logging
+from finetune.core.errors import EXIT_SIGNAL, UserError, exit_on_user_error
+from finetune.core.flags import shared
+from finetune.core.fsio import TMP_PREFIX, Terminated, atomic_file, remove_stale_temporaries, sigterm_raises
 from finetune.export import require_gguf
 from finetune.export.gguf_writer import DEFAULT_OUTTYPE, OUTTYPES, check_architecture, write_gguf
 from finetune.export.modelfile import modelfile, written_by_export
 from finetune.export.vocab import read_vocab
-from finetune.fsio import TMP_PREFIX, Terminated, atomic_file, remove_stale_temporaries, sigterm_raises
-from finetune.lora import RELEASE_ADAPTER_DIR
-from finetune.modelfolder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
-from finetune.models import load_config, load_tokenizer, load_weights, model_context_length
-from finetune.rundir import written_by_us
+from finetune.formats.checkpoints import checkpoint_step
+from finetune.models.adapters import RELEASE_ADAPTER_DIR
+from finetune.models.folder import adapter_base, check_model_folder, is_adapter_folder, load_adapter_model
+from finetune.models.loading import load_config, load_tokenizer, load_weights, model_context_length
+from finetune.train.rundir import written_by_us
 
 
-def parse_args(argv: list[str] | None):
-    parser = ArgumentParser(description="Export a saved model (or a LoRA adapter, merged into its base) to GGUF.")
-    parser.add_argument("--model", required=True,
-                        help="a saved model folder: the training output, best/ or checkpoint-N/, or a LoRA adapter "
-                             "folder (OUT/adapter, a LoRA checkpoint), merged into its base on the way")
-    parser.add_argument("--to", default="gguf", choices=["gguf"], help="the format (default: gguf)")
-    parser.add_argument("--outtype", default=DEFAULT_OUTTYPE, choices=OUTTYPES,
-                        help="type of the weight matrices (norms and biases stay f32); default: f16")
-    parser.add_argument("--output", default=None,
-                        help="the .gguf file to write (default: RUN/export/NAME-OUTTYPE.gguf for a training "
-                             "run's model, NAME being model, best, adapter or checkpoint-N; MODEL/model-OUTTYPE.gguf "
-                             "for any other folder); its Modelfile goes next to it, as FILE.Modelfile")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output file (and a Modelfile not written by export.py)")
-    return parser.parse_args(argv)
+@dataclass
+class ExportSettings:
+    """export"""
+
+    model: str | None = shared("model", None)
+    """a saved model folder: the training output, best/ or checkpoint-N/, or a LoRA adapter folder (OUT/adapter,
+    a LoRA checkpoint), merged into its base on the way (required)"""
+    to: str = field(default="gguf", metadata={"choices": ("gguf",)})
+    """the format (default: gguf)"""
+    outtype: str = field(default=DEFAULT_OUTTYPE, metadata={"choices": OUTTYPES})
+    """type of the weight matrices (norms and biases stay f32)"""
+    output: str | None = shared("output", None)
+    """the .gguf file to write (default: RUN/export/NAME-OUTTYPE.gguf for a training run's model, NAME being
+    model, best, adapter or checkpoint-N; MODEL/model-OUTTYPE.gguf for any other folder); its Modelfile goes
+    next to it, as FILE.Modelfile"""
+    overwrite: bool = shared("overwrite", False)
+    """replace an existing output file (and a Modelfile not written by export.py)"""
+
+
+def build_arg_parser(suppress_defaults: bool = False):
+    return cli.build_arg_parser([ExportSettings], "Export a saved model (or a LoRA adapter, merged into its base) "
+                                "to GGUF.", suppress_defaults)
+
+
+def parse_args(argv: list[str] | None) -> ExportSettings:
+    args = cli.parse_config(ExportSettings, build_arg_parser, argv)[0]
+    if not args.model:
+        raise UserError("--model is required: the saved model folder to export. HINT: e.g. --model out (the "
+                        "training output), --model out/best or --model out/adapter")
+    return args
 
 
 EXPORT_FOLDER = "export"  # RUN/export/: where the exports of a training run's models go by default

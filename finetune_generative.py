@@ -5,7 +5,7 @@
 
 This file holds the training loop (micro-steps -> clip -> check -> step -> log -> eval -> checkpoint), the run's
 life in order (`FineTune`: check -> setup -> train -> finish, cleanup always) and main(), which alone turns how a
-run ended into an exit code. The settings are finetune/config.py; every other concern has its room in the
+run ended into an exit code. The settings are finetune/train/config.py; every other concern has its room in the
 finetune/ package (docs/development.md draws the layout).
 Checkpoints are atomic and resume exactly (`--resume`); Ctrl-C or SIGTERM saves one before exiting.
 Multi-GPU: `torchrun --nproc_per_node=N finetune_generative.py ...`.
@@ -23,12 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune import launcher
-from finetune.checkpoints import list_checkpoints
-from finetune.config import TrainConfig, changed_settings, parse_config
-from finetune.console import progress_display, setup_logging
-from finetune.distributed import DistInfo, all_reduce_sum, barrier, raised_in_a_collective, setup_distributed, shutdown
-from finetune.errors import (
+from finetune.core.console import progress_display, setup_logging
+from finetune.core.errors import (
     EXIT_DIVERGED,
     EXIT_SAVE_FAILED,
     EXIT_SIGNAL,
@@ -38,7 +34,11 @@ from finetune.errors import (
     first_line,
     raise_if_problems,
 )
-from finetune.preflight import (
+from finetune.formats.checkpoints import list_checkpoints
+from finetune.runtime import launcher
+from finetune.runtime.distributed import DistInfo, all_reduce_sum, barrier, raised_in_a_collective, setup_distributed, shutdown
+from finetune.train.config import TrainConfig, changed_settings, parse_config
+from finetune.train.preflight import (
     MemoryPlan,
     Preflight,
     Resume,
@@ -48,7 +48,7 @@ from finetune.preflight import (
     settings_problems,
     with_extended_warmup,
 )
-from finetune.training import StopRequest, TrainingDiverged, TrainingRun
+from finetune.train.training import StopRequest, TrainingDiverged, TrainingRun
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ def train_step(run: TrainingRun, window: list, window_samples: int, stop: StopRe
 
     The loss of a step is the objective's mean over the whole step (text: over its predictions; chat: over
     its trained tokens; preference: over its pairs): each micro-batch's loss is weighted by the share the
-    objective gives it (finetune/objectives/).
+    objective gives it (finetune/train/objectives/).
     """
     import torch
 
@@ -210,7 +210,7 @@ class FineTune:
         """The checkpoint a --resume continues (its settings under the flags given now), the data against the
         model's config and tokenizer, the device and precision, the plan and its memory: all before the weights
         load. Raises one UserError listing every problem."""
-        from finetune.runtime import get_device, resolve_precision
+        from finetune.runtime.device import get_device, resolve_precision
 
         cfg, dist_info = self.cfg, self.dist_info
         cfg, self.resume = resumed_config(cfg, self.explicit, dist_info)
@@ -231,9 +231,9 @@ class FineTune:
         """The output folder (one run at a time; an earlier run is replaced only on request), the head of the log,
         then model, optimizer and data. A signal from here on (the model loading and step 0 included) stops the
         run with its own message, not a traceback."""
-        from finetune.build import build_run
-        from finetune.rundir import check_output_dir, locked_output_dir, prepare_output_dir
-        from finetune.runtime import library_versions
+        from finetune.runtime.device import library_versions
+        from finetune.train.build import build_run
+        from finetune.train.rundir import check_output_dir, locked_output_dir, prepare_output_dir
 
         cfg, dist_info, resume = self.cfg, self.dist_info, self.resume
         output_dir = Path(cfg.output_dir)
@@ -313,7 +313,7 @@ class FineTune:
 
 def end_of_run_summary(run: TrainingRun) -> str:
     """The validation loss before -> after, where the models are, and the commands to run next."""
-    from finetune.rundir import next_commands
+    from finetune.train.rundir import next_commands
 
     evals = [m for m in run.metrics if m["kind"] == "eval"]  # step 0 first (a resume reads it back), then on
     before, after = evals[0], evals[-1]

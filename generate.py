@@ -22,11 +22,10 @@ instructions, fp16 on older GPUs, else fp32.
 Output. Samples go to stdout, each under a `--- sample i/n (prompt: "...") ---` header; log lines
 go to stderr. With one prompt and one sample the text is streamed as it is generated.
 
-The sampling code itself lives in finetune/sampling.py, shared with the training-time samples.
+The sampling code itself lives in finetune/infer/sampling.py, shared with the training-time samples.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -35,22 +34,25 @@ import os
 import secrets
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.console import setup_logging
-from finetune.errors import EXIT_SIGNAL, ArgumentParser, UserError, exit_on_user_error, raise_if_problems
-from finetune.fsio import Terminated, atomic_file, sigterm_raises
-from finetune.modelfolder import DEFAULT_MODEL, adapter_base, is_adapter_folder, load_adapter_model, resolve_model
-from finetune.models import (
+from finetune.core import cli
+from finetune.core.console import setup_logging
+from finetune.core.errors import EXIT_SIGNAL, UserError, exit_on_user_error, raise_if_problems
+from finetune.core.flags import shared
+from finetune.core.fsio import Terminated, atomic_file, sigterm_raises
+from finetune.infer.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+from finetune.models.folder import DEFAULT_MODEL, adapter_base, is_adapter_folder, load_adapter_model, resolve_model
+from finetune.models.loading import (
     TOKENIZER_FILES,
     load_config,
     load_tokenizer,
     load_weights,
     model_context_length,
 )
-from finetune.rundir import RUN_ARTIFACTS, written_by_us
-from finetune.runtime import DEVICES, PRECISIONS, get_device, resolve_precision
-from finetune.sampling import chat_prompt_ids, generate_samples, generation_kwargs
+from finetune.runtime.device import get_device, resolve_precision
+from finetune.train.rundir import RUN_ARTIFACTS, written_by_us
 
 log = logging.getLogger("generate")
 
@@ -61,65 +63,97 @@ HEADER_PROMPT_CHARS = 40
 # Command line
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description="Generate text with a fine-tuned GPT-2-style model.")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
-                       help="a saved model folder: the training output, or a checkpoint-*/ or best/ folder "
-                            "inside it; a LoRA adapter folder (OUT/adapter, a LoRA checkpoint: its base is "
-                            "loaded from where the adapter says); or a Hugging Face Hub name (default: out)")
-    group.add_argument("--device", default="auto", choices=DEVICES,
-                       help="default: auto (CUDA, else Apple MPS, else CPU)")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="dtype the weights are loaded in (default: auto: bf16 where the GPU/CPU supports "
-                            "it natively, fp16 on older GPUs, else fp32)")
+@dataclass
+class Model:
+    """model"""
 
-    group = parser.add_argument_group("prompts (at least one)")
-    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                       help="a prompt; repeat for several; '-' reads one prompt from stdin")
-    group.add_argument("--prompt-file", metavar="FILE",
-                       help="a UTF-8 file with one prompt per line; blank lines are skipped")
-    group.add_argument("--chat", action="store_true",
-                       help="each prompt is a user turn, rendered with the model's saved chat template (the one "
-                            "it was trained with); only the reply is printed, ending at the end-of-turn token. "
-                            "With no --prompt and a terminal on stdin: a conversation (/reset starts over, "
-                            "/system TEXT sets the system turn, Ctrl-C stops a reply, Ctrl-D ends it)")
-    group.add_argument("--system", metavar="TEXT",
-                       help="with --chat: a system turn before the user's, e.g. the system prompt the model was "
-                            "trained with (default: none)")
+    model: str = shared("model", DEFAULT_MODEL, metavar="DIR")
+    """a saved model folder: the training output, or a checkpoint-*/ or best/ folder inside it; a LoRA adapter
+    folder (OUT/adapter, a LoRA checkpoint: its base is loaded from where the adapter says); or a Hugging Face
+    Hub name (default: out)"""
 
-    group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                       help="most tokens generated per sample; fewer when the model ends the text (default: 200)")
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
-                       help="sampling temperature, above 0; lower is more conservative (default: 0.8)")
-    group.add_argument("--top-k", type=int, default=None, metavar="K",
-                       help="sample only from the K most likely tokens (default: off; 0 also means off)")
-    group.add_argument("--top-p", type=float, default=None, metavar="P",
-                       help="nucleus sampling: only the most likely tokens that together have probability P, "
-                            "in (0, 1] (default: off)")
-    group.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
-                       help="above 1 discourages tokens already in the text, e.g. 1.2 (default: off)")
-    group.add_argument("--greedy", action="store_true",
-                       help="always take the most likely token: deterministic, one sample per prompt; "
-                            "--temperature/--top-k/--top-p are ignored")
-    group.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
-    group.add_argument("--seed", type=int, default=None,
-                       help="RNG seed; same seed and settings give the same text (default: a random seed, "
-                            "printed so the run can be repeated)")
 
-    group = parser.add_argument_group("output")
-    group.add_argument("--output", metavar="FILE",
-                       help="also write each sample as a JSON line: prompt, prompt_index, sample_index, text, "
-                            "completion, new_tokens, finish_reason, settings (the file is overwritten)")
-    return parser.parse_args(argv)
+@dataclass
+class Runtime:
+    """runtime"""
+
+    device: str = shared("device", "auto")
+    precision: str = shared("precision", "auto")
+    """dtype the weights are loaded in (default: auto: bf16 where the GPU/CPU supports it natively, fp16 on older
+    GPUs, else fp32)"""
+    seed: int | None = shared("seed", None)
+    """RNG seed; same seed and settings give the same text (default: a random seed, printed so the run can be
+    repeated)"""
+
+
+@dataclass
+class Prompts:
+    """prompts (at least one)"""
+
+    prompt: list[str] = shared("prompt", default_factory=list)
+    """a prompt; repeat for several; '-' reads one prompt from stdin"""
+    prompt_file: str | None = shared("prompt_file", None)
+    """a UTF-8 file with one prompt per line; blank lines are skipped"""
+    chat: bool = False
+    """each prompt is a user turn, rendered with the model's saved chat template (the one it was trained with);
+    only the reply is printed, ending at the end-of-turn token. With no --prompt and a terminal on stdin: a
+    conversation (/reset starts over, /system TEXT sets the system turn, Ctrl-C stops a reply, Ctrl-D ends it)"""
+    system: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    """with --chat: a system turn before the user's, e.g. the system prompt the model was trained with
+    (default: none)"""
+
+
+@dataclass
+class Decoding:
+    """decoding"""
+
+    max_new_tokens: int = shared("max_new_tokens", 200)
+    """most tokens generated per sample; fewer when the model ends the text (default: 200)"""
+    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata={"metavar": "T"})
+    """sampling temperature, above 0; lower is more conservative (default: 0.8)"""
+    top_k: int | None = field(default=None, metadata={"metavar": "K"})
+    """sample only from the K most likely tokens (default: off; 0 also means off)"""
+    top_p: float | None = field(default=None, metadata={"metavar": "P"})
+    """nucleus sampling: only the most likely tokens that together have probability P, in (0, 1] (default: off)"""
+    repetition_penalty: float | None = field(default=None, metadata={"metavar": "R"})
+    """above 1 discourages tokens already in the text, e.g. 1.2 (default: off)"""
+    greedy: bool = False
+    """always take the most likely token: deterministic, one sample per prompt; --temperature/--top-k/--top-p
+    are ignored"""
+    num_samples: int = field(default=1, metadata={"metavar": "N"})
+    """samples per prompt (default: 1)"""
+
+
+@dataclass
+class Output:
+    """output"""
+
+    output: str | None = shared("output", None, metavar="FILE")
+    """also write each sample as a JSON line: prompt, prompt_index, sample_index, text, completion, new_tokens,
+    finish_reason, settings (the file is overwritten)"""
+
+
+GROUPS = (Model, Runtime, Prompts, Decoding, Output)
+
+
+@dataclass
+class GenerateSettings(Output, Decoding, Prompts, Runtime, Model):
+    """Every setting of generate.py, as one flat object (the groups above hold the fields and their help)."""
+
+
+def build_arg_parser(suppress_defaults: bool = False):
+    return cli.build_arg_parser(GROUPS, "Generate text with a fine-tuned GPT-2-style model.", suppress_defaults)
+
+
+def parse_args(argv: list[str] | None) -> GenerateSettings:
+    return cli.parse_config(GenerateSettings, build_arg_parser, argv)[0]
 
 
 # -----------------------------------------------------------------------------
 # Checking the input, before anything heavy is imported or loaded
 
 
-def check_settings(args: argparse.Namespace) -> None:
+def check_settings(args: GenerateSettings) -> None:
     """Every problem with the flags, in one error."""
     problems = []
     if args.max_new_tokens < 1:
@@ -154,11 +188,9 @@ def check_settings(args: argparse.Namespace) -> None:
     raise_if_problems(problems)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: GenerateSettings) -> list[str]:
     """--prompt values in order ('-' is stdin), then the lines of --prompt-file."""
-    if args.prompt.count("-") > 1:
-        raise UserError("--prompt - was given twice, but stdin can be read only once. HINT: pass it once")
-    prompts = [read_stdin() if text == "-" else text for text in args.prompt]
+    prompts = prompt_texts(args.prompt)
     if args.prompt_file is not None:
         prompts.extend(read_prompt_file(Path(args.prompt_file)))
     if not prompts and args.chat and sys.stdin.isatty():
@@ -172,6 +204,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not text.strip():
             raise UserError(f"prompt {i} is empty. HINT: give the model some text to continue")
     return prompts
+
+
+def prompt_texts(prompts: list[str]) -> list[str]:
+    """The --prompt values in order, '-' read from stdin (evaluate.py's --prompt too: one meaning)."""
+    if prompts.count("-") > 1:
+        raise UserError("--prompt - was given twice, but stdin can be read only once. HINT: pass it once")
+    return [read_stdin() if text == "-" else text for text in prompts]
 
 
 def read_stdin() -> str:
@@ -272,7 +311,7 @@ def sample_header(sample_i: int, num_samples: int, prompt_i: int, num_prompts: i
     return f"--- sample {sample_i + 1}/{num_samples} ({which}{json.dumps(short, ensure_ascii=False)}) ---"
 
 
-def settings_record(args: argparse.Namespace, seed: int, device, precision: str) -> dict:
+def settings_record(args: GenerateSettings, seed: int, device, precision: str) -> dict:
     sampling = {} if args.greedy else dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return dict(model=args.model, greedy=args.greedy, **sampling, repetition_penalty=args.repetition_penalty,
                 max_new_tokens=args.max_new_tokens, seed=seed, device=str(device), precision=precision)

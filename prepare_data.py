@@ -27,7 +27,7 @@ How it works, in the order the code runs:
 - Chat records (messages, prompt/completion, instruction/output: detected from the fields, or
   --chat-format) are rendered with the chat template and written as ids plus train.mask.bin /
   val.mask.bin, one loss-mask byte per token: what is trained, where an example starts
-  (finetune/chat.py, finetune/prepare/chatstream.py; docs/chat.md).
+  (finetune/formats/chat.py, finetune/prepare/chatstream.py; docs/chat.md).
 - Token ids equal `AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)`
   for each whole file, and for each record. GPT-2-style byte-level BPE tokenizers take a fast path through
   tiktoken (same vocabulary and merges, same regex), checked against the Hugging Face
@@ -42,37 +42,110 @@ The pipeline lives in finetune/prepare/ (its README.md draws it); this script is
 """
 from __future__ import annotations
 
-import argparse
 import codecs
+import dataclasses
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.chat import FORMAT_FLAG_VALUES, choose_template, describe
-from finetune.console import human_bytes
-from finetune.errors import ArgumentParser, SaveFailed, UserError, exit_on_user_error, raise_if_problems
-from finetune.objectives import data_kind
-from finetune.outdir import claimed_output_files, existing_outputs_problems
+from finetune.core import cli
+from finetune.core.console import human_bytes
+from finetune.core.errors import SaveFailed, UserError, exit_on_user_error, raise_if_problems
+from finetune.core.flags import shared
+from finetune.core.outdir import claimed_output_files, existing_outputs_problems
+from finetune.formats.chat import FORMAT_FLAG_VALUES, choose_template, describe
 from finetune.prepare.chatstream import ChatRun, chat_renderer
 from finetune.prepare.cuts import make_cutter
 from finetune.prepare.engines import EngineMismatch, HFEngine, choose_engine, load_tokenizer, tokenizer_class, tokenizer_spec
 from finetune.prepare.pipeline import keep_rss_flat, tokenize_to_files
 from finetune.prepare.settings import Settings
 from finetune.prepare.sources import (
-    RECORD_EXTENSIONS,
     SAMPLE_BOOK,
-    TEXT_EXTENSIONS,
     chat_run_format,
     input_problems,
     read_sample,
     write_sample_book,
 )
 from finetune.prepare.writer import ALL_OUTPUTS, input_notes
+from finetune.train.objectives import data_kind
 
 # -----------------------------------------------------------------------------
 # Command line
+
+
+@dataclass
+class InputOutput:
+    """input and output"""
+
+    input: list[str] = shared("input", default_factory=lambda: [SAMPLE_BOOK])
+    """text files (.txt/.md/.markdown/.rst/.text), record files (.jsonl/.json/.csv/.tsv/.parquet: one document per
+    record) or folders of them, mixed freely; a folder gives those files, recursively, sorted by path, hidden files
+    and folders skipped; repeatable (default: book.txt)"""
+    text_field: str = shared("text_field", "text")
+    """the field (JSON) or column (CSV/TSV/Parquet) that holds each record's text (default: %(default)s)"""
+    output_dir: str = shared("output_dir", "data")
+    """where train.bin, val.bin and meta.json go (default: %(default)s)"""
+    encoding: str = shared("encoding", "utf-8")
+    """text encoding of the input files (default: %(default)s)"""
+    overwrite: bool = shared("overwrite", False)
+    """replace existing outputs in --output-dir"""
+    sample_book: str | None = field(default=None, metadata={"nargs": "?", "const": SAMPLE_BOOK, "metavar": "PATH"})
+    """write a sample text to PATH (default: book.txt) and stop: the Python documentation bundled with CPython
+    (pydoc_data, ~470 kB), for a first run without a book of your own"""
+
+
+@dataclass
+class Tokenizer:
+    """tokenizer"""
+
+    tokenizer: str = field(default="gpt2", metadata={"metavar": "NAME_OR_PATH"})
+    """Hugging Face model name or local folder holding the tokenizer (default: %(default)s)"""
+    engine: str = field(default="auto", metadata={"choices": ("auto", "tiktoken", "hf")})
+    """auto: the tiktoken fast path for GPT-2-style byte-level BPE when it checks out, else Hugging Face
+    tokenizers; the token ids are the same either way (default: %(default)s)"""
+
+
+@dataclass
+class ChatRecords:
+    """chat and instruction records (docs/chat.md)"""
+
+    chat_format: str = field(default="auto", metadata={"choices": FORMAT_FLAG_VALUES})
+    """auto: detected from the fields (messages; prompt + completion; instruction + output; prompt + chosen +
+    rejected: preference pairs for DPO, docs/preference.md; else plain text from --text-field); messages: every
+    chat record as a conversation (prompt/completion and instruction records become turns); prompt_completion,
+    instruction, preference: insist on that format; text: every record as plain text (default: %(default)s)"""
+    chat_template: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Jinja chat template to render conversations with, instead of the tokenizer's own (or, for a tokenizer
+    without one, the default template of docs/chat.md)"""
+    train_on_everything: bool = False
+    """chat data: train on every token (template, system and user turns too), not only the replies and their end
+    tokens"""
+
+
+@dataclass
+class ValidationSplit:
+    """validation split"""
+
+    val_fraction: float | None = field(default=None, metadata={"metavar": "F"})
+    """share of the text held out for validation, taken from inside the text, never its head or tail (default:
+    0.1)"""
+    val_input: list[str] | None = field(default=None, metadata={"nargs": "+", "metavar": "PATH"})
+    """separate validation text (files or folders) instead of a split of --input"""
+
+
+@dataclass
+class TrainingSizes:
+    """training settings, for the size check and the summary only"""
+
+    block_size: int = shared("block_size", 1024)
+    """tokens per training block; each split must hold one (default: %(default)s)"""
+    batch_size: int = shared("batch_size", 8)
+    """blocks per micro-batch (default: %(default)s)"""
+    grad_accum: int = shared("grad_accum", 1)
+    """micro-batches per optimizer step (default: %(default)s)"""
 
 
 def default_workers() -> int:
@@ -80,75 +153,36 @@ def default_workers() -> int:
     return max(1, min(cpus, 8))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description="Tokenize text or records into train.bin / val.bin / meta.json for fine-tuning "
-                    "(raw little-endian token ids, nanoGPT-compatible; an end-of-text token after each file "
-                    "and each record).",
-        epilog="example: python prepare_data.py --input books/ --tokenizer gpt2 --output-dir data",
-    )
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", default=[SAMPLE_BOOK], metavar="PATH",
-                    help=f"text files ({'/'.join(TEXT_EXTENSIONS)}), record files ({'/'.join(RECORD_EXTENSIONS)}: "
-                         "one document per record) or folders of them, mixed freely; a folder gives those files, "
-                         "recursively, sorted by path, hidden files and folders skipped (default: book.txt)")
-    io.add_argument("--text-field", default="text", metavar="NAME",
-                    help="the field (JSON) or column (CSV/TSV/Parquet) that holds each record's text "
-                         "(default: %(default)s)")
-    io.add_argument("--output-dir", default="data", metavar="DIR",
-                    help="where train.bin, val.bin and meta.json go (default: %(default)s)")
-    io.add_argument("--encoding", default="utf-8", help="text encoding of the input files (default: %(default)s)")
-    io.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir")
-    io.add_argument("--sample-book", nargs="?", const=SAMPLE_BOOK, default=None, metavar="PATH",
-                    help="write a sample text to PATH (default: book.txt) and stop: the Python documentation "
-                         "bundled with CPython (pydoc_data, ~470 kB), for a first run without a book of your own")
+@dataclass
+class Runtime:
+    """runtime"""
 
-    tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer", default="gpt2", metavar="NAME_OR_PATH",
-                     help="Hugging Face model name or local folder holding the tokenizer (default: %(default)s)")
-    tok.add_argument("--engine", choices=("auto", "tiktoken", "hf"), default="auto",
-                     help="auto: the tiktoken fast path for GPT-2-style byte-level BPE when it checks out, else "
-                          "Hugging Face tokenizers; the token ids are the same either way (default: %(default)s)")
-
-    chat = parser.add_argument_group("chat and instruction records (docs/chat.md)")
-    chat.add_argument("--chat-format", choices=FORMAT_FLAG_VALUES, default="auto",
-                      help="auto: detected from the fields (messages; prompt + completion; instruction + output; "
-                           "prompt + chosen + rejected: preference pairs for DPO, docs/preference.md; else plain "
-                           "text from --text-field); messages: every chat record as a conversation "
-                           "(prompt/completion and instruction records become turns); prompt_completion, "
-                           "instruction, preference: insist on that format; text: every record as plain text "
-                           "(default: %(default)s)")
-    chat.add_argument("--chat-template", default=None, metavar="FILE",
-                      help="Jinja chat template to render conversations with, instead of the tokenizer's own "
-                           "(or, for a tokenizer without one, the default template of docs/chat.md)")
-    chat.add_argument("--train-on-everything", action="store_true",
-                      help="chat data: train on every token (template, system and user turns too), not only "
-                           "the replies and their end tokens")
-
-    split = parser.add_argument_group("validation split")
-    split.add_argument("--val-fraction", type=float, default=None, metavar="F",
-                       help="share of the text held out for validation, taken from inside the text, "
-                            "never its head or tail (default: 0.1)")
-    split.add_argument("--val-input", nargs="+", default=None, metavar="PATH",
-                       help="separate validation text (files or folders) instead of a split of --input")
-    split.add_argument("--seed", type=int, default=1337, metavar="N",
-                       help="chooses where the validation ranges sit (default: %(default)s)")
-
-    train = parser.add_argument_group("training settings, for the size check and the summary only")
-    train.add_argument("--block-size", type=int, default=1024, metavar="N",
-                       help="tokens per training block; each split must hold one (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=8, metavar="N",
-                       help="blocks per micro-batch (default: %(default)s)")
-    train.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                       help="micro-batches per optimizer step (default: %(default)s)")
-
-    perf = parser.add_argument_group("performance")
-    perf.add_argument("--num-workers", type=int, default=default_workers(), metavar="N",
-                      help="tokenizer threads (default: the CPUs available, at most 8; here %(default)s)")
-    return parser.parse_args(argv)
+    seed: int = shared("seed", 1337, metavar="N")
+    """chooses where the validation ranges sit (default: %(default)s)"""
+    num_workers: int = shared("num_workers", default_factory=default_workers, metavar="N")
+    """tokenizer threads (default: the CPUs available, at most 8; here %(default)s)"""
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+GROUPS = (InputOutput, Tokenizer, ChatRecords, ValidationSplit, TrainingSizes, Runtime)
+
+
+@dataclass
+class PrepareSettings(Runtime, TrainingSizes, ValidationSplit, ChatRecords, Tokenizer, InputOutput):
+    """Every flag of prepare_data.py, as one flat object (the groups above hold the fields and their help)."""
+
+
+def build_arg_parser(suppress_defaults: bool = False):
+    return cli.build_arg_parser(
+        GROUPS, "Tokenize text or records into train.bin / val.bin / meta.json for fine-tuning (raw little-endian "
+                "token ids, nanoGPT-compatible; an end-of-text token after each file and each record).",
+        suppress_defaults, epilog="example: python prepare_data.py --input books/ --tokenizer gpt2 --output-dir data")
+
+
+def parse_args(argv=None) -> PrepareSettings:
+    return cli.parse_config(PrepareSettings, build_arg_parser, argv)[0]
+
+
+def settings_from(args: PrepareSettings) -> Settings:
     """The pipeline's settings from the flags; every problem with the flags in one error."""
     problems = []
     if args.val_input and args.val_fraction is not None:
@@ -173,7 +207,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     val_fraction=val_fraction, seed=args.seed, separate_val=bool(args.val_input),
                     block_size=args.block_size, batch_size=args.batch_size, grad_accum=args.grad_accum,
                     num_workers=args.num_workers, chat_format=args.chat_format, chat_template=args.chat_template,
-                    train_on_everything=args.train_on_everything)
+                    train_on_everything=args.train_on_everything, recorded=recorded_settings(args))
+
+
+# Flags that change no byte of the outputs (where they go, how fast they are made): meta.json leaves them out of
+# its "settings", so the same input gives the same meta.json from any folder, with any threads or engine.
+NOT_RECORDED = ("output_dir", "overwrite", "num_workers", "engine", "sample_book")
+
+
+def recorded_settings(args: PrepareSettings) -> dict:
+    """meta.json's "settings": the flags that decide the outputs, as --config reads them back."""
+    return {name: value for name, value in dataclasses.asdict(args).items() if name not in NOT_RECORDED}
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +225,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def print_summary(meta: dict, settings: Settings, out_dir: Path, seconds: float, tokenize_seconds: float) -> None:
-    from finetune.plan import steps_per_epoch
+    from finetune.train.plan import steps_per_epoch
 
     tokens = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
     chars = {s: meta["splits"][s]["chars"] for s in ("train", "val")}

@@ -93,7 +93,8 @@ def patch(owner, name: str, replacement) -> None:
 def apply_patches(fg) -> None:
     import torch
 
-    from finetune import loss, models, training
+    from finetune.models import loading as models
+    from finetune.train import loss, training
 
     if "old_gelu" in PATCHES:
         patch(models, "fuse_tanh_gelu", lambda model: 0)

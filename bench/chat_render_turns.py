@@ -1,4 +1,4 @@
-"""How rendering one conversation grows with its turns: prepare_data.py's chat renderer (finetune/chat.py,
+"""How rendering one conversation grows with its turns: prepare_data.py's chat renderer (finetune/formats/chat.py,
 ChatRenderer) on one conversation of N user/assistant exchanges, GPT-2's tokenizer (../shared/gpt2-tokenizer)
 with the tiktoken engine prepare_data.py picks for it, the default chat template.
 
@@ -7,7 +7,7 @@ with the tiktoken engine prepare_data.py picks for it, the default chat template
 Each user message and reply is 12 words, so a turn is ~16 tokens. Printed per N: seconds to render and
 tokenize the conversation (ids + loss mask), best of --rounds, and the seconds per 1,000 messages: flat
 when the work is linear in the turns, growing with N when it is quadratic (it is: each reply is checked
-against the rendering of the history before it). Above finetune.chat.MAX_MESSAGES the conversation is
+against the rendering of the history before it). Above finetune.formats.chat.MAX_MESSAGES the conversation is
 refused, and the line says how fast.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from _common import DEFAULT_TOKENIZER_DIR, REPO  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
-from finetune.chat import ChatRenderer, Conversation, choose_template  # noqa: E402
-from finetune.errors import UserError  # noqa: E402
+from finetune.core.errors import UserError  # noqa: E402
+from finetune.formats.chat import ChatRenderer, Conversation, choose_template  # noqa: E402
 from finetune.prepare.chatstream import CheckedEncoder  # noqa: E402
 from finetune.prepare.engines import choose_engine, load_tokenizer, tokenizer_spec  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
                 start = time.perf_counter()
                 rendered = renderer.render(example, "bench")
                 best = min(best, time.perf_counter() - start)
-        except UserError as exc:  # beyond finetune.chat.MAX_MESSAGES: refused before any render
+        except UserError as exc:  # beyond finetune.formats.chat.MAX_MESSAGES: refused before any render
             print(f"{turns:>7,} messages: refused in {time.perf_counter() - start:.3f} s: {str(exc)[:90]}...")
             continue
         print(f"{turns:>7,} messages: {best:8.2f} s ({len(rendered.ids):,} tokens, "

@@ -98,8 +98,8 @@ def build_data(args, model_dir: Path, root: Path) -> Path:
 
 
 def ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
-    from finetune.data import load_meta
-    from finetune.packing import split_packing
+    from finetune.data.dataset import load_meta
+    from finetune.data.packing import split_packing
 
     share = split_packing(data_dir, "train", args.block_size, load_meta(data_dir)).real_token_share
     return run_ours(args, REPO, model_dir, data_dir, out, ["--lr", str(HYPER["lr"]), "--warmup-steps",

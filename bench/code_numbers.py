@@ -4,8 +4,8 @@ functions (torch among them), and the places outside the plug-ins that read --lo
     python bench/code_numbers.py .             # this checkout
     python bench/code_numbers.py /tmp/old      # another one (git worktree add /tmp/old COMMIT)
 
-Outside the plug-ins means: not in finetune/strategies/, lora.py, fsdp.py or plan.py (whose estimates are
-arithmetic on the settings) for the LoRA and FSDP settings; not in finetune/objectives/, chat.py, packing.py or
+Outside the plug-ins means: not in finetune/train/strategies/, lora.py, fsdp.py or plan.py (whose estimates are
+arithmetic on the settings) for the LoRA and FSDP settings; not in finetune/train/objectives/, chat.py, packing.py or
 pairs.py for chat data.
 """
 import ast

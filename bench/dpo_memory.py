@@ -13,7 +13,7 @@ Each contender is one unmodified `python finetune_generative.py --max-steps N --
 --rounds times. Reported: the peak RSS (the kernel's high-water mark of the run, bench/_common.run_polled),
 the run's wall seconds and the machine's load meanwhile. Both hold the same weights, gradients and AdamW state
 (16 bytes a parameter); what differs is what a step keeps for its backward pass: SFT's logits of every position
-of the batch, DPO's of the completions' tokens only (finetune/objectives/preference.py), plus the reference
+of the batch, DPO's of the completions' tokens only (finetune/train/objectives/preference.py), plus the reference
 log-probabilities (two float64 per pair).
 """
 from __future__ import annotations

@@ -86,8 +86,8 @@ def build_data(args, model_dir: Path, root: Path) -> Path:
 
 
 def ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
-    from finetune.data import load_meta
-    from finetune.pairs import split_packing
+    from finetune.data.dataset import load_meta
+    from finetune.data.pairs import split_packing
 
     share = split_packing(data_dir, "train", args.block_size, load_meta(data_dir)).real_token_share
     # --dropout 0: DPOTrainer's default (disable_dropout=True); ours keeps the model's unless told

@@ -81,7 +81,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.runtime import cpu_model, resolve_precision
+    from finetune.runtime.device import cpu_model, resolve_precision
 
     folder = build_model_dir(args.model, Path(args.root))
     tokenizer = AutoTokenizer.from_pretrained(folder)

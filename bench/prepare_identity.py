@@ -12,7 +12,9 @@ records (user, assistant; skipped when the commit has no chat records). Each cor
 --engine tiktoken and --engine hf with the GPT-2 tokenizer in ../shared/gpt2-tokenizer (when present),
 and both with a tiny byte-level BPE built as the tests build theirs. train.bin, val.bin, meta.json (and
 chat's mask files) must be equal byte for byte (meta.json names only the inputs' and the tokenizer's paths, and those are
-the same for both), and so must `prepare_data.py --help`. Exit status 1 when anything differs.
+the same for both), except meta.json's "settings": the record of the flags (for --config) that a newer
+prepare_data.py adds, which names each side's own --output-dir. Every flag of the earlier `prepare_data.py --help`
+must still be in the newer one. Exit status 1 when anything differs.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import csv
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,7 +79,21 @@ def compare(name: str, before: Path, after: Path) -> list[str]:
     files = [*OUTPUTS, *(m for m in MASKS if (before / m).exists() or (after / m).exists())]
     return [f"{name}: {file} differs" for file in files
             if not (before / file).exists() or not (after / file).exists()
-            or (before / file).read_bytes() != (after / file).read_bytes()]
+            or compared_bytes(before / file) != compared_bytes(after / file)]
+
+
+def compared_bytes(path: Path) -> bytes:
+    """The file's bytes; meta.json's without its "settings" (the flags' record, naming the run's own folder),
+    written back as prepare_data.py writes meta.json (tokenfiles.write_meta)."""
+    if path.name != "meta.json":
+        return path.read_bytes()
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta.pop("settings", None)
+    return (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def flags_in(help_text: str) -> set[str]:
+    return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
 
 
 def main() -> int:
@@ -118,8 +135,9 @@ def compare_checkouts(old: Path, new: Path, work: Path, args) -> int:
 
     problems = []
     helps = [run_prepare(checkout, ["--help"], work / "cache").stdout for checkout in (old, new)]
-    if helps[0] != helps[1]:
-        problems.append("--help differs:\n" + "".join(difflib.unified_diff(
+    lost = flags_in(helps[0]) - flags_in(helps[1])
+    if lost:
+        problems.append(f"--help lost {', '.join(sorted(lost))}:\n" + "".join(difflib.unified_diff(
             helps[0].splitlines(True), helps[1].splitlines(True), "before", "after")))
     if "--chat-format" not in helps[0]:
         print(f"note: {args.commit} has no chat records: the chat corpus is not compared")

@@ -48,9 +48,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from finetune.formats.tokenfiles import reassemble  # noqa: E402
 from finetune.prepare.cuts import Cutter  # noqa: E402  (the safe-cut rule)
 from finetune.prepare.engines import GPT2_PATTERN, byte_level_ranks  # noqa: E402
-from finetune.tokenfiles import reassemble  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "gpt2-tokenizer"
 

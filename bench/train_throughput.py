@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     else:
         peak = {**matmul_peak(args.device, args.matmul_seconds), "source": "measured"}
     tokens = args.batch_size * args.block_size
-    from finetune.runtime import cpu_has_native_bf16  # defaults on a CPU without bf16: auto is fp32 (no probe)
+    from finetune.runtime.device import cpu_has_native_bf16  # defaults on a CPU without bf16: auto is fp32 (no probe)
 
     auto_is_fp32 = args.precision == "defaults" and args.device == "cpu" and not cpu_has_native_bf16()
     roof_precision = "fp32" if args.precision == "fp32" or auto_is_fp32 else "bf16"

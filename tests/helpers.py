@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune import checkpoints as ckpt
-from finetune.tokenfiles import META_FORMAT, META_VERSION, token_dtype, tokenizer_fingerprint
+from finetune.formats import checkpoints as ckpt
+from finetune.formats.tokenfiles import META_FORMAT, META_VERSION, token_dtype, tokenizer_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_GPT2_TOKENIZER = REPO_ROOT.parent / "shared" / "gpt2-tokenizer"

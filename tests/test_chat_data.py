@@ -1,4 +1,4 @@
-"""finetune/chat.py: chat records -> (ids, mask) with the tiny tokenizer. What is trained is checked by
+"""finetune/formats/chat.py: chat records -> (ids, mask) with the tiny tokenizer. What is trained is checked by
 decoding the trained tokens: exactly the assistant replies plus their end tokens, nothing of a user or
 system turn; the ids are apply_chat_template's, and the default template's mask is transformers'
 return_assistant_tokens_mask (what TRL's assistant_only_loss trains on)."""
@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune import chat
-from finetune.chat import (
+from finetune.core.errors import UserError
+from finetune.formats import chat
+from finetune.formats.chat import (
     DEFAULT_CHAT_TEMPLATE,
     MAX_MESSAGES,
     START,
@@ -23,7 +24,6 @@ from finetune.chat import (
     example_of,
     format_of,
 )
-from finetune.errors import UserError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Where is the river?"}, {"role": "assistant", "content": "Past the old house."}],

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import finetune_generative as ft
-from finetune.data import EpochShuffleSampler, load_meta
-from finetune.models import make_optimizer
-from finetune.packing import PackedChatDataset, best_fit_decreasing, split_packing
-from finetune.plan import make_scheduler
+from finetune.data.dataset import EpochShuffleSampler, load_meta
+from finetune.data.packing import PackedChatDataset, best_fit_decreasing, split_packing
+from finetune.models.loading import make_optimizer
+from finetune.train.plan import make_scheduler
 from helpers import (
     TEST_TEMPLATE,
     assert_same_weights,
@@ -154,7 +154,7 @@ def test_missing_or_short_mask_file_is_one_clear_error(chat_data_dir, tiny_model
 def test_packed_example_has_the_logits_it_has_alone(tiny_model_dir, chat_data_dir, attn):
     """eager, sdpa, and the attention training runs on CPU (cpu_dropout.py's, registered under its own name:
     transformers built no mask at all for it until its mask function was registered too)."""
-    from finetune.cpu_dropout import use_fast_cpu_dropout
+    from finetune.models.cpu_dropout import use_fast_cpu_dropout
 
     dataset = PackedChatDataset.from_data_dir(chat_data_dir, "train", BLOCK, load_meta(chat_data_dir))
     block = next(b for b in range(len(dataset)) if np.diff(dataset.packing.block_offsets)[b] >= 2)
@@ -457,7 +457,7 @@ def test_a_sample_prompt_the_data_template_cannot_render_is_refused_before_train
 
 def test_generate_chat_with_a_template_that_fails_or_hangs_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import generate
-    from finetune import chat as chat_module
+    from finetune.formats import chat as chat_module
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -1,4 +1,4 @@
-"""finetune/checkpoints.py: crash safety of the training script's checkpoints, by injecting faults, and what a
+"""finetune/formats/checkpoints.py: crash safety of the training script's checkpoints, by injecting faults, and what a
 resume checks.
 
 - kill -9 at 12 random moments of one long resumed chain: every checkpoint-* present loads, the
@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune.fsio import remove_leftovers
+from finetune.core.fsio import remove_leftovers
+from finetune.formats import checkpoints as ckpt
 from helpers import (
     SAVE_RUN,
     RunsCodeWhenUnpickled,

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from finetune import cpu_dropout
-from finetune.cpu_dropout import CPUDropout, attention_with_cpu_dropout, keep_mask, use_fast_cpu_dropout
+from finetune.models import cpu_dropout
+from finetune.models.cpu_dropout import CPUDropout, attention_with_cpu_dropout, keep_mask, use_fast_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

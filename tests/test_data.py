@@ -1,4 +1,4 @@
-"""finetune/data.py: the token files a run fingerprinted are the ones it trains on, even if prepare_data.py
+"""finetune/data/dataset.py: the token files a run fingerprinted are the ones it trains on, even if prepare_data.py
 replaces them while the model loads; a file rewritten in place under the run stops it with one line; the
 validation blocks are the same whatever the number of processes (end to end in tests/test_distributed.py)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from finetune.config import TrainConfig
-from finetune.data import DataError, TextDataset, data_fingerprint
+from finetune.data.dataset import DataError, TextDataset, data_fingerprint
+from finetune.train.config import TrainConfig
 from helpers import BLOCK, copy_data
 
 
@@ -60,8 +60,8 @@ def test_a_token_file_rewritten_in_place_under_the_run_stops_it(tmp_path, tiny_d
 def test_the_validation_blocks_do_not_depend_on_the_number_of_processes(eval_batches, blocks):
     from dataclasses import replace
 
-    from finetune.data import validation_blocks
-    from finetune.plan import eval_blocks, make_plan
+    from finetune.data.dataset import validation_blocks
+    from finetune.train.plan import eval_blocks, make_plan
 
     cfg = replace(TrainConfig(batch_size=4, grad_accum=2, epochs=1, eval_every=4), eval_batches=eval_batches)
     meta = {"splits": {"train": {"tokens": 352 * BLOCK}, "val": {"tokens": 100 * BLOCK}}}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune import launcher
+from finetune.formats import checkpoints as ckpt
+from finetune.runtime import launcher
 from helpers import (
     REPO_ROOT,
     assert_clean_error,

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 import evaluate
 import finetune_generative as ft
-from finetune.data import load_meta
+from finetune.data.dataset import load_meta
+from finetune.data.pairs import PackedPairDataset
 from finetune.evaluation.report import fmt
-from finetune.objectives import preference
-from finetune.pairs import PackedPairDataset
+from finetune.train.objectives import preference
 from helpers import (
     PAIR_BLOCK,
     assert_one_line_error,
@@ -225,7 +225,7 @@ def test_packed_training_equals_unpacked(tmp_path, tiny_model_dir, pair_data):
 
 
 def test_long_pairs_cut_from_the_left_and_identical_leftovers_skipped():
-    from finetune.pairs import fit_to_block, pack_pairs
+    from finetune.data.pairs import fit_to_block, pack_pairs
 
     prompt, chosen, rejected = np.array([10, 10, 1]), np.array([3, 30, 30]), np.array([2, 30, 30])
     kept = fit_to_block(prompt, chosen, rejected, 32)
@@ -314,7 +314,7 @@ def test_lora_matches_trl_dpotrainer_with_peft(tmp_path, tiny_model_dir, pair_da
 
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from finetune import lora
+    from finetune.train import lora
 
     made = {}
     to_lora = lora.to_lora
@@ -385,7 +385,7 @@ def test_pairs_that_prefer_a_style_move_greedy_answers_toward_it(tiny_model_dir,
     assert answers_in_style(tiny_model_dir) == 0
     assert answers_in_style(out) >= len(val) // 4  # 9 of 16 measured
     # the function evaluation code reuses: per-pair log-probabilities of a split, for any model
-    from finetune.distributed import DistInfo
+    from finetune.runtime.distributed import DistInfo
 
     dataset = PackedPairDataset.from_data_dir(data, "val", BLOCK, load_meta(data))
     tables = [preference.logps_table(load_fp32_model(folder), dataset, 8, contextlib.nullcontext(),

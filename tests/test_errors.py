@@ -1,11 +1,11 @@
-"""finetune/errors.py: a Ctrl-C during start-up is one line and exit 130; a long exception message becomes one
+"""finetune/core/errors.py: a Ctrl-C during start-up is one line and exit 130; a long exception message becomes one
 line cut at a word."""
 from __future__ import annotations
 
 import pickle
 
 import finetune_generative as ft
-from finetune.errors import first_line
+from finetune.core.errors import first_line
 from helpers import base_args, run_main
 
 
@@ -14,7 +14,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_model_di
     def interrupted(*args, **kwargs):  # what Python's own SIGINT handler raises wherever the program is
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("finetune.data.data_fingerprint", interrupted)  # reading the token files at start-up
+    monkeypatch.setattr("finetune.data.dataset.data_fingerprint", interrupted)  # reading the token files at start-up
     out = tmp_path / "out"
     result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out), capsys)
     assert result.returncode == 130 and "Traceback" not in result.stderr

@@ -386,7 +386,7 @@ def test_chat_model_answers_tasks_through_its_template(chat_model_dir, tmp_path,
     """The choices' log-likelihoods after the question rendered as a user turn (not as plain text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.sampling import chat_prompt_ids
+    from finetune.infer.sampling import chat_prompt_ids
 
     tasks = tmp_path / "quiz.jsonl"
     tasks.write_text(json.dumps({"question": "How is the sea?", "choices": ["quiet", "old ship"], "answer": 0}) + "\n",

@@ -20,10 +20,10 @@ import torch
 
 import finetune_generative as ft
 from dataset import load_meta
-from finetune import checkpoints as ckpt
-from finetune import console
-from finetune import plan as plan_module
-from finetune.config import TrainConfig, parse_config
+from finetune.core import console
+from finetune.formats import checkpoints as ckpt
+from finetune.train import plan as plan_module
+from finetune.train.config import TrainConfig, parse_config
 from helpers import (
     BLOCK,
     REPO_ROOT,
@@ -345,7 +345,7 @@ def test_a_stop_records_every_finished_step_loss(during, tmp_path, tiny_model_di
 
     monkeypatch.setattr(ft, "train_step", step_then_signal)
     if during == "evaluation":
-        from finetune import training
+        from finetune.train import training
         real_evaluate = training.evaluate
 
         def evaluate_then_signal(*args, **kwargs):
@@ -431,7 +431,7 @@ def test_precision_auto_is_decided_once_and_kept_by_a_resume(tmp_path, tiny_mode
                                                              capsys):
     """auto's choice is the run's setting: recorded in train_config.json and each checkpoint, so a resume on a
     machine whose speed probe would answer otherwise (another CPU, no cache) trains on in the same precision."""
-    from finetune import runtime
+    from finetune.runtime import device as runtime
 
     out = tmp_path / "out"
     args = [a if a != "fp32" else "auto" for a in base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", 2,
@@ -515,7 +515,7 @@ def test_loss_png_shows_a_training_loss_of_one_point(tmp_path, monkeypatch):
     at all ; such a point is drawn as a marker."""
     import matplotlib.pyplot as plt
 
-    from finetune.metrics import plot_losses
+    from finetune.train.metrics import plot_losses
 
     drawn, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))

@@ -22,8 +22,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import finetune_generative as ft
 import generate
-from finetune import checkpoints as ckpt
-from finetune.fsio import TMP_PREFIX
+from finetune.core.fsio import TMP_PREFIX
+from finetune.formats import checkpoints as ckpt
 from helpers import REPO_ROOT, assert_trained_alike, base_args, build_tiny_model, newest_step, train_records
 
 VOCAB = 401
@@ -122,8 +122,8 @@ def sharded_single_run(tmp_path_factory, odd_model_dir, tiny_data_dir):
 def test_one_sharded_process_resumed_by_two_and_the_release_gives_the_sharded_loss(sharded_single_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from finetune.data import TextDataset, validation_blocks
-    from finetune.loss import next_token_loss
+    from finetune.data.dataset import TextDataset, validation_blocks
+    from finetune.train.loss import next_token_loss
 
     out = tmp_path / "out"
     out.mkdir()
@@ -296,8 +296,8 @@ def test_fewer_validation_blocks_than_sharded_processes(odd_model_dir, tiny_data
     (it was NaN: issue 27, 4), before and after training."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.data import TextDataset
-    from finetune.loss import next_token_loss
+    from finetune.data.dataset import TextDataset
+    from finetune.train.loss import next_token_loss
 
     out = tmp_path / "out"
     result = subprocess.run(torchrun_cmd(2, *args(odd_model_dir, tiny_data_dir, out, 1, "--fsdp", "--max-steps", "1",

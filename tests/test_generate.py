@@ -143,7 +143,7 @@ def tiny(tiny_model_dir):
 
 
 def test_generate_gets_attention_mask_and_pad_token(tiny, monkeypatch):
-    from finetune import sampling
+    from finetune.infer import sampling
 
     model, tokenizer = tiny
     assert tokenizer.pad_token is None  # like GPT-2's: eos has to stand in
@@ -160,7 +160,7 @@ def test_generate_gets_attention_mask_and_pad_token(tiny, monkeypatch):
 
 
 def test_generation_stops_at_eos(tiny):
-    from finetune import sampling
+    from finetune.infer import sampling
 
     model, tokenizer = tiny
     kwargs = sampling.generation_kwargs(model, tokenizer, max_new_tokens=10, temperature=1.0)
@@ -279,7 +279,7 @@ def test_hub_name_that_is_not_cached(capsys):
 def test_sample_during_training_leaves_training_untouched(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.sampling import sample_during_training
+    from finetune.infer.sampling import sample_during_training
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # its own: this test changes its modes
@@ -355,7 +355,7 @@ def test_prompt_file_folder_or_device_is_named_as_such(tmp_path, monkeypatch):
     import importlib
     from pathlib import Path
 
-    from finetune.errors import UserError
+    from finetune.core.errors import UserError
     monkeypatch.syspath_prepend(str(REPO_ROOT))
     generate_module = importlib.import_module("generate")
     fifo = tmp_path / "prompts.fifo"

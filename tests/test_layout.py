@@ -1,6 +1,7 @@
-"""The plan of the code, checked: inside finetune/ a module imports only the modules listed before it in its
-package's docstring (finetune/__init__.py, and each sub-package's __init__.py), so there is no circle and the
-list is the architecture drawing; every script's --help loads without torch."""
+"""The plan of the code, checked: finetune/ is cut into layers (the rooms its __init__.py lists, bottom up),
+and inside every package a module imports only the rooms listed before it in that package's docstring, so a
+layer imports only the layers below it, there is no circle, and the lists are the architecture drawing;
+every script's --help loads without torch."""
 from __future__ import annotations
 
 import ast
@@ -52,9 +53,9 @@ def rank_in(package_dir, dotted: str, package: str) -> int | None:
 
 
 def packages():
-    yield PACKAGE, "finetune"
-    for init in sorted(PACKAGE.glob("*/__init__.py")):
-        yield init.parent, f"finetune.{init.parent.name}"
+    """finetune/ (whose rooms are the layers) and every package inside it, at any depth."""
+    for init in sorted(PACKAGE.glob("**/__init__.py")):
+        yield init.parent, ".".join(init.parent.relative_to(REPO_ROOT).parts)
 
 
 @pytest.mark.parametrize("package_dir,package", list(packages()), ids=lambda v: str(v).rsplit("/", 1)[-1])

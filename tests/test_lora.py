@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_generative as ft
-from finetune import checkpoints as ckpt
-from finetune import lora
-from finetune.build import build_model
-from finetune.config import TrainConfig
+from finetune.formats import checkpoints as ckpt
+from finetune.models import adapters
+from finetune.train import lora
+from finetune.train.build import build_model
+from finetune.train.config import TrainConfig
 from helpers import (
     assert_clean_error,
     assert_same_weights,
@@ -69,7 +70,7 @@ def test_checkpoints_hold_the_adapter_and_releases_the_merged_model(lora_run, ti
     assert len(weights) == 16 and all(".lora_A." in k or ".lora_B." in k for k in weights)
     state = ckpt.read_checkpoint(checkpoint)
     assert state["step"] == 13 and state["config"]["lora_r"] == 4
-    assert state["base_fingerprint"] == lora.base_fingerprint(str(tiny_model_dir))
+    assert state["base_fingerprint"] == adapters.base_fingerprint(str(tiny_model_dir))
     assert sum(p.numel() for s in state["optimizer"]["state"].values() for p in [s["exp_avg"]]) == \
         sum(w.numel() for w in weights.values())  # AdamW over the adapters only
     for release in (lora_run, lora_run / "best"):
@@ -247,7 +248,7 @@ def test_adapter_dropout_uses_the_fast_cpu_masks_unless_torch_dropout(torch_drop
     after the LoRA conversion, so those get them too (same keep-probability), and --torch-dropout keeps torch's."""
     from transformers import AutoTokenizer
 
-    from finetune.cpu_dropout import ATTENTION_NAME, CPUDropout
+    from finetune.models.cpu_dropout import ATTENTION_NAME, CPUDropout
 
     cfg = TrainConfig(model=str(tiny_model_dir), lora_r=4, lora_dropout=0.1, torch_dropout=torch_dropout)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -330,7 +331,7 @@ BAD_LORA = [
 @pytest.mark.parametrize("extra, message", BAD_LORA, ids=[" ".join(a) for a, _ in BAD_LORA])
 def test_bad_lora_arguments(tmp_path, tiny_model_dir, tiny_data_dir, capsys, monkeypatch, extra, message):
     loaded = []
-    monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("finetune.models.loading.load_weights", lambda *a, **k: loaded.append(a))
     result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", *extra), capsys)
     assert_clean_error(result, message)
     assert len(error_lines(result.stderr)) == 1 and not loaded and not (tmp_path / "out").exists()
@@ -366,7 +367,7 @@ def test_a_model_peft_cannot_wrap_is_one_line_before_weights_load(tmp_path, tiny
 
     loaded = []
     monkeypatch.setattr(peft, "get_peft_model", refuse)
-    monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("finetune.models.loading.load_weights", lambda *a, **k: loaded.append(a))
     result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "out", "--lora-r", "4"), capsys)
     assert_clean_error(result, "peft cannot wrap this gpt2 model (ValueError: Target module Conv1D() is not "
                        "supported", "HINT: train it without --lora-r")
@@ -424,7 +425,7 @@ def test_generate_refuses_an_adapter_pointed_at_another_base_of_the_same_shapes(
                                                                                 tiny_model_dir, capsys):
     import generate
 
-    trained_on = lora.base_fingerprint(str(tiny_model_dir))
+    trained_on = adapters.base_fingerprint(str(tiny_model_dir))
     for folder in (lora_run / "adapter", lora_run / "checkpoint-13"):
         assert json.loads((folder / "adapter_base.json").read_text())["base_fingerprint"] == trained_on
     other = tmp_path / "other-base"  # same config and shapes, other weights
@@ -440,7 +441,7 @@ def test_generate_refuses_an_adapter_pointed_at_another_base_of_the_same_shapes(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert error_lines(err) == [f"error: the adapter in {moved} was trained on a base with fingerprint {trained_on}, "
-                                f"but its base {other} has fingerprint {lora.base_fingerprint(str(other))} (other "
+                                f"but its base {other} has fingerprint {adapters.base_fingerprint(str(other))} (other "
                                 f"weights or config). HINT: set base_model_name_or_path in "
                                 f"{moved / 'adapter_config.json'} to the base it was trained on, or load the merged "
                                 f"model its training run wrote"]

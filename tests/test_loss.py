@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.loss import next_token_loss
+from finetune.train.loss import next_token_loss
 
 
 def reference_loss(logits, input_ids):

@@ -1,4 +1,4 @@
-"""finetune/metrics.py on a filling disk: metrics.jsonl gets one warning and keeps the lines it could not write
+"""finetune/train/metrics.py on a filling disk: metrics.jsonl gets one warning and keeps the lines it could not write
 until there is room; the run goes on until its checkpoint fails (exit 4, the last one intact)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import finetune_generative as ft
-from finetune import metrics
+from finetune.train import metrics
 from helpers import SAVE_RUN, base_args, checkpoint_names, error_lines, run_main
 
 
@@ -77,7 +77,7 @@ def test_loss_png_marks_where_a_run_was_resumed_or_extended(tmp_path, monkeypatc
     the trackers, whose runs are continued themselves, never get it (nor, replayed, a tracker a resume adds)."""
     import matplotlib.pyplot as plt
 
-    from finetune import trackers
+    from finetune.train import trackers
 
     drawn, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))

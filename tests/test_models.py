@@ -1,4 +1,4 @@
-"""finetune/models.py, the one loader of models and tokenizers, as every script meets it: a pickle that would run
+"""finetune/models/loading.py, the one loader of models and tokenizers, as every script meets it: a pickle that would run
 code is refused in our words, a folder without config.json or a hub name while offline gets a hint that fits, and
 a model folder that ships its own Python code (auto_map in config.json) is refused by every script: one error
 line, exit 2, the code never imported, and stdin never read (transformers, left to itself, asks there whether to
@@ -70,7 +70,7 @@ def test_hub_name_with_hf_hub_offline_already_set(tmp_path, tiny_data_dir, capsy
 
 def test_hub_name_with_no_network_names_the_download_command(tmp_path, tiny_data_dir, capsys, monkeypatch):
     """Offline, the HINT names the command that fetches the model on a machine with network."""
-    import finetune.models as models
+    import finetune.models.loading as models
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)  # no network, without waiting for it
     result = run_main(ft.main, base_args("gpt2-no-such-size", tiny_data_dir, tmp_path / "out"), capsys)

@@ -1,4 +1,4 @@
-"""The output folder of a run (finetune/outdir.py, finetune/rundir.py): --output-dir never deletes what the run
+"""The output folder of a run (finetune/core/outdir.py, finetune/train/rundir.py): --output-dir never deletes what the run
 reads or what it did not write; one run at a time holds it (a lock that dies with its run); the printed resume
 command works as printed, from anywhere."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import checkpoints as ckpt
-from finetune.rundir import lock_holder, resume_command
+from finetune.formats import checkpoints as ckpt
+from finetune.train.rundir import lock_holder, resume_command
 from helpers import (
     REPO_ROOT,
     assert_clean_error,
@@ -136,7 +136,7 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
 def test_replacing_best_moves_files_the_run_did_not_write_aside(tmp_path, caplog):
     """An export in best/ (the docs' own `export.py --model out/best` used to put it there) is moved to
     moved-aside/best/ with a warning when the next better evaluation replaces best/, not deleted with it."""
-    from finetune.fsio import atomic_folder
+    from finetune.core.fsio import atomic_folder
 
     out = tmp_path / "out"
     best = write_files(out / "best", {"config.json": "old", "model.safetensors": "old", "model-f16.gguf": "export",
@@ -152,8 +152,8 @@ def test_replacing_best_moves_files_the_run_did_not_write_aside(tmp_path, caplog
 
 
 def test_pruning_moves_foreign_files_aside_and_only_unlinks_a_linked_checkpoint(tmp_path, caplog):
-    from finetune.checkpoints import prune_checkpoints
-    from finetune.fsio import atomic_folder
+    from finetune.core.fsio import atomic_folder
+    from finetune.formats.checkpoints import prune_checkpoints
 
     out = tmp_path / "out"
     elsewhere = write_files(tmp_path / "elsewhere", {"config.json": "theirs", "training_state.pt": "theirs"})

@@ -1,4 +1,4 @@
-"""finetune/plan.py: the steps, the evaluation and save schedule, the memory estimate and the refusal of a run it
+"""finetune/train/plan.py: the steps, the evaluation and save schedule, the memory estimate and the refusal of a run it
 says will not fit (before the weights load), the schedule planned again by --resume --extend, and the --dry-run
 plan of a run far too long to list, checked by arithmetic and end to end through the training script."""
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 import finetune_generative as ft
 from dataset import load_meta
-from finetune import checkpoints as ckpt
-from finetune import plan as plan_module
-from finetune.config import TrainConfig, parse_config
+from finetune.formats import checkpoints as ckpt
+from finetune.train import plan as plan_module
+from finetune.train.config import TrainConfig, parse_config
 from helpers import BLOCK, assert_clean_error, base_args, error_lines, run_main, train_records
 
 TRILLION = 1_000_000_000_000
@@ -32,7 +32,7 @@ TRILLION = 1_000_000_000_000
 def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
                                                            monkeypatch):
     loaded = []
-    monkeypatch.setattr("finetune.models.load_weights", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("finetune.models.loading.load_weights", lambda *a, **k: loaded.append(a))
     out = tmp_path / "out"
     # The tiny model's estimate is ~0.4 GiB (the interpreter itself): a 0.1 GiB device cannot hold it.
     args = base_args(tiny_model_dir, tiny_data_dir, out, "--device-memory-gib", "0.1")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import prepare_data as prep
-from finetune import chat
-from finetune.chat import DEFAULT_CHAT_TEMPLATE
-from finetune.tokenfiles import load_meta
+from finetune.formats import chat
+from finetune.formats.chat import DEFAULT_CHAT_TEMPLATE
+from finetune.formats.tokenfiles import load_meta
 from helpers import assert_one_line_error, run_main
 
 
@@ -61,7 +61,7 @@ def pairs(n: int, seed: int = 2) -> list[dict]:
 
 
 def reference(tok, record: dict) -> tuple[list[int], list[int]] | None:
-    """(ids, mask bytes) of one record, computed without finetune/chat.py; None when it is skipped."""
+    """(ids, mask bytes) of one record, computed without finetune/formats/chat.py; None when it is skipped."""
     eos = tok.eos_token
     if "prompt" in record:
         ids = tok(record["prompt"] + record["completion"] + eos, add_special_tokens=False)["input_ids"]

@@ -22,9 +22,9 @@ import pytest
 
 import prepare_data as prep
 from dataset import DataError, load_meta
-from finetune.errors import UserError
+from finetune.core.errors import UserError
+from finetune.formats.tokenfiles import read_split, reassemble
 from finetune.prepare import cuts, engines, pipeline, recorded, split, stream
-from finetune.tokenfiles import read_split, reassemble
 from helpers import (
     REPO_ROOT,
     SHARED_GPT2_TOKENIZER,
@@ -188,7 +188,7 @@ def test_validation_is_from_the_middle_and_summary_is_printed(prepared):
 def test_progress_in_a_log_file_is_a_line_every_30_seconds_and_one_at_the_end(monkeypatch, capsys):
     from tqdm import tqdm
 
-    from finetune import console
+    from finetune.core import console
 
     clock = iter(range(0, 1000, 10))  # each call is 10 s later: started at 0, then an update every 10 s
     monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))

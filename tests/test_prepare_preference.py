@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import prepare_data
-from finetune.data import load_meta
+from finetune.data.dataset import load_meta
 from helpers import (
     assert_one_line_error,
     conversational_pairs,
@@ -28,7 +28,7 @@ def test_same_tokens_as_trl(tmp_path, tiny_model_dir, style):
     standard pairs joined with the end token, conversational ones rendered with the chat template."""
     from transformers import AutoTokenizer
 
-    from finetune.chat import DEFAULT_CHAT_TEMPLATE
+    from finetune.formats.chat import DEFAULT_CHAT_TEMPLATE
 
     train, val = style_pairs(12, seed=1), style_pairs(4, seed=2)
     if style == "conversational":

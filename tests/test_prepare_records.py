@@ -16,8 +16,8 @@ import pytest
 
 import prepare_data as prep
 from dataset import load_meta
+from finetune.formats.tokenfiles import read_split, reassemble
 from finetune.prepare import engines
-from finetune.tokenfiles import read_split, reassemble
 from helpers import assert_one_line_error, load, make_corpus, reference_ids, run_main
 
 

@@ -14,8 +14,8 @@ import pytest
 
 import prepare_data as prep
 from dataset import load_meta
+from finetune.formats.tokenfiles import reassemble
 from finetune.prepare import writer
-from finetune.tokenfiles import reassemble
 from helpers import REPO_ROOT, assert_one_line_error, load, make_corpus, reference_ids, run_main, snapshot
 
 

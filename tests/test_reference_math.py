@@ -3,7 +3,7 @@
 Both train the tiny GPT-2 from the same weights on the same batches in the same order, with
 AdamW (fused), the same hyperparameters and weight-decay groups, the same linear warmup/decay
 and gradient clipping, fp32 on CPU, dropout 0. The Trainer is handed our optimizer and schedule
-(finetune.plan.make_scheduler: transformers' linear schedule, but warmup step k of W at peak x k / W
+(finetune.train.plan.make_scheduler: transformers' linear schedule, but warmup step k of W at peak x k / W
 instead of starting at lr 0); test_weight_decay_groups_and_optimizer_match_trainer shows the optimizer
 is the one the Trainer would build itself, and test_schedule_is_transformers_after_the_warmup pins
 where the schedule differs from the Trainer's own. The runs cross an epoch boundary, whose last
@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 
 import finetune_generative as ft
 from dataset import EpochShuffleSampler, TextDataset
-from finetune.config import TrainConfig
-from finetune.models import make_optimizer
-from finetune.plan import make_scheduler
+from finetune.models.loading import make_optimizer
+from finetune.train.config import TrainConfig
+from finetune.train.plan import make_scheduler
 from helpers import BLOCK, assert_trained_alike, base_args, train_records
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""finetune/runtime.py: --precision auto on a CPU with bf16 instructions picks bf16 only where a matmul probe
+"""finetune/runtime/device.py: --precision auto on a CPU with bf16 instructions picks bf16 only where a matmul probe
 shows it faster, and remembers the measurement in the cache."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 def test_precision_auto_on_a_bf16_cpu_measures_and_remembers(tmp_path, monkeypatch, caplog):
     import logging
 
-    from finetune import runtime
+    from finetune.runtime import device as runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the CPU flag says bf16 (avx512_bf16)
     monkeypatch.setattr(runtime, "PROBE_SECONDS", 0.02, raising=False)

@@ -1,12 +1,12 @@
-"""finetune/strategies/: the strategy each set of flags gets, and what each answers without loading a model
+"""finetune/train/strategies/: the strategy each set of flags gets, and what each answers without loading a model
 (the runs end to end are in test_lora.py, test_fsdp.py and test_finetune.py)."""
 from __future__ import annotations
 
 import pytest
 
-from finetune import fsdp
-from finetune.config import TrainConfig
-from finetune.strategies import settings_problems, strategy_for
+from finetune.train import fsdp
+from finetune.train.config import TrainConfig
+from finetune.train.strategies import settings_problems, strategy_for
 
 
 @pytest.mark.parametrize("flags,name", [({}, "full"), ({"lora_r": 4}, "lora"), ({"fsdp": True}, "fsdp")])

@@ -1,4 +1,4 @@
-"""finetune/tokenfiles.py, as the training script meets it: a --data-dir that is a file, and token ids beyond the
+"""finetune/formats/tokenfiles.py, as the training script meets it: a --data-dir that is a file, and token ids beyond the
 model's vocabulary behind a meta.json that under-states them, each refused with one line before anything loads."""
 from __future__ import annotations
 

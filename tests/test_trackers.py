@@ -1,4 +1,4 @@
-"""--report-to (finetune/trackers.py) and the progress display when stderr is a file (finetune/console.py).
+"""--report-to (finetune/train/trackers.py) and the progress display when stderr is a file (finetune/core/console.py).
 
 - a --report-to tensorboard,mlflow run stopped by a real SIGTERM and resumed (then resumed again from an
   earlier checkpoint): the scalars read back with TensorBoard's EventAccumulator and MLflow's client equal
@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import finetune_generative as ft
-from finetune import console, trackers
+from finetune.core import console
+from finetune.train import trackers
 from helpers import REPO_ROOT, base_args, error_lines, run_main
 
 TRACKED = ["--max-steps", "20", "--save-every", "5", "--lr", "1e-4", "--sample-prompt", "The ship",
@@ -310,7 +311,7 @@ def test_mlflow_on_a_full_disk_is_one_warning(tmp_path, capfd):
     import resource
 
     pytest.importorskip("mlflow")
-    from finetune.trackers import MLflow, Trackers
+    from finetune.train.trackers import MLflow, Trackers
 
     trackers = Trackers([MLflow(tmp_path, {"lr": 1.0}, 0, None)])
     capfd.readouterr()

@@ -1,4 +1,4 @@
-"""finetune/training.py, the run object the loop works with: a stop request (SIGTERM, Ctrl-C) during an
+"""finetune/train/training.py, the run object the loop works with: a stop request (SIGTERM, Ctrl-C) during an
 evaluation takes effect within one batch and says what happened (before step 1: nothing to resume, the same
 command starts again; after it: saved at once); the final model, best/ and the checkpoint of the same step store
 identical weights once; a failed save of best/ is never logged as saved."""
@@ -12,7 +12,7 @@ import signal
 import pytest
 
 import finetune_generative as ft
-from finetune.data import load_meta
+from finetune.data.dataset import load_meta
 from helpers import (
     BLOCK,
     REPO_ROOT,
@@ -31,10 +31,10 @@ from helpers import (
 
 class SignalDuringEvaluation:
     """Sends a real SIGTERM to this process after the `after`-th validation batch of the `nth` evaluation,
-    and counts the validation batches computed after it (the evaluation's loss is finetune.loss's)."""
+    and counts the validation batches computed after it (the evaluation's loss is finetune.train.loss's)."""
 
     def __init__(self, monkeypatch, nth: int, after: int = 2):
-        from finetune import loss
+        from finetune.train import loss
 
         self.evaluations, self.batches, self.after_signal, self.sent = 0, 0, 0, False
         real_loss, real_evaluate = loss.next_token_loss, loss.evaluate
@@ -53,7 +53,7 @@ class SignalDuringEvaluation:
             return real_loss(logits, input_ids, *args, **kwargs)
 
         monkeypatch.setattr(loss, "next_token_loss", next_token_loss)
-        from finetune import training
+        from finetune.train import training
         monkeypatch.setattr(training, "evaluate", evaluate)
 
 
@@ -83,7 +83,7 @@ def test_a_stop_during_an_evaluation_takes_effect_within_one_batch(nth, tmp_path
 SLOW_STEP0 = f"""
 import sys, time
 sys.path.insert(0, {str(REPO_ROOT)!r})
-import finetune.training as training
+import finetune.train.training as training
 evaluate = training.evaluate
 def slow_evaluate(*args, **kwargs):  # held until the signal has arrived during the step-0 evaluation
     print("evaluating", file=sys.stderr, flush=True)
@@ -133,7 +133,7 @@ def test_a_signal_during_the_step0_evaluation_says_what_happened(tmp_path, tiny_
 
 def test_the_final_model_best_and_the_last_checkpoint_share_their_weights(tmp_path, tiny_model_dir, tiny_data_dir,
                                                                           capsys):
-    from finetune.fsio import stored_bytes
+    from finetune.core.fsio import stored_bytes
 
     out = tmp_path / "out"
     result = run_main(ft.main, base_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4"), capsys)  # evals at 0, 4
@@ -151,7 +151,7 @@ def test_the_final_model_best_and_the_last_checkpoint_share_their_weights(tmp_pa
 def test_a_failed_save_of_best_is_never_logged_as_saved(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
     """The log used to say "(best so far, saved to best/)" one line before the save of best/ failed on a full disk;
     the line now comes after the save, and says it failed when it did."""
-    from finetune.models import ModelFiles
+    from finetune.models.loading import ModelFiles
 
     def full_disk(self, model, folder):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..errors import SaveFailed
-from ..fsio import rewrite_text
+from finetune.core.errors import SaveFailed
+from finetune.core.fsio import rewrite_text
+
 from .metrics import Totals
 from .report import build_report, write_report
 from .scoring import Result, token_byte_lengths
@@ -39,7 +40,7 @@ def written_by_us(card: Path) -> bool:
 
 def val_tokens_and_bytes(val_loader, tokenizer) -> tuple[int, int]:
     """Predicted tokens of the val blocks one evaluation scores, and the UTF-8 bytes they stand for."""
-    from ..loss import IGNORE_INDEX
+    from finetune.train.loss import IGNORE_INDEX
 
     lengths = token_byte_lengths(tokenizer)
     tokens = n_bytes = 0
@@ -84,7 +85,7 @@ def preference_figures_of(record: dict) -> dict:
 
 def report_card(run, precision: str, wall_seconds: float | None) -> dict:
     """The report in evaluate.py's format (report.build_report) for the run's evaluated models."""
-    from ..runtime import library_versions
+    from finetune.runtime.device import library_versions
 
     cfg = run.cfg
     pairs = run.objective.kind == "preference"
@@ -137,7 +138,7 @@ def front_matter(run, final: dict | None) -> dict:
 
 
 def hardware(device) -> str:
-    from ..runtime import cpu_model
+    from finetune.runtime.device import cpu_model
 
     if device.type == "cuda":
         import torch
@@ -226,7 +227,7 @@ def results_table(labels: list[str], results: dict, pairs: bool) -> list[str]:
 
 def session_seconds(output_dir: Path) -> float | None:
     """Since this session of the run started: it wrote its config then (rundir.prepare_output_dir)."""
-    from ..rundir import CONFIG_FILE
+    from finetune.train.rundir import CONFIG_FILE
 
     try:
         return time.time() - (output_dir / CONFIG_FILE).stat().st_mtime

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..distributed import DistInfo
-from ..errors import UserError
-from ..rundir import CONFIG_FILE
+from finetune.core.errors import UserError
+from finetune.train.config import TrainConfig
+from finetune.train.rundir import CONFIG_FILE
+
 from .metrics import Totals
-from .scoring import Result, Scorer
+from .scoring import Progress, Result, Scorer, batched
 
 DEFAULT_BLOCK = 1024  # the training script's block size for a model with a longer context
 
@@ -45,6 +45,22 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def reported(loader, scorer: Scorer, total: int):
+    """The batches of `loader`, counted into the scorer's tokens and seconds, with a progress line on a long
+    evaluation (Progress)."""
+    import time
+
+    from finetune.train.loss import IGNORE_INDEX
+
+    progress = Progress("val batches", total)
+    for batch in loader:
+        started = time.perf_counter()
+        yield batch  # evaluate() runs the model on it before asking for the next
+        scorer.seconds += time.perf_counter() - started
+        scorer.tokens_scored += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        progress.advance(1, scorer)
+
+
 class ValSplitEvaluation:
     kind = "val split"
 
@@ -56,8 +72,8 @@ class ValSplitEvaluation:
 
     def blocks(self, context: int) -> tuple[int, int | None, int]:
         """(block size, validation blocks chosen (None: all), batch size), as the training run had them."""
-        from ..objectives import objective_for
-        from ..plan import eval_blocks, make_plan
+        from finetune.train.objectives import objective_for
+        from finetune.train.plan import eval_blocks, make_plan
 
         cfg = self.run_cfg
         if cfg is None:
@@ -67,12 +83,27 @@ class ValSplitEvaluation:
         plan = make_plan(cfg, self.meta, block_size, 1, blocks)
         return block_size, eval_blocks(cfg, plan), cfg.batch_size
 
+    def for_model(self, run: tuple[Path, TrainConfig] | None) -> ValSplitEvaluation:
+        """The same split in the blocks of the run a model comes from (its own, if it was trained on it)."""
+        return ValSplitEvaluation(self.data_dir, self.meta, self.batch_size, run)
+
+    def most_shares(self, context: int) -> int:
+        """The batches there are (each process runs whole batches)."""
+        from finetune.data.dataset import validation_blocks
+        from finetune.train.objectives import objective_for
+
+        block_size, chosen, batch_size = self.blocks(context)
+        if block_size > context:
+            return 0
+        dataset = objective_for(self.meta, self.run_cfg).dataset(self.data_dir, "val", block_size, self.meta)
+        return math.ceil(len(validation_blocks(len(dataset), len(dataset) if chosen is None else chosen)) / batch_size)
+
     def run(self, scorer: Scorer) -> Result:
         from torch.utils.data import DataLoader, Subset
 
-        from ..data import validation_blocks
-        from ..loss import IGNORE_INDEX, evaluate
-        from ..objectives import objective_for
+        from finetune.data.dataset import validation_blocks
+        from finetune.train.loss import IGNORE_INDEX, evaluate
+        from finetune.train.objectives import objective_for
 
         block_size, chosen, batch_size = self.blocks(scorer.context)
         if block_size > scorer.context:
@@ -84,8 +115,12 @@ class ValSplitEvaluation:
             raise UserError(f"the val split of {self.data_dir} holds less than one block of {block_size} tokens. "
                             f"HINT: prepare the data with a larger --val-fraction, or evaluate on --input text")
         indices = validation_blocks(len(dataset), len(dataset) if chosen is None else chosen)
-        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
-        loss = evaluate(scorer.model, loader, scorer.ctx, scorer.device, DistInfo(), objective)
+        blocks = Subset(dataset, indices)
+        loader = DataLoader(blocks, batch_size=batch_size, shuffle=False)
+        # this process's batches of those one process runs; evaluate() adds the sums of all processes
+        mine = [batch for batch in batched(range(len(indices)), batch_size) if scorer.shard.owns_next_batch()]
+        loss = evaluate(scorer.model, reported(DataLoader(blocks, batch_sampler=mine), scorer, len(mine)),
+                        scorer.ctx, scorer.device, scorer.shard.dist_info, objective)
         lengths = scorer.byte_lengths()
         totals = Totals(documents=len(indices))
         for batch in loader:  # the predicted tokens, their bytes: no model needed

@@ -8,7 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import UserError, first_line
+from finetune.core.errors import UserError, first_line
+
 from .scoring import Result, Scorer
 
 INSTALL = "pip install lm-eval"

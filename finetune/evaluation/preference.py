@@ -10,17 +10,18 @@ per byte here; the figures are
                           the share of pairs with (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)) > 0
     pairs                 pairs compared (those skipped by the packing, with nothing left to compare, are not)
 
-The log-probabilities are DPO's own (finetune/objectives/preference.py: logps_table, the packed blocks of
-finetune/pairs.py), so they are the numbers a training run on these pairs computes. Every model is scored on
+The log-probabilities are DPO's own (finetune/train/objectives/preference.py: logps_table, the packed blocks of
+finetune/data/pairs.py), so they are the numbers a training run on these pairs computes. Every model is scored on
 the same blocks (one block size for all), so that the pairs, and how long ones were cut, are the same.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..distributed import DistInfo
-from ..errors import UserError
-from .scoring import Result, Scorer
+from finetune.core.errors import UserError
+from finetune.runtime.distributed import DistInfo
+
+from .scoring import Result, Scorer, batched
 
 DEFAULT_BLOCK = 1024  # as for text: the training script's block size for a model with a longer context
 
@@ -42,6 +43,20 @@ def preference_figures(table: np.ndarray, reference: np.ndarray | None = None) -
     return figures
 
 
+class BlocksOf:
+    """Some of the blocks of a PackedPairDataset, in order, as a dataset of their own (the pairs' table is
+    still the whole split's: a pair in another process's blocks stays 0 in this one's)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices, self.packing = dataset, indices, dataset.packing
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
 class PreferenceEvaluation:
     kind = "preference pairs"
 
@@ -57,7 +72,7 @@ class PreferenceEvaluation:
         self.block_size = run_block_size or min([*contexts, DEFAULT_BLOCK])
 
     def dataset(self):
-        from ..pairs import PackedPairDataset
+        from finetune.data.pairs import PackedPairDataset
 
         dataset = PackedPairDataset.from_data_dir(self.data_dir, "val", self.block_size, self.meta)
         examples = dataset.packing.examples
@@ -69,13 +84,24 @@ class PreferenceEvaluation:
                             f"{self.block_size} tokens ({examples} pair(s) in the split). HINT: {hint}")
         return dataset
 
+    def most_shares(self, context: int) -> int:
+        """The batches of pair blocks there are (each process runs whole batches)."""
+        if self.block_size is None:
+            self.settle_block_size([context], None)
+        return -(-len(self.dataset()) // self.batch_size)
+
     def run(self, scorer: Scorer) -> Result:
-        from ..objectives.preference import logps_table
+        from finetune.train.objectives.preference import logps_table
 
         if self.block_size is None:
             self.settle_block_size([scorer.context], None)
         dataset = self.dataset()
-        table = logps_table(scorer.model, dataset, self.batch_size, scorer.ctx, scorer.device, DistInfo())
+        # this process's batches of those one process runs (the same blocks in each), the tables added up
+        mine = [i for batch in batched(range(len(dataset)), self.batch_size) if scorer.shard.owns_next_batch()
+                for i in batch]
+        table = logps_table(scorer.model, BlocksOf(dataset, mine), self.batch_size, scorer.ctx, scorer.device,
+                            DistInfo())
+        table = scorer.shard.sum(table)  # a skipped pair is NaN in every process's table, and stays NaN
         if self.first is None:
             self.first = (scorer.label, table)
             figures = preference_figures(table)

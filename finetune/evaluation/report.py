@@ -8,7 +8,8 @@ import math
 import os
 from pathlib import Path
 
-from ..fsio import atomic_file
+from finetune.core.fsio import atomic_file
+
 from .metrics import FIGURES, headline
 
 REPORT_FORMAT, REPORT_VERSION = "finetune-eval", 1

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..runtime import autocast_context
+from finetune.runtime.device import autocast_context
+
+from .parallel import Shard
 from .windows import Window
 
 log = logging.getLogger("evaluate")
@@ -44,12 +46,15 @@ class Evaluation(Protocol):
 class Scorer:
     """One model, its tokenizer and how it runs: windows in, log-probabilities of their targets out."""
 
-    def __init__(self, model, tokenizer, device, precision: str, context: int, batch_size: int, label: str):
+    def __init__(self, model, tokenizer, device, precision: str, context: int, batch_size: int, label: str,
+                 shard: Shard | None = None):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.precision, self.context, self.batch_size, self.label = precision, context, batch_size, label
+        self.shard = shard or Shard(device=device)  # which batches this process runs (parallel.py)
         self.ctx = autocast_context(device, precision)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._byte_lengths: np.ndarray | None = None
+        self._cutter = None
         self.head = plain_output_layer(model)
         self.tokens_scored = 0
         self.seconds = 0.0
@@ -66,12 +71,17 @@ class Scorer:
 
     def target_logprobs(self, windows: list[Window]) -> list[np.ndarray]:
         """The log-probability of each target token of each window (float64), the windows run in batches of
-        similar length (longest first: the first batch shows at once whether memory suffices)."""
+        similar length (longest first: the first batch shows at once whether memory suffices). In several
+        processes, zeros for the windows of the batches another process runs (their sums add up: parallel.py)."""
         out: list[np.ndarray | None] = [None] * len(windows)
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i].tokens))
         for first in range(0, len(order), self.batch_size):
             chunk = order[first:first + self.batch_size]
-            for i, logprobs in zip(chunk, self._run_batch([windows[i] for i in chunk])):
+            if self.shard.owns_next_batch():
+                scored = self._run_batch([windows[i] for i in chunk])
+            else:
+                scored = [np.zeros(windows[i].n_targets) for i in chunk]
+            for i, logprobs in zip(chunk, scored):
                 out[i] = logprobs
         return out  # type: ignore[return-value]
 
@@ -115,6 +125,16 @@ class Scorer:
             out.append((picked - torch.logsumexp(logits, dim=-1)).double())
         return torch.cat(out).cpu().numpy()
 
+    def cutter(self):
+        """Where a long text may be cut into pieces that tokenize into the whole text's tokens (prepare_data.py's
+        Cutter: GPT-2's byte-level regex proven, other tokenizers each cut checked)."""
+        if self._cutter is None:
+            from finetune.prepare.cuts import make_cutter
+            from finetune.prepare.engines import HFEngine, tokenizer_spec
+
+            self._cutter = make_cutter(self.tokenizer, tokenizer_spec(self.tokenizer), HFEngine(self.tokenizer))
+        return self._cutter
+
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes of each token id (of its piece of text): what bits per byte divides by on token files."""
         if self._byte_lengths is None:
@@ -125,7 +145,7 @@ class Scorer:
         """The most likely continuation (greedy), up to the end-of-text token or max_new_tokens."""
         import torch
 
-        from ..sampling import decode_sample, generation_kwargs
+        from finetune.infer.sampling import decode_sample, generation_kwargs
 
         kwargs = generation_kwargs(self.model, self.tokenizer, max_new_tokens=max_new_tokens, greedy=True)
         room = self.context - len(prompt_ids)
@@ -159,7 +179,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     """Bytes of text each id stands for. Byte-level BPE (GPT-2's family): the characters of its vocabulary
     entry, each one byte; other tokenizers: the UTF-8 length of the id decoded alone. Special tokens: 0 (they
     are markup, not text of the document)."""
-    from ..prepare.engines import bytes_to_unicode
+    from finetune.prepare.engines import bytes_to_unicode
 
     byte_chars = set(bytes_to_unicode().values())
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -192,10 +212,13 @@ class Progress:
         self.what, self.total, self.done = what, total, 0
         self.started = self.last = time.perf_counter()
 
-    def advance(self, n: int, scorer: Scorer) -> None:
+    def advance(self, n: int, scorer: Scorer, detail: str = "") -> None:
+        """`detail`: more of where it is (how much of a long document is done)."""
         self.done += n
         now = time.perf_counter()
         if now - self.last >= PROGRESS_SECONDS:
             self.last = now
             rate = scorer.tokens_scored / scorer.seconds if scorer.seconds else 0
-            log.info("%s: %s %d/%d (%.0f tokens/s)", scorer.label, self.what, self.done, self.total, rate)
+            processes = f" in this process of {scorer.shard.world_size}" if scorer.shard.world_size > 1 else ""
+            log.info("%s: %s %d/%d%s, %s tokens scored%s (%.0f tokens/s)", scorer.label, self.what, self.done,
+                     self.total, f" ({detail})" if detail else "", f"{scorer.tokens_scored:,}", processes, rate)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..sampling import chat_prompt_ids
+from finetune.core.errors import UserError
+from finetune.infer.sampling import chat_prompt_ids
+
 from .scoring import Result, Scorer
 from .windows import continuation_window
 
@@ -108,16 +109,31 @@ class TaskEvaluation:
                            multiple_choice=len(mc))
             documents += rows
         if em:
-            matches = []
-            for q in em:
-                prompt = (chat_prompt_ids(scorer.tokenizer, [{"role": "user", "content": q.text}]) if chat
-                          else scorer.encode(q.text))
-                completion = scorer.greedy_completion(prompt, MAX_NEW_TOKENS)
-                answer = first_line(completion)
-                matches.append(answer == q.answer.strip())
-                documents.append({"input": self.name, "name": q.where, "answer": answer, "correct": matches[-1]})
+            answers = greedy_answers(scorer, em, chat)
+            matches = [answer == q.answer.strip() for q, answer in zip(em, answers)]
+            documents += [{"input": self.name, "name": q.where, "answer": answer, "correct": match}
+                          for q, answer, match in zip(em, answers, matches)]
             figures.update(exact_match=float(np.mean(matches)), exact_match_questions=len(em))
         return Result(figures, documents=documents)
+
+    def most_shares(self, context: int) -> int:
+        """The most processes that can get work: a batch of one choice each, or an exact-match question."""
+        return sum(len(q.choices) if q.choices is not None else 1 for q in self.questions)
+
+
+def greedy_answers(scorer: Scorer, questions: list[Question], chat: bool) -> list[str]:
+    """The first line of each question's greedy completion; in several processes, question i is completed by
+    process i mod N and the answers are gathered."""
+    mine = {}
+    for i, q in enumerate(questions):
+        if scorer.shard.owns_item(i):
+            prompt = (chat_prompt_ids(scorer.tokenizer, [{"role": "user", "content": q.text}]) if chat
+                      else scorer.encode(q.text))
+            mine[i] = first_line(scorer.greedy_completion(prompt, MAX_NEW_TOKENS))
+    answers = {}
+    for part in scorer.shard.gather(mine):
+        answers.update(part)
+    return [answers[i] for i in range(len(questions))]
 
 
 def first_line(completion: str) -> str:
@@ -149,7 +165,8 @@ def score_multiple_choice(scorer: Scorer, questions: list[Question], chat: bool)
                 context, continuation = encode_pair(scorer, q.text, TARGET_DELIMITER + choice)
             windows.append(continuation_window(context, continuation, scorer.context))
         spans.append((first, len(windows)))
-    loglikelihoods = [float(lp.sum()) for lp in scorer.target_logprobs(windows)]
+    # in several processes each choice is scored by one of them, the others add 0 (parallel.py)
+    loglikelihoods = scorer.shard.sum(np.array([lp.sum() for lp in scorer.target_logprobs(windows)])).tolist()
     correct, correct_norm, rows = [], [], []
     for q, (first, end) in zip(questions, spans):
         lls = np.array(loglikelihoods[first:end])

@@ -11,7 +11,7 @@ everything here imports it lazily, and export.py says `pip install gguf` when it
 """
 from __future__ import annotations
 
-from ..errors import UserError
+from finetune.core.errors import UserError
 
 GGUF_MISSING = "export to GGUF needs the gguf package, which is not installed. HINT: pip install gguf"
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsio import atomic_path
+from finetune.core.errors import UserError
+from finetune.core.fsio import atomic_path
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from finetune.core.errors import UserError
 
 # The Split regexes of Llama 3's and Qwen2's tokenizer.json (they differ in \p{N}{1,3} vs \p{N}), and the
 # llama.cpp pre-tokenizer that implements each.

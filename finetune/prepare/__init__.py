@@ -14,7 +14,7 @@ draws it). A module imports only the ones listed before it (and the package room
     cuts        the safe-cut proof and the Cutter
     split       validation ranges in the byte stream
     stream      pieces: the inputs cut at safe places, labelled train or val
-    chatstream  chat records -> examples (ids + loss mask, finetune/chat.py), whole records per split
+    chatstream  chat records -> examples (ids + loss mask, finetune/formats/chat.py), whole records per split
     writer      token files under temporary names, the tally, meta.json, the publish
     pipeline    pieces -> ids -> files, the checks on what came out
 """

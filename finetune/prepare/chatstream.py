@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chat import ChatRenderer, ChatTemplate, FormatChooser, choose_template, describe, example_of, parse_cell
-from ..errors import UserError
+from finetune.core.errors import UserError
+from finetune.formats.chat import ChatRenderer, ChatTemplate, FormatChooser, choose_template, describe, example_of, parse_cell
+
 from .engines import CHECK_EVERY, EngineMismatch
 from .piece import Piece
 from .records import read_objects, record_format

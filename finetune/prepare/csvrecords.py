@@ -7,7 +7,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from finetune.core.errors import UserError
+
 from .lines import MAX_FIELDS_SHOWN, record_lines
 
 

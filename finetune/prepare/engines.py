@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import UserError
+from finetune.core.errors import UserError
 
 if TYPE_CHECKING:
     from .piece import Piece
@@ -32,7 +32,8 @@ def load_tokenizer(name_or_path: str, full: bool = False):
     this tokenizer was checked and recorded by an earlier run, the same tokenizer without transformers
     (recorded.load_recorded_tokenizer: a fraction of the start-up; docs/performance.md). `full`: always the
     AutoTokenizer (chat records need its chat template and special tokens)."""
-    from ..models import load_tokenizer as load
+    from finetune.models.loading import load_tokenizer as load
+
     from .recorded import load_recorded_tokenizer, remember_tokenizer
 
     tokenizer = None if full else load_recorded_tokenizer(name_or_path)

@@ -9,7 +9,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from finetune.core.errors import UserError
+
 from .lines import BLOCK_BYTES, byte_width, record_lines, strip_bom
 
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from finetune.core.errors import UserError
 
 BLOCK_BYTES = 1 << 20
 MAX_FIELDS_SHOWN = 12  # field or column names an error message lists

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError, first_line
+from finetune.core.errors import UserError, first_line
+
 from .lines import MAX_FIELDS_SHOWN
 
 PARQUET_BATCH_ROWS = 1024

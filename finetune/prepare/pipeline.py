@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chat import FormatChooser
-from ..console import bytes_progress, human_bytes
-from ..errors import UserError
-from ..tokenfiles import token_dtype
+from finetune.core.console import bytes_progress, human_bytes
+from finetune.core.errors import UserError
+from finetune.formats.chat import FormatChooser
+from finetune.formats.tokenfiles import token_dtype
+
 from .chatstream import ChatRun, chat_examples, chat_meta, chat_renderer, check_examples
 from .cuts import Cutter
 from .piece import Piece

@@ -15,9 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from ..fsio import rewrite_text
-from ..models import looks_like_path
-from ..tokenfiles import tokenizer_fingerprint
+from finetune.core.fsio import rewrite_text
+from finetune.formats.tokenfiles import tokenizer_fingerprint
+from finetune.models.loading import looks_like_path
 
 RECORD_VERSION = 1
 RECORD_SUFFIXES = (".json", ".txt", ".model")  # what a tokenizer folder's tokenizer is built from

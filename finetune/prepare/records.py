@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from finetune.core.errors import UserError
+
 from .csvrecords import csv_rows
 from .jsonrecords import check_no_lone_surrogate, json_objects, json_type, jsonl_objects
 from .lines import MAX_FIELDS_SHOWN, file_sha256

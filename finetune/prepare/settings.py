@@ -1,7 +1,7 @@
 """What the pipeline needs to know from the command line, as one frozen object (prepare_data.py builds it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,3 +19,4 @@ class Settings:
     chat_format: str = "auto"        # --chat-format: auto, messages, prompt_completion, instruction, text
     chat_template: str | None = None  # --chat-template FILE
     train_on_everything: bool = False  # chat data: every token a target, not only the replies
+    recorded: dict = field(default_factory=dict)  # meta.json's "settings": the flags that decide the outputs

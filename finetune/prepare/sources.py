@@ -9,9 +9,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..chat import CHAT_FORMATS, format_of
-from ..console import human_bytes
-from ..errors import UserError
+from finetune.core.console import human_bytes
+from finetune.core.errors import UserError
+from finetune.formats.chat import CHAT_FORMATS, format_of
+
 from .records import RECORD_FORMATS, check_record_file, first_fields, record_format
 
 # Which files a directory contributes (hidden files and folders are skipped): text, and records.

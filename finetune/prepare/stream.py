@@ -11,7 +11,8 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from finetune.core.errors import UserError
+
 from .engines import CHUNK_CHARS
 from .lines import is_utf8
 from .piece import Piece

@@ -1,5 +1,5 @@
 """Token files: train.bin / val.bin written under hidden temporary names, what was written tallied, and
-meta.json (built, written and read back by finetune/tokenfiles.py) written last, when everything is renamed
+meta.json (built, written and read back by finetune/formats/tokenfiles.py) written last, when everything is renamed
 into place (an interrupted run never leaves a train.bin that looks valid)."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, raise_if_write_failure
-from ..fsio import fsync_dir
-from ..tokenfiles import MASK_FILES, build_meta, write_meta
+from finetune.core.errors import UserError, raise_if_write_failure
+from finetune.core.fsio import fsync_dir
+from finetune.formats.tokenfiles import MASK_FILES, build_meta, write_meta
+
 from .chatstream import chat_notes, preference_notes
 from .engines import tokenizer_class
 from .piece import Piece
@@ -149,7 +150,8 @@ def run_meta(settings: Settings, tokenizer, dtype: np.dtype, tally: Tally, sourc
     return build_meta(tokenizer, name_or_path=settings.tokenizer, tokenizer_class=tokenizer_class(tokenizer),
                       dtype=dtype, max_token_id=tally.max_id, tokens=tally.tokens, chars=tally.chars,
                       sources=sources, split=split, encoding=settings.encoding,
-                      **(chat if chat else records_meta(settings.text_field, sources)))
+                      **(chat if chat else records_meta(settings.text_field, sources)),
+                      **({"settings": settings.recorded} if settings.recorded else {}))
 
 
 def records_meta(text_field: str, sources: list[dict]) -> dict:
