@@ -30,26 +30,20 @@ processed tokens. Timings are only meaningful on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, build_model_dir  # noqa: E402
+from _side_by_side import WORDS, compare, run_ours, step_stamps, trl_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from helpers import TEST_TEMPLATE, write_chat_data  # noqa: E402  (the tests' chat-data writer and template)
 
-WORDS = ("the a of to in and river mountain ship captain whale sea wind storm quiet morning evening letter house "
-         "garden door window old young small great said walked looked found heard thought remembered carried "
-         "opened closed because while under over between after before again never always").split()
 HYPER = dict(lr=5e-5, weight_decay=0.01, max_grad_norm=1.0)  # and warmup: ceil(5 % of the steps)
 
 
@@ -91,12 +85,6 @@ def warmup_steps(args) -> int:
     return math.ceil(0.05 * args.steps)
 
 
-def run_checked(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
-
-
 def build_data(args, model_dir: Path, root: Path) -> Path:
     from transformers import AutoTokenizer
 
@@ -109,23 +97,13 @@ def build_data(args, model_dir: Path, root: Path) -> Path:
     return folder
 
 
-def run_ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
+def ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
     from finetune.data.dataset import load_meta
     from finetune.data.packing import split_packing
 
-    cmd = [sys.executable, str(REPO / "finetune_generative.py"), "--model", str(model_dir), "--data-dir",
-           str(data_dir), "--output-dir", str(out), "--overwrite", "--block-size", str(args.block_size),
-           "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--precision", args.precision,
-           "--device", args.device, "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-           "--eval-batches", "1", "--lr", str(HYPER["lr"]), "--warmup-steps", str(warmup_steps(args)),
-           "--num-workers", "2"]
-    run_checked(cmd)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    tokens_per_step = args.batch_size * args.block_size
-    seconds = [tokens_per_step / r["tokens_per_s"] for r in train]
     share = split_packing(data_dir, "train", args.block_size, load_meta(data_dir)).real_token_share
-    return {"seconds": seconds, "processed_per_step": [tokens_per_step] * len(seconds), "real_share": share}
+    return run_ours(args, REPO, model_dir, data_dir, out, ["--lr", str(HYPER["lr"]), "--warmup-steps",
+                    str(warmup_steps(args))], share)
 
 
 def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
@@ -133,16 +111,13 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = TEST_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    stamps, processed = [], []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            stamps.append(time.perf_counter())
+    stamp, stamps = step_stamps()
+    processed = []
 
     config = trl.SFTConfig(
         output_dir=str(result.parent / "trl-out"), packing=True, assistant_only_loss=True, max_length=args.block_size,
@@ -160,31 +135,9 @@ def trl_run(args, model_dir: Path, data_dir: Path, result: Path) -> None:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     trainer = CountingTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
-                              callbacks=[Stamp()])
-    start = time.perf_counter()
-    trainer.train()
-    seconds = [b - a for a, b in zip([start, *stamps], stamps)]
+                              callbacks=[stamp])
     # padding-free: every processed token is an example's (the flattened batch has no padding rows)
-    result.write_text(json.dumps({"seconds": seconds, "processed_per_step": processed[:len(seconds)],
-                                  "real_share": 1.0}))
-
-
-def run_trl(args, argv, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / "result.json"
-    run_checked([sys.executable, __file__, *argv, "--trl-run", str(result)])
-    return json.loads(result.read_text())
-
-
-def summarize(name: str, runs: list[dict], skip: int) -> dict:
-    per_round = []
-    for run in runs:
-        seconds, processed = run["seconds"][skip:], run["processed_per_step"][skip:]
-        per_round.append({"s_per_step": statistics.mean(seconds), "processed_per_s": sum(processed) / sum(seconds),
-                          "real_per_s": run["real_share"] * sum(processed) / sum(seconds),
-                          "real_share": run["real_share"]})
-    best = max(per_round, key=lambda r: r["real_per_s"])
-    return {"name": name, **best, "rounds": per_round}
+    trl_result(trainer, stamps, processed, processed, result)
 
 
 def main(argv=None) -> int:
@@ -197,20 +150,9 @@ def main(argv=None) -> int:
     if args.trl_run:
         trl_run(args, model_dir, data_dir, Path(args.trl_run))
         return 0
-    runs = {"ours": [], "trl": []}
-    for r in range(args.rounds):
-        runs["ours"].append(run_ours(args, model_dir, data_dir, root / f"ours-{r}"))
-        runs["trl"].append(run_trl(args, argv, root / f"trl-{r}"))
-    rows = [summarize(name, results, args.skip) for name, results in runs.items()]
-    print(f"model {args.model}, {args.precision}, batch {args.batch_size} x block {args.block_size}, {args.steps} "
-          f"steps (first {args.skip} left out), {args.conversations} conversations, best of {args.rounds} rounds")
-    print(f"{'':6} {'s/step':>8} {'real tok/s':>11} {'processed tok/s':>16} {'real share':>11}")
-    for row in rows:
-        print(f"{row['name']:6} {row['s_per_step']:8.3f} {row['real_per_s']:11,.0f} {row['processed_per_s']:16,.0f} "
-              f"{row['real_share']:11.1%}")
-    ours, trl = rows
-    print(f"ours / trl, real tokens per second: {ours['real_per_s'] / trl['real_per_s']:.2f}x")
-    (root / "summary.json").write_text(json.dumps(rows, indent=2))
+    heading = (f"model {args.model}, {args.precision}, batch {args.batch_size} x block {args.block_size}, {args.steps} "
+               f"steps (first {args.skip} left out), {args.conversations} conversations, best of {args.rounds} rounds")
+    compare(args, argv, __file__, lambda out: ours(args, model_dir, data_dir, out), root, heading)
     return 0
 
 

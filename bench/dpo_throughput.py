@@ -11,8 +11,9 @@ prepare_data.py (ours) and, as a dataset, to DPOTrainer: both tokenize them to t
 (tests/test_prepare_preference.py::test_same_tokens_as_trl).
 
 The contenders, each in its own process, alternating rounds (ours, trl, ours, trl, ...):
-  ours  `python finetune_generative.py --max-steps N --log-every 1 --eval-every 0 --save-every 0`, unmodified:
-        pairs packed whole into --block-size blocks (two sequences each), --batch-size blocks per step.
+  ours  `python finetune_generative.py --max-steps N --log-every 1 --eval-every 0 --save-every 0 --dropout 0`,
+        unmodified: pairs packed whole into --block-size blocks (two sequences each), --batch-size blocks per
+        step; dropout off as DPOTrainer turns it off by default (disable_dropout=True).
         Per-step seconds from metrics.jsonl; the reference pass before step 0 is not in them.
   trl   trl.DPOTrainer, sigmoid, beta 0.1, precompute_ref_log_probs=True (its pass is in __init__, not timed),
         max_length = --block-size, per_device_train_batch_size = --trl-batch-size pairs, the same optimizer
@@ -29,20 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, build_model_dir  # noqa: E402
+from _side_by_side import WORDS, compare, run_checked, run_ours, step_stamps, trl_result  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
-WORDS = ("the a of to in and river mountain ship captain whale sea wind storm quiet morning evening letter house "
-         "garden door window old young small great said walked looked found heard thought remembered carried "
-         "opened closed because while under over between after before again never always").split()
 HYPER = dict(lr=5e-6, weight_decay=0.0, max_grad_norm=1.0)
 
 
@@ -77,12 +73,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_checked(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
-
-
 def build_data(args, model_dir: Path, root: Path) -> Path:
     folder = root / f"data-{args.pairs}-{args.seed}"
     if not (folder / "meta.json").is_file():
@@ -95,24 +85,15 @@ def build_data(args, model_dir: Path, root: Path) -> Path:
     return folder
 
 
-def run_ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
+def ours(args, model_dir: Path, data_dir: Path, out: Path) -> dict:
     from finetune.data.dataset import load_meta
     from finetune.data.pairs import split_packing
 
-    cmd = [sys.executable, str(REPO / "finetune_generative.py"), "--model", str(model_dir), "--data-dir",
-           str(data_dir), "--output-dir", str(out), "--overwrite", "--block-size", str(args.block_size),
-           "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--precision", args.precision,
-           "--device", args.device, "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-           "--eval-batches", "1", "--lr", str(HYPER["lr"]), "--weight-decay", str(HYPER["weight_decay"]),
-           "--scheduler", "constant", "--warmup-steps", "0", "--num-workers", "2"]
-    run_checked(cmd)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    tokens_per_step = args.batch_size * args.block_size
-    seconds = [tokens_per_step / r["tokens_per_s"] for r in train]
     share = split_packing(data_dir, "train", args.block_size, load_meta(data_dir)).real_token_share
-    return {"seconds": seconds, "processed_per_step": [tokens_per_step] * len(seconds),
-            "real_per_step": [share * tokens_per_step] * len(seconds)}
+    # --dropout 0: DPOTrainer's default (disable_dropout=True); ours keeps the model's unless told
+    return run_ours(args, REPO, model_dir, data_dir, out, ["--lr", str(HYPER["lr"]), "--weight-decay",
+                    str(HYPER["weight_decay"]), "--scheduler", "constant", "--warmup-steps", "0", "--dropout", "0"],
+                    share)
 
 
 def trl_run(args, model_dir: Path, result: Path) -> None:
@@ -120,15 +101,12 @@ def trl_run(args, model_dir: Path, result: Path) -> None:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    stamps, processed, real = [], [], []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            stamps.append(time.perf_counter())
+    stamp, stamps = step_stamps()
+    processed, real = [], []
 
     class CountingTrainer(trl.DPOTrainer):
         def compute_loss(self, model, inputs, *a, **k):
@@ -144,30 +122,8 @@ def trl_run(args, model_dir: Path, result: Path) -> None:
         logging_steps=10**9, save_strategy="no", report_to="none", use_cpu=args.device == "cpu",
         dataloader_num_workers=2, seed=args.seed, disable_tqdm=True, gradient_checkpointing=False)
     trainer = CountingTrainer(model=model, args=config, processing_class=tokenizer,
-                              train_dataset=Dataset.from_list(make_pairs(args.pairs, args.seed)), callbacks=[Stamp()])
-    start = time.perf_counter()
-    trainer.train()
-    seconds = [b - a for a, b in zip([start, *stamps], stamps)]
-    result.write_text(json.dumps({"seconds": seconds, "processed_per_step": processed[:len(seconds)],
-                                  "real_per_step": real[:len(seconds)]}))
-
-
-def run_trl(argv, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / "result.json"
-    run_checked([sys.executable, __file__, *argv, "--trl-run", str(result)])
-    return json.loads(result.read_text())
-
-
-def summarize(name: str, runs: list[dict], skip: int) -> dict:
-    per_round = []
-    for run in runs:
-        seconds = run["seconds"][skip:]
-        processed, real = sum(run["processed_per_step"][skip:]), sum(run["real_per_step"][skip:])
-        per_round.append({"s_per_step": statistics.mean(seconds), "processed_per_s": processed / sum(seconds),
-                          "real_per_s": real / sum(seconds), "real_share": real / processed})
-    best = max(per_round, key=lambda r: r["real_per_s"])
-    return {"name": name, **best, "rounds": per_round}
+                              train_dataset=Dataset.from_list(make_pairs(args.pairs, args.seed)), callbacks=[stamp])
+    trl_result(trainer, stamps, processed, real, result)
 
 
 def main(argv=None) -> int:
@@ -180,21 +136,10 @@ def main(argv=None) -> int:
         trl_run(args, model_dir, Path(args.trl_run))
         return 0
     data_dir = build_data(args, model_dir, root)
-    runs = {"ours": [], "trl": []}
-    for r in range(args.rounds):
-        runs["ours"].append(run_ours(args, model_dir, data_dir, root / f"ours-{r}"))
-        runs["trl"].append(run_trl(argv, root / f"trl-{r}"))
-    rows = [summarize(name, results, args.skip) for name, results in runs.items()]
-    print(f"model {args.model}, {args.precision}, ours: batch {args.batch_size} x block {args.block_size}; trl: "
-          f"{args.trl_batch_size} pairs per step; {args.steps} steps (first {args.skip} left out), {args.pairs} pairs, "
-          f"best of {args.rounds} rounds")
-    print(f"{'':6} {'s/step':>8} {'real tok/s':>11} {'processed tok/s':>16} {'real share':>11}")
-    for row in rows:
-        print(f"{row['name']:6} {row['s_per_step']:8.3f} {row['real_per_s']:11,.0f} {row['processed_per_s']:16,.0f} "
-              f"{row['real_share']:11.1%}")
-    ours, trl = rows
-    print(f"ours / trl, real tokens per second: {ours['real_per_s'] / trl['real_per_s']:.2f}x")
-    (root / "summary.json").write_text(json.dumps(rows, indent=2))
+    heading = (f"model {args.model}, {args.precision}, ours: batch {args.batch_size} x block {args.block_size}; trl: "
+               f"{args.trl_batch_size} pairs per step; {args.steps} steps (first {args.skip} left out), {args.pairs} "
+               f"pairs, best of {args.rounds} rounds")
+    compare(args, argv, __file__, lambda out: ours(args, model_dir, data_dir, out), root, heading)
     return 0
 
 

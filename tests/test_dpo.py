@@ -180,6 +180,35 @@ def test_packed_pairs_have_the_logps_they_have_alone(tiny_model_dir, pair_data):
             assert by_number[number][which] == pytest.approx(alone, rel=1e-6, abs=TOLERANCE)
 
 
+def test_only_the_completions_positions_go_through_the_output_layer(tiny_model_dir, pair_data):
+    """The output layer sees the hidden states of the scored positions only (not the prompts', the padding's), and
+    the log-probabilities and their gradients equal those of the full logits."""
+    meta = load_meta(pair_data)
+    packed = PackedPairDataset.from_data_dir(pair_data, "train", BLOCK, meta)
+    batch = torch.utils.data.default_collate([packed[i] for i in range(min(4, len(packed)))])
+    model = load_fp32_model(tiny_model_dir).train()
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    logps, held = preference.pair_logps(model, batch, torch.device("cpu"))
+    handle.remove()
+    scored = int((batch["labels"] != -100).sum())
+    assert seen == [torch.Size([scored, model.config.n_embd])] and scored < 0.9 * batch["labels"].numel()
+    logps[held].sum().backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = batch["labels"][:, 1:]
+    token = log_probs.gather(2, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+    sums = torch.stack([torch.stack([token[b][batch["slot"][b, 1:] == k].sum() for k in range(2 * held.shape[1])])
+                        for b in range(len(labels))]).view(logps.shape)
+    assert torch.allclose(logps[held], sums[held].detach(), rtol=1e-6, atol=TOLERANCE)
+    sums[held].sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.slow
 def test_packed_training_equals_unpacked(tmp_path, tiny_model_dir, pair_data):
     """Per-step loss within 1e-5 whether pairs share blocks (64 tokens) or each has its own (the longest pair's

@@ -65,6 +65,12 @@ class Packing:
         """Share of the blocks' tokens that are example tokens, not padding."""
         return float(self.lengths.sum()) / (self.num_blocks * self.block_size) if self.num_blocks else 0.0
 
+    def describe(self, split: str) -> str:
+        return (f"{split}: {self.examples:,} examples in {self.num_blocks:,} packed blocks of {self.block_size} "
+                f"tokens ({self.real_token_share:.1%} real tokens, {self.targets:,} trained); "
+                f"{self.truncated:,} longer than a block (truncated), {self.skipped:,} with nothing left to "
+                f"train (skipped)")
+
 
 # -----------------------------------------------------------------------------
 # Reading the mask file
@@ -183,21 +189,15 @@ def split_packing(data_dir: str | os.PathLike, split: str, block_size: int, meta
     return _cached_packing(str(mask_path(data_dir, split)), stat.st_size, stat.st_mtime_ns, block_size)
 
 
-def packed_blocks(data_dir: str | os.PathLike, meta: dict, block_size: int) -> tuple[int, int]:
-    """(train, val) packed blocks; logs what the packing did to each split."""
+def packed_blocks(data_dir: str | os.PathLike, meta: dict, block_size: int, packing_of=None) -> tuple[int, int]:
+    """(train, val) packed blocks; logs what the packing did to each split. `packing_of(data_dir, split,
+    block_size, meta)` packs a split (chat examples by default; preference pairs: finetune/pairs.py's)."""
     counts = []
     for split in ("train", "val"):
-        packing = split_packing(data_dir, split, block_size, meta)
-        log.info("packed %s", describe_packing(split, packing))
+        packing = (packing_of or split_packing)(data_dir, split, block_size, meta)
+        log.info("packed %s", packing.describe(split))
         counts.append(packing.num_blocks)
     return counts[0], counts[1]
-
-
-def describe_packing(split: str, packing: Packing) -> str:
-    return (f"{split}: {packing.examples:,} examples in {packing.num_blocks:,} packed blocks of {packing.block_size} "
-            f"tokens ({packing.real_token_share:.1%} real tokens, {packing.targets:,} trained); "
-            f"{packing.truncated:,} longer than a block (truncated), {packing.skipped:,} with nothing left to "
-            f"train (skipped)")
 
 
 # -----------------------------------------------------------------------------

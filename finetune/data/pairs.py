@@ -23,7 +23,6 @@ they are known).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,6 @@ from .packing import CHUNK_TOKENS, IGNORE_INDEX, TARGET_BIT, best_fit_decreasing
 
 REJECTED_BIT = 4
 MIN_PAIR_TOKENS = 2  # one completion token per sequence (a prompt can merge whole into its completions)
-log = logging.getLogger("finetune")
 
 
 def pairs_per_block(block_size: int) -> int:
@@ -70,6 +68,11 @@ class PairPacking:
     def real_token_share(self) -> float:
         used = 2 * self.prompt_kept.sum() + self.chosen_kept.sum() + self.rejected_kept.sum()
         return float(used) / (self.num_blocks * self.block_size) if self.num_blocks else 0.0
+
+    def describe(self, split: str) -> str:
+        return (f"{split}: {self.examples:,} pairs in {self.num_blocks:,} packed blocks of {self.block_size} "
+                f"tokens ({self.real_token_share:.1%} real tokens); {self.truncated:,} longer than a block "
+                f"(prompt cut from the left), {self.skipped:,} with nothing left to compare (skipped)")
 
 
 def pair_lengths(mask) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,22 +147,6 @@ def split_packing(data_dir: str | os.PathLike, split: str, block_size: int, meta
     stat = mask_path(data_dir, split).stat()
     return _cached_packing(str(Path(data_dir) / SPLIT_FILES[split]), meta["dtype"], str(mask_path(data_dir, split)),
                            stat.st_size, stat.st_mtime_ns, block_size)
-
-
-def packed_pair_blocks(data_dir: str | os.PathLike, meta: dict, block_size: int) -> tuple[int, int]:
-    """(train, val) packed blocks; logs what the packing did to each split."""
-    counts = []
-    for split in ("train", "val"):
-        packing = split_packing(data_dir, split, block_size, meta)
-        log.info("packed %s", describe_packing(split, packing))
-        counts.append(packing.num_blocks)
-    return counts[0], counts[1]
-
-
-def describe_packing(split: str, packing: PairPacking) -> str:
-    return (f"{split}: {packing.examples:,} pairs in {packing.num_blocks:,} packed blocks of {packing.block_size} "
-            f"tokens ({packing.real_token_share:.1%} real tokens); {packing.truncated:,} longer than a block "
-            f"(prompt cut from the left), {packing.skipped:,} with nothing left to compare (skipped)")
 
 
 class PackedPairDataset(Dataset):

@@ -82,3 +82,19 @@ class Objective:
     def describe_eval(self, record: dict) -> str:
         """What the log line of an evaluation says after the loss."""
         return f"perplexity {record['val_perplexity']:.2f}"
+
+
+def packed_data_size_problems(plan, block_size: int, world_size: int, block_holds: str, add: str,
+                              val_holds_none: str) -> list[str]:
+    """Objective.data_size_problems for packed data (chat examples, preference pairs): fewer blocks with
+    something to learn than processes, or none in the val split. `block_holds`: what such a block holds; `add`:
+    what the user can add; `val_holds_none`: what the val split then lacks."""
+    problems = []
+    if plan.train_blocks < world_size:
+        problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with "
+                        f"{block_holds}, fewer than the {world_size} process(es) (HINT: add {add}, or raise "
+                        "--block-size if they are longer than a block)")
+    if plan.val_blocks == 0:
+        problems.append(f"the val split holds {val_holds_none} (HINT: raise prepare_data.py --val-fraction, or "
+                        "--block-size)")
+    return problems

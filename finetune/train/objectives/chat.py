@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from finetune.train import loss as kernels
 
-from .base import Objective
+from .base import Objective, packed_data_size_problems
 
 
 class ChatObjective(Objective):
@@ -22,15 +22,8 @@ class ChatObjective(Objective):
         return packed_blocks(data_dir, meta, block_size)
 
     def data_size_problems(self, meta: dict, plan, block_size: int, world_size: int) -> list[str]:
-        problems = []
-        if plan.train_blocks < world_size:
-            problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with "
-                            f"something to train, fewer than the {world_size} process(es) (HINT: add examples with "
-                            "replies, or raise --block-size if they are longer than a block)")
-        if plan.val_blocks == 0:
-            problems.append(f"the val split holds no example with a trained token in its first {block_size} tokens "
-                            "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
-        return problems
+        return packed_data_size_problems(plan, block_size, world_size, "something to train", "examples with replies",
+                                         f"no example with a trained token in its first {block_size} tokens")
 
     def dataset(self, data_dir, split: str, block_size: int, meta: dict):
         from finetune.data.packing import PackedChatDataset

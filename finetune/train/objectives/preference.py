@@ -26,7 +26,7 @@ import numpy as np
 from finetune.core.errors import UserError
 from finetune.runtime.distributed import DistInfo, all_reduce_sum, barrier
 
-from .base import Objective
+from .base import Objective, packed_data_size_problems
 
 REFERENCE_FILE = "reference_logps.npz"
 LN2 = math.log(2.0)
@@ -39,64 +39,84 @@ log = logging.getLogger("finetune")
 # Log-probabilities of the completions
 
 
-def token_logps(logits, labels, rows_per_chunk: int = 64):
-    """logp[b, t] = log softmax(logits[b, t - 1])[labels[b, t]] in fp32 where labels[b, t] != -100, else 0.
+def scored_rows(labels):
+    """(B, T) bool: the positions whose logits are scored, logits[b, t] predicting labels[b, t + 1] != -100.
+    Only these rows go through the output layer (the prompts', the first tokens' and the padding's logits are
+    never computed: with a 50k vocabulary the output layer is most of a small model's work)."""
+    import torch
+
+    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows[:, :-1] = labels[:, 1:] != -100
+    return rows
+
+
+@contextlib.contextmanager
+def output_rows_only(model, rows):
+    """Within it, the model's output layer sees only hidden[rows], so its logits are (rows.sum(), vocab)
+    instead of (B, T, vocab). A forward pre-hook on the output layer, so it works through DDP's forward and
+    peft's wrappers; a compiled model (a hook would recompile it each batch) or one without an output layer
+    keeps its full logits, which the caller then indexes."""
+    compiled = hasattr(getattr(model, "module", model), "_orig_mod")
+    head = None if compiled else unwrapped(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows], *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def target_logps(logits, targets, rows_per_chunk: int = 256):
+    """logp[i] = log softmax(logits[i])[targets[i]] in fp32, for (N, vocab) logits of the scored rows only.
     Chunked like finetune/train/loss.py's kernels: no fp32 copy of the whole logits; in training the gradient
     (one_hot - softmax) is computed in the forward pass and kept in the logits' dtype."""
     import torch
 
     if not logits.requires_grad:
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-        for b in range(logits.shape[0]):
-            for start in range(0, logits.shape[1] - 1, rows_per_chunk):
-                end = min(start + rows_per_chunk, logits.shape[1] - 1)
-                out[b, start + 1:end + 1] = _chunk_logps(logits[b, start:end], labels[b, start + 1:end + 1])[0]
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for start in range(0, len(targets), rows_per_chunk):
+            end = min(start + rows_per_chunk, len(targets))
+            out[start:end] = _chunk_logps(logits[start:end], targets[start:end, None])[0]
         return out
-    return chunked_token_logps_function().apply(logits, labels, rows_per_chunk)
+    return chunked_target_logps_function().apply(logits, targets, rows_per_chunk)
 
 
-def _chunk_logps(logits, labels):
-    """(log-probabilities of the labels, zero where -100; the full log-softmax; the kept-rows mask)."""
+def _chunk_logps(logits, target):
+    """(the log-probabilities of `target` (rows, 1), the chunk's fp32 log-softmax)."""
     import torch
 
-    keep = labels != -100
-    target = torch.where(keep, labels, 0)[:, None]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(1, target)[:, 0] * keep, log_probs, keep, target
+    return log_probs.gather(1, target)[:, 0], log_probs
 
 
 @functools.cache
-def chunked_token_logps_function():
+def chunked_target_logps_function():
     import torch
 
-    class ChunkedTokenLogps(torch.autograd.Function):
+    class ChunkedTargetLogps(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, logits, labels, rows_per_chunk):
-            batch, seq, _ = logits.shape
-            out = torch.zeros((batch, seq), dtype=torch.float32, device=logits.device)
-            grad = torch.zeros_like(logits)
-            any_trained = (labels[:, 1:] != -100).any(dim=1).tolist()
-            for b in range(batch):
-                if not any_trained[b]:
-                    continue
-                for start in range(0, seq - 1, rows_per_chunk):
-                    end = min(start + rows_per_chunk, seq - 1)
-                    logps, log_probs, keep, target = _chunk_logps(logits[b, start:end], labels[b, start + 1:end + 1])
-                    out[b, start + 1:end + 1] = logps
-                    minus_probs = log_probs.exp_().neg_()
-                    minus_probs.scatter_add_(1, target, torch.ones_like(target, dtype=minus_probs.dtype))
-                    grad[b, start:end] = minus_probs.mul_(keep[:, None])
+        def forward(ctx, logits, targets, rows_per_chunk):
+            out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+            grad = torch.empty_like(logits)
+            for start in range(0, len(targets), rows_per_chunk):
+                end = min(start + rows_per_chunk, len(targets))
+                target = targets[start:end, None]
+                out[start:end], log_probs = _chunk_logps(logits[start:end], target)
+                minus_probs = log_probs.exp_().neg_()
+                minus_probs.scatter_add_(1, target, torch.ones_like(target, dtype=minus_probs.dtype))
+                grad[start:end] = minus_probs
             ctx.save_for_backward(grad)
             return out
 
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            shifted = torch.zeros_like(grad_output)
-            shifted[:, :-1] = grad_output[:, 1:]  # logits[t] scored the token at t + 1
-            return grad * shifted[..., None].to(grad.dtype), None, None
+            # in place: the saved gradient is used once (no retain_graph here), and this spares an (N, vocab) copy
+            return grad.mul_(grad_output[:, None].to(grad.dtype)), None, None
 
-    return ChunkedTokenLogps
+    return ChunkedTargetLogps
 
 
 def pair_logps(model, batch: dict, device):
@@ -110,13 +130,17 @@ def pair_logps(model, batch: dict, device):
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     slot = batch["slot"].to(device, non_blocking=True)
     held = batch["pairs"].to(device, non_blocking=True) >= 0
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    logps = token_logps(logits, labels)
+    rows = scored_rows(labels)
+    with output_rows_only(model, rows):
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    if logits.dim() == 3:  # the full logits (see output_rows_only)
+        logits = logits[rows]
+    scored = labels[:, 1:] != -100  # the tokens scored by `rows`, in the same (row-major) order
+    logps = target_logps(logits, labels[:, 1:][scored])
     slots_per_row = 2 * held.shape[1]
-    scored = slot >= 0
-    index = (slot + slots_per_row * torch.arange(slot.shape[0], device=device)[:, None])[scored]
+    index = (slot[:, 1:] + slots_per_row * torch.arange(slot.shape[0], device=device)[:, None])[scored]
     sums = torch.zeros(slot.shape[0] * slots_per_row, dtype=torch.float32, device=device)
-    sums = sums.index_add(0, index, logps[scored])
+    sums = sums.index_add(0, index, logps)
     return sums.view(slot.shape[0], held.shape[1], 2), held
 
 
@@ -191,23 +215,17 @@ class PreferenceObjective(Objective):
             self.chat_samples = True
 
     def packed_blocks(self, data_dir, meta: dict, block_size: int):
-        from finetune.data.pairs import packed_pair_blocks
+        from finetune.data.packing import packed_blocks
+        from finetune.data.pairs import split_packing
 
         if block_size < 4:
             raise UserError(f"--block-size {block_size} is too small for preference pairs (each of a pair's two "
                             "sequences needs a prompt and a completion token). HINT: use --block-size 4 or more")
-        return packed_pair_blocks(data_dir, meta, block_size)
+        return packed_blocks(data_dir, meta, block_size, packing_of=split_packing)
 
     def data_size_problems(self, meta: dict, plan, block_size: int, world_size: int) -> list[str]:
-        problems = []
-        if plan.train_blocks < world_size:
-            problems.append(f"the train split packs into {plan.train_blocks} block(s) of {block_size} tokens with a "
-                            f"pair to compare, fewer than the {world_size} process(es) (HINT: add pairs, or raise "
-                            "--block-size if they are longer than a block)")
-        if plan.val_blocks == 0:
-            problems.append(f"the val split holds no pair left to compare in blocks of {block_size} tokens "
-                            "(HINT: raise prepare_data.py --val-fraction, or --block-size)")
-        return problems
+        return packed_data_size_problems(plan, block_size, world_size, "a pair to compare", "pairs",
+                                         f"no pair left to compare in blocks of {block_size} tokens")
 
     def dataset(self, data_dir, split: str, block_size: int, meta: dict):
         from finetune.data.pairs import PackedPairDataset
