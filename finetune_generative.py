@@ -216,6 +216,7 @@ class FineTune:
         cfg, self.resume = resumed_config(cfg, self.explicit, dist_info)
         self.preflight = check_before_loading(cfg, self.explicit, dist_info, self.resume)
         self.cfg = cfg = with_extended_warmup(cfg, self.preflight.plan)
+        self.cfg = cfg = self.preflight.objective.run_settings(cfg, resuming=self.resume is not None)
         self.device = get_device(cfg.device, dist_info.local_rank if dist_info.enabled else None)
         hidden_size = getattr(self.preflight.model_config, "hidden_size", None)  # the shape the precision probe times
         self.precision = resolve_precision(cfg.precision, self.device, hidden_size)

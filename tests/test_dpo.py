@@ -137,6 +137,22 @@ def test_reference_is_computed_once_and_read_back_on_resume(tmp_path, tiny_model
         assert torch.equal(tensor, load_file(cut / "model.safetensors")[name]), name
 
 
+@pytest.mark.parametrize("given", [None, "0.1"])
+def test_dropout_is_off_unless_given(tmp_path, tiny_model_dir, pair_data, given):
+    """As DPOTrainer: the reference has no dropout, so the policy has none unless --dropout asks for it; the
+    choice is the run's recorded setting."""
+    argv = dpo_args(tiny_model_dir, pair_data, tmp_path / "out", "--max-steps", 1)
+    at = argv.index("--dropout")
+    argv[at + 1:at + 2] = [given] if given else []
+    if not given:
+        del argv[at]
+    assert ft.main(argv) == 0
+    config = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert config["dropout"] == (float(given) if given else 0.0)
+    model_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert model_config["resid_pdrop"] == (float(given) if given else 0.0)
+
+
 def test_resume_without_the_kept_reference_is_refused(tmp_path, tiny_model_dir, pair_data, capsys):
     """Full fine-tuning: the checkpoint is no longer the starting model, so a lost reference file cannot be
     recomputed from it; one line, nothing trained."""
@@ -147,11 +163,6 @@ def test_resume_without_the_kept_reference_is_refused(tmp_path, tiny_model_dir, 
                       capsys)
     assert_one_line_error(result, preference.REFERENCE_FILE, "missing", "--overwrite")
     assert len(train_records(out)) == 1
-
-
-def test_fsdp_is_refused_for_pairs_before_loading(tmp_path, tiny_model_dir, pair_data, capsys):
-    result = run_main(ft.main, dpo_args(tiny_model_dir, pair_data, tmp_path / "out", "--fsdp", "--dry-run"), capsys)
-    assert_one_line_error(result, "--fsdp does not train preference data")
 
 
 # -----------------------------------------------------------------------------
@@ -261,15 +272,17 @@ def test_pairs_refused_for_a_resume_of_a_text_checkpoint(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
-def test_two_processes_train_pairs_like_one(tmp_path, tiny_model_dir, pair_data):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_two_processes_train_pairs_like_one(tmp_path, tiny_model_dir, pair_data, sharding):
     """torchrun, 2 processes x batch 2 against 1 process x batch 4 (the same blocks in each step): the pairs
     of a step are counted over both ranks and the reference is computed in shares, so the losses, rewards and
-    the updates agree."""
+    the updates agree; replicated (DDP) or sharded (FSDP, whose forward passes gather from both processes, so
+    both run as many in the reference pass)."""
     from helpers import torchrun
 
     steps = ("--max-steps", 2, "--eval-every", 1)
     assert ft.main(dpo_args(tiny_model_dir, pair_data, tmp_path / "one", *steps, "--batch-size", 4)) == 0
-    result = torchrun(2, *dpo_args(tiny_model_dir, pair_data, tmp_path / "two", *steps, "--batch-size", 2))
+    result = torchrun(2, *dpo_args(tiny_model_dir, pair_data, tmp_path / "two", *steps, "--batch-size", 2, *sharding))
     assert result.returncode == 0, result.stderr[-3000:]
     for kind, keys in (("train", ("loss", "rewards_chosen", "rewards_margin", "rewards_accuracy")),
                        ("eval", ("val_loss", "val_rewards_chosen", "val_rewards_accuracy"))):

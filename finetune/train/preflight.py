@@ -101,7 +101,6 @@ def check_before_loading(cfg: TrainConfig, explicit: set[str], dist_info: DistIn
     problems += objective.data_size_problems(meta, plan, block_size, world_size)
     fingerprints = {"data_fingerprint": data_fingerprint(meta, cfg.data_dir),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "objective": objective.kind}
-    problems += objective.problems_with(cfg)
     if state is not None:
         problems += objective.resume_problems(state)
         extendable = ("max_steps", "epochs") if cfg.extend else ()

@@ -32,9 +32,10 @@ class Objective:
         """The split as a map-style dataset of blocks (one item: one block)."""
         raise NotImplementedError
 
-    def problems_with(self, cfg) -> list[str]:
-        """Settings this objective cannot train with."""
-        return []
+    def run_settings(self, cfg, resuming: bool):
+        """The settings this objective trains with, where the user left a choice to it (DPO: no dropout). A
+        resumed run keeps the settings it recorded."""
+        return cfg
 
     def resume_problems(self, state: dict) -> list[str]:
         """A checkpoint trained with another objective cannot continue on this data (a checkpoint without the

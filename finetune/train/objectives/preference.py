@@ -16,6 +16,7 @@ stops the run with one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -160,21 +161,27 @@ def adapter_off(model):
 def logps_table(model, dataset, batch_size: int, ctx, device, dist_info: DistInfo, adapter: bool = True) -> np.ndarray:
     """(log pi(chosen), log pi(rejected)) of every pair of a PackedPairDataset, float64 (pairs in the split, 2),
     NaN for a skipped pair, in eval mode (`adapter` False: a LoRA model's base). Each process scores every
-    world_size-th block, then the tables are summed. Evaluation code (preference accuracy) can call it with
-    any model and DistInfo() for one process."""
+    world_size-th block, then the tables are summed. Every process runs the same number of forward passes (a
+    sharded model's forward gathers from all of them): a process with fewer blocks repeats one and does not
+    count it. Evaluation code (preference accuracy) can call it with any model and DistInfo() for one process."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     table = torch.zeros((dataset.packing.examples, 2), dtype=torch.float64, device=device)
     mine = list(range(dist_info.rank, len(dataset), dist_info.world_size))
+    per_process = -(-len(dataset) // dist_info.world_size)
+    counted = torch.arange(per_process, device=device) < len(mine)
+    order = mine + [mine[0] if mine else 0] * (per_process - len(mine))
     inner = unwrapped(model)
     was_training = inner.training
     inner.eval()
     try:
         with torch.no_grad(), contextlib.nullcontext() if adapter else adapter_off(inner):
-            for batch in DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False):
+            loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False)
+            for start, batch in zip(range(0, per_process, batch_size), loader):
                 with ctx:
                     logps, held = pair_logps(inner, batch, device)
+                held &= counted[start:start + len(held), None]
                 table[batch["pairs"].to(device)[held]] = logps[held].double()
     finally:
         inner.train(was_training)
@@ -233,6 +240,15 @@ class PreferenceObjective(Objective):
         self.datasets[split] = PackedPairDataset.from_data_dir(data_dir, split, block_size, meta)
         return self.datasets[split]
 
+    def run_settings(self, cfg, resuming: bool):
+        """Dropout off unless --dropout is given, as TRL's DPOTrainer does: the reference log-probabilities are
+        computed without dropout, so with it the policy's differ from them at step 0 by noise alone, and DPO
+        trains on that noise (the rewards of an unchanged model are not 0)."""
+        if cfg.dropout is not None or resuming:
+            return cfg
+        log.info("preference data: dropout off (--dropout 0), as for the reference; pass --dropout to keep some")
+        return dataclasses.replace(cfg, dropout=0.0)
+
     # ---- before step 0: the reference
     def start(self, run, resume) -> None:
         cfg, path = run.cfg, Path(run.cfg.output_dir) / REFERENCE_FILE
@@ -258,13 +274,6 @@ class PreferenceObjective(Objective):
             lora_dropout = cfg.lora_dropout if cfg.lora_dropout is not None else 0.05
             self.guard_first_step = cfg.dropout == 0 and not (adapters and lora_dropout > 0)
             self.tolerance = GUARD_TOLERANCE["fp32" if isinstance(run.ctx, contextlib.nullcontext) else "16-bit"]
-
-    def problems_with(self, cfg) -> list[str]:
-        """Settings this objective cannot run with."""
-        if cfg.fsdp:
-            return ["--fsdp does not train preference data yet (its reference pass runs a different number of "
-                    "batches on each process). HINT: leave out --fsdp (DDP with --nproc, or --lora-r)"]
-        return []
 
     # ---- a training step
     def micro_batch_shares(self, window, window_samples, block_size, device, dist_info) -> list[float]:
