@@ -34,7 +34,12 @@ def chunked_loss_function():
 
     class ChunkedNextTokenLoss(torch.autograd.Function):
         """Forward computes, chunk by chunk in fp32, the loss *and* its gradient (softmax - one_hot) / n,
-        stored in the logits' own dtype (what autograd would cast it to); backward only scales it."""
+        stored in the logits' own dtype (what autograd would cast it to); backward only scales it.
+
+        Each fp32 chunk is computed in the gradient's own memory (log-softmax written there, then turned into
+        the gradient in place), and backward scales the stored gradient in place: the same operations on the
+        same values as with a temporary per chunk and a fresh product, so the same bits, without one
+        (tokens x vocab) copy per step and one more (tokens x vocab) tensor at the backward pass."""
 
         @staticmethod
         def forward(ctx, logits, input_ids, rows_per_chunk):
@@ -43,23 +48,29 @@ def chunked_loss_function():
             targets = input_ids[:, 1:]
             grad = torch.empty_like(logits)
             grad[:, -1].zero_()
+            in_place = grad.dtype == torch.float32  # bf16/fp16 logits: the fp32 chunk is cast into grad at the end
             total = torch.zeros((), dtype=torch.float64, device=logits.device)
             for b in range(batch):
                 for start in range(0, seq - 1, rows_per_chunk):
                     end = min(start + rows_per_chunk, seq - 1)
                     target = targets[b, start:end, None]
-                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+                    chunk = logits[b, start:end].float()
+                    log_probs = torch.log_softmax(chunk, dim=-1, out=grad[b, start:end] if in_place else None)
                     total -= log_probs.gather(1, target).sum(dtype=torch.float64)
                     probs = log_probs.exp_()
                     probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                    grad[b, start:end] = probs.div_(n)
+                    probs.div_(n)
+                    if not in_place:
+                        grad[b, start:end] = probs
             ctx.save_for_backward(grad)
             return (total / n).float()
 
         @staticmethod
         def backward(ctx, grad_output):
+            # In place: this gradient is used once (a second backward through the same graph fails loudly on
+            # the saved tensor's version instead of reusing a scaled one).
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None
+            return grad.mul_(grad_output.to(grad.dtype)), None, None
 
     return ChunkedNextTokenLoss
 
@@ -95,8 +106,8 @@ def chunked_target_loss_function():
     import torch
 
     class ChunkedTargetLossSum(torch.autograd.Function):
-        """As ChunkedNextTokenLoss, for a sum over the targets: rows whose label is -100 get no loss and a zero
-        gradient; chunks without any target are not computed at all."""
+        """As ChunkedNextTokenLoss (in place too), for a sum over the targets: rows whose label is -100 get no
+        loss and a zero gradient; chunks without any target are not computed at all."""
 
         @staticmethod
         def forward(ctx, logits, labels, rows_per_chunk):
@@ -105,6 +116,7 @@ def chunked_target_loss_function():
             trained = targets != IGNORE_INDEX
             any_trained = trained.any(dim=1).tolist()  # one host sync, to skip untrained rows
             grad = torch.zeros_like(logits)
+            in_place = grad.dtype == torch.float32  # as in ChunkedNextTokenLoss
             total = torch.zeros((), dtype=torch.float64, device=logits.device)
             for b in range(batch):
                 if not any_trained[b]:
@@ -113,18 +125,21 @@ def chunked_target_loss_function():
                     end = min(start + rows_per_chunk, seq - 1)
                     keep = trained[b, start:end, None]
                     target = torch.where(keep, targets[b, start:end, None], 0)
-                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+                    log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1,
+                                                  out=grad[b, start:end] if in_place else None)
                     total -= (log_probs.gather(1, target) * keep).sum(dtype=torch.float64)
                     probs = log_probs.exp_()
                     probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                    grad[b, start:end] = probs.mul_(keep)
+                    probs.mul_(keep)
+                    if not in_place:
+                        grad[b, start:end] = probs
             ctx.save_for_backward(grad)
             return total.float()
 
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None
+            return grad.mul_(grad_output.to(grad.dtype)), None, None
 
     return ChunkedTargetLossSum
 
