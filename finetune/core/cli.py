@@ -26,9 +26,22 @@ OWN_METADATA = {"flag", "shared", "meaning"}
 CONFIG_FORMATS = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 
 
+def class_source(cls) -> str:
+    """The source of a top-level dataclass, read from the file its module had when the class was made: a
+    dataclass's generated __init__ keeps that module's globals. (inspect.getsource asks sys.modules, which may
+    hold another module by the time: evaluate.py imported as `evaluate` gives way to Hugging Face's package of
+    that name when lm-eval runs in the same process.)"""
+    path = getattr(cls.__init__, "__globals__", {}).get("__file__")
+    if not path:
+        return inspect.getsource(cls)
+    source = Path(path).read_text(encoding="utf-8")
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    return ast.get_source_segment(source, node)
+
+
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each dataclass field (Python keeps none at run time, so read the source)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    body = ast.parse(class_source(cls)).body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
