@@ -88,6 +88,15 @@ def test_prompt_dash_reads_stdin_in_both_scripts_that_take_prompts(script, monke
     assert prompts == ["first", "from stdin"]
 
 
+def test_help_texts_do_not_depend_on_what_sys_modules_holds_now(monkeypatch):
+    """An in-process --lm-eval puts Hugging Face's `evaluate` package where the imported evaluate.py was: the
+    flags' help texts are still read from the file that defined them."""
+    expected = cli.field_docs(evaluate.Runtime)
+    monkeypatch.setitem(sys.modules, "evaluate", type(sys)("evaluate"))  # another module of that name
+    assert cli.field_docs(evaluate.Runtime) == expected and expected
+    assert parse("evaluate.py", []) == evaluate.EvaluateSettings()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_defaults_are_the_fields_defaults(script):
     """No flag given: the settings are the dataclass's own defaults (one source for them)."""
