@@ -18,11 +18,70 @@ import torch
 import finetune_generative as ft
 from dataset import load_meta
 from finetune.formats import checkpoints as ckpt
+from finetune.models import cpu_dropout
 from finetune.train import plan as plan_module
 from finetune.train.config import TrainConfig, parse_config
 from helpers import BLOCK, assert_clean_error, base_args, error_lines, run_main, train_records
 
 TRILLION = 1_000_000_000_000
+
+
+# -----------------------------------------------------------------------------
+# The time estimate: matmul work at the probed matmul speed, plus each block's attention as timed
+
+
+def default_gpt2_plan(**changes):
+    from transformers import GPT2Config
+
+    meta = {"splits": {"train": {"tokens": 123 * 1024}, "val": {"tokens": 12 * 1024}}}
+    cfg = TrainConfig(**changes)  # block 1024 (the model's), batch 8, 3 epochs
+    return GPT2Config(), cfg, plan_module.make_plan(cfg, meta, 1024, world_size=1)
+
+
+def test_the_time_estimate_adds_the_timed_attention_of_every_block_and_layer():
+    """Training = weight FLOPs at 70 % of the fp32 matmul speed + (blocks x layers) timed attentions;
+    evaluation = a third of a training step's FLOPs per token, attention counted, at the same speed. A
+    shorter block's attention is the timed one scaled by the square of the block (the (query, key) pairs)."""
+    config, cfg, plan = default_gpt2_plan()
+    n_params, cpu = 124_439_808, torch.device("cpu")
+    speed = plan_module.SpeedProbe(gflops=100.0, seconds=0.5, rows=1024, attention_seconds=0.5, attention_block=1024)
+    rate = 0.7 * 100e9
+    blocks = plan.total_steps * plan.tokens_per_step // 1024
+    train = blocks * 1024 * 6 * n_params / rate + blocks * 12 * 0.5
+    evaluation = 4 * 12 * 1024 * (6 * n_params + 12 * 12 * 768 * 1024) / 3 / rate  # steps 0, 16, 32, 48
+    assert plan_module.run_seconds(cfg, plan, config, n_params, speed, "fp32", 1, cpu, lora=False) == \
+        pytest.approx(train + evaluation, rel=1e-12)
+    short = plan_module.dataclasses_replace(plan, block_size=256)
+    short_train = blocks * 1024 * 6 * n_params / rate + blocks * 4 * 12 * 0.5 / 16
+    short_eval = plan_module.count_evaluations(cfg, short) * plan_module.eval_blocks(cfg, short) * 256 * \
+        (6 * n_params + 12 * 12 * 768 * 256) / 3 / rate
+    assert plan_module.run_seconds(cfg, short, config, n_params, speed, "fp32", 1, cpu, lora=False) == \
+        pytest.approx(short_train + short_eval, rel=1e-12)
+    # gradient checkpointing: 2 more FLOPs per weight and one more attention forward (a third of one)
+    _, checkpointed, _ = default_gpt2_plan(gradient_checkpointing=True)
+    assert plan_module.run_seconds(checkpointed, plan, config, n_params, speed, "fp32", 1, cpu, lora=False) == \
+        pytest.approx(train + blocks * 1024 * 2 * n_params / rate + blocks * 12 * 0.5 / 3 + evaluation, rel=1e-12)
+
+
+def test_attention_is_timed_with_the_dropout_and_function_the_run_uses(monkeypatch):
+    """The probe's attention runs the fast-dropout function on a CPU with attention dropout (unless
+    --torch-dropout), torch's SDPA otherwise, with --dropout over the model's own attn_pdrop."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=4, attn_pdrop=0.1)
+    calls = []
+    fast, sdpa = cpu_dropout.attention_with_cpu_dropout, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(cpu_dropout, "attention_with_cpu_dropout",
+                        lambda *a, **k: calls.append(("fast", k["dropout"])) or fast(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(("sdpa", k["dropout_p"])) or sdpa(*a, **k))
+    cpu = torch.device("cpu")
+    for cfg, expected in [(TrainConfig(), ("fast", 0.1)), (TrainConfig(dropout=0.0), ("sdpa", 0.0)),
+                          (TrainConfig(torch_dropout=True), ("sdpa", 0.1)), (TrainConfig(dropout=0.2), ("fast", 0.2))]:
+        calls.clear()
+        seconds = plan_module.attention_seconds(config, 32, torch.float32, cpu, plan_module.attention_dropout(config, cfg),
+                                                fast_cpu_dropout=not cfg.torch_dropout, seconds=0.01)
+        assert seconds > 0 and set(calls) == {expected}, (cfg, calls)
 
 
 # -----------------------------------------------------------------------------

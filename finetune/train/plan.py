@@ -361,9 +361,13 @@ def machine_memory_gib(device) -> float | None:
 
 # -----------------------------------------------------------------------------
 # Time estimate: the run's matmul work, divided by this machine's measured matmul speed at this model's shapes
-# and by the share of that speed a whole training step reaches (the rest: attention's softmax, layer norms,
-# GELU, the loss, AdamW). The shares are what bench/train_throughput.py measured for GPT-2 124M on a CPU
-# (docs/performance.md: 47-52 % of the bf16 matmul peak, 74 % of the fp32 one), rounded down.
+# and by the share of that speed a whole training step reaches (the rest: layer norms, GELU, the loss, AdamW),
+# plus the attention itself (scores, softmax, dropout, weighted values), timed as the run will compute it. The
+# shares are what bench/train_throughput.py measured for GPT-2 124M on a CPU (docs/performance.md: 47-52 % of
+# the bf16 matmul peak, 74 % of the fp32 one), rounded down. Attention is timed rather than counted because its
+# speed depends on the kernel more than on its FLOPs: with attention dropout, a CPU runs it through plain
+# matmuls, a softmax and a mask over every (query, key) pair (a 1024-token block: 3x the time of the flash
+# kernel used without dropout, docs/performance.md).
 
 STEP_SHARE_OF_MATMUL_SPEED = {"bf16": 0.45, "fp16": 0.45, "fp32": 0.7}
 LONG_RUN_SECONDS = 30 * 60  # a CPU run longer than this gets the settings that shorten it, with their times
@@ -374,12 +378,15 @@ class SpeedProbe:
     gflops: float   # matmul GFLOP/s measured at the model's shapes, in the run's precision
     seconds: float  # what the measurement took
     rows: int       # the probe's X rows (tokens), X @ W with W of hidden x 4*hidden (the MLP's first matrix)
+    # one block's causal attention in one layer, forward and backward, as the run computes it; 0: not timed
+    # (the attention's matmul FLOPs then count at the matmul speed)
+    attention_seconds: float = 0.0
+    attention_block: int = 0  # the block size it was timed at
 
 
-def measure_matmul_speed(model_config, rows: int, precision: str, device, seconds: float = 0.25) -> SpeedProbe:
-    """GFLOP/s of X (rows x hidden) @ W (hidden x 4 hidden), the shape that dominates a block, in the run's
-    precision on its device for ~`seconds` (runtime.matmul_gflops, the precision probe's own): the speed this
-    machine gives this model now, load from other processes included."""
+def measure_speed(model_config, cfg: TrainConfig, plan: Plan, precision: str, device) -> SpeedProbe:
+    """This machine's speed for this run now (load from other processes included): a matmul of the model's
+    shape (runtime.matmul_gflops, the precision probe's own) for ~0.25 s, then one block's attention."""
     import time
 
     import torch
@@ -388,20 +395,71 @@ def measure_matmul_speed(model_config, rows: int, precision: str, device, second
 
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    rows = min(plan.batch_size * plan.block_size, 1024)
     started = time.perf_counter()
-    gflops = matmul_gflops(hidden, dtype, rows=rows, device=device, seconds=seconds)
-    return SpeedProbe(gflops, time.perf_counter() - started, rows)
+    gflops = matmul_gflops(hidden, dtype, rows=rows, device=device, seconds=0.25)
+    attention = attention_seconds(model_config, plan.block_size, dtype, device, attention_dropout(model_config, cfg),
+                                  fast_cpu_dropout=device.type == "cpu" and not cfg.torch_dropout)
+    return SpeedProbe(gflops, time.perf_counter() - started, rows, attention, plan.block_size)
+
+
+def attention_dropout(model_config, cfg: TrainConfig) -> float:
+    """The dropout on attention probabilities the run trains with: --dropout, else the model config's."""
+    if cfg.dropout is not None:
+        return cfg.dropout
+    for key in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"):
+        if isinstance(value := getattr(model_config, key, None), float):
+            return value
+    return 0.0
+
+
+def attention_seconds(model_config, block_size: int, dtype, device, dropout: float, fast_cpu_dropout: bool,
+                      seconds: float = 0.15) -> float:
+    """Seconds of one block's causal self-attention in one layer, forward and backward, through the function
+    the run will use: models.cpu_dropout's with dropout on a CPU (unless --torch-dropout), else torch's
+    scaled_dot_product_attention (its math path with dropout on a CPU, a fused kernel otherwise). Timed on
+    at most 2 heads and scaled to all of them: every head costs the same."""
+    import time
+    import types
+
+    import torch
+
+    from finetune.models.cpu_dropout import attention_with_cpu_dropout
+
+    hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
+    heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 12)
+    timed_heads = min(heads, 2)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, timed_heads, block_size, hidden // heads, generator=generator)
+               .to(dtype=dtype, device=device).requires_grad_() for _ in range(3))
+    module = types.SimpleNamespace(fast_cpu_dropout=True, training=True, is_causal=True)
+
+    def forward_and_backward():
+        if fast_cpu_dropout and dropout > 0:
+            out = attention_with_cpu_dropout(module, q, k, v, None, dropout=dropout)[0]
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        out.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    forward_and_backward()  # warm-up: kernel selection, first-touch of the buffers
+    runs, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or runs < 1:
+        forward_and_backward()
+        runs += 1
+    return elapsed / runs * heads / timed_heads
 
 
 def training_flops_per_token(model_config, n_params: int, block_size: int, lora: bool = False,
-                             gradient_checkpointing: bool = False) -> float:
+                             gradient_checkpointing: bool = False, attention: bool = True) -> float:
     """Forward and backward FLOPs per trained token: 2 per weight forward, 4 backward (2 without the weights'
-    own gradients: LoRA's frozen base), 2 more with recomputed activations; plus attention's QK^T and AV,
-    12 x layers x hidden x block (the nanoGPT / PaLM count)."""
+    own gradients: LoRA's frozen base), 2 more with recomputed activations; plus (attention=True) attention's
+    QK^T and AV, 12 x layers x hidden x block (the nanoGPT / PaLM count)."""
     n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
     hidden = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 768)
     per_weight = (4 if lora else 6) + (2 if gradient_checkpointing else 0)
-    return per_weight * n_params + 12 * n_layer * hidden * block_size
+    return per_weight * n_params + (12 * n_layer * hidden * block_size if attention else 0)
 
 
 def run_seconds(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe, precision: str,
@@ -410,11 +468,17 @@ def run_seconds(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed
     all of them runs at the machine's speed; on GPUs each process has its own."""
     rate = speed.gflops * 1e9 * STEP_SHARE_OF_MATMUL_SPEED.get(precision, 0.45)
     parallel = world_size if device.type == "cuda" else 1
-    train = plan.total_steps * plan.tokens_per_step * training_flops_per_token(
-        model_config, n_params, plan.block_size, lora, cfg.gradient_checkpointing)
+    tokens = plan.total_steps * plan.tokens_per_step
+    timed = speed.attention_seconds > 0
+    train = tokens * training_flops_per_token(model_config, n_params, plan.block_size, lora,
+                                              cfg.gradient_checkpointing, attention=not timed) / rate
+    if timed:  # each block's attention in every layer; recomputed activations add a forward, a third of it
+        n_layer = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 12)
+        per_block = speed.attention_seconds * (plan.block_size / speed.attention_block) ** 2  # (query, key) pairs
+        train += tokens / plan.block_size * n_layer * per_block * (4 / 3 if cfg.gradient_checkpointing else 1)
     evaluation = count_evaluations(cfg, plan) * eval_blocks(cfg, plan) * plan.block_size * \
-        training_flops_per_token(model_config, n_params, plan.block_size) / 3  # a forward pass: a third
-    return (train + evaluation) / rate / parallel
+        training_flops_per_token(model_config, n_params, plan.block_size) / 3 / rate  # a forward pass: a third
+    return (train + evaluation) / parallel
 
 
 def time_estimate_lines(cfg: TrainConfig, plan: Plan, model_config, n_params: int, speed: SpeedProbe,

@@ -148,7 +148,7 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
     against the device's memory before the weights load."""
     from finetune.models.loading import count_parameters
 
-    from .plan import describe_plan, measure_matmul_speed, memory_refusal, processes_sharing_memory, time_estimate_lines
+    from .plan import describe_plan, measure_speed, memory_refusal, processes_sharing_memory, time_estimate_lines
 
     model_config, plan, lora_counts = preflight.model_config, preflight.plan, preflight.lora_counts
     n_params = count_parameters(model_config)
@@ -158,7 +158,7 @@ def plan_memory(cfg: TrainConfig, preflight: Preflight, dist_info: DistInfo, dev
                                                                  world_size, device, sharing, lora_counts)
     time_lines = []
     if dist_info.is_main:  # one probe (the others would only slow it down), on the process that prints the plan
-        speed = measure_matmul_speed(model_config, min(plan.batch_size * plan.block_size, 1024), precision, device)
+        speed = measure_speed(model_config, cfg, plan, precision, device)
         time_lines = time_estimate_lines(cfg, plan, model_config, n_params, speed, precision, world_size, device,
                                          lora=preflight.strategy.trains_adapters)
     text = describe_plan(plan, cfg, preflight.meta, n_params, memory_gib, device, precision, world_size,
