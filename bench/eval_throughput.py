@@ -2,7 +2,7 @@
 (HFLM.loglikelihood_rolling), on the same model instance, the same documents, in the same process and CPU.
 
     pip install lm-eval   # in the environment that runs this (requirements-dev.txt has it)
-    python bench/eval_throughput.py --model small --tokens 20000 --rounds 2
+    python bench/eval_throughput.py --model small --tokens 20000 --rounds 2 [--sweep 1,2,4]
 
 The model is a random-weight GPT-2 architecture built locally (_common.MODELS; the GPT-2 tokenizer from
 ../shared/gpt2-tokenizer); the documents are this repository's Markdown files, cut to about --doc-tokens
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20000)
     parser.add_argument("--doc-tokens", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sweep", default="", help="comma list of batch sizes: also ours in fp32 at each (ours_bN)")
     parser.add_argument("--root", default=os.environ.get("BENCH_ROOT", "/tmp/bench-eval"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -104,6 +105,8 @@ def main() -> None:
                   "lm_eval_b1": lambda: lm_eval(model, tokenizer, docs, 1),
                   "lm_eval_b8": lambda: lm_eval(model, tokenizer, docs, 8),
                   "floor": lambda: ours(model, tokenizer, docs, auto, 8, floor=True)}
+    for size in filter(None, args.sweep.split(",")):
+        contenders[f"ours_b{size}"] = lambda size=int(size): ours(model, tokenizer, docs, "fp32", size)
     runs: dict[str, list] = {name: [] for name in contenders}
     for _ in range(args.rounds):
         for name, run in contenders.items():

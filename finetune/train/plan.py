@@ -417,8 +417,8 @@ def attention_seconds(model_config, block_size: int, dtype, device, dropout: flo
                       seconds: float = 0.15) -> float:
     """Seconds of one block's causal self-attention in one layer, forward and backward, through the function
     the run will use: models.cpu_dropout's with dropout on a CPU (unless --torch-dropout), else torch's
-    scaled_dot_product_attention (its math path with dropout on a CPU, a fused kernel otherwise). Timed on
-    at most 2 heads and scaled to all of them: every head costs the same."""
+    scaled_dot_product_attention (its math path with dropout on a CPU, a fused kernel otherwise), for about
+    `seconds` or 20 runs. Timed on at most 2 heads and scaled to all of them: every head costs the same."""
     import time
     import types
 
@@ -445,7 +445,7 @@ def attention_seconds(model_config, block_size: int, dtype, device, dropout: flo
 
     forward_and_backward()  # warm-up: kernel selection, first-touch of the buffers
     runs, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds or runs < 1:
+    while ((elapsed := time.perf_counter() - started) < seconds and runs < 20) or runs < 1:
         forward_and_backward()
         runs += 1
     return elapsed / runs * heads / timed_heads
