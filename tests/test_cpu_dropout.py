@@ -81,6 +81,25 @@ def test_attention_with_dropout_equals_reference_with_the_same_mask():
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_attention_with_dropout_keeps_one_query_by_key_tensor_for_the_backward_pass():
+    """Between the passes the graph holds the softmax output (fp32, one per (query, key) pair) and nothing
+    else of that size: the dropped-out weights and their mask are recomputed, from the same generator state,
+    in the backward pass (the test above checks that the gradients are those of the same mask)."""
+    q, k, v = (torch.randn(2, 3, 64, 8, requires_grad=True) for _ in range(3))
+    saved = {}  # storage -> bytes: the softmax output is saved by the softmax and by the recomputed part alike
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out, _ = attention_with_cpu_dropout(MarkedAttention().train(), q, k, v, None, dropout=0.2)
+    pairs = 2 * 3 * 64 * 64
+    assert [size for size in saved.values() if size >= pairs] == [4 * pairs]  # and q, k, v, the causal mask
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))
+
+
 @pytest.mark.parametrize("case", ["eval", "no_dropout", "unmarked", "padding_mask"])
 def test_other_attention_calls_go_to_stock_sdpa_unchanged(case):
     torch.manual_seed(4)

@@ -280,8 +280,12 @@ def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan: Pla
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     block_size = plan.block_size
     tokens = plan.batch_size * block_size
-    # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes.
-    per_layer = tokens * (34 * hidden + 5 * heads * block_size) * act_bytes / 2
+    # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes; of attention's
+    # (query, key) pairs, torch's dropout keeps scores, softmax and mask (5 B at 16-bit), while the fast CPU
+    # dropout keeps the fp32 softmax output and recomputes the rest (models/cpu_dropout.py): 6 B per pair fit
+    # the measured peak (GPT-2 124M, 8 x 1024, fp32: 16.85 GiB), and overstate a GPU's fused kernels.
+    pair_bytes = 5 * act_bytes / 2 if cfg.torch_dropout else 6
+    per_layer = tokens * (34 * hidden * act_bytes / 2 + heads * block_size * pair_bytes)
     if cfg.gradient_checkpointing:
         per_layer = tokens * hidden * act_bytes
     # The logits and the gradient next_token_loss stores for them, both in the autocast dtype.
