@@ -82,6 +82,11 @@ def test_attention_is_timed_with_the_dropout_and_function_the_run_uses(monkeypat
         seconds = plan_module.attention_seconds(config, 32, torch.float32, cpu, plan_module.attention_dropout(config, cfg),
                                                 fast_cpu_dropout=not cfg.torch_dropout, seconds=0.01)
         assert seconds > 0 and set(calls) == {expected}, (cfg, calls)
+    torch.manual_seed(7)
+    plan_module.attention_seconds(config, 32, torch.float32, cpu, 0.1, fast_cpu_dropout=True, seconds=0.01)
+    after_probe = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(after_probe, torch.rand(4))  # the probe's masks come from a fork of the generator
 
 
 # -----------------------------------------------------------------------------

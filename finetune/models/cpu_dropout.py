@@ -96,7 +96,7 @@ def attention_with_cpu_dropout(module, query, key, value, attention_mask, dropou
     # Recomputed in the backward pass from the softmax output the softmax keeps anyway, the same mask drawn
     # again from the same generator state: the dropped-out weights (4 bytes per (query, key) pair) and their
     # mask (1 byte) are not held from the forward pass to the backward one, the same operations run on the
-    # same values, so the same bits. GPT-2 124M at 8 x 1024: 6 GB less at the peak (docs/performance.md).
+    # same values, so the same bits. GPT-2 124M at 8 x 1024: 5.3 GB less at the peak (docs/performance.md).
     output = torch.utils.checkpoint.checkpoint(_dropped_out_values, probs, value.float(), dropout,
                                                use_reentrant=False).to(query.dtype)
     return output.transpose(1, 2).contiguous(), None  # (batch, seq, heads, head_dim), as SDPA returns

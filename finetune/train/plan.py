@@ -447,11 +447,14 @@ def attention_seconds(model_config, block_size: int, dtype, device, dropout: flo
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    forward_and_backward()  # warm-up: kernel selection, first-touch of the buffers
-    runs, started = 0, time.perf_counter()
-    while ((elapsed := time.perf_counter() - started) < seconds and runs < 20) or runs < 1:
-        forward_and_backward()
-        runs += 1
+    # the dropout masks draw from the default generator: on a fork of it, so the run's random stream is as
+    # without the probe
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        forward_and_backward()  # warm-up: kernel selection, first-touch of the buffers
+        runs, started = 0, time.perf_counter()
+        while ((elapsed := time.perf_counter() - started) < seconds and runs < 20) or runs < 1:
+            forward_and_backward()
+            runs += 1
     return elapsed / runs * heads / timed_heads
 
 
