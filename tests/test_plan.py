@@ -93,6 +93,20 @@ def test_attention_is_timed_with_the_dropout_and_function_the_run_uses(monkeypat
 # The memory estimate: a run that will not fit is refused before the weights load
 
 
+def test_the_memory_estimate_counts_attention_pairs_as_the_run_keeps_them():
+    """The fast CPU dropout keeps 6 B per (query, key) pair (the fp32 softmax output; the rest is recomputed);
+    torch's dropout (--torch-dropout, or on a GPU) is counted as Korthikanti et al.'s 10 B in fp32."""
+    config, cfg, plan = default_gpt2_plan()
+    _, torch_cfg, _ = default_gpt2_plan(torch_dropout=True)
+    n_params = 124_439_808
+    cpu = plan_module.estimate_memory_gib(config, n_params, cfg, plan, "fp32", device_type="cpu")
+    gpu = plan_module.estimate_memory_gib(config, n_params, cfg, plan, "fp32", device_type="cuda")
+    torch_dropout = plan_module.estimate_memory_gib(config, n_params, torch_cfg, plan, "fp32", device_type="cpu")
+    pairs = 8 * 12 * 1024 * 1024 * 12  # sequences x heads x block^2 x layers
+    assert gpu == torch_dropout
+    assert torch_dropout - cpu == pytest.approx((10 - 6) * pairs / 2**30, rel=1e-9)
+
+
 def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, tiny_model_dir, tiny_data_dir, capsys,
                                                            monkeypatch):
     loaded = []

@@ -263,7 +263,7 @@ RUNTIME_GIB = 0.4
 
 
 def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan: Plan, precision: str,
-                        lora: dict | None = None) -> float:
+                        lora: dict | None = None, device_type: str = "cpu") -> float:
     """Rough training memory: fp32 weights+grads+AdamW (16 B/param) plus activations and logits, for the
     micro-batch as it runs (plan.batch_size).
 
@@ -283,8 +283,9 @@ def estimate_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan: Pla
     # Activations per layer per token (Korthikanti et al. 2022), scaled from 16-bit to act_bytes; of attention's
     # (query, key) pairs, torch's dropout keeps scores, softmax and mask (5 B at 16-bit), while the fast CPU
     # dropout keeps the fp32 softmax output and recomputes the rest (models/cpu_dropout.py): 6 B per pair fit
-    # the measured peak (GPT-2 124M, 8 x 1024, fp32: 16.85 GiB), and overstate a GPU's fused kernels.
-    pair_bytes = 5 * act_bytes / 2 if cfg.torch_dropout else 6
+    # the measured peak (GPT-2 124M, 8 x 1024, fp32: 16.85 GiB).
+    fast_cpu_dropout = device_type == "cpu" and not cfg.torch_dropout
+    pair_bytes = 6 if fast_cpu_dropout else 5 * act_bytes / 2
     per_layer = tokens * (34 * hidden * act_bytes / 2 + heads * block_size * pair_bytes)
     if cfg.gradient_checkpointing:
         per_layer = tokens * hidden * act_bytes
@@ -314,7 +315,8 @@ def estimate_fsdp_memory_gib(model_config, n_params: int, cfg: TrainConfig, plan
     root = min(n_params, (model_config.vocab_size + positions) * hidden)
     block = (n_params - root) / max(n_layer, 1)
     gathered_bytes = 2 if device_type == "cuda" and precision == "bf16" else 4
-    activations = estimate_memory_gib(model_config, n_params, cfg, plan, precision) - RUNTIME_GIB - 16 * n_params / 2**30
+    activations = estimate_memory_gib(model_config, n_params, cfg, plan, precision, device_type=device_type) - \
+        RUNTIME_GIB - 16 * n_params / 2**30
     whole = (root + 2 * block) * (gathered_bytes + 4)  # gathered weights and their unreduced gradients
     if plan.grad_accum > 1:
         whole += 4 * n_params

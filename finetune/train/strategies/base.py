@@ -63,7 +63,7 @@ class Strategy:
         from finetune.train.plan import estimate_fsdp_memory_gib, estimate_memory_gib, sharding_line
 
         cfg = self.cfg
-        memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora=lora_counts)  # DDP's
+        memory_gib = estimate_memory_gib(model_config, n_params, cfg, plan, precision, lora_counts, device.type)  # DDP's
         if not (self.sharded or world_size > 1):
             return memory_gib, None
         fsdp_gib = estimate_fsdp_memory_gib(model_config, n_params, cfg, plan, precision, world_size, device.type)

@@ -36,7 +36,7 @@ class LoraStrategy(Strategy):
         """The frozen base and the adapters, replicated: no DDP-against-FSDP line (--fsdp takes no --lora-r)."""
         from finetune.train.plan import estimate_memory_gib
 
-        return estimate_memory_gib(model_config, n_params, self.cfg, plan, precision, lora=lora_counts), None
+        return estimate_memory_gib(model_config, n_params, self.cfg, plan, precision, lora_counts, device.type), None
 
     def card_rows(self) -> list[tuple[str, str]]:
         cfg = self.cfg
